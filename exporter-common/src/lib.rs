@@ -1,0 +1,106 @@
+//! `#[repr(C)]` types that cross the kernel/userspace boundary.
+//!
+//! Every event the kernel programs send through the ring buffer starts with an
+//! [`EventHeader`], followed by `captured_len` bytes copied from the start of
+//! the syscall's buffer.
+#![no_std]
+
+/// Largest prefix of one syscall buffer the kernel may copy. The runtime cap
+/// (`CaptureConfig::capture_bytes`) is at most this.
+pub const MAX_CAPTURE_BYTES: usize = 16 * 1024;
+
+/// The fd the exporter closes on purpose so the kernel side can prove, end to
+/// end, that programs are attached and events reach userspace (`/readyz`).
+/// No process can have an fd this large (`fs.nr_open` caps fds far below it).
+pub const HEARTBEAT_FD: u32 = 999_999_937;
+
+/// What a syscall did on a tracked connection.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `accept`/`accept4` returned a new connection; `aux` is the listening fd.
+    Accept = 1,
+    /// Bytes the server received (read, readv, recvfrom, recvmsg).
+    Read = 2,
+    /// Bytes the server sent (write, writev, sendto, sendmsg, sendfile).
+    Write = 3,
+    /// The server closed the connection.
+    Close = 4,
+    /// The exporter's own heartbeat close() was seen.
+    Heartbeat = 5,
+}
+
+impl EventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Accept,
+            2 => Self::Read,
+            3 => Self::Write,
+            4 => Self::Close,
+            5 => Self::Heartbeat,
+            _ => return None,
+        })
+    }
+}
+
+/// Fixed part of every ring-buffer event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub fd: u32,
+    /// Per-connection event counter, so userspace sees events lost in between.
+    pub seq: u32,
+    /// Connection generation: distinguishes a reused fd from the connection
+    /// that had it before (the kernel time at which tracking began).
+    pub conn_id: u64,
+    /// `bpf_ktime_get_ns()` at syscall exit (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// Bytes the syscall actually transferred (its return value), even when
+    /// only a prefix of them was copied.
+    pub byte_count: u64,
+    /// Bytes copied after this header (≤ byte_count, ≤ MAX_CAPTURE_BYTES).
+    pub captured_len: u32,
+    /// Kind-specific: the listening fd for `Accept`.
+    pub aux: u32,
+}
+
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// A tracked connection: key of the kernel's connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Value of the kernel's connection map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    pub conn_id: u64,
+    pub seq: u32,
+    pub _pad: u32,
+}
+
+/// Settings userspace writes into the `CONFIG` array before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// The exporter's own tgid: never tracked.
+    pub self_tgid: u32,
+    /// How many bytes of each buffer to copy (≤ MAX_CAPTURE_BYTES).
+    pub capture_bytes: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data `#[repr(C)]` types with no padding holes that
+    // matter to the kernel (padding is explicit).
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::CaptureConfig {}
+}

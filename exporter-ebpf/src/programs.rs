@@ -1,0 +1,394 @@
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf},
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use exporter_common::{
+    CaptureConfig, ConnKey, ConnState, EVENT_HEADER_LEN, EventHeader, EventKind, HEARTBEAT_FD,
+    MAX_CAPTURE_BYTES,
+};
+
+/// Offsets in the syscall tracepoint records (see
+/// /sys/kernel/tracing/events/syscalls/*/format): arguments are 8 bytes each
+/// from offset 16; the return value of a sys_exit_* record is at 16.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const RET: usize = 16;
+
+/// Events to userspace. Userspace may resize it before loading.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Server-side connections being followed, by (tgid, fd).
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Processes that accept connections. Reads of unknown fds in these processes
+/// are checked for an HTTP request start, so connections accepted before the
+/// exporter started are picked up at their next request.
+#[map]
+static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16_384, 0);
+
+/// accept(4) listening fd, from syscall entry to exit, by thread.
+#[map]
+static ACCEPT_ARGS: HashMap<u64, u32> = HashMap::with_max_entries(4_096, 0);
+
+/// read/write arguments, from syscall entry to exit, by thread.
+#[map]
+static IO_ARGS: HashMap<u64, IoArgs> = HashMap::with_max_entries(16_384, 0);
+
+#[map]
+static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// Events the ring buffer had no room for, per CPU.
+#[map]
+static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where an event is assembled before it is copied to the ring buffer (too
+/// large for the 512-byte BPF stack).
+#[map]
+static SCRATCH: PerCpuArray<EventBuffer> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct EventBuffer {
+    bytes: [u8; EVENT_HEADER_LEN + MAX_CAPTURE_BYTES],
+}
+
+/// How the user buffer of an I/O syscall is described.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BufferShape {
+    /// A plain pointer (read, write, recvfrom, sendto).
+    Flat = 0,
+    /// A `struct iovec *` (readv, writev); the first iovec is captured.
+    Iovec = 1,
+    /// A `struct user_msghdr *` (recvmsg, sendmsg); its first iovec is captured.
+    Msghdr = 2,
+    /// No user buffer (sendfile): only the byte count is reported.
+    None = 3,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoArgs {
+    fd: u32,
+    kind: u32,
+    shape: BufferShape,
+    _pad: u32,
+    buffer: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Iovec {
+    base: u64,
+    len: u64,
+}
+
+/// Offset of `msg_iov` in `struct user_msghdr` (after msg_name and msg_namelen).
+const MSGHDR_IOV_OFFSET: u64 = 16;
+
+fn config() -> CaptureConfig {
+    match CONFIG.get(0) {
+        Some(config) => *config,
+        None => CaptureConfig::default(),
+    }
+}
+
+fn count_lost_event() {
+    if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {
+        // Per-CPU slot: no other writer.
+        unsafe { *lost += 1 };
+    }
+}
+
+fn emit_header(header: &EventHeader) {
+    if EVENTS.output::<EventHeader>(header, 0).is_err() {
+        count_lost_event();
+    }
+}
+
+// ---------------------------------------------------------------- accept
+
+#[tracepoint]
+pub fn accept_enter(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if (id >> 32) as u32 == config().self_tgid {
+        return 0;
+    }
+    let Ok(listen_fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+        return 0;
+    };
+    let _ = ACCEPT_ARGS.insert(&id, &(listen_fd as u32), 0);
+    0
+}
+
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(listen_fd) = (unsafe { ACCEPT_ARGS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = ACCEPT_ARGS.remove(&id);
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return 0;
+    };
+    if ret < 0 {
+        return 0;
+    }
+    let tgid = (id >> 32) as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ConnKey { tgid, fd: ret as u32 };
+    let state = ConnState { conn_id: now, seq: 0, _pad: 0 };
+    let _ = CONNS.insert(&key, &state, 0);
+    let _ = SERVERS.insert(&tgid, &1, 0);
+    emit_header(&EventHeader {
+        kind: EventKind::Accept as u32,
+        tgid,
+        fd: key.fd,
+        seq: 0,
+        conn_id: now,
+        timestamp_ns: now,
+        byte_count: 0,
+        captured_len: 0,
+        aux: listen_fd,
+    });
+    0
+}
+
+// ---------------------------------------------------------------- read / write
+
+fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+        return 0;
+    };
+    let key = ConnKey { tgid, fd: fd as u32 };
+    let tracked = unsafe { CONNS.get(&key) }.is_some();
+    // Reads of untracked fds are followed only in server processes, to spot
+    // requests on connections accepted before the exporter started.
+    let candidate = kind == EventKind::Read && unsafe { SERVERS.get(&tgid) }.is_some();
+    if !tracked && !candidate {
+        return 0;
+    }
+    let buffer = if shape == BufferShape::None {
+        0
+    } else {
+        match unsafe { ctx.read_at::<u64>(ARG1) } {
+            Ok(pointer) => pointer,
+            Err(_) => return 0,
+        }
+    };
+    let args = IoArgs { fd: key.fd, kind: kind as u32, shape, _pad: 0, buffer };
+    let _ = IO_ARGS.insert(&id, &args, 0);
+    0
+}
+
+#[tracepoint]
+pub fn read_enter_flat(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Read, BufferShape::Flat)
+}
+
+#[tracepoint]
+pub fn read_enter_iovec(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Read, BufferShape::Iovec)
+}
+
+#[tracepoint]
+pub fn read_enter_msghdr(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Read, BufferShape::Msghdr)
+}
+
+#[tracepoint]
+pub fn write_enter_flat(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Write, BufferShape::Flat)
+}
+
+#[tracepoint]
+pub fn write_enter_iovec(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Write, BufferShape::Iovec)
+}
+
+#[tracepoint]
+pub fn write_enter_msghdr(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Write, BufferShape::Msghdr)
+}
+
+/// sendfile(out_fd, in_fd, ...): file bytes are not in user memory, so only
+/// the count is reported.
+#[tracepoint]
+pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
+    io_enter(&ctx, EventKind::Write, BufferShape::None)
+}
+
+/// The user address and length of the bytes a syscall transferred.
+fn user_buffer(args: &IoArgs) -> Option<(u64, u64)> {
+    match args.shape {
+        BufferShape::Flat => Some((args.buffer, u64::MAX)),
+        BufferShape::Iovec => first_iovec(args.buffer),
+        BufferShape::Msghdr => {
+            let iov = unsafe {
+                bpf_probe_read_user((args.buffer + MSGHDR_IOV_OFFSET) as *const u64)
+            }
+            .ok()?;
+            first_iovec(iov)
+        }
+        BufferShape::None => None,
+    }
+}
+
+fn first_iovec(pointer: u64) -> Option<(u64, u64)> {
+    let iov = unsafe { bpf_probe_read_user(pointer as *const Iovec) }.ok()?;
+    Some((iov.base, iov.len))
+}
+
+/// First four bytes of an HTTP/1.x request line, for the methods servers see.
+fn starts_like_request(prefix: [u8; 4]) -> bool {
+    matches!(
+        &prefix,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"TRAC" | b"CONN"
+    )
+}
+
+#[tracepoint]
+pub fn io_exit(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(args) = (unsafe { IO_ARGS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = IO_ARGS.remove(&id);
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return 0;
+    };
+    if ret <= 0 {
+        return 0;
+    }
+    let tgid = (id >> 32) as u32;
+    let key = ConnKey { tgid, fd: args.fd };
+    let buffer = user_buffer(&args);
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let (conn_id, seq) = match CONNS.get_ptr_mut(&key) {
+        Some(state) => unsafe {
+            // Plain increment: two threads of one process rarely use one
+            // connection at once, and userspace treats a repeated seq as
+            // harmless (only a jump means lost events).
+            (*state).seq = (*state).seq.wrapping_add(1);
+            ((*state).conn_id, (*state).seq)
+        },
+        None => {
+            // Untracked fd of a server process: start following it only if
+            // it begins with a request line.
+            let Some((address, _)) = buffer else {
+                return 0;
+            };
+            if args.kind != EventKind::Read as u32 || ret < 4 {
+                return 0;
+            }
+            let Ok(prefix) = (unsafe { bpf_probe_read_user(address as *const [u8; 4]) }) else {
+                return 0;
+            };
+            if !starts_like_request(prefix) {
+                return 0;
+            }
+            let state = ConnState { conn_id: now, seq: 0, _pad: 0 };
+            if CONNS.insert(&key, &state, 0).is_err() {
+                return 0;
+            }
+            (now, 0)
+        }
+    };
+
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let scratch = unsafe { &mut (*scratch).bytes };
+    let mut copy_len = 0usize;
+    if let Some((address, length)) = buffer {
+        let mut limit = config().capture_bytes as u64;
+        if limit > ret as u64 {
+            limit = ret as u64;
+        }
+        if limit > length {
+            limit = length;
+        }
+        copy_len = limit as usize;
+        if copy_len > MAX_CAPTURE_BYTES {
+            copy_len = MAX_CAPTURE_BYTES;
+        }
+        if let Some(destination) = scratch.get_mut(EVENT_HEADER_LEN..EVENT_HEADER_LEN + copy_len)
+            && unsafe { bpf_probe_read_user_buf(address as *const u8, destination) }.is_err()
+        {
+            copy_len = 0;
+        }
+    }
+    let header = EventHeader {
+        kind: args.kind,
+        tgid,
+        fd: args.fd,
+        seq,
+        conn_id,
+        timestamp_ns: now,
+        byte_count: ret as u64,
+        captured_len: copy_len as u32,
+        aux: 0,
+    };
+    unsafe { core::ptr::write_unaligned(scratch.as_mut_ptr() as *mut EventHeader, header) };
+    let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {
+        return 0;
+    };
+    if EVENTS.output::<[u8]>(event, 0).is_err() {
+        count_lost_event();
+    }
+    0
+}
+
+// ---------------------------------------------------------------- close
+
+#[tracepoint]
+pub fn close_enter(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+        return 0;
+    };
+    let fd = fd as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    if fd == HEARTBEAT_FD && tgid == config().self_tgid {
+        emit_header(&EventHeader {
+            kind: EventKind::Heartbeat as u32,
+            tgid,
+            fd,
+            timestamp_ns: now,
+            ..EventHeader::default()
+        });
+        return 0;
+    }
+    let key = ConnKey { tgid, fd };
+    let Some(state) = (unsafe { CONNS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = CONNS.remove(&key);
+    emit_header(&EventHeader {
+        kind: EventKind::Close as u32,
+        tgid,
+        fd,
+        seq: state.seq.wrapping_add(1),
+        conn_id: state.conn_id,
+        timestamp_ns: now,
+        ..EventHeader::default()
+    });
+    0
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: no code path above panics; the verifier rejects any that could.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

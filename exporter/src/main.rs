@@ -1,0 +1,1 @@
+fn main() { println!("{}", flask_ebpf_exporter::EBPF_OBJECT.len()); }
