@@ -166,7 +166,9 @@ fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32
         return 0;
     };
     let key = ConnKey { tgid, fd: fd as u32 };
-    let tracked = unsafe { CONNS.get(&key) }.is_some();
+    // black_box keeps LLVM from OR-ing the two lookup results as pointers
+    // ("pointer |= pointer prohibited" in the verifier).
+    let tracked = core::hint::black_box(unsafe { CONNS.get(&key) }.is_some());
     // Reads of untracked fds are followed only in server processes, to spot
     // requests on connections accepted before the exporter started.
     let candidate = kind == EventKind::Read && unsafe { SERVERS.get(&tgid) }.is_some();

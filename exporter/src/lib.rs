@@ -4,6 +4,15 @@
 //! A byte travels through one module per stage, in this order:
 //! [`capture`] (kernel programs, ring buffer) → [`stream`] (per-connection
 //! ordering) → [`http`] (heads, framing, pairing) → [`routes`] (path label)
-//! → [`identity`] (who served it) → [`metrics`] → [`server`] (endpoints).
+//! and [`identity`] (who served it) → [`metrics`] → [`server`] (endpoints).
+//! [`pipeline`] is the loop that drives them; [`config`] the command line.
 
+pub mod capture;
+pub mod config;
 pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod pipeline;
+pub mod routes;
+pub mod server;
+pub mod stream;

@@ -1,1 +1,88 @@
-fn main() { println!("{}", flask_ebpf_exporter::EBPF_OBJECT.len()); }
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use flask_ebpf_exporter::{
+    capture::{Capture, CaptureOptions},
+    config::Config,
+    identity::{LOCAL_LABELS, LocalIdentity, ProcessFilter},
+    metrics::Metrics,
+    pipeline::Pipeline,
+    routes::RouteLabeler,
+    server::{self, Readiness, ServerState},
+    stream::ConnectionTable,
+};
+use tracing::info;
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let metrics = Arc::new(Metrics::new(&LOCAL_LABELS).context("registering metrics")?);
+    let readiness = Arc::new(Readiness::default());
+
+    let capture = Capture::load(CaptureOptions {
+        capture_bytes: config.capture_bytes,
+        ring_buffer_bytes: config.ring_buffer_bytes,
+    })?;
+    let pipeline = Pipeline {
+        capture,
+        table: ConnectionTable::new(),
+        identity: LocalIdentity::new(ProcessFilter {
+            pids: config.pids.clone(),
+            command: config.command.clone(),
+            ports: config.ports.clone(),
+        }),
+        labeler: RouteLabeler::new(config.path_label, config.max_paths_per_server),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let pipeline_shutdown = shutdown.clone();
+    let pipeline_thread = std::thread::Builder::new()
+        .name("pipeline".to_owned())
+        .spawn(move || pipeline.run(pipeline_shutdown))
+        .context("starting the pipeline thread")?;
+
+    info!(listen = %config.listen, path_label = ?config.path_label, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, server::router(ServerState { metrics, readiness }))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    shutdown.store(true, Ordering::SeqCst);
+    pipeline_thread.join().map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

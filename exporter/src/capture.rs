@@ -1,0 +1,338 @@
+//! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
+//! set of server processes, and reads events from the BPF ring buffer.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::fd::AsRawFd,
+    path::Path,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use exporter_common::{CaptureConfig, EVENT_HEADER_LEN, EventHeader, EventKind, MAX_CAPTURE_BYTES};
+use tracing::{debug, info, warn};
+
+/// The compiled kernel programs, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
+
+/// Where tracepoints live when tracefs is mounted (either place works).
+const TRACEFS_SYSCALLS: [&str; 2] =
+    ["/sys/kernel/tracing/events/syscalls", "/sys/kernel/debug/tracing/events/syscalls"];
+
+/// Each program and the syscall tracepoints it is attached to.
+const ATTACHMENTS: &[(&str, &[&str])] = &[
+    ("accept_enter", &["sys_enter_accept", "sys_enter_accept4"]),
+    ("accept_exit", &["sys_exit_accept", "sys_exit_accept4"]),
+    ("read_enter_flat", &["sys_enter_read", "sys_enter_recvfrom"]),
+    ("read_enter_iovec", &["sys_enter_readv"]),
+    ("read_enter_msghdr", &["sys_enter_recvmsg"]),
+    ("write_enter_flat", &["sys_enter_write", "sys_enter_sendto"]),
+    ("write_enter_iovec", &["sys_enter_writev"]),
+    ("write_enter_msghdr", &["sys_enter_sendmsg"]),
+    ("sendfile_enter", &["sys_enter_sendfile64"]),
+    (
+        "io_exit",
+        &[
+            "sys_exit_read",
+            "sys_exit_recvfrom",
+            "sys_exit_readv",
+            "sys_exit_recvmsg",
+            "sys_exit_write",
+            "sys_exit_sendto",
+            "sys_exit_writev",
+            "sys_exit_sendmsg",
+            "sys_exit_sendfile64",
+        ],
+    ),
+    ("close_enter", &["sys_enter_close"]),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "tracefs is not mounted (no syscall tracepoints under /sys/kernel/tracing or \
+         /sys/kernel/debug/tracing); mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
+    )]
+    TracefsMissing,
+    #[error(
+        "not permitted to load BPF programs: run as root, or with CAP_BPF, CAP_PERFMON and \
+         CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH to read other processes' /proc entries): {0}"
+    )]
+    NotPermitted(String),
+    #[error("could not load the BPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("BPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("BPF object lacks {0}")]
+    Missing(&'static str),
+    #[error("--capture-bytes must be between 1 and {MAX_CAPTURE_BYTES}")]
+    CaptureBytes,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureOptions {
+    /// Bytes copied from the start of each buffer.
+    pub capture_bytes: u32,
+    /// Ring buffer size; a power of two, a multiple of the page size.
+    pub ring_buffer_bytes: u32,
+}
+
+/// One event as read from the ring buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct RawEvent<'a> {
+    pub kind: EventKind,
+    pub header: EventHeader,
+    /// The copied prefix of the syscall's buffer.
+    pub data: &'a [u8],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("event claims {claimed} captured bytes but carries {carried}")]
+    Length { claimed: u32, carried: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+}
+
+/// Reads an event the kernel wrote: a header, then the copied bytes.
+pub fn decode_event(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
+    if bytes.len() < EVENT_HEADER_LEN {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: length checked; EventHeader is plain old data; unaligned read.
+    let header: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let carried = bytes.len() - EVENT_HEADER_LEN;
+    let captured = header.captured_len as usize;
+    if captured > carried {
+        return Err(DecodeError::Length { claimed: header.captured_len, carried });
+    }
+    let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::Kind(header.kind))?;
+    Ok(RawEvent { kind, header, data: &bytes[EVENT_HEADER_LEN..EVENT_HEADER_LEN + captured] })
+}
+
+/// Attached programs and the maps userspace reads.
+pub struct Capture {
+    // Dropping `Ebpf` detaches the programs; keep it alive.
+    _ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+pub fn tracefs_mounted() -> bool {
+    TRACEFS_SYSCALLS.iter().any(|dir| Path::new(dir).is_dir())
+}
+
+impl Capture {
+    pub fn load(options: CaptureOptions) -> Result<Self, CaptureError> {
+        if options.capture_bytes == 0 || options.capture_bytes as usize > MAX_CAPTURE_BYTES {
+            return Err(CaptureError::CaptureBytes);
+        }
+        if !tracefs_mounted() {
+            return Err(CaptureError::TracefsMissing);
+        }
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|error| match &error {
+                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    CaptureError::NotPermitted(error.to_string())
+                }
+                _ => CaptureError::Load(error),
+            })?;
+
+        let self_tgid = std::process::id();
+        let mut config: Array<_, CaptureConfig> = Array::try_from(map_mut(&mut ebpf, "CONFIG")?)
+            .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+        let settings = CaptureConfig { self_tgid, capture_bytes: options.capture_bytes };
+        config.set(0, settings, 0).map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+
+        let mut servers: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(map_mut(&mut ebpf, "SERVERS")?)
+                .map_err(|source| CaptureError::Map { name: "SERVERS", source })?;
+        let seeded = listening_processes();
+        for tgid in seeded.iter().filter(|&&tgid| tgid != self_tgid) {
+            if let Err(error) = servers.insert(tgid, 1, 0) {
+                warn!(tgid, %error, "could not seed server process");
+            }
+        }
+        info!(processes = seeded.len(), "seeded processes that hold listening TCP sockets");
+
+        for &(name, tracepoints) in ATTACHMENTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()
+                .map_err(|source| CaptureError::Program { name, source })?;
+            program.load().map_err(|source| permission_or(name, source))?;
+            for tracepoint in tracepoints {
+                program
+                    .attach("syscalls", tracepoint)
+                    .map_err(|source| permission_or(name, source))?;
+            }
+        }
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
+            .map_err(|source| CaptureError::Map { name: "EVENTS", source })?;
+        let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?)
+            .map_err(|source| CaptureError::Map { name: "LOST_EVENTS", source })?;
+        info!(
+            capture_bytes = options.capture_bytes,
+            ring_buffer_bytes = options.ring_buffer_bytes,
+            "BPF programs attached to syscall tracepoints"
+        );
+        Ok(Capture { _ebpf: ebpf, events, lost })
+    }
+
+    /// Events the kernel could not put in the ring buffer, since loading.
+    pub fn lost_events(&self) -> u64 {
+        match self.lost.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().sum(),
+            Err(error) => {
+                warn!(%error, "could not read the lost-events counter");
+                0
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for events, then hands each to `handle`.
+    /// Returns how many events were read.
+    pub fn poll(&mut self, timeout: Duration, mut handle: impl FnMut(&[u8])) -> usize {
+        let mut read = 0;
+        loop {
+            match self.events.next() {
+                Some(item) => {
+                    handle(&item);
+                    read += 1;
+                }
+                None if read > 0 => return read,
+                None => break,
+            }
+        }
+        let mut pollfd =
+            libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+        if ready < 0 {
+            debug!(error = %std::io::Error::last_os_error(), "poll on ring buffer");
+        }
+        while let Some(item) = self.events.next() {
+            handle(&item);
+            read += 1;
+        }
+        read
+    }
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
+    ebpf.map_mut(name).ok_or(CaptureError::Missing(name))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name).ok_or(CaptureError::Missing(name))
+}
+
+fn permission_or(name: &'static str, source: aya::programs::ProgramError) -> CaptureError {
+    let text = source.to_string();
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        CaptureError::NotPermitted(format!("{name}: {text}"))
+    } else {
+        CaptureError::Program { name, source }
+    }
+}
+
+/// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup,
+/// where failing to raise the limit is harmless.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK; fine on kernels that charge BPF memory to cgroups"
+        );
+    }
+}
+
+/// Processes holding a listening TCP socket, so connections they accepted
+/// before the exporter started are picked up at their next request.
+pub fn listening_processes() -> HashSet<u32> {
+    let mut listening_by_netns: HashMap<String, HashSet<u64>> = HashMap::new();
+    let mut servers = HashSet::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return servers;
+    };
+    for entry in entries.flatten() {
+        let Some(tgid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(netns) = fs::read_link(format!("/proc/{tgid}/ns/net")) else {
+            continue;
+        };
+        let listening = listening_by_netns
+            .entry(netns.to_string_lossy().into_owned())
+            .or_insert_with(|| crate::identity::listening_inodes(tgid));
+        if listening.is_empty() {
+            continue;
+        }
+        if crate::identity::socket_inodes(tgid).iter().any(|inode| listening.contains(inode)) {
+            servers.insert(tgid);
+        }
+    }
+    servers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_bytes(header: EventHeader, data: &[u8]) -> Vec<u8> {
+        // SAFETY: EventHeader is plain old data.
+        let head = unsafe {
+            std::slice::from_raw_parts((&header as *const EventHeader).cast::<u8>(), EVENT_HEADER_LEN)
+        };
+        [head, data].concat()
+    }
+
+    #[test]
+    fn decodes_header_and_captured_prefix() {
+        let header = EventHeader {
+            kind: EventKind::Read as u32,
+            tgid: 7,
+            fd: 9,
+            seq: 3,
+            conn_id: 11,
+            timestamp_ns: 13,
+            byte_count: 1000,
+            captured_len: 5,
+            aux: 0,
+        };
+        let bytes = event_bytes(header, b"GET /");
+        let event = decode_event(&bytes).expect("valid event");
+        assert_eq!(event.kind, EventKind::Read);
+        assert_eq!(event.header, header);
+        assert_eq!(event.data, b"GET /");
+    }
+
+    #[test]
+    fn rejects_events_that_lie_about_their_length() {
+        let header = EventHeader { kind: 2, captured_len: 50, ..EventHeader::default() };
+        let bytes = event_bytes(header, b"short");
+        assert_eq!(decode_event(&bytes).err(), Some(DecodeError::Length { claimed: 50, carried: 5 }));
+        assert_eq!(decode_event(&bytes[..10]).err(), Some(DecodeError::Short(10)));
+        let unknown = event_bytes(EventHeader { kind: 99, ..EventHeader::default() }, b"");
+        assert_eq!(decode_event(&unknown).err(), Some(DecodeError::Kind(99)));
+    }
+}

@@ -1,0 +1,83 @@
+//! Command line and environment: every flag also reads an environment
+//! variable, so the DaemonSet can configure the agent either way.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use regex::Regex;
+
+use crate::routes::PathLabelMode;
+
+#[derive(Clone, Debug, Parser)]
+#[command(name = "flask-ebpf-exporter", version, about = "Per-route HTTP metrics for Flask apps, captured with eBPF, in prometheus-flask-exporter's format")]
+pub struct Config {
+    /// Address of the HTTP endpoints (/metrics, /healthz, /readyz).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_LISTEN", default_value = "0.0.0.0:9810")]
+    pub listen: SocketAddr,
+
+    /// `raw`: the request path without its query string (prometheus-flask-exporter's
+    /// default); `route`: a low-cardinality template of it.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_PATH_LABEL", value_enum, default_value = "route")]
+    pub path_label: PathLabelMode,
+
+    /// Most distinct `path` values per server; further paths are exported as `<other>`.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_MAX_PATHS_PER_SERVER", default_value_t = 500)]
+    pub max_paths_per_server: usize,
+
+    /// Bytes copied from the start of each read or write (request line and headers must fit).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_CAPTURE_BYTES", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(64..=exporter_common::MAX_CAPTURE_BYTES as i64))]
+    pub capture_bytes: u32,
+
+    /// Size of the BPF ring buffer in bytes (a power of two, a multiple of the page size).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_RING_BUFFER_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = parse_ring_buffer_bytes)]
+    pub ring_buffer_bytes: u32,
+
+    /// Watch only these processes (or the process groups they lead). Repeat or comma-separate.
+    #[arg(long = "pid", env = "FLASK_EBPF_EXPORTER_PIDS", value_delimiter = ',')]
+    pub pids: Vec<u32>,
+
+    /// Watch only processes whose command line matches this regular expression.
+    #[arg(long = "command", env = "FLASK_EBPF_EXPORTER_COMMAND")]
+    pub command: Option<Regex>,
+
+    /// Watch only servers listening on these ports. Repeat or comma-separate.
+    #[arg(long = "port", env = "FLASK_EBPF_EXPORTER_PORTS", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `debug`, `flask_ebpf_exporter=debug`).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text.parse().map_err(|error| format!("{error}"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err("must be a power of two of at least 4096".to_owned());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_flags() {
+        let config = Config::try_parse_from(["flask-ebpf-exporter"]).expect("defaults parse");
+        assert_eq!(config.path_label, PathLabelMode::Route);
+        assert_eq!(config.listen.port(), 9810);
+        let config = Config::try_parse_from([
+            "flask-ebpf-exporter", "--listen", "127.0.0.1:1", "--path-label", "raw", "--pid", "5,6",
+            "--port", "8000", "--command", "gunicorn.*app",
+        ])
+        .expect("flags parse");
+        assert_eq!(config.path_label, PathLabelMode::Raw);
+        assert_eq!(config.pids, vec![5, 6]);
+        assert_eq!(config.ports, vec![8000]);
+        assert!(Config::try_parse_from(["x", "--ring-buffer-bytes", "5000"]).is_err());
+        assert!(Config::try_parse_from(["x", "--capture-bytes", "999999"]).is_err());
+        assert!(Config::try_parse_from(["x", "--command", "("]).is_err());
+    }
+}

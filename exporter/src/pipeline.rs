@@ -1,0 +1,124 @@
+//! The agent's event loop, on its own thread: reads the ring buffer and
+//! drives each event through stream → http → routes/identity → metrics.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use exporter_common::{EventKind, HEARTBEAT_FD};
+use tracing::warn;
+
+use crate::{
+    capture::{Capture, decode_event},
+    identity::LocalIdentity,
+    metrics::{Metrics, advance_to},
+    routes::RouteLabeler,
+    server::{Readiness, monotonic_ns},
+    stream::{ConnectionTable, ServedExchange},
+};
+
+const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
+pub struct Pipeline {
+    pub capture: Capture,
+    pub table: ConnectionTable,
+    pub identity: LocalIdentity,
+    pub labeler: RouteLabeler,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// Asks the kernel side for a heartbeat event: it watches for the exporter
+/// closing this impossible fd.
+fn request_heartbeat() {
+    // SAFETY: closing an fd no process can hold only returns EBADF.
+    unsafe { libc::close(HEARTBEAT_FD as i32) };
+}
+
+impl Pipeline {
+    pub fn run(self, shutdown: Arc<AtomicBool>) {
+        let Pipeline { mut capture, mut table, mut identity, mut labeler, metrics, readiness } = self;
+        readiness.set_attached();
+        let mut served: Vec<ServedExchange> = Vec::new();
+        let mut last_heartbeat: Option<Instant> = None;
+        let mut last_upkeep = Instant::now();
+        let mut last_reap = Instant::now();
+        let mut malformed_logged = false;
+
+        while !shutdown.load(Ordering::SeqCst) {
+            if last_heartbeat.is_none_or(|at| at.elapsed() >= HEARTBEAT_EVERY) {
+                request_heartbeat();
+                last_heartbeat = Some(Instant::now());
+            }
+            capture.poll(POLL_TIMEOUT, |bytes| {
+                metrics.events_read.inc();
+                match decode_event(bytes) {
+                    Ok(event) if event.kind == EventKind::Heartbeat => {
+                        readiness.heartbeat(event.header.timestamp_ns);
+                    }
+                    Ok(event) => {
+                        table.handle(&event, &mut |origin| identity.resolve(origin), &mut served);
+                    }
+                    Err(error) => {
+                        metrics.events_malformed.inc();
+                        if !malformed_logged {
+                            warn!(%error, "malformed event from the ring buffer (logged once; see flask_ebpf_exporter_events_malformed_total)");
+                            malformed_logged = true;
+                        }
+                    }
+                }
+            });
+            record(&served, &mut labeler, &metrics);
+            served.clear();
+
+            if last_upkeep.elapsed() >= UPKEEP_EVERY {
+                last_upkeep = Instant::now();
+                if last_reap.elapsed() >= REAP_EVERY {
+                    last_reap = Instant::now();
+                    let gone = table.reap(monotonic_ns(), &|tgid| Path::new(&format!("/proc/{tgid}")).exists(), &mut served);
+                    for tgid in gone {
+                        identity.forget_process(tgid);
+                    }
+                    let stale: Vec<u32> = identity
+                        .cached_processes()
+                        .filter(|tgid| !Path::new(&format!("/proc/{tgid}")).exists())
+                        .collect();
+                    for tgid in stale {
+                        identity.forget_process(tgid);
+                    }
+                    record(&served, &mut labeler, &metrics);
+                    served.clear();
+                }
+                let lost = capture.lost_events();
+                if lost > metrics.events_lost.get() {
+                    warn!(lost_total = lost, "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)");
+                }
+                advance_to(&metrics.events_lost, lost);
+                let stats = table.stats();
+                advance_to(&metrics.unparsed_bytes, stats.http.unparsed_bytes);
+                advance_to(&metrics.truncated_captures, stats.http.truncated_captures);
+                advance_to(&metrics.unpaired_responses, stats.http.unpaired_responses);
+                advance_to(&metrics.abandoned_requests, stats.http.abandoned_requests);
+                advance_to(&metrics.sequence_gaps, stats.sequence_gaps);
+                advance_to(&metrics.connections_opened, stats.connections_opened);
+                advance_to(&metrics.path_overflow, labeler.overflowed());
+                metrics.connections_tracked.set(table.len() as i64);
+            }
+        }
+    }
+}
+
+fn record(served: &[ServedExchange], labeler: &mut RouteLabeler, metrics: &Metrics) {
+    for ServedExchange { identity, exchange } in served {
+        let path = labeler.label(identity, &exchange.target);
+        metrics.observe(&exchange.method, &path, exchange.status, identity, exchange.duration_seconds());
+    }
+}

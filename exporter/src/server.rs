@@ -1,0 +1,99 @@
+//! HTTP endpoints: /metrics, /healthz, /readyz.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+
+use crate::metrics::Metrics;
+
+/// A heartbeat older than this makes the agent unready.
+const HEARTBEAT_STALE_NS: u64 = 10 * 1_000_000_000;
+
+/// Whether the BPF programs are attached and their events reach userspace.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    attached: AtomicBool,
+    last_heartbeat_ns: AtomicU64,
+}
+
+impl Readiness {
+    pub fn set_attached(&self) {
+        self.attached.store(true, Ordering::SeqCst);
+    }
+
+    /// The kernel's heartbeat event arrived at `timestamp_ns` (monotonic).
+    pub fn heartbeat(&self, timestamp_ns: u64) {
+        self.last_heartbeat_ns.store(timestamp_ns, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self, now_ns: u64) -> bool {
+        let last = self.last_heartbeat_ns.load(Ordering::SeqCst);
+        self.attached.load(Ordering::SeqCst) && last > 0 && now_ns.saturating_sub(last) < HEARTBEAT_STALE_NS
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+#[derive(Clone)]
+pub struct ServerState {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+}
+
+pub fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
+    match state.metrics.encode() {
+        Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text),
+        Err(error) => {
+            tracing::error!(%error, "could not encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], error.to_string())
+        }
+    }
+}
+
+async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
+    if state.readiness.is_ready(monotonic_ns()) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: BPF programs not attached or no events flowing\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_attached_and_heartbeat_is_fresh() {
+        let readiness = Readiness::default();
+        let now = 100 * 1_000_000_000;
+        assert!(!readiness.is_ready(now));
+        readiness.heartbeat(now - 1);
+        assert!(!readiness.is_ready(now));
+        readiness.set_attached();
+        assert!(readiness.is_ready(now));
+        assert!(!readiness.is_ready(now + HEARTBEAT_STALE_NS));
+    }
+}

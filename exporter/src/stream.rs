@@ -1,0 +1,285 @@
+//! Per-connection reassembly: routes each kernel event to the connection it
+//! belongs to (keyed by tgid, fd and generation), notices lost events from
+//! sequence gaps, and hands bytes in order to the HTTP stage.
+
+use std::collections::HashMap;
+
+use exporter_common::EventKind;
+use tracing::debug;
+
+use crate::{
+    capture::RawEvent,
+    http::{Exchange, HttpConnection, HttpStats, Segment},
+    identity::{IdentityLabels, Origin},
+};
+
+/// A connection idle this long is forgotten (its close was lost).
+const IDLE_CONNECTION_NS: u64 = 15 * 60 * 1_000_000_000;
+/// A response whose framing was lost ends after this long without writes.
+const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
+
+#[derive(Debug)]
+struct Connection {
+    conn_id: u64,
+    last_seq: u32,
+    origin: Origin,
+    /// `None`: filters exclude this connection; its bytes are dropped.
+    identity: Option<IdentityLabels>,
+    http: HttpConnection,
+    last_event_ns: u64,
+}
+
+/// Counters of what happened to connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    pub connections_opened: u64,
+    pub sequence_gaps: u64,
+    pub http: HttpStats,
+}
+
+/// A finished exchange and who served it.
+#[derive(Clone, Debug)]
+pub struct ServedExchange {
+    pub identity: IdentityLabels,
+    pub exchange: Exchange,
+}
+
+#[derive(Debug, Default)]
+pub struct ConnectionTable {
+    connections: HashMap<(u32, u32), Connection>,
+    stats: StreamStats,
+}
+
+impl ConnectionTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    pub fn stats(&self) -> StreamStats {
+        self.stats
+    }
+
+    /// Feeds one event; finished exchanges are appended to `out`.
+    /// `resolve` names a new connection's server (`None` to ignore it).
+    pub fn handle(
+        &mut self,
+        event: &RawEvent<'_>,
+        resolve: &mut dyn FnMut(&Origin) -> Option<IdentityLabels>,
+        out: &mut Vec<ServedExchange>,
+    ) {
+        let header = &event.header;
+        let key = (header.tgid, header.fd);
+        let mut exchanges = Vec::new();
+
+        if let Some(existing) = self.connections.get(&key)
+            && existing.conn_id != header.conn_id
+        {
+            // The fd now belongs to a new connection: the old one's close was lost.
+            if let Some(mut old) = self.connections.remove(&key) {
+                old.http.on_close(&mut exchanges);
+                collect(&mut self.stats, &mut old, &mut exchanges, out);
+            }
+        }
+
+        if event.kind == EventKind::Close && !self.connections.contains_key(&key) {
+            return;
+        }
+        let connection = match self.connections.entry(key) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let origin = Origin {
+                    tgid: header.tgid,
+                    fd: header.fd,
+                    listen_fd: (event.kind == EventKind::Accept).then_some(header.aux),
+                };
+                self.stats.connections_opened += 1;
+                entry.insert(Connection {
+                    conn_id: header.conn_id,
+                    // So that the first event is never taken for a gap.
+                    last_seq: header.seq.wrapping_sub(1),
+                    origin,
+                    identity: resolve(&origin),
+                    http: HttpConnection::new(),
+                    last_event_ns: header.timestamp_ns,
+                })
+            }
+        };
+
+        let expected = connection.last_seq.wrapping_add(1);
+        // A repeated seq is two threads racing on one counter, not a loss.
+        if header.seq != expected && header.seq != connection.last_seq {
+            self.stats.sequence_gaps += 1;
+            debug!(tgid = header.tgid, fd = header.fd, expected, got = header.seq, "events lost on connection");
+            connection.http.on_gap();
+        }
+        connection.last_seq = header.seq;
+        connection.last_event_ns = header.timestamp_ns;
+
+        let segment = Segment {
+            timestamp_ns: header.timestamp_ns,
+            byte_count: header.byte_count,
+            captured: event.data,
+        };
+        let closed = match event.kind {
+            EventKind::Read if connection.identity.is_some() => {
+                connection.http.on_read(segment);
+                false
+            }
+            EventKind::Write if connection.identity.is_some() => {
+                connection.http.on_write(segment, &mut exchanges);
+                false
+            }
+            EventKind::Close => {
+                connection.http.on_close(&mut exchanges);
+                true
+            }
+            _ => false,
+        };
+        if closed {
+            if let Some(mut connection) = self.connections.remove(&key) {
+                collect(&mut self.stats, &mut connection, &mut exchanges, out);
+            }
+        } else if let Some(connection) = self.connections.get_mut(&key) {
+            collect(&mut self.stats, connection, &mut exchanges, out);
+        }
+    }
+
+    /// Periodic upkeep: ends responses whose framing was lost, forgets
+    /// connections of exited processes and long-idle ones. Returns the tgids
+    /// that are gone.
+    pub fn reap(
+        &mut self,
+        now_ns: u64,
+        process_alive: &dyn Fn(u32) -> bool,
+        out: &mut Vec<ServedExchange>,
+    ) -> Vec<u32> {
+        let mut gone = Vec::new();
+        let mut alive_cache: HashMap<u32, bool> = HashMap::new();
+        let keys: Vec<(u32, u32)> = self.connections.keys().copied().collect();
+        for key in keys {
+            let alive = *alive_cache.entry(key.0).or_insert_with(|| process_alive(key.0));
+            let Some(mut connection) = self.connections.remove(&key) else {
+                continue;
+            };
+            let mut exchanges = Vec::new();
+            connection.http.expire_unframed(now_ns, UNFRAMED_RESPONSE_IDLE_NS, &mut exchanges);
+            let idle = now_ns.saturating_sub(connection.last_event_ns) >= IDLE_CONNECTION_NS;
+            if !alive || idle {
+                connection.http.on_close(&mut exchanges);
+                collect(&mut self.stats, &mut connection, &mut exchanges, out);
+            } else {
+                collect(&mut self.stats, &mut connection, &mut exchanges, out);
+                self.connections.insert(key, connection);
+            }
+        }
+        gone.extend(alive_cache.into_iter().filter(|(_, alive)| !alive).map(|(tgid, _)| tgid));
+        gone
+    }
+
+    /// Origins of open connections, for the debug view.
+    pub fn origins(&self) -> impl Iterator<Item = &Origin> {
+        self.connections.values().map(|connection| &connection.origin)
+    }
+}
+
+/// Moves a connection's exchanges to `out` with its identity, and its
+/// counters to the table's totals.
+fn collect(
+    stats: &mut StreamStats,
+    connection: &mut Connection,
+    exchanges: &mut Vec<Exchange>,
+    out: &mut Vec<ServedExchange>,
+) {
+    stats.http.add(&connection.http.stats);
+    connection.http.stats = HttpStats::default();
+    if let Some(identity) = &connection.identity {
+        out.extend(exchanges.drain(..).map(|exchange| ServedExchange { identity: identity.clone(), exchange }));
+    }
+    exchanges.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use exporter_common::EventHeader;
+
+    use super::*;
+
+    fn event<'a>(kind: EventKind, fd: u32, conn_id: u64, seq: u32, ts: u64, data: &'a [u8]) -> RawEvent<'a> {
+        RawEvent {
+            kind,
+            header: EventHeader {
+                kind: kind as u32,
+                tgid: 100,
+                fd,
+                seq,
+                conn_id,
+                timestamp_ns: ts,
+                byte_count: data.len() as u64,
+                captured_len: data.len() as u32,
+                aux: 3,
+            },
+            data,
+        }
+    }
+
+    fn labels(origin: &Origin) -> Option<IdentityLabels> {
+        Some(Arc::from(vec![format!("listen{:?}", origin.listen_fd)]))
+    }
+
+    #[test]
+    fn reused_fd_is_a_new_connection_and_gaps_are_noticed() {
+        let mut table = ConnectionTable::new();
+        let mut out = Vec::new();
+        let mut resolve = labels;
+        table.handle(&event(EventKind::Accept, 7, 1, 0, 1, b""), &mut resolve, &mut out);
+        table.handle(&event(EventKind::Read, 7, 1, 1, 2, b"GET /a HTTP/1.0\r\n\r\n"), &mut resolve, &mut out);
+        // The old connection's close was lost; fd 7 is reused by connection 2,
+        // picked up mid-stream (no accept seen).
+        table.handle(&event(EventKind::Read, 7, 2, 0, 3, b"GET /b HTTP/1.1\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(&event(EventKind::Write, 7, 2, 1, 4, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), &mut resolve, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].exchange.target, "/b");
+        assert_eq!(&*out[0].identity, &["listenNone".to_owned()]);
+        assert_eq!(table.stats().http.abandoned_requests, 1);
+        // seq 5 after 1: events 2..4 were lost.
+        table.handle(&event(EventKind::Read, 7, 2, 5, 5, b"GET /c HTTP/1.1\r\n\r\n"), &mut resolve, &mut out);
+        assert_eq!(table.stats().sequence_gaps, 1);
+        table.handle(&event(EventKind::Close, 7, 2, 6, 6, b""), &mut resolve, &mut out);
+        assert!(table.is_empty());
+        assert_eq!(table.stats().connections_opened, 2);
+    }
+
+    #[test]
+    fn excluded_connections_produce_nothing() {
+        let mut table = ConnectionTable::new();
+        let mut out = Vec::new();
+        let mut resolve = |_: &Origin| None;
+        table.handle(&event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.1\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(&event(EventKind::Write, 7, 1, 1, 2, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), &mut resolve, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn connections_of_exited_processes_are_reaped() {
+        let mut table = ConnectionTable::new();
+        let mut out = Vec::new();
+        let mut resolve = labels;
+        table.handle(&event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.0\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(&event(EventKind::Write, 7, 1, 1, 2, b"HTTP/1.0 200 OK\r\n\r\nbody"), &mut resolve, &mut out);
+        let gone = table.reap(3, &|_| false, &mut out);
+        assert_eq!(gone, vec![100]);
+        assert!(table.is_empty());
+        // The close-delimited response ended with the process.
+        assert_eq!(out.len(), 1);
+    }
+}
