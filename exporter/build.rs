@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
     let toolchain = std::env::var("EBPF_TOOLCHAIN").unwrap_or_else(|_| "/usr".to_owned());
     println!("cargo:rerun-if-env-changed=EBPF_TOOLCHAIN");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "exporter-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "exporter-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(&toolchain),
     )
 }

@@ -1,5 +1,7 @@
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+    },
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -139,8 +141,15 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     }
     let tgid = (id >> 32) as u32;
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = ConnKey { tgid, fd: ret as u32 };
-    let state = ConnState { conn_id: now, seq: 0, _pad: 0 };
+    let key = ConnKey {
+        tgid,
+        fd: ret as u32,
+    };
+    let state = ConnState {
+        conn_id: now,
+        seq: 0,
+        _pad: 0,
+    };
     let _ = CONNS.insert(&key, &state, 0);
     let _ = SERVERS.insert(&tgid, &1, 0);
     emit_header(&EventHeader {
@@ -165,7 +174,10 @@ fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32
     let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
         return 0;
     };
-    let key = ConnKey { tgid, fd: fd as u32 };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
     // black_box keeps LLVM from OR-ing the two lookup results as pointers
     // ("pointer |= pointer prohibited" in the verifier).
     let tracked = core::hint::black_box(unsafe { CONNS.get(&key) }.is_some());
@@ -183,7 +195,13 @@ fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32
             Err(_) => return 0,
         }
     };
-    let args = IoArgs { fd: key.fd, kind: kind as u32, shape, _pad: 0, buffer };
+    let args = IoArgs {
+        fd: key.fd,
+        kind: kind as u32,
+        shape,
+        _pad: 0,
+        buffer,
+    };
     let _ = IO_ARGS.insert(&id, &args, 0);
     0
 }
@@ -231,10 +249,9 @@ fn user_buffer(args: &IoArgs) -> Option<(u64, u64)> {
         BufferShape::Flat => Some((args.buffer, u64::MAX)),
         BufferShape::Iovec => first_iovec(args.buffer),
         BufferShape::Msghdr => {
-            let iov = unsafe {
-                bpf_probe_read_user((args.buffer + MSGHDR_IOV_OFFSET) as *const u64)
-            }
-            .ok()?;
+            let iov =
+                unsafe { bpf_probe_read_user((args.buffer + MSGHDR_IOV_OFFSET) as *const u64) }
+                    .ok()?;
             first_iovec(iov)
         }
         BufferShape::None => None,
@@ -295,7 +312,11 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
             if !starts_like_request(prefix) {
                 return 0;
             }
-            let state = ConnState { conn_id: now, seq: 0, _pad: 0 };
+            let state = ConnState {
+                conn_id: now,
+                seq: 0,
+                _pad: 0,
+            };
             if CONNS.insert(&key, &state, 0).is_err() {
                 return 0;
             }

@@ -21,8 +21,10 @@ use tracing::{debug, info, warn};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
 
 /// Where tracepoints live when tracefs is mounted (either place works).
-const TRACEFS_SYSCALLS: [&str; 2] =
-    ["/sys/kernel/tracing/events/syscalls", "/sys/kernel/debug/tracing/events/syscalls"];
+const TRACEFS_SYSCALLS: [&str; 2] = [
+    "/sys/kernel/tracing/events/syscalls",
+    "/sys/kernel/debug/tracing/events/syscalls",
+];
 
 /// Each program and the syscall tracepoints it is attached to.
 const ATTACHMENTS: &[(&str, &[&str])] = &[
@@ -67,9 +69,15 @@ pub enum CaptureError {
     #[error("could not load the BPF programs: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("BPF program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("BPF map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("BPF object lacks {0}")]
     Missing(&'static str),
     #[error("--capture-bytes must be between 1 and {MAX_CAPTURE_BYTES}")]
@@ -113,10 +121,17 @@ pub fn decode_event(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
     let carried = bytes.len() - EVENT_HEADER_LEN;
     let captured = header.captured_len as usize;
     if captured > carried {
-        return Err(DecodeError::Length { claimed: header.captured_len, carried });
+        return Err(DecodeError::Length {
+            claimed: header.captured_len,
+            carried,
+        });
     }
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::Kind(header.kind))?;
-    Ok(RawEvent { kind, header, data: &bytes[EVENT_HEADER_LEN..EVENT_HEADER_LEN + captured] })
+    Ok(RawEvent {
+        kind,
+        header,
+        data: &bytes[EVENT_HEADER_LEN..EVENT_HEADER_LEN + captured],
+    })
 }
 
 /// Attached programs and the maps userspace reads.
@@ -154,20 +169,38 @@ impl Capture {
 
         let self_tgid = std::process::id();
         let mut config: Array<_, CaptureConfig> = Array::try_from(map_mut(&mut ebpf, "CONFIG")?)
-            .map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
-        let settings = CaptureConfig { self_tgid, capture_bytes: options.capture_bytes };
-        config.set(0, settings, 0).map_err(|source| CaptureError::Map { name: "CONFIG", source })?;
+            .map_err(|source| CaptureError::Map {
+                name: "CONFIG",
+                source,
+            })?;
+        let settings = CaptureConfig {
+            self_tgid,
+            capture_bytes: options.capture_bytes,
+        };
+        config
+            .set(0, settings, 0)
+            .map_err(|source| CaptureError::Map {
+                name: "CONFIG",
+                source,
+            })?;
 
         let mut servers: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(map_mut(&mut ebpf, "SERVERS")?)
-                .map_err(|source| CaptureError::Map { name: "SERVERS", source })?;
+            BpfHashMap::try_from(map_mut(&mut ebpf, "SERVERS")?).map_err(|source| {
+                CaptureError::Map {
+                    name: "SERVERS",
+                    source,
+                }
+            })?;
         let seeded = listening_processes();
         for tgid in seeded.iter().filter(|&&tgid| tgid != self_tgid) {
             if let Err(error) = servers.insert(tgid, 1, 0) {
                 warn!(tgid, %error, "could not seed server process");
             }
         }
-        info!(processes = seeded.len(), "seeded processes that hold listening TCP sockets");
+        info!(
+            processes = seeded.len(),
+            "seeded processes that hold listening TCP sockets"
+        );
 
         for &(name, tracepoints) in ATTACHMENTS {
             let program: &mut TracePoint = ebpf
@@ -175,23 +208,38 @@ impl Capture {
                 .ok_or(CaptureError::Missing(name))?
                 .try_into()
                 .map_err(|source| CaptureError::Program { name, source })?;
-            program.load().map_err(|source| permission_or(name, source))?;
+            program
+                .load()
+                .map_err(|source| permission_or(name, source))?;
             for tracepoint in tracepoints {
                 program
                     .attach("syscalls", tracepoint)
                     .map_err(|source| permission_or(name, source))?;
             }
         }
-        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?)
-            .map_err(|source| CaptureError::Map { name: "EVENTS", source })?;
-        let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?)
-            .map_err(|source| CaptureError::Map { name: "LOST_EVENTS", source })?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(|source| {
+            CaptureError::Map {
+                name: "EVENTS",
+                source,
+            }
+        })?;
+        let lost =
+            PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?).map_err(|source| {
+                CaptureError::Map {
+                    name: "LOST_EVENTS",
+                    source,
+                }
+            })?;
         info!(
             capture_bytes = options.capture_bytes,
             ring_buffer_bytes = options.ring_buffer_bytes,
             "BPF programs attached to syscall tracepoints"
         );
-        Ok(Capture { _ebpf: ebpf, events, lost })
+        Ok(Capture {
+            _ebpf: ebpf,
+            events,
+            lost,
+        })
     }
 
     /// Events the kernel could not put in the ring buffer, since loading.
@@ -219,8 +267,11 @@ impl Capture {
                 None => break,
             }
         }
-        let mut pollfd =
-            libc::pollfd { fd: self.events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pollfd = libc::pollfd {
+            fd: self.events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
@@ -235,7 +286,10 @@ impl Capture {
     }
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, CaptureError> {
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, CaptureError> {
     ebpf.map_mut(name).ok_or(CaptureError::Missing(name))
 }
 
@@ -255,7 +309,10 @@ fn permission_or(name: &'static str, source: aya::programs::ProgramError) -> Cap
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup,
 /// where failing to raise the limit is harmless.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         debug!(
@@ -274,7 +331,10 @@ pub fn listening_processes() -> HashSet<u32> {
         return servers;
     };
     for entry in entries.flatten() {
-        let Some(tgid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
+        let Some(tgid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
         else {
             continue;
         };
@@ -287,7 +347,10 @@ pub fn listening_processes() -> HashSet<u32> {
         if listening.is_empty() {
             continue;
         }
-        if crate::identity::socket_inodes(tgid).iter().any(|inode| listening.contains(inode)) {
+        if crate::identity::socket_inodes(tgid)
+            .iter()
+            .any(|inode| listening.contains(inode))
+        {
             servers.insert(tgid);
         }
     }
@@ -301,7 +364,10 @@ mod tests {
     fn event_bytes(header: EventHeader, data: &[u8]) -> Vec<u8> {
         // SAFETY: EventHeader is plain old data.
         let head = unsafe {
-            std::slice::from_raw_parts((&header as *const EventHeader).cast::<u8>(), EVENT_HEADER_LEN)
+            std::slice::from_raw_parts(
+                (&header as *const EventHeader).cast::<u8>(),
+                EVENT_HEADER_LEN,
+            )
         };
         [head, data].concat()
     }
@@ -328,11 +394,30 @@ mod tests {
 
     #[test]
     fn rejects_events_that_lie_about_their_length() {
-        let header = EventHeader { kind: 2, captured_len: 50, ..EventHeader::default() };
+        let header = EventHeader {
+            kind: 2,
+            captured_len: 50,
+            ..EventHeader::default()
+        };
         let bytes = event_bytes(header, b"short");
-        assert_eq!(decode_event(&bytes).err(), Some(DecodeError::Length { claimed: 50, carried: 5 }));
-        assert_eq!(decode_event(&bytes[..10]).err(), Some(DecodeError::Short(10)));
-        let unknown = event_bytes(EventHeader { kind: 99, ..EventHeader::default() }, b"");
+        assert_eq!(
+            decode_event(&bytes).err(),
+            Some(DecodeError::Length {
+                claimed: 50,
+                carried: 5
+            })
+        );
+        assert_eq!(
+            decode_event(&bytes[..10]).err(),
+            Some(DecodeError::Short(10))
+        );
+        let unknown = event_bytes(
+            EventHeader {
+                kind: 99,
+                ..EventHeader::default()
+            },
+            b"",
+        );
         assert_eq!(decode_event(&unknown).err(), Some(DecodeError::Kind(99)));
     }
 }

@@ -9,19 +9,36 @@ use regex::Regex;
 use crate::routes::PathLabelMode;
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "flask-ebpf-exporter", version, about = "Per-route HTTP metrics for Flask apps, captured with eBPF, in prometheus-flask-exporter's format")]
+#[command(
+    name = "flask-ebpf-exporter",
+    version,
+    about = "Per-route HTTP metrics for Flask apps, captured with eBPF, in prometheus-flask-exporter's format"
+)]
 pub struct Config {
     /// Address of the HTTP endpoints (/metrics, /healthz, /readyz).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_LISTEN", default_value = "0.0.0.0:9810")]
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_LISTEN",
+        default_value = "0.0.0.0:9810"
+    )]
     pub listen: SocketAddr,
 
     /// `raw`: the request path without its query string (prometheus-flask-exporter's
     /// default); `route`: a low-cardinality template of it.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_PATH_LABEL", value_enum, default_value = "route")]
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_PATH_LABEL",
+        value_enum,
+        default_value = "route"
+    )]
     pub path_label: PathLabelMode,
 
     /// Most distinct `path` values per server; further paths are exported as `<other>`.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_MAX_PATHS_PER_SERVER", default_value_t = 500)]
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_MAX_PATHS_PER_SERVER",
+        default_value_t = 500
+    )]
     pub max_paths_per_server: usize,
 
     /// Bytes copied from the start of each read or write (request line and headers must fit).
@@ -43,7 +60,11 @@ pub struct Config {
     pub command: Option<Regex>,
 
     /// Watch only servers listening on these ports. Repeat or comma-separate.
-    #[arg(long = "port", env = "FLASK_EBPF_EXPORTER_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "port",
+        env = "FLASK_EBPF_EXPORTER_PORTS",
+        value_delimiter = ','
+    )]
     pub ports: Vec<u16>,
 
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `debug`, `flask_ebpf_exporter=debug`).
@@ -69,8 +90,17 @@ mod tests {
         assert_eq!(config.path_label, PathLabelMode::Route);
         assert_eq!(config.listen.port(), 9810);
         let config = Config::try_parse_from([
-            "flask-ebpf-exporter", "--listen", "127.0.0.1:1", "--path-label", "raw", "--pid", "5,6",
-            "--port", "8000", "--command", "gunicorn.*app",
+            "flask-ebpf-exporter",
+            "--listen",
+            "127.0.0.1:1",
+            "--path-label",
+            "raw",
+            "--pid",
+            "5,6",
+            "--port",
+            "8000",
+            "--command",
+            "gunicorn.*app",
         ])
         .expect("flags parse");
         assert_eq!(config.path_label, PathLabelMode::Raw);

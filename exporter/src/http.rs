@@ -140,7 +140,9 @@ impl Chunked {
                         *self = if size == 0 {
                             Chunked::Trailer { line: Vec::new() }
                         } else {
-                            Chunked::Data { remaining: size + 2 }
+                            Chunked::Data {
+                                remaining: size + 2,
+                            }
                         };
                     }
                 }
@@ -190,7 +192,10 @@ enum ReaderState {
     /// Accumulating a head; `buffer` holds the part seen in earlier segments.
     Head { buffer: Vec<u8>, started_ns: u64 },
     /// Skipping a body.
-    Body { framing: BodyFraming, chunked: Chunked },
+    Body {
+        framing: BodyFraming,
+        chunked: Chunked,
+    },
     /// Lost track (missing bytes); wait for a segment that starts a message.
     Desync,
     /// Not HTTP, or upgraded to another protocol: ignore from here on.
@@ -199,7 +204,10 @@ enum ReaderState {
 
 impl ReaderState {
     fn fresh_head() -> Self {
-        ReaderState::Head { buffer: Vec::new(), started_ns: 0 }
+        ReaderState::Head {
+            buffer: Vec::new(),
+            started_ns: 0,
+        }
     }
 }
 
@@ -256,10 +264,19 @@ fn header_framing(headers: &[httparse::Header<'_>]) -> (bool, Option<u64>, bool)
         if header.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; servers here send only `chunked`.
             chunked = std::str::from_utf8(header.value)
-                .map(|v| v.rsplit(',').next().unwrap_or("").trim().eq_ignore_ascii_case("chunked"))
+                .map(|v| {
+                    v.rsplit(',')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("chunked")
+                })
                 .unwrap_or(false);
         } else if header.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            match std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
                 Some(length) => content_length = Some(length),
                 None => invalid = true,
             }
@@ -289,7 +306,11 @@ fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
                 }
             };
             HeadParse::Complete {
-                head: RequestHead { method: method.to_owned(), target: target.to_owned(), framing },
+                head: RequestHead {
+                    method: method.to_owned(),
+                    target: target.to_owned(),
+                    framing,
+                },
                 consumed,
             }
         }
@@ -310,7 +331,14 @@ fn parse_response_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
             if invalid {
                 return HeadParse::Invalid;
             }
-            HeadParse::Complete { head: ResponseHead { status, chunked, content_length }, consumed }
+            HeadParse::Complete {
+                head: ResponseHead {
+                    status,
+                    chunked,
+                    content_length,
+                },
+                consumed,
+            }
         }
         Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BYTES => HeadParse::Partial,
         _ => HeadParse::Invalid,
@@ -335,9 +363,10 @@ fn parse_head_across<T>(
     let held = buffer.len();
     buffer.extend_from_slice(segment_bytes);
     match parse(buffer) {
-        HeadParse::Complete { head, consumed } => {
-            HeadParse::Complete { head, consumed: consumed.saturating_sub(held) }
-        }
+        HeadParse::Complete { head, consumed } => HeadParse::Complete {
+            head,
+            consumed: consumed.saturating_sub(held),
+        },
         other => other,
     }
 }
@@ -348,7 +377,9 @@ fn looks_like_request_start(bytes: &[u8]) -> bool {
     let Some(space) = bytes.iter().take(16).position(|&b| b == b' ') else {
         return false;
     };
-    space > 0 && bytes[..space].iter().all(|b| b.is_ascii_uppercase()) && bytes.len() > space + 1
+    space > 0
+        && bytes[..space].iter().all(|b| b.is_ascii_uppercase())
+        && bytes.len() > space + 1
         && bytes[space + 1] == b'/'
 }
 
@@ -443,7 +474,10 @@ impl HttpConnection {
                             });
                             self.request = match head.framing {
                                 BodyFraming::None => ReaderState::fresh_head(),
-                                framing => ReaderState::Body { framing, chunked: Chunked::new() },
+                                framing => ReaderState::Body {
+                                    framing,
+                                    chunked: Chunked::new(),
+                                },
                             };
                         }
                         HeadParse::Partial => {
@@ -567,7 +601,13 @@ impl HttpConnection {
             }
         }
         // A head-only message whose body is empty ends with this write.
-        if matches!(self.response, ReaderState::Body { framing: BodyFraming::None, .. }) {
+        if matches!(
+            self.response,
+            ReaderState::Body {
+                framing: BodyFraming::None,
+                ..
+            }
+        ) {
             self.finish_response(out);
         }
     }
@@ -585,10 +625,15 @@ impl HttpConnection {
             self.response = ReaderState::fresh_head();
             return;
         }
-        let request_is_head =
-            self.pending.front().is_some_and(|request| request.method.eq_ignore_ascii_case("HEAD"));
-        self.in_flight =
-            Some(InFlightResponse { status, bytes: head_bytes, last_write_ns: segment.timestamp_ns });
+        let request_is_head = self
+            .pending
+            .front()
+            .is_some_and(|request| request.method.eq_ignore_ascii_case("HEAD"));
+        self.in_flight = Some(InFlightResponse {
+            status,
+            bytes: head_bytes,
+            last_write_ns: segment.timestamp_ns,
+        });
         if status == 101 {
             // Upgraded (e.g. WebSocket): the exchange ends here, HTTP ends too.
             self.finish_response(out);
@@ -607,7 +652,10 @@ impl HttpConnection {
                 None => BodyFraming::UntilClose,
             }
         };
-        self.response = ReaderState::Body { framing, chunked: Chunked::new() };
+        self.response = ReaderState::Body {
+            framing,
+            chunked: Chunked::new(),
+        };
     }
 
     fn extend_in_flight(&mut self, bytes: u64, timestamp_ns: u64) {
@@ -653,7 +701,10 @@ impl HttpConnection {
     pub fn on_close(&mut self, out: &mut Vec<Exchange>) {
         let ends_at_close = matches!(
             self.response,
-            ReaderState::Body { framing: BodyFraming::UntilClose, .. } | ReaderState::Desync
+            ReaderState::Body {
+                framing: BodyFraming::UntilClose,
+                ..
+            } | ReaderState::Desync
         );
         if ends_at_close && self.in_flight.is_some() {
             self.finish_response(out);

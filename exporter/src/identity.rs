@@ -59,7 +59,10 @@ pub struct LocalIdentity {
 
 impl LocalIdentity {
     pub fn new(filter: ProcessFilter) -> Self {
-        LocalIdentity { filter, ..Default::default() }
+        LocalIdentity {
+            filter,
+            ..Default::default()
+        }
     }
 
     /// The identity of a new connection, or `None` when filters exclude it or
@@ -75,7 +78,11 @@ impl LocalIdentity {
             None => find_server(origin.tgid, listener_for_connection(origin.tgid, origin.fd))?,
         };
         if !self.filter.pids.is_empty()
-            && !self.filter.pids.iter().any(|&pid| pid == origin.tgid || pid == server.root_pid)
+            && !self
+                .filter
+                .pids
+                .iter()
+                .any(|&pid| pid == origin.tgid || pid == server.root_pid)
         {
             return None;
         }
@@ -85,14 +92,21 @@ impl LocalIdentity {
             return None;
         }
         if !self.filter.ports.is_empty()
-            && !server.port.is_some_and(|port| self.filter.ports.contains(&port))
+            && !server
+                .port
+                .is_some_and(|port| self.filter.ports.contains(&port))
         {
             return None;
         }
-        let labels = self.labels.entry((server.root_name.clone(), server.port)).or_insert_with(|| {
-            let port = server.port.map_or_else(|| "unknown".to_owned(), |port| port.to_string());
-            Arc::from(vec![server.root_name.clone(), port])
-        });
+        let labels = self
+            .labels
+            .entry((server.root_name.clone(), server.port))
+            .or_insert_with(|| {
+                let port = server
+                    .port
+                    .map_or_else(|| "unknown".to_owned(), |port| port.to_string());
+                Arc::from(vec![server.root_name.clone(), port])
+            });
         Some(labels.clone())
     }
 
@@ -125,9 +139,17 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
         }
     }
     let port = listening_inode.and_then(|inode| {
-        tcp_rows(tgid).into_iter().find(|row| row.inode == inode).map(|row| row.local_port)
+        tcp_rows(tgid)
+            .into_iter()
+            .find(|row| row.inode == inode)
+            .map(|row| row.local_port)
     });
-    Some(Server { root_pid: root, root_name: root_stat.name, port, command_line: command_line(root) })
+    Some(Server {
+        root_pid: root,
+        root_name: root_stat.name,
+        port,
+        command_line: command_line(root),
+    })
 }
 
 /// The listening socket in `tgid`'s network namespace on the local port of
@@ -180,7 +202,10 @@ pub fn parse_stat(stat: &str) -> Option<Stat> {
 fn socket_inode(tgid: u32, fd: u32) -> Option<u64> {
     let target = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
     let text = target.to_str()?;
-    text.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    text.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Inodes of all sockets a process holds.
@@ -232,9 +257,12 @@ fn tcp_rows(tgid: u32) -> Vec<TcpRow> {
 
 /// Inodes of listening TCP sockets in the network namespace of `tgid`.
 pub fn listening_inodes(tgid: u32) -> HashSet<u64> {
-    tcp_rows(tgid).into_iter().filter(|row| row.state == TCP_LISTEN).map(|row| row.inode).collect()
+    tcp_rows(tgid)
+        .into_iter()
+        .filter(|row| row.state == TCP_LISTEN)
+        .map(|row| row.inode)
+        .collect()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -243,7 +271,13 @@ mod tests {
     #[test]
     fn stat_with_spaces_and_parentheses_in_comm() {
         let stat = "4242 (gunicorn: (worker) x) S 4200 4100 4100 0 -1 4194560 1 0 0 0";
-        assert_eq!(parse_stat(stat), Some(Stat { name: "gunicorn: (worker) x".to_owned(), ppid: 4200 }));
+        assert_eq!(
+            parse_stat(stat),
+            Some(Stat {
+                name: "gunicorn: (worker) x".to_owned(),
+                ppid: 4200
+            })
+        );
         assert_eq!(parse_stat("garbage"), None);
     }
 
@@ -253,8 +287,16 @@ mod tests {
         assert_eq!(
             parse_tcp_table(table),
             vec![
-                TcpRow { local_port: 8080, state: 0x0A, inode: 123456 },
-                TcpRow { local_port: 8080, state: 0x01, inode: 123999 },
+                TcpRow {
+                    local_port: 8080,
+                    state: 0x0A,
+                    inode: 123456
+                },
+                TcpRow {
+                    local_port: 8080,
+                    state: 0x01,
+                    inode: 123999
+                },
             ]
         );
     }
@@ -267,15 +309,24 @@ mod tests {
         let tgid = std::process::id();
         assert!(listening_inodes(tgid).contains(&socket_inode(tgid, fd).expect("inode")));
 
-        let origin = Origin { tgid, fd: 0, listen_fd: Some(fd) };
+        let origin = Origin {
+            tgid,
+            fd: 0,
+            listen_fd: Some(fd),
+        };
         let mut identity = LocalIdentity::new(ProcessFilter::default());
         let labels = identity.resolve(&origin).expect("identity");
         assert_eq!(labels[1], port.to_string());
 
-        let mut other_port =
-            LocalIdentity::new(ProcessFilter { ports: vec![port.wrapping_add(1)], ..Default::default() });
+        let mut other_port = LocalIdentity::new(ProcessFilter {
+            ports: vec![port.wrapping_add(1)],
+            ..Default::default()
+        });
         assert_eq!(other_port.resolve(&origin), None);
-        let mut by_pid = LocalIdentity::new(ProcessFilter { pids: vec![tgid], ..Default::default() });
+        let mut by_pid = LocalIdentity::new(ProcessFilter {
+            pids: vec![tgid],
+            ..Default::default()
+        });
         assert!(by_pid.resolve(&origin).is_some());
     }
 }

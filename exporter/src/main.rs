@@ -67,7 +67,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     shutdown.store(true, Ordering::SeqCst);
-    pipeline_thread.join().map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
+    pipeline_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
     info!("stopped");
     Ok(())
 }

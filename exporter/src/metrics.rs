@@ -8,13 +8,15 @@ use prometheus::{
 };
 
 /// prometheus-flask-exporter's default buckets.
-pub const DURATION_BUCKETS: [f64; 14] =
-    [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
 
 /// Methods kept as sent; anything else is exported as `OTHER` so a client
 /// cannot mint series by inventing methods.
-const KNOWN_METHODS: [&str; 9] =
-    ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -57,7 +59,10 @@ impl Metrics {
     pub fn new(identity_labels: &[&str]) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let with_identity = |own: &[&'static str]| -> Vec<String> {
-            own.iter().chain(identity_labels).map(|label| (*label).to_owned()).collect()
+            own.iter()
+                .chain(identity_labels)
+                .map(|label| (*label).to_owned())
+                .collect()
         };
 
         let duration_labels = with_identity(&["method", "path", "status"]);
@@ -83,7 +88,10 @@ impl Metrics {
             &label_refs(&status_labels),
         )?;
         let info = IntGaugeVec::new(
-            Opts::new("flask_exporter_info", "Information about the Prometheus Flask exporter"),
+            Opts::new(
+                "flask_exporter_info",
+                "Information about the Prometheus Flask exporter",
+            ),
             &["version"],
         )?;
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -103,16 +111,56 @@ impl Metrics {
         registry.register(Box::new(connections_tracked.clone()))?;
 
         Ok(Metrics {
-            events_read: counter(&registry, "flask_ebpf_exporter_events_read_total", "Events read from the BPF ring buffer")?,
-            events_lost: counter(&registry, "flask_ebpf_exporter_events_lost_total", "Events the kernel dropped because the ring buffer was full")?,
-            events_malformed: counter(&registry, "flask_ebpf_exporter_events_malformed_total", "Ring buffer records that did not decode as events")?,
-            unparsed_bytes: counter(&registry, "flask_ebpf_exporter_unparsed_bytes_total", "Bytes on server connections that did not parse as HTTP/1.x")?,
-            truncated_captures: counter(&registry, "flask_ebpf_exporter_truncated_captures_total", "HTTP heads or chunk lines beyond the copied prefix of a buffer")?,
-            unpaired_responses: counter(&registry, "flask_ebpf_exporter_unpaired_responses_total", "Responses with no request waiting for them")?,
-            abandoned_requests: counter(&registry, "flask_ebpf_exporter_abandoned_requests_total", "Requests that ended without a response being seen")?,
-            sequence_gaps: counter(&registry, "flask_ebpf_exporter_sequence_gaps_total", "Connections on which events went missing")?,
-            connections_opened: counter(&registry, "flask_ebpf_exporter_connections_total", "Server-side connections followed since start")?,
-            path_overflow: counter(&registry, "flask_ebpf_exporter_path_overflow_total", "Requests whose path label was replaced by <other> under the per-server cap")?,
+            events_read: counter(
+                &registry,
+                "flask_ebpf_exporter_events_read_total",
+                "Events read from the BPF ring buffer",
+            )?,
+            events_lost: counter(
+                &registry,
+                "flask_ebpf_exporter_events_lost_total",
+                "Events the kernel dropped because the ring buffer was full",
+            )?,
+            events_malformed: counter(
+                &registry,
+                "flask_ebpf_exporter_events_malformed_total",
+                "Ring buffer records that did not decode as events",
+            )?,
+            unparsed_bytes: counter(
+                &registry,
+                "flask_ebpf_exporter_unparsed_bytes_total",
+                "Bytes on server connections that did not parse as HTTP/1.x",
+            )?,
+            truncated_captures: counter(
+                &registry,
+                "flask_ebpf_exporter_truncated_captures_total",
+                "HTTP heads or chunk lines beyond the copied prefix of a buffer",
+            )?,
+            unpaired_responses: counter(
+                &registry,
+                "flask_ebpf_exporter_unpaired_responses_total",
+                "Responses with no request waiting for them",
+            )?,
+            abandoned_requests: counter(
+                &registry,
+                "flask_ebpf_exporter_abandoned_requests_total",
+                "Requests that ended without a response being seen",
+            )?,
+            sequence_gaps: counter(
+                &registry,
+                "flask_ebpf_exporter_sequence_gaps_total",
+                "Connections on which events went missing",
+            )?,
+            connections_opened: counter(
+                &registry,
+                "flask_ebpf_exporter_connections_total",
+                "Server-side connections followed since start",
+            )?,
+            path_overflow: counter(
+                &registry,
+                "flask_ebpf_exporter_path_overflow_total",
+                "Requests whose path label was replaced by <other> under the per-server cap",
+            )?,
             connections_tracked,
             registry,
             duration,
@@ -122,8 +170,19 @@ impl Metrics {
     }
 
     /// Records one exchange.
-    pub fn observe(&self, method: &str, path: &str, status: u16, identity: &[String], seconds: f64) {
-        let method = KNOWN_METHODS.iter().find(|known| known.eq_ignore_ascii_case(method)).copied().unwrap_or("OTHER");
+    pub fn observe(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        identity: &[String],
+        seconds: f64,
+    ) {
+        let method = KNOWN_METHODS
+            .iter()
+            .find(|known| known.eq_ignore_ascii_case(method))
+            .copied()
+            .unwrap_or("OTHER");
         let status = status.to_string();
         let mut labels: Vec<&str> = Vec::with_capacity(3 + identity.len());
         labels.extend([method, path, status.as_str()]);

@@ -45,7 +45,14 @@ fn request_heartbeat() {
 
 impl Pipeline {
     pub fn run(self, shutdown: Arc<AtomicBool>) {
-        let Pipeline { mut capture, mut table, mut identity, mut labeler, metrics, readiness } = self;
+        let Pipeline {
+            mut capture,
+            mut table,
+            mut identity,
+            mut labeler,
+            metrics,
+            readiness,
+        } = self;
         readiness.set_attached();
         let mut served: Vec<ServedExchange> = Vec::new();
         let mut last_heartbeat: Option<Instant> = None;
@@ -83,7 +90,11 @@ impl Pipeline {
                 last_upkeep = Instant::now();
                 if last_reap.elapsed() >= REAP_EVERY {
                     last_reap = Instant::now();
-                    let gone = table.reap(monotonic_ns(), &|tgid| Path::new(&format!("/proc/{tgid}")).exists(), &mut served);
+                    let gone = table.reap(
+                        monotonic_ns(),
+                        &|tgid| Path::new(&format!("/proc/{tgid}")).exists(),
+                        &mut served,
+                    );
                     for tgid in gone {
                         identity.forget_process(tgid);
                     }
@@ -99,7 +110,10 @@ impl Pipeline {
                 }
                 let lost = capture.lost_events();
                 if lost > metrics.events_lost.get() {
-                    warn!(lost_total = lost, "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)");
+                    warn!(
+                        lost_total = lost,
+                        "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)"
+                    );
                 }
                 advance_to(&metrics.events_lost, lost);
                 let stats = table.stats();
@@ -119,6 +133,12 @@ impl Pipeline {
 fn record(served: &[ServedExchange], labeler: &mut RouteLabeler, metrics: &Metrics) {
     for ServedExchange { identity, exchange } in served {
         let path = labeler.label(identity, &exchange.target);
-        metrics.observe(&exchange.method, &path, exchange.status, identity, exchange.duration_seconds());
+        metrics.observe(
+            &exchange.method,
+            &path,
+            exchange.status,
+            identity,
+            exchange.duration_seconds(),
+        );
     }
 }

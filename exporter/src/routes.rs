@@ -27,7 +27,9 @@ pub const OVERFLOW_PATH: &str = "<other>";
 pub fn request_path(target: &str) -> String {
     // Absolute-form targets ("http://host/path") carry scheme and authority.
     let target = match target.split_once("://") {
-        Some((scheme, rest)) if !scheme.contains('/') => rest.find('/').map_or("/", |slash| &rest[slash..]),
+        Some((scheme, rest)) if !scheme.contains('/') => {
+            rest.find('/').map_or("/", |slash| &rest[slash..])
+        }
         _ => target,
     };
     let end = target.find(['?', '#']).unwrap_or(target.len());
@@ -61,14 +63,21 @@ fn classify_segment(segment: &str) -> Option<&'static str> {
     if is_date(bytes) {
         return Some("<date>");
     }
-    if segment.parse::<f64>().is_ok() && bytes.iter().any(|&b| b == b'.') && bytes.iter().all(|b| b.is_ascii_digit() || *b == b'.' || *b == b'-') {
+    if segment.parse::<f64>().is_ok()
+        && bytes.contains(&b'.')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || *b == b'.' || *b == b'-')
+    {
         return Some("<float>");
     }
     let has_digit = bytes.iter().any(u8::is_ascii_digit);
     if bytes.len() >= 16 && has_digit && bytes.iter().all(u8::is_ascii_hexdigit) {
         return Some("<hex>");
     }
-    let token_chars = bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    let token_chars = bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
     if bytes.len() >= 20 && has_digit && token_chars {
         return Some("<token>");
     }
@@ -79,12 +88,20 @@ fn is_uuid(segment: &str) -> bool {
     let groups: Vec<&str> = segment.split('-').collect();
     groups.len() == 5
         && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn is_date(bytes: &[u8]) -> bool {
     bytes.len() == 10
-        && bytes.iter().enumerate().all(|(i, b)| if i == 4 || i == 7 { *b == b'-' } else { b.is_ascii_digit() })
+        && bytes.iter().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                *b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
 }
 
 /// Makes `path` labels and enforces the per-server cap.
@@ -98,7 +115,12 @@ pub struct RouteLabeler {
 
 impl RouteLabeler {
     pub fn new(mode: PathLabelMode, max_paths_per_server: usize) -> Self {
-        RouteLabeler { mode, max_paths_per_server, seen: HashMap::new(), overflowed: 0 }
+        RouteLabeler {
+            mode,
+            max_paths_per_server,
+            seen: HashMap::new(),
+            overflowed: 0,
+        }
     }
 
     pub fn label(&mut self, identity: &IdentityLabels, target: &str) -> String {
@@ -145,8 +167,14 @@ mod tests {
     #[test]
     fn templates_typed_segments() {
         assert_eq!(template("/users/12345/orders"), "/users/<int>/orders");
-        assert_eq!(template("/u/3f2504e0-4f89-11d3-9a0c-0305e82c3301"), "/u/<uuid>");
-        assert_eq!(template("/blob/9f86d081884c7d659a2feaa0c55ad015"), "/blob/<hex>");
+        assert_eq!(
+            template("/u/3f2504e0-4f89-11d3-9a0c-0305e82c3301"),
+            "/u/<uuid>"
+        );
+        assert_eq!(
+            template("/blob/9f86d081884c7d659a2feaa0c55ad015"),
+            "/blob/<hex>"
+        );
         assert_eq!(template("/day/2026-11-25"), "/day/<date>");
         assert_eq!(template("/price/3.25"), "/price/<float>");
         assert_eq!(template("/t/Zm9vYmFyYmF6cXV4MTIzNDU2"), "/t/<token>");
@@ -159,7 +187,9 @@ mod tests {
         let mut labeler = RouteLabeler::new(PathLabelMode::Raw, 3);
         let server: IdentityLabels = Arc::from(vec!["a".to_owned()]);
         let other: IdentityLabels = Arc::from(vec!["b".to_owned()]);
-        let labels: Vec<String> = (0..5).map(|i| labeler.label(&server, &format!("/p{i}"))).collect();
+        let labels: Vec<String> = (0..5)
+            .map(|i| labeler.label(&server, &format!("/p{i}")))
+            .collect();
         assert_eq!(labels, ["/p0", "/p1", "/p2", OVERFLOW_PATH, OVERFLOW_PATH]);
         assert_eq!(labeler.label(&server, "/p1?again"), "/p1");
         assert_eq!(labeler.label(&other, "/p4"), "/p4");

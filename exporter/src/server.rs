@@ -37,13 +37,18 @@ impl Readiness {
 
     pub fn is_ready(&self, now_ns: u64) -> bool {
         let last = self.last_heartbeat_ns.load(Ordering::SeqCst);
-        self.attached.load(Ordering::SeqCst) && last > 0 && now_ns.saturating_sub(last) < HEARTBEAT_STALE_NS
+        self.attached.load(Ordering::SeqCst)
+            && last > 0
+            && now_ns.saturating_sub(last) < HEARTBEAT_STALE_NS
     }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
@@ -65,10 +70,21 @@ pub fn router(state: ServerState) -> Router {
 
 async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
     match state.metrics.encode() {
-        Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text),
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        ),
         Err(error) => {
             tracing::error!(%error, "could not encode metrics");
-            (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], error.to_string())
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, "text/plain")],
+                error.to_string(),
+            )
         }
     }
 }
@@ -77,7 +93,10 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
     if state.readiness.is_ready(monotonic_ns()) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: BPF programs not attached or no events flowing\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: BPF programs not attached or no events flowing\n",
+        )
     }
 }
 

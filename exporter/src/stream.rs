@@ -117,7 +117,13 @@ impl ConnectionTable {
         // A repeated seq is two threads racing on one counter, not a loss.
         if header.seq != expected && header.seq != connection.last_seq {
             self.stats.sequence_gaps += 1;
-            debug!(tgid = header.tgid, fd = header.fd, expected, got = header.seq, "events lost on connection");
+            debug!(
+                tgid = header.tgid,
+                fd = header.fd,
+                expected,
+                got = header.seq,
+                "events lost on connection"
+            );
             connection.http.on_gap();
         }
         connection.last_seq = header.seq;
@@ -165,12 +171,16 @@ impl ConnectionTable {
         let mut alive_cache: HashMap<u32, bool> = HashMap::new();
         let keys: Vec<(u32, u32)> = self.connections.keys().copied().collect();
         for key in keys {
-            let alive = *alive_cache.entry(key.0).or_insert_with(|| process_alive(key.0));
+            let alive = *alive_cache
+                .entry(key.0)
+                .or_insert_with(|| process_alive(key.0));
             let Some(mut connection) = self.connections.remove(&key) else {
                 continue;
             };
             let mut exchanges = Vec::new();
-            connection.http.expire_unframed(now_ns, UNFRAMED_RESPONSE_IDLE_NS, &mut exchanges);
+            connection
+                .http
+                .expire_unframed(now_ns, UNFRAMED_RESPONSE_IDLE_NS, &mut exchanges);
             let idle = now_ns.saturating_sub(connection.last_event_ns) >= IDLE_CONNECTION_NS;
             if !alive || idle {
                 connection.http.on_close(&mut exchanges);
@@ -180,13 +190,20 @@ impl ConnectionTable {
                 self.connections.insert(key, connection);
             }
         }
-        gone.extend(alive_cache.into_iter().filter(|(_, alive)| !alive).map(|(tgid, _)| tgid));
+        gone.extend(
+            alive_cache
+                .into_iter()
+                .filter(|(_, alive)| !alive)
+                .map(|(tgid, _)| tgid),
+        );
         gone
     }
 
     /// Origins of open connections, for the debug view.
     pub fn origins(&self) -> impl Iterator<Item = &Origin> {
-        self.connections.values().map(|connection| &connection.origin)
+        self.connections
+            .values()
+            .map(|connection| &connection.origin)
     }
 }
 
@@ -201,7 +218,10 @@ fn collect(
     stats.http.add(&connection.http.stats);
     connection.http.stats = HttpStats::default();
     if let Some(identity) = &connection.identity {
-        out.extend(exchanges.drain(..).map(|exchange| ServedExchange { identity: identity.clone(), exchange }));
+        out.extend(exchanges.drain(..).map(|exchange| ServedExchange {
+            identity: identity.clone(),
+            exchange,
+        }));
     }
     exchanges.clear();
 }
@@ -214,7 +234,14 @@ mod tests {
 
     use super::*;
 
-    fn event<'a>(kind: EventKind, fd: u32, conn_id: u64, seq: u32, ts: u64, data: &'a [u8]) -> RawEvent<'a> {
+    fn event<'a>(
+        kind: EventKind,
+        fd: u32,
+        conn_id: u64,
+        seq: u32,
+        ts: u64,
+        data: &'a [u8],
+    ) -> RawEvent<'a> {
         RawEvent {
             kind,
             header: EventHeader {
@@ -241,20 +268,51 @@ mod tests {
         let mut table = ConnectionTable::new();
         let mut out = Vec::new();
         let mut resolve = labels;
-        table.handle(&event(EventKind::Accept, 7, 1, 0, 1, b""), &mut resolve, &mut out);
-        table.handle(&event(EventKind::Read, 7, 1, 1, 2, b"GET /a HTTP/1.0\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(
+            &event(EventKind::Accept, 7, 1, 0, 1, b""),
+            &mut resolve,
+            &mut out,
+        );
+        table.handle(
+            &event(EventKind::Read, 7, 1, 1, 2, b"GET /a HTTP/1.0\r\n\r\n"),
+            &mut resolve,
+            &mut out,
+        );
         // The old connection's close was lost; fd 7 is reused by connection 2,
         // picked up mid-stream (no accept seen).
-        table.handle(&event(EventKind::Read, 7, 2, 0, 3, b"GET /b HTTP/1.1\r\n\r\n"), &mut resolve, &mut out);
-        table.handle(&event(EventKind::Write, 7, 2, 1, 4, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(
+            &event(EventKind::Read, 7, 2, 0, 3, b"GET /b HTTP/1.1\r\n\r\n"),
+            &mut resolve,
+            &mut out,
+        );
+        table.handle(
+            &event(
+                EventKind::Write,
+                7,
+                2,
+                1,
+                4,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            ),
+            &mut resolve,
+            &mut out,
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].exchange.target, "/b");
         assert_eq!(&*out[0].identity, &["listenNone".to_owned()]);
         assert_eq!(table.stats().http.abandoned_requests, 1);
         // seq 5 after 1: events 2..4 were lost.
-        table.handle(&event(EventKind::Read, 7, 2, 5, 5, b"GET /c HTTP/1.1\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(
+            &event(EventKind::Read, 7, 2, 5, 5, b"GET /c HTTP/1.1\r\n\r\n"),
+            &mut resolve,
+            &mut out,
+        );
         assert_eq!(table.stats().sequence_gaps, 1);
-        table.handle(&event(EventKind::Close, 7, 2, 6, 6, b""), &mut resolve, &mut out);
+        table.handle(
+            &event(EventKind::Close, 7, 2, 6, 6, b""),
+            &mut resolve,
+            &mut out,
+        );
         assert!(table.is_empty());
         assert_eq!(table.stats().connections_opened, 2);
     }
@@ -264,8 +322,23 @@ mod tests {
         let mut table = ConnectionTable::new();
         let mut out = Vec::new();
         let mut resolve = |_: &Origin| None;
-        table.handle(&event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.1\r\n\r\n"), &mut resolve, &mut out);
-        table.handle(&event(EventKind::Write, 7, 1, 1, 2, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), &mut resolve, &mut out);
+        table.handle(
+            &event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+            &mut resolve,
+            &mut out,
+        );
+        table.handle(
+            &event(
+                EventKind::Write,
+                7,
+                1,
+                1,
+                2,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            ),
+            &mut resolve,
+            &mut out,
+        );
         assert!(out.is_empty());
     }
 
@@ -274,8 +347,16 @@ mod tests {
         let mut table = ConnectionTable::new();
         let mut out = Vec::new();
         let mut resolve = labels;
-        table.handle(&event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.0\r\n\r\n"), &mut resolve, &mut out);
-        table.handle(&event(EventKind::Write, 7, 1, 1, 2, b"HTTP/1.0 200 OK\r\n\r\nbody"), &mut resolve, &mut out);
+        table.handle(
+            &event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.0\r\n\r\n"),
+            &mut resolve,
+            &mut out,
+        );
+        table.handle(
+            &event(EventKind::Write, 7, 1, 1, 2, b"HTTP/1.0 200 OK\r\n\r\nbody"),
+            &mut resolve,
+            &mut out,
+        );
         let gone = table.reap(3, &|_| false, &mut out);
         assert_eq!(gone, vec![100]);
         assert!(table.is_empty());

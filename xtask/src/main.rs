@@ -1,1 +1,208 @@
-fn main() {}
+//! Developer and CI tasks: `cargo xtask setup | run | test | bench`.
+//!
+//! `setup` is idempotent: it installs only what is missing (Debian packages,
+//! bpf-linker built against Debian's LLVM, tracefs, the Python venv the tests
+//! and benchmark use). See ../shared/ebpf-toolchain.md for why this toolchain.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages: the BPF toolchain (rustc-web with a prebuilt bpf `core`,
+/// LLVM for bpf-linker) and the real components the tests and benchmark use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "python3-venv",
+    "wrk",
+    "prometheus",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let (task, rest) = args
+        .split_first()
+        .map(|(t, r)| (t.as_str(), r))
+        .unwrap_or(("help", &[]));
+    // `cargo xtask run -- --flag`: what follows `--` goes to the program.
+    let rest = rest.strip_prefix(&["--".to_owned()][..]).unwrap_or(rest);
+    let root = workspace_root()?;
+    match task {
+        "setup" => setup(&root),
+        "run" => {
+            setup(&root)?;
+            run(Command::new("cargo")
+                .args(["build", "--release"])
+                .current_dir(&root))?;
+            let binary = root.join("target/release/flask-ebpf-exporter");
+            let error = exec(Command::new(binary).args(rest));
+            Err(error).context("starting the exporter")
+        }
+        "test" => {
+            setup(&root)?;
+            test(&root, rest)
+        }
+        "bench" => {
+            setup(&root)?;
+            run(Command::new("cargo")
+                .args(["build", "--release"])
+                .current_dir(&root))?;
+            run(Command::new("cargo")
+                .args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "flask-ebpf-exporter",
+                    "--example",
+                    "overhead",
+                    "--",
+                ])
+                .args(rest)
+                .current_dir(&root))
+        }
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent)\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included\n  bench   setup, then the overhead benchmark"
+            );
+            if task == "help" {
+                Ok(())
+            } else {
+                bail!("unknown task {task}")
+            }
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = env::var("CARGO_MANIFEST_DIR").context("run through `cargo xtask`")?;
+    Ok(Path::new(&manifest)
+        .parent()
+        .context("xtask/ has a parent")?
+        .to_path_buf())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("spawning {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn exec(command: &mut Command) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    command.exec()
+}
+
+fn setup(root: &Path) -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", package])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let has_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !has_linker {
+        let llvm_major = debian_llvm_major()?;
+        run(Command::new("cargo")
+            .args([
+                "+stable",
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm_major}")))?;
+    }
+
+    if !Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
+        && !Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir()
+    {
+        run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;
+    }
+
+    let venv = root.join(".venv");
+    let python = venv.join("bin/python");
+    let requirements = root.join("tests/fixtures/requirements.txt");
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let stamp = venv.join(".requirements-installed");
+    let wanted =
+        std::fs::read_to_string(&requirements).context("tests/fixtures/requirements.txt")?;
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "-r"])
+            .arg(&requirements))?;
+        std::fs::write(&stamp, wanted)?;
+    }
+    Ok(())
+}
+
+/// LLVM major version of Debian's rustc, which bpf-linker must match.
+fn debian_llvm_major() -> anyhow::Result<String> {
+    let output = Command::new("/usr/bin/rustc")
+        .arg("-vV")
+        .output()
+        .context("/usr/bin/rustc -vV")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|version| version.split('.').next())
+        .map(str::to_owned)
+        .context("no LLVM version in /usr/bin/rustc -vV")
+}
+
+fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .args(["fmt", "--all", "--check"])
+        .current_dir(root))?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(root))?;
+    // eBPF end-to-end tests load programs into the real kernel: they need root.
+    run(Command::new("cargo")
+        .args(["test", "--workspace", "--all-targets"])
+        .args(extra)
+        .env("FLASK_EBPF_VENV", root.join(".venv"))
+        .current_dir(root))
+}

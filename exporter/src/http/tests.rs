@@ -25,7 +25,8 @@ fn chunked_body(body_len: usize, chunk: usize) -> Vec<u8> {
     out
 }
 
-fn wire_exchange(
+/// What one generated exchange looks like before it is written out.
+struct WireSpec {
     method: &'static str,
     target: String,
     request_body: usize,
@@ -34,7 +35,19 @@ fn wire_exchange(
     status: u16,
     response_body: usize,
     response_chunked: bool,
-) -> WireExchange {
+}
+
+fn wire_exchange(spec: WireSpec) -> WireExchange {
+    let WireSpec {
+        method,
+        target,
+        request_body,
+        request_chunked,
+        expect_continue,
+        status,
+        response_body,
+        response_chunked,
+    } = spec;
     let mut request = format!("{method} {target} HTTP/1.1\r\nHost: test\r\nUser-Agent: t\r\n");
     let mut request_body_bytes = Vec::new();
     if request_body > 0 {
@@ -73,12 +86,20 @@ fn wire_exchange(
             response.extend(std::iter::repeat_n(b'r', response_body));
         }
     }
-    WireExchange { method, target, request, status, response }
+    WireExchange {
+        method,
+        target,
+        request,
+        status,
+        response,
+    }
 }
 
 fn arb_exchange() -> impl Strategy<Value = WireExchange> {
     (
-        prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
+        prop::sample::select(vec![
+            "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS",
+        ]),
         "/[a-z0-9]{0,8}(/[a-z0-9]{1,6}){0,2}(\\?[a-z]=[0-9]{1,3})?",
         0usize..3000,
         any::<bool>(),
@@ -87,10 +108,25 @@ fn arb_exchange() -> impl Strategy<Value = WireExchange> {
         0usize..5000,
         any::<bool>(),
     )
-        .prop_map(|(method, target, body, req_chunked, expect, status, resp_body, resp_chunked)| {
-            let body = if matches!(method, "POST" | "PUT" | "PATCH") { body } else { 0 };
-            wire_exchange(method, target, body, req_chunked, expect, status, resp_body, resp_chunked)
-        })
+        .prop_map(
+            |(method, target, body, req_chunked, expect, status, resp_body, resp_chunked)| {
+                let body = if matches!(method, "POST" | "PUT" | "PATCH") {
+                    body
+                } else {
+                    0
+                };
+                wire_exchange(WireSpec {
+                    method,
+                    target,
+                    request_body: body,
+                    request_chunked: req_chunked,
+                    expect_continue: expect,
+                    status,
+                    response_body: resp_body,
+                    response_chunked: resp_chunked,
+                })
+            },
+        )
 }
 
 /// Splits `len` bytes into segments at the given relative cut points.
@@ -113,17 +149,29 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness { connection: HttpConnection::new(), out: Vec::new(), clock: 0 }
+        Harness {
+            connection: HttpConnection::new(),
+            out: Vec::new(),
+            clock: 0,
+        }
     }
     fn read(&mut self, bytes: &[u8]) -> u64 {
         self.clock += 1;
-        let segment = Segment { timestamp_ns: self.clock, byte_count: bytes.len() as u64, captured: bytes };
+        let segment = Segment {
+            timestamp_ns: self.clock,
+            byte_count: bytes.len() as u64,
+            captured: bytes,
+        };
         self.connection.on_read(segment);
         self.clock
     }
     fn write(&mut self, bytes: &[u8]) -> u64 {
         self.clock += 1;
-        let segment = Segment { timestamp_ns: self.clock, byte_count: bytes.len() as u64, captured: bytes };
+        let segment = Segment {
+            timestamp_ns: self.clock,
+            byte_count: bytes.len() as u64,
+            captured: bytes,
+        };
         self.connection.on_write(segment, &mut self.out);
         self.clock
     }
@@ -131,7 +179,10 @@ impl Harness {
 
 /// Index of the segment holding byte `offset`.
 fn segment_of(segments: &[(usize, usize)], offset: usize) -> usize {
-    segments.iter().position(|&(start, end)| offset >= start && offset < end).unwrap_or(0)
+    segments
+        .iter()
+        .position(|&(start, end)| offset >= start && offset < end)
+        .unwrap_or(0)
 }
 
 proptest! {
@@ -230,12 +281,17 @@ proptest! {
 #[test]
 fn non_http_first_bytes_make_the_connection_opaque_and_are_counted() {
     let mut harness = Harness::new();
-    let tls_hello = [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    let tls_hello = [
+        0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
     harness.read(&tls_hello);
     harness.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
     assert!(harness.connection.is_opaque());
     assert!(harness.out.is_empty());
-    assert_eq!(harness.connection.stats.unparsed_bytes, tls_hello.len() as u64);
+    assert_eq!(
+        harness.connection.stats.unparsed_bytes,
+        tls_hello.len() as u64
+    );
 }
 
 #[test]
@@ -251,7 +307,10 @@ fn malformed_request_after_good_one_loses_nothing_that_was_good() {
     // Resynchronises at the next request that starts a read.
     harness.read(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n");
     harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-    assert_eq!(harness.out.last().map(|e| e.target.as_str()), Some("/again"));
+    assert_eq!(
+        harness.out.last().map(|e| e.target.as_str()),
+        Some("/again")
+    );
 }
 
 #[test]
@@ -274,12 +333,30 @@ fn uncopied_body_bytes_are_skipped_by_count() {
     let mut connection = HttpConnection::new();
     let mut out = Vec::new();
     let request = b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n";
-    connection.on_read(Segment { timestamp_ns: 1, byte_count: request.len() as u64, captured: request });
+    connection.on_read(Segment {
+        timestamp_ns: 1,
+        byte_count: request.len() as u64,
+        captured: request,
+    });
     let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n";
-    connection.on_write(Segment { timestamp_ns: 2, byte_count: head.len() as u64, captured: head }, &mut out);
+    connection.on_write(
+        Segment {
+            timestamp_ns: 2,
+            byte_count: head.len() as u64,
+            captured: head,
+        },
+        &mut out,
+    );
     let body = vec![b'x'; 4096];
     for i in 0..16 {
-        connection.on_write(Segment { timestamp_ns: 3 + i, byte_count: 65536, captured: &body }, &mut out);
+        connection.on_write(
+            Segment {
+                timestamp_ns: 3 + i,
+                byte_count: 65536,
+                captured: &body,
+            },
+            &mut out,
+        );
     }
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].finished_ns, 18);
@@ -292,15 +369,43 @@ fn lost_chunk_framing_ends_the_response_at_the_next_head() {
     let mut out = Vec::new();
     for target in ["/a", "/b"] {
         let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
-        connection.on_read(Segment { timestamp_ns: 1, byte_count: request.len() as u64, captured: request.as_bytes() });
+        connection.on_read(Segment {
+            timestamp_ns: 1,
+            byte_count: request.len() as u64,
+            captured: request.as_bytes(),
+        });
     }
     let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-    connection.on_write(Segment { timestamp_ns: 2, byte_count: head.len() as u64, captured: head }, &mut out);
+    connection.on_write(
+        Segment {
+            timestamp_ns: 2,
+            byte_count: head.len() as u64,
+            captured: head,
+        },
+        &mut out,
+    );
     // A chunk whose size line was not copied.
-    connection.on_write(Segment { timestamp_ns: 3, byte_count: 9000, captured: &[] }, &mut out);
+    connection.on_write(
+        Segment {
+            timestamp_ns: 3,
+            byte_count: 9000,
+            captured: &[],
+        },
+        &mut out,
+    );
     let second = b"HTTP/1.1 404 NOT FOUND\r\nContent-Length: 0\r\n\r\n";
-    connection.on_write(Segment { timestamp_ns: 4, byte_count: second.len() as u64, captured: second }, &mut out);
-    let got: Vec<_> = out.iter().map(|e| (e.target.as_str(), e.status, e.finished_ns)).collect();
+    connection.on_write(
+        Segment {
+            timestamp_ns: 4,
+            byte_count: second.len() as u64,
+            captured: second,
+        },
+        &mut out,
+    );
+    let got: Vec<_> = out
+        .iter()
+        .map(|e| (e.target.as_str(), e.status, e.finished_ns))
+        .collect();
     assert_eq!(got, vec![("/a", 200, 3), ("/b", 404, 4)]);
     assert_eq!(connection.stats.truncated_captures, 1);
 }
@@ -313,7 +418,11 @@ fn gap_abandons_in_flight_requests_and_resynchronises() {
     harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
     harness.read(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
     harness.write(b"HTTP/1.1 201 CREATED\r\nContent-Length: 0\r\n\r\n");
-    let got: Vec<_> = harness.out.iter().map(|e| (e.target.as_str(), e.status)).collect();
+    let got: Vec<_> = harness
+        .out
+        .iter()
+        .map(|e| (e.target.as_str(), e.status))
+        .collect();
     assert_eq!(got, vec![("/next", 201)]);
     assert_eq!(harness.connection.stats.abandoned_requests, 1);
 }
@@ -327,6 +436,10 @@ fn two_interim_continues_then_final_response() {
     harness.write(b"HTTP/1.1 100 Continue\r\n\r\n");
     harness.read(b"abc");
     harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-    let got: Vec<_> = harness.out.iter().map(|e| (e.target.as_str(), e.status, e.request_bytes)).collect();
+    let got: Vec<_> = harness
+        .out
+        .iter()
+        .map(|e| (e.target.as_str(), e.status, e.request_bytes))
+        .collect();
     assert_eq!(got, vec![("/upload", 200, head.len() as u64 + 3)]);
 }

@@ -1,0 +1,344 @@
+//! End to end on the real kernel: the exporter binary attached with eBPF,
+//! real Flask apps under gunicorn sync (2 workers), gunicorn gthread and
+//! Werkzeug's HTTP/1.1 server, a traffic mix sent over raw sockets, and the
+//! exported counts compared with what was served and with
+//! prometheus-flask-exporter running inside the app (where it can).
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use support::*;
+
+type Tally = BTreeMap<(String, String, String), u64>;
+
+/// Sends requests, reconnecting whenever the server closes, and tallies
+/// every response received by (method, path without query, status).
+struct Client {
+    port: u16,
+    connection: Option<(TcpStream, Vec<u8>)>,
+    tally: Tally,
+}
+
+fn path_of(target: &str) -> String {
+    target.split('?').next().unwrap_or(target).to_owned()
+}
+
+impl Client {
+    fn new(port: u16) -> Self {
+        Client {
+            port,
+            connection: None,
+            tally: Tally::new(),
+        }
+    }
+
+    fn record(&mut self, method: &str, path: &str, status: u16) {
+        *self
+            .tally
+            .entry((method.to_owned(), path.to_owned(), status.to_string()))
+            .or_insert(0) += 1;
+    }
+
+    fn stream(&mut self) -> &mut (TcpStream, Vec<u8>) {
+        let port = self.port;
+        self.connection
+            .get_or_insert_with(|| (connect(port), Vec::new()))
+    }
+
+    /// One request on the kept-alive connection; `label_path` is the path
+    /// Flask will see (decoded), for the tally.
+    fn send(
+        &mut self,
+        method: &str,
+        target: &str,
+        label_path: &str,
+        body: &[u8],
+        expect_continue: bool,
+    ) -> u16 {
+        let mut head = format!("{method} {target} HTTP/1.1\r\nHost: test\r\nUser-Agent: e2e\r\n");
+        if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+            head.push_str(&format!(
+                "Content-Length: {}\r\nContent-Type: application/octet-stream\r\n",
+                body.len()
+            ));
+        }
+        if expect_continue {
+            head.push_str("Expect: 100-continue\r\n");
+        }
+        head.push_str("\r\n");
+        let (stream, buffer) = self.stream();
+        stream.write_all(head.as_bytes()).expect("write head");
+        if expect_continue {
+            // Wait for the interim response before the body, as curl does.
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let mut chunk = [0u8; 4096];
+            while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            }
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+        }
+        stream.write_all(body).expect("write body");
+        let response = read_response(stream, buffer, method).expect("response");
+        if response.close {
+            self.connection = None;
+        }
+        self.record(method, label_path, response.status);
+        response.status
+    }
+
+    /// Several requests in one write, then their responses. Servers that
+    /// close after one response answer fewer; only answered ones count.
+    fn pipeline(&mut self, targets: &[&str]) -> usize {
+        let batch: String = targets
+            .iter()
+            .map(|t| format!("GET {t} HTTP/1.1\r\nHost: test\r\n\r\n"))
+            .collect();
+        let mut answered = Vec::new();
+        {
+            let (stream, buffer) = self.stream();
+            stream.write_all(batch.as_bytes()).expect("write batch");
+            for target in targets {
+                match read_response(stream, buffer, "GET") {
+                    Ok(response) => {
+                        answered.push((path_of(target), response.status));
+                        if response.close {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        self.connection = None;
+        let count = answered.len();
+        for (path, status) in answered {
+            self.record("GET", &path, status);
+        }
+        count
+    }
+}
+
+/// The traffic mix of the core issue. Returns how many of the pipelined
+/// batch's requests were answered.
+fn send_traffic_mix(client: &mut Client) -> usize {
+    for target in [
+        "/",
+        "/",
+        "/",
+        "/items/1",
+        "/items/2",
+        "/items/3?x=1&y=2",
+        "/items/4?q=%20a",
+    ] {
+        client.send("GET", target, &path_of(target), b"", false);
+    }
+    client.send("GET", "/items/%31%32", "/items/12", b"", false);
+    client.send("PUT", "/items/7", "/items/7", br#"{"name":"seven"}"#, false);
+    client.send("PATCH", "/items/7", "/items/7", b"{}", false);
+    client.send("DELETE", "/items/3", "/items/3", b"", false);
+    client.send("HEAD", "/items/1", "/items/1", b"", false);
+    client.send("OPTIONS", "/items/1", "/items/1", b"", false);
+    client.send("POST", "/items/1", "/items/1", b"x", false); // 405
+    for code in [301, 302, 304, 400, 403, 404, 418] {
+        let target = format!("/status/{code}");
+        client.send("GET", &target, &target, b"", false);
+    }
+    client.send("GET", "/boom", "/boom", b"", false);
+    client.send("GET", "/no/such/route", "/no/such/route", b"", false);
+    client.send("GET", "/big", "/big", b"", false);
+    client.send("GET", "/stream", "/stream", b"", false);
+    client.send("POST", "/echo", "/echo", &vec![b'u'; 300 * 1024], true);
+    client.send("POST", "/echo", "/echo", &vec![b'v'; 300 * 1024], false);
+    client.send("POST", "/echo", "/echo", b"small", false);
+    let pipelined = client.pipeline(&["/items/21", "/items/22", "/", "/status/404", "/items/23"]);
+    for _ in 0..2 {
+        client.send("GET", "/slow?seconds=0.3", "/slow", b"", false);
+    }
+    pipelined
+}
+
+fn exported_for(exporter: &Exporter, app_port: u16) -> (Vec<Sample>, Tally) {
+    let samples = exporter.metrics();
+    let port = app_port.to_string();
+    let tally = counts_by_route(&samples, |s| {
+        s.labels.get("port") == Some(&port)
+            && s.labels.get("path").map(String::as_str) != Some("/metrics")
+    });
+    (samples, tally)
+}
+
+fn bucket(samples: &[Sample], app_port: u16, path: &str, le: &str) -> f64 {
+    let port = app_port.to_string();
+    samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_duration_seconds_bucket")
+        .filter(|s| {
+            s.labels.get("port") == Some(&port)
+                && s.labels.get("path").map(String::as_str) == Some(path)
+        })
+        .filter(|s| s.labels.get("le").map(String::as_str) == Some(le))
+        .map(|s| s.value)
+        .sum()
+}
+
+fn serves_traffic_mix_exactly(server: Server) {
+    let venv = require_prerequisites();
+    let app = App::start(&venv, server, server.oracle_runs());
+    // Narrowing to the app's port keeps parallel tests apart.
+    let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
+
+    let mut client = Client::new(app.port);
+    let pipelined = send_traffic_mix(&mut client);
+    if server == Server::GunicornGthread {
+        // gthread answers a whole pipelined batch on one connection
+        // (sync workers and Werkzeug answer one request, then close).
+        assert_eq!(pipelined, 5, "all pipelined requests answered");
+    }
+    client.connection = None;
+    let sent = client.tally.clone();
+    assert!(
+        sent.values().sum::<u64>() >= 30,
+        "the mix was answered: {sent:?}"
+    );
+
+    let (samples, exported) = eventually(
+        Duration::from_secs(10),
+        || exported_for(&exporter, app.port),
+        |(_, tally)| *tally == sent,
+    );
+    assert_eq!(
+        exported, sent,
+        "{server:?}: exported counts per (method, path, status) differ from what was served"
+    );
+
+    if server.oracle_runs() {
+        let oracle = http_get(app.port, "/metrics").expect("scrape prometheus-flask-exporter");
+        let oracle = parse_exposition(&String::from_utf8_lossy(&oracle.body));
+        let oracle = counts_by_route(&oracle, |s| {
+            s.labels.get("path").map(String::as_str) != Some("/metrics")
+        });
+        assert_eq!(
+            exported, oracle,
+            "{server:?}: exported counts differ from prometheus-flask-exporter's"
+        );
+    }
+
+    // The 0.3 s endpoint lands above the 0.25 bucket and within 0.5.
+    assert_eq!(bucket(&samples, app.port, "/slow", "0.25"), 0.0);
+    assert_eq!(bucket(&samples, app.port, "/slow", "0.5"), 2.0);
+    // 500s are what prometheus-flask-exporter counts as exceptions.
+    let port = app.port.to_string();
+    let exceptions: f64 = samples
+        .iter()
+        .filter(|s| {
+            s.name == "flask_http_request_exceptions_total" && s.labels.get("port") == Some(&port)
+        })
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(exceptions, 1.0);
+    // A gunicorn master and its workers are one server.
+    let processes: std::collections::BTreeSet<_> = samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_total" && s.labels.get("port") == Some(&port))
+        .filter_map(|s| s.labels.get("process").cloned())
+        .collect();
+    assert_eq!(
+        processes.len(),
+        1,
+        "one series set per server: {processes:?}"
+    );
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_events_lost_total"),
+        0.0
+    );
+    drop(app);
+}
+
+#[test]
+fn gunicorn_sync_two_workers() {
+    serves_traffic_mix_exactly(Server::GunicornSync);
+}
+
+#[test]
+fn gunicorn_gthread() {
+    serves_traffic_mix_exactly(Server::GunicornGthread);
+}
+
+#[test]
+fn werkzeug_http11() {
+    serves_traffic_mix_exactly(Server::Werkzeug);
+}
+
+#[test]
+fn non_http_and_malformed_bytes_make_no_series_and_are_counted() {
+    let venv = require_prerequisites();
+    let app = App::start(&venv, Server::GunicornGthread, false);
+    let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
+
+    // A TLS ClientHello start and binary noise on a served port.
+    let mut tls = connect(app.port);
+    tls.write_all(&[
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03, 0xde, 0xad, 0xbe, 0xef,
+    ])
+    .expect("write");
+    let _ = tls.read(&mut [0u8; 1024]);
+    // A request with a broken header line.
+    let mut malformed = connect(app.port);
+    malformed
+        .write_all(b"GET /items/1 HTTP/1.1\r\nHost: x\r\nthis is not a header\r\n\r\n")
+        .expect("write");
+    let _ = malformed.read(&mut [0u8; 1024]);
+    drop((tls, malformed));
+
+    let mut client = Client::new(app.port);
+    client.send("GET", "/", "/", b"", false);
+    let sent = client.tally.clone();
+    let (samples, exported) = eventually(
+        Duration::from_secs(10),
+        || exported_for(&exporter, app.port),
+        |(samples, tally)| {
+            *tally == sent && value(samples, "flask_ebpf_exporter_unparsed_bytes_total") >= 15.0
+        },
+    );
+    assert_eq!(exported, sent, "only the good request makes a series");
+    assert!(value(&samples, "flask_ebpf_exporter_unparsed_bytes_total") >= 15.0);
+    let response = http_get(exporter.port, "/healthz").expect("healthz");
+    assert_eq!(response.status, 200, "still alive");
+}
+
+#[test]
+fn connection_accepted_before_the_exporter_started_is_picked_up() {
+    let venv = require_prerequisites();
+    let app = App::start(&venv, Server::GunicornGthread, false);
+    let mut client = Client::new(app.port);
+    client.send("GET", "/items/1", "/items/1", b"", false);
+    assert!(
+        client.connection.is_some(),
+        "gthread keeps the connection alive"
+    );
+
+    let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
+    client.tally.clear();
+    client.send("GET", "/items/2", "/items/2", b"", false);
+    client.send("GET", "/items/3", "/items/3", b"", false);
+    let sent = client.tally.clone();
+    let (_, exported) = eventually(
+        Duration::from_secs(10),
+        || exported_for(&exporter, app.port),
+        |(_, t)| *t == sent,
+    );
+    assert_eq!(exported, sent);
+}

@@ -1,0 +1,434 @@
+//! Shared parts of the end-to-end tests: the real exporter binary, real
+//! Flask apps under real servers, a raw HTTP/1.1 client (so tests control
+//! keep-alive, pipelining and 100-continue byte for byte), and a reader of
+//! the Prometheus text format.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// These tests load BPF programs into the running kernel and start real
+/// servers: without root or the venv they must fail loudly, not pass.
+pub fn require_prerequisites() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "eBPF end-to-end tests must run as root"
+    );
+    let venv = std::env::var("FLASK_EBPF_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace().join(".venv"));
+    assert!(
+        venv.join("bin/python").exists(),
+        "no Python venv at {} (run `cargo xtask setup`)",
+        venv.display()
+    );
+    venv
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed (with its process group) when dropped.
+pub struct Running {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(name: &str, command: &mut Command) -> Running {
+    use std::os::unix::process::CommandExt as _;
+    // Own process group, so teardown reaches workers too.
+    command.process_group(0).stdin(Stdio::null());
+    let child = command
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {name}: {error}"));
+    Running {
+        child,
+        name: name.to_owned(),
+    }
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on port {port} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The exporter under test, watching only `app_port`.
+pub struct Exporter {
+    pub process: Running,
+    pub port: u16,
+}
+
+impl Exporter {
+    pub fn start(extra_args: &[&str]) -> Exporter {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flask-ebpf-exporter"));
+        command
+            .args(["--listen", &listen])
+            .args(extra_args)
+            .env("FLASK_EBPF_EXPORTER_LOG", "info");
+        let process = spawn("flask-ebpf-exporter", &mut command);
+        let exporter = Exporter { process, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = http_get(port, "/readyz")
+                && response.status == 200
+            {
+                return exporter;
+            }
+            assert!(Instant::now() < deadline, "exporter not ready within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn metrics(&self) -> Vec<Sample> {
+        let response = http_get(self.port, "/metrics").expect("scrape exporter");
+        assert_eq!(response.status, 200);
+        parse_exposition(&String::from_utf8_lossy(&response.body))
+    }
+}
+
+/// Servers the core issue names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    GunicornSync,
+    GunicornGthread,
+    Werkzeug,
+}
+
+impl Server {
+    /// Whether prometheus-flask-exporter runs single-process here, so its
+    /// own /metrics is a complete oracle.
+    pub fn oracle_runs(self) -> bool {
+        !matches!(self, Server::GunicornSync)
+    }
+}
+
+pub struct App {
+    pub process: Running,
+    pub port: u16,
+}
+
+impl App {
+    pub fn start(venv: &std::path::Path, server: Server, oracle: bool) -> App {
+        let port = free_port();
+        let fixtures = workspace().join("tests/fixtures");
+        let bind = format!("127.0.0.1:{port}");
+        let mut command = match server {
+            Server::GunicornSync => {
+                let mut c = Command::new(venv.join("bin/gunicorn"));
+                c.args([
+                    "--no-control-socket",
+                    "-k",
+                    "sync",
+                    "-w",
+                    "2",
+                    "-b",
+                    &bind,
+                    "app:app",
+                ]);
+                c
+            }
+            Server::GunicornGthread => {
+                let mut c = Command::new(venv.join("bin/gunicorn"));
+                c.args([
+                    "--no-control-socket",
+                    "-k",
+                    "gthread",
+                    "-w",
+                    "1",
+                    "--threads",
+                    "4",
+                    "-b",
+                    &bind,
+                    "app:app",
+                ]);
+                c
+            }
+            Server::Werkzeug => {
+                let mut c = Command::new(venv.join("bin/python"));
+                c.arg("app.py").arg(port.to_string());
+                c
+            }
+        };
+        command
+            .current_dir(&fixtures)
+            .env("ORACLE", if oracle { "1" } else { "0" });
+        let process = spawn(&format!("{server:?}"), &mut command);
+        wait_for_port(port, Duration::from_secs(20));
+        App { process, port }
+    }
+}
+
+/// A response as the test client read it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub close: bool,
+}
+
+/// Reads one response from `stream`, given the method of its request.
+pub fn read_response(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    method: &str,
+) -> std::io::Result<Response> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head_len)) = parsed.parse(buffer) {
+            let status = parsed.code.unwrap_or(0);
+            let header = |name: &str| {
+                parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+            };
+            let close = header("connection").is_some_and(|v| v.contains("close"))
+                || parsed.version == Some(0)
+                    && !header("connection").is_some_and(|v| v.contains("keep-alive"));
+            let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+            let length = header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+            buffer.drain(..head_len);
+            if (100..200).contains(&status) {
+                continue;
+            }
+            let no_body = method == "HEAD" || status == 204 || status == 304;
+            let body = if no_body {
+                Vec::new()
+            } else if chunked {
+                read_chunked(stream, buffer)?
+            } else if let Some(length) = length {
+                fill(stream, buffer, length)?;
+                buffer.drain(..length).collect()
+            } else {
+                stream.read_to_end(buffer)?;
+                std::mem::take(buffer)
+            };
+            return Ok(Response {
+                status,
+                body,
+                close,
+            });
+        }
+        read_more(stream, buffer)?;
+    }
+}
+
+fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 65536];
+    let n = stream.read(&mut chunk)?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn fill(stream: &mut TcpStream, buffer: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+    while buffer.len() < want {
+        read_more(stream, buffer)?;
+    }
+    Ok(())
+}
+
+fn read_chunked(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(at) = buffer.windows(2).position(|w| w == b"\r\n") {
+                break at;
+            }
+            read_more(stream, buffer)?;
+        };
+        let size_text = String::from_utf8_lossy(&buffer[..line_end]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        buffer.drain(..line_end + 2);
+        if size == 0 {
+            // Trailers end with an empty line.
+            loop {
+                if let Some(at) = buffer.windows(2).position(|w| w == b"\r\n") {
+                    let empty = at == 0;
+                    buffer.drain(..at + 2);
+                    if empty {
+                        return Ok(body);
+                    }
+                } else {
+                    read_more(stream, buffer)?;
+                }
+            }
+        }
+        fill(stream, buffer, size + 2)?;
+        body.extend(buffer.drain(..size));
+        buffer.drain(..2);
+    }
+}
+
+pub fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream
+}
+
+pub fn http_get(port: u16, target: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    read_response(&mut stream, &mut Vec::new(), "GET")
+}
+
+/// One sample of the text exposition format.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+pub fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(parts) => parts,
+            None => continue,
+        };
+        let value: f64 = match value.parse() {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+            None => (series, BTreeMap::new()),
+        };
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let name: String = chars.by_ref().take_while(|&c| c != '=').collect();
+        if name.is_empty() {
+            return labels;
+        }
+        if chars.next() != Some('"') {
+            return labels;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(other) => value.push(other),
+                    None => break,
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.insert(name.trim_start_matches(',').trim().to_owned(), value);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+}
+
+/// Per (method, path, status) request counts from the duration histogram.
+pub fn counts_by_route(
+    samples: &[Sample],
+    filter: impl Fn(&Sample) -> bool,
+) -> BTreeMap<(String, String, String), u64> {
+    let mut counts = BTreeMap::new();
+    for sample in samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+        .filter(|s| filter(s))
+    {
+        let key = |k: &str| sample.labels.get(k).cloned().unwrap_or_default();
+        *counts
+            .entry((key("method"), key("path"), key("status")))
+            .or_insert(0) += sample.value as u64;
+    }
+    counts
+}
+
+pub fn value(samples: &[Sample], name: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Polls until `check` holds or the timeout passes; returns the last value.
+pub fn eventually<T>(
+    timeout: Duration,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = probe();
+        if check(&value) || Instant::now() >= deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
