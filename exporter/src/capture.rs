@@ -142,8 +142,31 @@ pub struct Capture {
     lost: PerCpuArray<MapData, u64>,
 }
 
-pub fn tracefs_mounted() -> bool {
-    TRACEFS_SYSCALLS.iter().any(|dir| Path::new(dir).is_dir())
+/// Whether syscall tracepoints can be attached to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tracefs {
+    Available,
+    /// Mounted, but this process may not read it.
+    Inaccessible,
+    Missing,
+}
+
+pub fn tracefs() -> Tracefs {
+    if TRACEFS_SYSCALLS.iter().any(|dir| Path::new(dir).is_dir()) {
+        return Tracefs::Available;
+    }
+    let mounted = fs::read_to_string("/proc/self/mounts")
+        .map(|mounts| {
+            mounts
+                .lines()
+                .any(|line| line.split_whitespace().nth(2) == Some("tracefs"))
+        })
+        .unwrap_or(false);
+    if mounted {
+        Tracefs::Inaccessible
+    } else {
+        Tracefs::Missing
+    }
 }
 
 impl Capture {
@@ -151,8 +174,14 @@ impl Capture {
         if options.capture_bytes == 0 || options.capture_bytes as usize > MAX_CAPTURE_BYTES {
             return Err(CaptureError::CaptureBytes);
         }
-        if !tracefs_mounted() {
-            return Err(CaptureError::TracefsMissing);
+        match tracefs() {
+            Tracefs::Available => {}
+            Tracefs::Inaccessible => {
+                return Err(CaptureError::NotPermitted(
+                    "tracefs is mounted but its syscall tracepoints cannot be read".to_owned(),
+                ));
+            }
+            Tracefs::Missing => return Err(CaptureError::TracefsMissing),
         }
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()

@@ -160,6 +160,8 @@ fn send_traffic_mix(client: &mut Client) -> usize {
     client.send("GET", "/no/such/route", "/no/such/route", b"", false);
     client.send("GET", "/big", "/big", b"", false);
     client.send("GET", "/stream", "/stream", b"", false);
+    client.send("GET", "/file", "/file", b"", false);
+    client.send("GET", "/file", "/file", b"", false);
     client.send("POST", "/echo", "/echo", &vec![b'u'; 300 * 1024], true);
     client.send("POST", "/echo", "/echo", &vec![b'v'; 300 * 1024], false);
     client.send("POST", "/echo", "/echo", b"small", false);

@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod bench;
+
 /// Debian packages: the BPF toolchain (rustc-web with a prebuilt bpf `core`,
 /// LLVM for bpf-linker) and the real components the tests and benchmark use.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -54,18 +56,7 @@ fn main() -> anyhow::Result<()> {
             run(Command::new("cargo")
                 .args(["build", "--release"])
                 .current_dir(&root))?;
-            run(Command::new("cargo")
-                .args([
-                    "run",
-                    "--release",
-                    "--package",
-                    "flask-ebpf-exporter",
-                    "--example",
-                    "overhead",
-                    "--",
-                ])
-                .args(rest)
-                .current_dir(&root))
+            bench::overhead(&root, rest)
         }
         _ => {
             eprintln!(
