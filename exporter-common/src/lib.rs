@@ -94,6 +94,9 @@ pub struct CaptureConfig {
     pub self_tgid: u32,
     /// How many bytes of each buffer to copy (≤ MAX_CAPTURE_BYTES).
     pub capture_bytes: u32,
+    /// Events are submitted without waking userspace (which drains the ring
+    /// every few milliseconds) until this many bytes wait in the ring.
+    pub wakeup_bytes: u64,
 }
 
 #[cfg(feature = "user")]

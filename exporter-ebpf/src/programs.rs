@@ -18,6 +18,11 @@ const ARG0: usize = 16;
 const ARG1: usize = 24;
 const RET: usize = 16;
 
+/// bpf_ringbuf_output / bpf_ringbuf_query flags (uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
 /// Events to userspace. Userspace may resize it before loading.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
@@ -105,8 +110,22 @@ fn count_lost_event() {
     }
 }
 
+/// Userspace drains the ring on a timer, so most events are submitted
+/// without a wakeup (a wakeup per event costs the app's CPUs context
+/// switches); only a filling ring wakes the reader early.
+fn output_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= config().wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 fn emit_header(header: &EventHeader) {
-    if EVENTS.output::<EventHeader>(header, 0).is_err() {
+    if EVENTS
+        .output::<EventHeader>(header, output_flags())
+        .is_err()
+    {
         count_lost_event();
     }
 }
@@ -362,7 +381,7 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
     let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {
         return 0;
     };
-    if EVENTS.output::<[u8]>(event, 0).is_err() {
+    if EVENTS.output::<[u8]>(event, output_flags()).is_err() {
         count_lost_event();
     }
     0

@@ -205,6 +205,7 @@ impl Capture {
         let settings = CaptureConfig {
             self_tgid,
             capture_bytes: options.capture_bytes,
+            wakeup_bytes: u64::from(options.ring_buffer_bytes / 4),
         };
         config
             .set(0, settings, 0)
@@ -282,20 +283,10 @@ impl Capture {
         }
     }
 
-    /// Waits up to `timeout` for events, then hands each to `handle`.
+    /// Waits up to `timeout` (less if the kernel forces a wakeup because the
+    /// ring is filling), then hands every waiting event to `handle`.
     /// Returns how many events were read.
     pub fn poll(&mut self, timeout: Duration, mut handle: impl FnMut(&[u8])) -> usize {
-        let mut read = 0;
-        loop {
-            match self.events.next() {
-                Some(item) => {
-                    handle(&item);
-                    read += 1;
-                }
-                None if read > 0 => return read,
-                None => break,
-            }
-        }
         let mut pollfd = libc::pollfd {
             fd: self.events.as_raw_fd(),
             events: libc::POLLIN,
@@ -307,6 +298,7 @@ impl Capture {
         if ready < 0 {
             debug!(error = %std::io::Error::last_os_error(), "poll on ring buffer");
         }
+        let mut read = 0;
         while let Some(item) = self.events.next() {
             handle(&item);
             read += 1;

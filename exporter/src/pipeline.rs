@@ -22,7 +22,9 @@ use crate::{
     stream::{ConnectionTable, ServedExchange},
 };
 
-const POLL_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often the ring buffer is drained: the kernel wakes the reader only
+/// when the ring fills up, so this bounds how stale metrics can be.
+const POLL_TIMEOUT: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 const REAP_EVERY: Duration = Duration::from_secs(5);

@@ -200,10 +200,13 @@ fn measure(
         None
     };
 
-    // Warm up, then measure.
+    // Warm up, then measure (after the exporter has counted the warm-up).
     wrk(port, 1)?;
     let warm_count = match &exporter {
-        Some(_) => scrape_count(exporter_port, port)?,
+        Some(_) => {
+            std::thread::sleep(Duration::from_secs(2));
+            scrape_count(exporter_port, port)?
+        }
         None => 0.0,
     };
     let app_cpu_before = tree_cpu_seconds(app.0.id());
