@@ -74,8 +74,14 @@ impl LocalIdentity {
                 .entry((origin.tgid, listen_fd))
                 .or_insert_with(|| find_server(origin.tgid, socket_inode(origin.tgid, listen_fd)))
                 .clone()?,
-            // Picked up mid-stream: find the listener by the connection's port.
-            None => find_server(origin.tgid, listener_for_connection(origin.tgid, origin.fd))?,
+            // Picked up mid-stream: find the listener by the connection's
+            // port or, when the server already closed the connection, as the
+            // only listening socket the process holds.
+            None => find_server(
+                origin.tgid,
+                listener_for_connection(origin.tgid, origin.fd)
+                    .or_else(|| sole_listener(origin.tgid)),
+            )?,
         };
         if !self.filter.pids.is_empty()
             && !self
@@ -162,6 +168,16 @@ fn listener_for_connection(tgid: u32, fd: u32) -> Option<u64> {
     rows.iter()
         .find(|row| row.state == TCP_LISTEN && row.local_port == port && held.contains(&row.inode))
         .map(|row| row.inode)
+}
+
+/// The listening socket a process holds, if it holds exactly one.
+fn sole_listener(tgid: u32) -> Option<u64> {
+    let listening = listening_inodes(tgid);
+    let mut held = socket_inodes(tgid)
+        .into_iter()
+        .filter(|inode| listening.contains(inode));
+    let first = held.next()?;
+    held.next().is_none().then_some(first)
 }
 
 fn command_line(tgid: u32) -> String {

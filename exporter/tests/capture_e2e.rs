@@ -344,3 +344,33 @@ fn connection_accepted_before_the_exporter_started_is_picked_up() {
     );
     assert_eq!(exported, sent);
 }
+
+/// readv/writev and recvmsg/sendmsg, with head and body in two iovecs of
+/// one call: only the first iovec is copied, the body is skipped by count.
+#[test]
+fn vectored_syscalls_are_captured() {
+    let venv = require_prerequisites();
+    for mode in ["msg", "iov"] {
+        let port = free_port();
+        let mut command = std::process::Command::new(venv.join("bin/python"));
+        command
+            .arg(workspace().join("tests/fixtures/vectored_server.py"))
+            .arg(port.to_string())
+            .arg(mode);
+        let server = spawn_process(&format!("vectored {mode}"), &mut command);
+        wait_for_port(port, Duration::from_secs(10));
+        let exporter = Exporter::start(&["--path-label", "raw", "--port", &port.to_string()]);
+        let mut client = Client::new(port);
+        for target in ["/v", "/v", "/v", "/missing"] {
+            client.send("GET", target, target, b"", false);
+        }
+        let sent = client.tally.clone();
+        let (_, exported) = eventually(
+            Duration::from_secs(10),
+            || exported_for(&exporter, port),
+            |(_, t)| *t == sent,
+        );
+        assert_eq!(exported, sent, "{mode}");
+        drop(server);
+    }
+}

@@ -66,7 +66,7 @@ impl Drop for Running {
     }
 }
 
-fn spawn(name: &str, command: &mut Command) -> Running {
+pub fn spawn_process(name: &str, command: &mut Command) -> Running {
     use std::os::unix::process::CommandExt as _;
     // Own process group, so teardown reaches workers too.
     command.process_group(0).stdin(Stdio::null());
@@ -105,7 +105,7 @@ impl Exporter {
             .args(["--listen", &listen])
             .args(extra_args)
             .env("FLASK_EBPF_EXPORTER_LOG", "info");
-        let process = spawn("flask-ebpf-exporter", &mut command);
+        let process = spawn_process("flask-ebpf-exporter", &mut command);
         let exporter = Exporter { process, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -192,7 +192,7 @@ impl App {
         command
             .current_dir(&fixtures)
             .env("ORACLE", if oracle { "1" } else { "0" });
-        let process = spawn(&format!("{server:?}"), &mut command);
+        let process = spawn_process(&format!("{server:?}"), &mut command);
         wait_for_port(port, Duration::from_secs(20));
         App { process, port }
     }
