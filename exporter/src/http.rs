@@ -82,13 +82,41 @@ struct PendingRequest {
     bytes: u64,
 }
 
-/// How a message body ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum BodyFraming {
-    None,
+/// A message body being skipped, by how it ends.
+#[derive(Debug)]
+enum Body {
     Length(u64),
-    Chunked,
+    Chunked(Chunked),
     UntilClose,
+}
+
+/// What skipping a body did with the bytes a segment has left.
+enum BodyStep {
+    /// Used all of them; the body goes on.
+    Continues(u64),
+    /// The body ended after this many of them.
+    Ended(u64),
+    /// A chunk-size line fell outside the copied bytes or was not one.
+    Lost,
+}
+
+impl Body {
+    /// Consumes bytes `[0, available)` of which `captured` are known.
+    fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
+        match self {
+            Body::Length(left) => {
+                let take = (*left).min(available);
+                *left -= take;
+                if *left == 0 {
+                    BodyStep::Ended(take)
+                } else {
+                    BodyStep::Continues(take)
+                }
+            }
+            Body::Chunked(chunked) => chunked.advance(available, captured),
+            Body::UntilClose => BodyStep::Continues(available),
+        }
+    }
 }
 
 /// Incremental chunked-encoding decoder that skips chunk data by count.
@@ -102,22 +130,12 @@ enum Chunked {
     Trailer { line: Vec<u8> },
 }
 
-enum ChunkProgress {
-    /// All of the segment's remaining bytes were consumed; the body goes on.
-    NeedMore,
-    /// The body ended after this many bytes of the segment's remainder.
-    Done(u64),
-    /// A size line fell outside the copied bytes or was not a size line.
-    Lost,
-}
-
 impl Chunked {
     fn new() -> Self {
         Chunked::SizeLine(Vec::new())
     }
 
-    /// Consumes bytes `[0, available)` of which `captured` are known.
-    fn advance(&mut self, available: u64, captured: &[u8]) -> ChunkProgress {
+    fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
         let mut pos: u64 = 0;
         while pos < available {
             match self {
@@ -131,11 +149,11 @@ impl Chunked {
                 }
                 Chunked::SizeLine(line) => {
                     if !push_line_byte(line, captured, &mut pos) {
-                        return ChunkProgress::Lost;
+                        return BodyStep::Lost;
                     }
                     if line.ends_with(b"\r\n") {
                         let Some(size) = parse_chunk_size(&line[..line.len() - 2]) else {
-                            return ChunkProgress::Lost;
+                            return BodyStep::Lost;
                         };
                         *self = if size == 0 {
                             Chunked::Trailer { line: Vec::new() }
@@ -148,18 +166,18 @@ impl Chunked {
                 }
                 Chunked::Trailer { line } => {
                     if !push_line_byte(line, captured, &mut pos) {
-                        return ChunkProgress::Lost;
+                        return BodyStep::Lost;
                     }
                     if line.ends_with(b"\r\n") {
                         if line.len() == 2 {
-                            return ChunkProgress::Done(pos);
+                            return BodyStep::Ended(pos);
                         }
                         line.clear();
                     }
                 }
             }
         }
-        ChunkProgress::NeedMore
+        BodyStep::Continues(available)
     }
 }
 
@@ -192,10 +210,7 @@ enum ReaderState {
     /// Accumulating a head; `buffer` holds the part seen in earlier segments.
     Head { buffer: Vec<u8>, started_ns: u64 },
     /// Skipping a body.
-    Body {
-        framing: BodyFraming,
-        chunked: Chunked,
-    },
+    Body(Body),
     /// Lost track (missing bytes); wait for a segment that starts a message.
     Desync,
     /// Not HTTP, or upgraded to another protocol: ignore from here on.
@@ -247,19 +262,39 @@ enum HeadParse<T> {
 struct RequestHead {
     method: String,
     target: String,
-    framing: BodyFraming,
+    body: Option<Body>,
 }
 
 struct ResponseHead {
     status: u16,
+    framing: Framing,
+}
+
+/// What a message's headers say about its body.
+struct Framing {
     chunked: bool,
     content_length: Option<u64>,
 }
 
-fn header_framing(headers: &[httparse::Header<'_>]) -> (bool, Option<u64>, bool) {
+impl Framing {
+    /// The body the headers announce; `without_length` is what a message
+    /// with neither header has (a request: none; a response: until close).
+    fn body(&self, without_length: Option<Body>) -> Option<Body> {
+        if self.chunked {
+            return Some(Body::Chunked(Chunked::new()));
+        }
+        match self.content_length {
+            Some(0) => None,
+            Some(length) => Some(Body::Length(length)),
+            None => without_length,
+        }
+    }
+}
+
+/// `None` when a Content-Length does not parse.
+fn header_framing(headers: &[httparse::Header<'_>]) -> Option<Framing> {
     let mut chunked = false;
     let mut content_length = None;
-    let mut invalid = false;
     for header in headers {
         if header.name.eq_ignore_ascii_case("transfer-encoding") {
             // The last coding decides; servers here send only `chunked`.
@@ -273,16 +308,16 @@ fn header_framing(headers: &[httparse::Header<'_>]) -> (bool, Option<u64>, bool)
                 })
                 .unwrap_or(false);
         } else if header.name.eq_ignore_ascii_case("content-length") {
-            match std::str::from_utf8(header.value)
+            let length = std::str::from_utf8(header.value)
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
-                Some(length) => content_length = Some(length),
-                None => invalid = true,
-            }
+                .and_then(|v| v.trim().parse::<u64>().ok())?;
+            content_length = Some(length);
         }
     }
-    (chunked, content_length, invalid)
+    Some(Framing {
+        chunked,
+        content_length,
+    })
 }
 
 fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
@@ -293,23 +328,14 @@ fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
             let (Some(method), Some(target)) = (request.method, request.path) else {
                 return HeadParse::Invalid;
             };
-            let (chunked, content_length, invalid) = header_framing(request.headers);
-            if invalid {
+            let Some(framing) = header_framing(request.headers) else {
                 return HeadParse::Invalid;
-            }
-            let framing = if chunked {
-                BodyFraming::Chunked
-            } else {
-                match content_length {
-                    Some(0) | None => BodyFraming::None,
-                    Some(length) => BodyFraming::Length(length),
-                }
             };
             HeadParse::Complete {
                 head: RequestHead {
                     method: method.to_owned(),
                     target: target.to_owned(),
-                    framing,
+                    body: framing.body(None),
                 },
                 consumed,
             }
@@ -327,16 +353,11 @@ fn parse_response_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
             let Some(status) = response.code else {
                 return HeadParse::Invalid;
             };
-            let (chunked, content_length, invalid) = header_framing(response.headers);
-            if invalid {
+            let Some(framing) = header_framing(response.headers) else {
                 return HeadParse::Invalid;
-            }
+            };
             HeadParse::Complete {
-                head: ResponseHead {
-                    status,
-                    chunked,
-                    content_length,
-                },
+                head: ResponseHead { status, framing },
                 consumed,
             }
         }
@@ -425,35 +446,20 @@ impl HttpConnection {
                     }
                     return;
                 }
-                ReaderState::Body { framing, chunked } => match framing {
-                    BodyFraming::Length(left) => {
-                        let take = (*left).min(remaining);
-                        *left -= take;
-                        pos += take;
-                        let done = *left == 0;
-                        self.add_request_bytes(take);
-                        if done {
-                            self.request = ReaderState::fresh_head();
-                        }
+                ReaderState::Body(body) => match body.advance(remaining, captured) {
+                    BodyStep::Continues(used) => {
+                        self.add_request_bytes(used);
+                        return;
                     }
-                    BodyFraming::Chunked => match chunked.advance(remaining, captured) {
-                        ChunkProgress::NeedMore => {
-                            self.add_request_bytes(remaining);
-                            return;
-                        }
-                        ChunkProgress::Done(used) => {
-                            pos += used;
-                            self.add_request_bytes(used);
-                            self.request = ReaderState::fresh_head();
-                        }
-                        ChunkProgress::Lost => {
-                            self.stats.truncated_captures += 1;
-                            self.request = ReaderState::Desync;
-                            return;
-                        }
-                    },
-                    BodyFraming::None | BodyFraming::UntilClose => {
+                    BodyStep::Ended(used) => {
+                        pos += used;
+                        self.add_request_bytes(used);
                         self.request = ReaderState::fresh_head();
+                    }
+                    BodyStep::Lost => {
+                        self.stats.truncated_captures += 1;
+                        self.request = ReaderState::Desync;
+                        return;
                     }
                 },
                 ReaderState::Head { buffer, started_ns } => {
@@ -472,12 +478,9 @@ impl HttpConnection {
                                 started_ns: started,
                                 bytes: held + consumed as u64,
                             });
-                            self.request = match head.framing {
-                                BodyFraming::None => ReaderState::fresh_head(),
-                                framing => ReaderState::Body {
-                                    framing,
-                                    chunked: Chunked::new(),
-                                },
+                            self.request = match head.body {
+                                None => ReaderState::fresh_head(),
+                                Some(body) => ReaderState::Body(body),
                             };
                         }
                         HeadParse::Partial => {
@@ -535,41 +538,24 @@ impl HttpConnection {
                     self.extend_in_flight(remaining, segment.timestamp_ns);
                     return;
                 }
-                ReaderState::Body { framing, chunked } => match framing {
-                    BodyFraming::Length(left) => {
-                        let take = (*left).min(remaining);
-                        *left -= take;
-                        pos += take;
-                        let done = *left == 0;
-                        self.extend_in_flight(take, segment.timestamp_ns);
-                        if done {
-                            self.finish_response(out);
-                        }
-                    }
-                    BodyFraming::Chunked => match chunked.advance(remaining, captured) {
-                        ChunkProgress::NeedMore => {
-                            self.extend_in_flight(remaining, segment.timestamp_ns);
-                            return;
-                        }
-                        ChunkProgress::Done(used) => {
-                            pos += used;
-                            self.extend_in_flight(used, segment.timestamp_ns);
-                            self.finish_response(out);
-                        }
-                        ChunkProgress::Lost => {
-                            // The response still ends at the last byte written
-                            // before the next response head or the close.
-                            self.stats.truncated_captures += 1;
-                            self.extend_in_flight(remaining, segment.timestamp_ns);
-                            self.response = ReaderState::Desync;
-                            return;
-                        }
-                    },
-                    BodyFraming::UntilClose => {
-                        self.extend_in_flight(remaining, segment.timestamp_ns);
+                ReaderState::Body(body) => match body.advance(remaining, captured) {
+                    BodyStep::Continues(used) => {
+                        self.extend_in_flight(used, segment.timestamp_ns);
                         return;
                     }
-                    BodyFraming::None => self.finish_response(out),
+                    BodyStep::Ended(used) => {
+                        pos += used;
+                        self.extend_in_flight(used, segment.timestamp_ns);
+                        self.finish_response(out);
+                    }
+                    BodyStep::Lost => {
+                        // The response still ends at the last byte written
+                        // before the next response head or the close.
+                        self.stats.truncated_captures += 1;
+                        self.extend_in_flight(remaining, segment.timestamp_ns);
+                        self.response = ReaderState::Desync;
+                        return;
+                    }
                 },
                 ReaderState::Head { buffer, .. } => {
                     if buffer.is_empty() && pos == 0 && self.in_flight.is_some() {
@@ -599,16 +585,6 @@ impl HttpConnection {
                     }
                 }
             }
-        }
-        // A head-only message whose body is empty ends with this write.
-        if matches!(
-            self.response,
-            ReaderState::Body {
-                framing: BodyFraming::None,
-                ..
-            }
-        ) {
-            self.finish_response(out);
         }
     }
 
@@ -641,21 +617,16 @@ impl HttpConnection {
             self.request = ReaderState::Opaque;
             return;
         }
-        let framing = if request_is_head || status == 204 || status == 304 {
-            BodyFraming::None
-        } else if head.chunked {
-            BodyFraming::Chunked
+        let body = if request_is_head || status == 204 || status == 304 {
+            None
         } else {
-            match head.content_length {
-                Some(0) => BodyFraming::None,
-                Some(length) => BodyFraming::Length(length),
-                None => BodyFraming::UntilClose,
-            }
+            head.framing.body(Some(Body::UntilClose))
         };
-        self.response = ReaderState::Body {
-            framing,
-            chunked: Chunked::new(),
-        };
+        match body {
+            // A head-only response ends with the write that finished its head.
+            None => self.finish_response(out),
+            Some(body) => self.response = ReaderState::Body(body),
+        }
     }
 
     fn extend_in_flight(&mut self, bytes: u64, timestamp_ns: u64) {
@@ -701,10 +672,7 @@ impl HttpConnection {
     pub fn on_close(&mut self, out: &mut Vec<Exchange>) {
         let ends_at_close = matches!(
             self.response,
-            ReaderState::Body {
-                framing: BodyFraming::UntilClose,
-                ..
-            } | ReaderState::Desync
+            ReaderState::Body(Body::UntilClose) | ReaderState::Desync
         );
         if ends_at_close && self.in_flight.is_some() {
             self.finish_response(out);
