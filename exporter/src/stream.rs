@@ -22,7 +22,6 @@ const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
 struct Connection {
     conn_id: u64,
     last_seq: u32,
-    origin: Origin,
     /// `None`: filters exclude this connection; its bytes are dropped.
     identity: Option<IdentityLabels>,
     http: HttpConnection,
@@ -105,7 +104,6 @@ impl ConnectionTable {
                     conn_id: header.conn_id,
                     // So that the first event is never taken for a gap.
                     last_seq: header.seq.wrapping_sub(1),
-                    origin,
                     identity: resolve(&origin),
                     http: HttpConnection::new(),
                     last_event_ns: header.timestamp_ns,
@@ -134,27 +132,17 @@ impl ConnectionTable {
             byte_count: header.byte_count,
             captured: event.data,
         };
-        let closed = match event.kind {
-            EventKind::Read if connection.identity.is_some() => {
-                connection.http.on_read(segment);
-                false
-            }
+        match event.kind {
+            EventKind::Read if connection.identity.is_some() => connection.http.on_read(segment),
             EventKind::Write if connection.identity.is_some() => {
-                connection.http.on_write(segment, &mut exchanges);
-                false
+                connection.http.on_write(segment, &mut exchanges)
             }
-            EventKind::Close => {
-                connection.http.on_close(&mut exchanges);
-                true
-            }
-            _ => false,
-        };
-        if closed {
-            if let Some(mut connection) = self.connections.remove(&key) {
-                collect(&mut self.stats, &mut connection, &mut exchanges, out);
-            }
-        } else if let Some(connection) = self.connections.get_mut(&key) {
-            collect(&mut self.stats, connection, &mut exchanges, out);
+            EventKind::Close => connection.http.on_close(&mut exchanges),
+            _ => {}
+        }
+        collect(&mut self.stats, connection, &mut exchanges, out);
+        if event.kind == EventKind::Close {
+            self.connections.remove(&key);
         }
     }
 
@@ -167,43 +155,26 @@ impl ConnectionTable {
         process_alive: &dyn Fn(u32) -> bool,
         out: &mut Vec<ServedExchange>,
     ) -> Vec<u32> {
-        let mut gone = Vec::new();
-        let mut alive_cache: HashMap<u32, bool> = HashMap::new();
-        let keys: Vec<(u32, u32)> = self.connections.keys().copied().collect();
-        for key in keys {
-            let alive = *alive_cache
-                .entry(key.0)
-                .or_insert_with(|| process_alive(key.0));
-            let Some(mut connection) = self.connections.remove(&key) else {
-                continue;
-            };
-            let mut exchanges = Vec::new();
+        let mut alive: HashMap<u32, bool> = HashMap::new();
+        let mut exchanges = Vec::new();
+        self.connections.retain(|&(tgid, _), connection| {
+            let process_alive = *alive.entry(tgid).or_insert_with(|| process_alive(tgid));
             connection
                 .http
                 .expire_unframed(now_ns, UNFRAMED_RESPONSE_IDLE_NS, &mut exchanges);
             let idle = now_ns.saturating_sub(connection.last_event_ns) >= IDLE_CONNECTION_NS;
-            if !alive || idle {
+            let keep = process_alive && !idle;
+            if !keep {
                 connection.http.on_close(&mut exchanges);
-                collect(&mut self.stats, &mut connection, &mut exchanges, out);
-            } else {
-                collect(&mut self.stats, &mut connection, &mut exchanges, out);
-                self.connections.insert(key, connection);
             }
-        }
-        gone.extend(
-            alive_cache
-                .into_iter()
-                .filter(|(_, alive)| !alive)
-                .map(|(tgid, _)| tgid),
-        );
-        gone
-    }
-
-    /// Origins of open connections, for the debug view.
-    pub fn origins(&self) -> impl Iterator<Item = &Origin> {
-        self.connections
-            .values()
-            .map(|connection| &connection.origin)
+            collect(&mut self.stats, connection, &mut exchanges, out);
+            keep
+        });
+        alive
+            .into_iter()
+            .filter(|&(_, alive)| !alive)
+            .map(|(tgid, _)| tgid)
+            .collect()
     }
 }
 
@@ -234,28 +205,34 @@ mod tests {
 
     use super::*;
 
-    fn event<'a>(
-        kind: EventKind,
-        fd: u32,
-        conn_id: u64,
-        seq: u32,
-        ts: u64,
-        data: &'a [u8],
-    ) -> RawEvent<'a> {
-        RawEvent {
-            kind,
-            header: EventHeader {
-                kind: kind as u32,
-                tgid: 100,
-                fd,
-                seq,
-                conn_id,
-                timestamp_ns: ts,
-                byte_count: data.len() as u64,
-                captured_len: data.len() as u32,
-                aux: 3,
-            },
-            data,
+    const OK_EMPTY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// An event on fd 7 of tgid 100: (kind, connection generation, seq, bytes).
+    type Step<'a> = (EventKind, u64, u32, &'a [u8]);
+
+    fn feed(
+        table: &mut ConnectionTable,
+        resolve: &mut dyn FnMut(&Origin) -> Option<IdentityLabels>,
+        steps: &[Step<'_>],
+        out: &mut Vec<ServedExchange>,
+    ) {
+        for &(kind, conn_id, seq, data) in steps {
+            let event = RawEvent {
+                kind,
+                header: EventHeader {
+                    kind: kind as u32,
+                    tgid: 100,
+                    fd: 7,
+                    seq,
+                    conn_id,
+                    timestamp_ns: conn_id * 1000 + u64::from(seq),
+                    byte_count: data.len() as u64,
+                    captured_len: data.len() as u32,
+                    aux: 3,
+                },
+                data,
+            };
+            table.handle(&event, resolve, out);
         }
     }
 
@@ -267,34 +244,17 @@ mod tests {
     fn reused_fd_is_a_new_connection_and_gaps_are_noticed() {
         let mut table = ConnectionTable::new();
         let mut out = Vec::new();
-        let mut resolve = labels;
-        table.handle(
-            &event(EventKind::Accept, 7, 1, 0, 1, b""),
-            &mut resolve,
-            &mut out,
-        );
-        table.handle(
-            &event(EventKind::Read, 7, 1, 1, 2, b"GET /a HTTP/1.0\r\n\r\n"),
-            &mut resolve,
-            &mut out,
-        );
-        // The old connection's close was lost; fd 7 is reused by connection 2,
-        // picked up mid-stream (no accept seen).
-        table.handle(
-            &event(EventKind::Read, 7, 2, 0, 3, b"GET /b HTTP/1.1\r\n\r\n"),
-            &mut resolve,
-            &mut out,
-        );
-        table.handle(
-            &event(
-                EventKind::Write,
-                7,
-                2,
-                1,
-                4,
-                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-            ),
-            &mut resolve,
+        feed(
+            &mut table,
+            &mut labels,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"GET /a HTTP/1.0\r\n\r\n"),
+                // The old connection's close was lost; fd 7 is reused by
+                // connection 2, picked up mid-stream (no accept seen).
+                (EventKind::Read, 2, 0, b"GET /b HTTP/1.1\r\n\r\n"),
+                (EventKind::Write, 2, 1, OK_EMPTY),
+            ],
             &mut out,
         );
         assert_eq!(out.len(), 1);
@@ -302,15 +262,17 @@ mod tests {
         assert_eq!(&*out[0].identity, &["listenNone".to_owned()]);
         assert_eq!(table.stats().http.abandoned_requests, 1);
         // seq 5 after 1: events 2..4 were lost.
-        table.handle(
-            &event(EventKind::Read, 7, 2, 5, 5, b"GET /c HTTP/1.1\r\n\r\n"),
-            &mut resolve,
+        feed(
+            &mut table,
+            &mut labels,
+            &[(EventKind::Read, 2, 5, b"GET /c HTTP/1.1\r\n\r\n")],
             &mut out,
         );
         assert_eq!(table.stats().sequence_gaps, 1);
-        table.handle(
-            &event(EventKind::Close, 7, 2, 6, 6, b""),
-            &mut resolve,
+        feed(
+            &mut table,
+            &mut labels,
+            &[(EventKind::Close, 2, 6, b"")],
             &mut out,
         );
         assert!(table.is_empty());
@@ -321,22 +283,13 @@ mod tests {
     fn excluded_connections_produce_nothing() {
         let mut table = ConnectionTable::new();
         let mut out = Vec::new();
-        let mut resolve = |_: &Origin| None;
-        table.handle(
-            &event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.1\r\n\r\n"),
-            &mut resolve,
-            &mut out,
-        );
-        table.handle(
-            &event(
-                EventKind::Write,
-                7,
-                1,
-                1,
-                2,
-                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-            ),
-            &mut resolve,
+        feed(
+            &mut table,
+            &mut |_| None,
+            &[
+                (EventKind::Read, 1, 0, b"GET /a HTTP/1.1\r\n\r\n"),
+                (EventKind::Write, 1, 1, OK_EMPTY),
+            ],
             &mut out,
         );
         assert!(out.is_empty());
@@ -346,18 +299,16 @@ mod tests {
     fn connections_of_exited_processes_are_reaped() {
         let mut table = ConnectionTable::new();
         let mut out = Vec::new();
-        let mut resolve = labels;
-        table.handle(
-            &event(EventKind::Read, 7, 1, 0, 1, b"GET /a HTTP/1.0\r\n\r\n"),
-            &mut resolve,
+        feed(
+            &mut table,
+            &mut labels,
+            &[
+                (EventKind::Read, 1, 0, b"GET /a HTTP/1.0\r\n\r\n"),
+                (EventKind::Write, 1, 1, b"HTTP/1.0 200 OK\r\n\r\nbody"),
+            ],
             &mut out,
         );
-        table.handle(
-            &event(EventKind::Write, 7, 1, 1, 2, b"HTTP/1.0 200 OK\r\n\r\nbody"),
-            &mut resolve,
-            &mut out,
-        );
-        let gone = table.reap(3, &|_| false, &mut out);
+        let gone = table.reap(3_000, &|_| false, &mut out);
         assert_eq!(gone, vec![100]);
         assert!(table.is_empty());
         // The close-delimited response ended with the process.

@@ -166,11 +166,15 @@ impl Harness {
         self.clock
     }
     fn write(&mut self, bytes: &[u8]) -> u64 {
+        self.write_partly(bytes.len() as u64, bytes)
+    }
+    /// A write of `byte_count` bytes of which only `captured` were copied.
+    fn write_partly(&mut self, byte_count: u64, captured: &[u8]) -> u64 {
         self.clock += 1;
         let segment = Segment {
             timestamp_ns: self.clock,
-            byte_count: bytes.len() as u64,
-            captured: bytes,
+            byte_count,
+            captured,
         };
         self.connection.on_write(segment, &mut self.out);
         self.clock
@@ -330,84 +334,37 @@ fn close_delimited_response_ends_at_its_last_write() {
 #[test]
 fn uncopied_body_bytes_are_skipped_by_count() {
     // A 1 MiB body written in 64 KiB writes of which only 4 KiB are copied.
-    let mut connection = HttpConnection::new();
-    let mut out = Vec::new();
-    let request = b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n";
-    connection.on_read(Segment {
-        timestamp_ns: 1,
-        byte_count: request.len() as u64,
-        captured: request,
-    });
+    let mut harness = Harness::new();
+    harness.read(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
     let head = b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n";
-    connection.on_write(
-        Segment {
-            timestamp_ns: 2,
-            byte_count: head.len() as u64,
-            captured: head,
-        },
-        &mut out,
-    );
+    harness.write(head);
     let body = vec![b'x'; 4096];
-    for i in 0..16 {
-        connection.on_write(
-            Segment {
-                timestamp_ns: 3 + i,
-                byte_count: 65536,
-                captured: &body,
-            },
-            &mut out,
-        );
+    let mut last = 0;
+    for _ in 0..16 {
+        assert!(harness.out.is_empty());
+        last = harness.write_partly(65536, &body);
     }
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0].finished_ns, 18);
-    assert_eq!(out[0].response_bytes, head.len() as u64 + 1_048_576);
+    assert_eq!(harness.out.len(), 1);
+    assert_eq!(harness.out[0].finished_ns, last);
+    assert_eq!(harness.out[0].response_bytes, head.len() as u64 + 1_048_576);
 }
 
 #[test]
 fn lost_chunk_framing_ends_the_response_at_the_next_head() {
-    let mut connection = HttpConnection::new();
-    let mut out = Vec::new();
-    for target in ["/a", "/b"] {
-        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
-        connection.on_read(Segment {
-            timestamp_ns: 1,
-            byte_count: request.len() as u64,
-            captured: request.as_bytes(),
-        });
-    }
-    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
-    connection.on_write(
-        Segment {
-            timestamp_ns: 2,
-            byte_count: head.len() as u64,
-            captured: head,
-        },
-        &mut out,
-    );
+    let mut harness = Harness::new();
+    harness.read(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+    harness.read(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n");
+    harness.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
     // A chunk whose size line was not copied.
-    connection.on_write(
-        Segment {
-            timestamp_ns: 3,
-            byte_count: 9000,
-            captured: &[],
-        },
-        &mut out,
-    );
-    let second = b"HTTP/1.1 404 NOT FOUND\r\nContent-Length: 0\r\n\r\n";
-    connection.on_write(
-        Segment {
-            timestamp_ns: 4,
-            byte_count: second.len() as u64,
-            captured: second,
-        },
-        &mut out,
-    );
-    let got: Vec<_> = out
+    let chunk = harness.write_partly(9000, &[]);
+    let second = harness.write(b"HTTP/1.1 404 NOT FOUND\r\nContent-Length: 0\r\n\r\n");
+    let got: Vec<_> = harness
+        .out
         .iter()
         .map(|e| (e.target.as_str(), e.status, e.finished_ns))
         .collect();
-    assert_eq!(got, vec![("/a", 200, 3), ("/b", 404, 4)]);
-    assert_eq!(connection.stats.truncated_captures, 1);
+    assert_eq!(got, vec![("/a", 200, chunk), ("/b", 404, second)]);
+    assert_eq!(harness.connection.stats.truncated_captures, 1);
 }
 
 #[test]
