@@ -116,13 +116,10 @@ impl LocalIdentity {
         Some(labels.clone())
     }
 
-    /// Drops what is cached about a process that exited (its pid may be reused).
-    pub fn forget_process(&mut self, tgid: u32) {
-        self.servers.retain(|&(owner, _), _| owner != tgid);
-    }
-
-    pub fn cached_processes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.servers.keys().map(|&(tgid, _)| tgid)
+    /// Drops what is cached about processes that exited (their pids may be
+    /// reused).
+    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
+        self.servers.retain(|&(tgid, _), _| alive(tgid));
     }
 }
 

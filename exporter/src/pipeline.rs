@@ -85,30 +85,16 @@ impl Pipeline {
                     }
                 }
             });
-            record(&served, &mut labeler, &metrics);
-            served.clear();
+            record(&mut served, &mut labeler, &metrics);
 
             if last_upkeep.elapsed() >= UPKEEP_EVERY {
                 last_upkeep = Instant::now();
                 if last_reap.elapsed() >= REAP_EVERY {
                     last_reap = Instant::now();
-                    let gone = table.reap(
-                        monotonic_ns(),
-                        &|tgid| Path::new(&format!("/proc/{tgid}")).exists(),
-                        &mut served,
-                    );
-                    for tgid in gone {
-                        identity.forget_process(tgid);
-                    }
-                    let stale: Vec<u32> = identity
-                        .cached_processes()
-                        .filter(|tgid| !Path::new(&format!("/proc/{tgid}")).exists())
-                        .collect();
-                    for tgid in stale {
-                        identity.forget_process(tgid);
-                    }
-                    record(&served, &mut labeler, &metrics);
-                    served.clear();
+                    let alive = |tgid: u32| Path::new(&format!("/proc/{tgid}")).exists();
+                    table.reap(monotonic_ns(), &alive, &mut served);
+                    identity.forget_exited(&alive);
+                    record(&mut served, &mut labeler, &metrics);
                 }
                 let lost = capture.lost_events();
                 if lost > metrics.events_lost.get() {
@@ -132,14 +118,15 @@ impl Pipeline {
     }
 }
 
-fn record(served: &[ServedExchange], labeler: &mut RouteLabeler, metrics: &Metrics) {
-    for ServedExchange { identity, exchange } in served {
-        let path = labeler.label(identity, &exchange.target);
+/// Labels and counts the exchanges in `served`, leaving it empty.
+fn record(served: &mut Vec<ServedExchange>, labeler: &mut RouteLabeler, metrics: &Metrics) {
+    for ServedExchange { identity, exchange } in served.drain(..) {
+        let path = labeler.label(&identity, &exchange.target);
         metrics.observe(
             &exchange.method,
             &path,
             exchange.status,
-            identity,
+            &identity,
             exchange.duration_seconds(),
         );
     }
