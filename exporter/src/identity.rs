@@ -40,7 +40,7 @@ pub struct ProcessFilter {
 }
 
 /// A listening socket and the process tree serving it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Server {
     root_pid: u32,
     root_name: String,
@@ -52,8 +52,9 @@ struct Server {
 #[derive(Debug, Default)]
 pub struct LocalIdentity {
     filter: ProcessFilter,
-    /// By (tgid, listening fd) for accepted connections.
-    servers: HashMap<(u32, u32), Option<Server>>,
+    /// What accepted connections resolve to, by (tgid, listening fd):
+    /// their labels, or `None` when filtered out or the process was gone.
+    servers: HashMap<(u32, u32), Option<IdentityLabels>>,
     labels: HashMap<(String, Option<u16>), IdentityLabels>,
 }
 
@@ -68,27 +69,34 @@ impl LocalIdentity {
     /// The identity of a new connection, or `None` when filters exclude it or
     /// its process is already gone.
     pub fn resolve(&mut self, origin: &Origin) -> Option<IdentityLabels> {
-        let server = match origin.listen_fd {
-            Some(listen_fd) => self
-                .servers
-                .entry((origin.tgid, listen_fd))
-                .or_insert_with(|| find_server(origin.tgid, socket_inode(origin.tgid, listen_fd)))
-                .clone()?,
+        let Some(listen_fd) = origin.listen_fd else {
             // Picked up mid-stream: find the listener by the connection's
             // port or, when the server already closed the connection, as the
             // only listening socket the process holds.
-            None => find_server(
-                origin.tgid,
-                listener_for_connection(origin.tgid, origin.fd)
-                    .or_else(|| sole_listener(origin.tgid)),
-            )?,
+            let listener = listener_for_connection(origin.tgid, origin.fd)
+                .or_else(|| sole_listener(origin.tgid));
+            let server = find_server(origin.tgid, listener)?;
+            return self.admit(origin.tgid, &server);
         };
+        let key = (origin.tgid, listen_fd);
+        if let Some(cached) = self.servers.get(&key) {
+            return cached.clone();
+        }
+        let admitted = find_server(origin.tgid, socket_inode(origin.tgid, listen_fd))
+            .and_then(|server| self.admit(origin.tgid, &server));
+        self.servers.insert(key, admitted.clone());
+        admitted
+    }
+
+    /// Applies the filters to a server and returns its labels, shared by
+    /// every process of the server.
+    fn admit(&mut self, tgid: u32, server: &Server) -> Option<IdentityLabels> {
         if !self.filter.pids.is_empty()
             && !self
                 .filter
                 .pids
                 .iter()
-                .any(|&pid| pid == origin.tgid || pid == server.root_pid)
+                .any(|&pid| pid == tgid || pid == server.root_pid)
         {
             return None;
         }
