@@ -187,40 +187,26 @@ impl Capture {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
             .load(EBPF_OBJECT)
-            .map_err(|error| match &error {
-                aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                    if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
-                {
+            .map_err(|error| {
+                if permission_denied(&error) {
                     CaptureError::NotPermitted(error.to_string())
+                } else {
+                    CaptureError::Load(error)
                 }
-                _ => CaptureError::Load(error),
             })?;
 
         let self_tgid = std::process::id();
-        let mut config: Array<_, CaptureConfig> = Array::try_from(map_mut(&mut ebpf, "CONFIG")?)
-            .map_err(|source| CaptureError::Map {
-                name: "CONFIG",
-                source,
-            })?;
+        let mut config: Array<_, CaptureConfig> =
+            Array::try_from(map_mut(&mut ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
         let settings = CaptureConfig {
             self_tgid,
             capture_bytes: options.capture_bytes,
             wakeup_bytes: u64::from(options.ring_buffer_bytes / 4),
         };
-        config
-            .set(0, settings, 0)
-            .map_err(|source| CaptureError::Map {
-                name: "CONFIG",
-                source,
-            })?;
+        config.set(0, settings, 0).map_err(map_error("CONFIG"))?;
 
         let mut servers: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(map_mut(&mut ebpf, "SERVERS")?).map_err(|source| {
-                CaptureError::Map {
-                    name: "SERVERS",
-                    source,
-                }
-            })?;
+            BpfHashMap::try_from(map_mut(&mut ebpf, "SERVERS")?).map_err(map_error("SERVERS"))?;
         let seeded = listening_processes();
         for tgid in seeded.iter().filter(|&&tgid| tgid != self_tgid) {
             if let Err(error) = servers.insert(tgid, 1, 0) {
@@ -247,19 +233,10 @@ impl Capture {
                     .map_err(|source| permission_or(name, source))?;
             }
         }
-        let events = RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(|source| {
-            CaptureError::Map {
-                name: "EVENTS",
-                source,
-            }
-        })?;
-        let lost =
-            PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?).map_err(|source| {
-                CaptureError::Map {
-                    name: "LOST_EVENTS",
-                    source,
-                }
-            })?;
+        let events =
+            RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
+        let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?)
+            .map_err(map_error("LOST_EVENTS"))?;
         info!(
             capture_bytes = options.capture_bytes,
             ring_buffer_bytes = options.ring_buffer_bytes,
@@ -285,8 +262,7 @@ impl Capture {
 
     /// Waits up to `timeout` (less if the kernel forces a wakeup because the
     /// ring is filling), then hands every waiting event to `handle`.
-    /// Returns how many events were read.
-    pub fn poll(&mut self, timeout: Duration, mut handle: impl FnMut(&[u8])) -> usize {
+    pub fn poll(&mut self, timeout: Duration, mut handle: impl FnMut(&[u8])) {
         let mut pollfd = libc::pollfd {
             fd: self.events.as_raw_fd(),
             events: libc::POLLIN,
@@ -298,12 +274,9 @@ impl Capture {
         if ready < 0 {
             debug!(error = %std::io::Error::last_os_error(), "poll on ring buffer");
         }
-        let mut read = 0;
         while let Some(item) = self.events.next() {
             handle(&item);
-            read += 1;
         }
-        read
     }
 }
 
@@ -318,13 +291,31 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Captu
     ebpf.take_map(name).ok_or(CaptureError::Missing(name))
 }
 
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map { name, source }
+}
+
 fn permission_or(name: &'static str, source: aya::programs::ProgramError) -> CaptureError {
-    let text = source.to_string();
-    if text.contains("Operation not permitted") || text.contains("Permission denied") {
-        CaptureError::NotPermitted(format!("{name}: {text}"))
+    if permission_denied(&source) {
+        CaptureError::NotPermitted(format!("{name}: {source}"))
     } else {
         CaptureError::Program { name, source }
     }
+}
+
+/// Whether a syscall somewhere in the error's chain failed with EPERM or
+/// EACCES (aya keeps the `io::Error` as each error's source).
+fn permission_denied(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io_error) = error.downcast_ref::<std::io::Error>()
+            && io_error.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// Older kernels charge BPF maps to RLIMIT_MEMLOCK; newer ones to the cgroup,

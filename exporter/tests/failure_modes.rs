@@ -40,6 +40,25 @@ fn without_privileges_it_exits_naming_what_is_missing() {
         "{stderr}"
     );
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
+
+    // Root that may read tracefs but lacks the BPF capabilities fails when
+    // the kernel refuses the first map.
+    let (code, stderr) = run_to_exit(
+        Command::new("setpriv")
+            .args([
+                "--inh-caps=-all",
+                "--ambient-caps=-all",
+                "--bounding-set=-bpf,-perfmon,-sys_admin",
+            ])
+            .arg(env!("CARGO_BIN_EXE_flask-ebpf-exporter"))
+            .args(["--listen", &listen]),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("not permitted to load BPF programs"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("failed to create map"), "{stderr}");
 }
 
 #[test]
