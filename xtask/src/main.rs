@@ -14,16 +14,15 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 
-/// Debian packages: the BPF toolchain (rustc-web with a prebuilt bpf `core`,
-/// LLVM for bpf-linker) and the real components the tests and benchmark use.
+/// Debian packages: the BPF toolchain (rustc-web with a prebuilt bpf `core`)
+/// and the real components the tests and benchmark use. The LLVM that
+/// bpf-linker links against follows rustc-web's LLVM, so it is added after.
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
     "python3-venv",
     "wrk",
-    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -96,25 +95,38 @@ fn exec(command: &mut Command) -> std::io::Error {
     command.exec()
 }
 
-fn setup(root: &Path) -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs the Debian packages not installed yet; runs `apt-get update`
+/// once, the first time anything is missing.
+fn install_missing(packages: &[String], updated: &mut bool) -> anyhow::Result<()> {
+    let missing: Vec<&String> = packages
         .iter()
-        .copied()
         .filter(|package| {
             !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", package])
+                .args(["-W", "-f=${Status}", package.as_str()])
                 .output()
                 .map(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
                 .unwrap_or(false)
         })
         .collect();
-    if !missing.is_empty() {
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if missing.is_empty() {
+        return Ok(());
     }
+    if !*updated {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        *updated = true;
+    }
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn setup(root: &Path) -> anyhow::Result<()> {
+    let mut apt_updated = false;
+    let packages: Vec<String> = DEBIAN_PACKAGES.iter().map(|p| (*p).to_owned()).collect();
+    install_missing(&packages, &mut apt_updated)?;
+    let llvm_major = debian_llvm_major()?;
+    install_missing(&[format!("llvm-{llvm_major}-dev")], &mut apt_updated)?;
 
     let has_linker = Command::new("bpf-linker")
         .arg("--version")
@@ -122,7 +134,6 @@ fn setup(root: &Path) -> anyhow::Result<()> {
         .map(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false);
     if !has_linker {
-        let llvm_major = debian_llvm_major()?;
         run(Command::new("cargo")
             .args([
                 "+stable",
