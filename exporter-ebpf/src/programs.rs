@@ -113,8 +113,8 @@ fn count_lost_event() {
 /// Userspace drains the ring on a timer, so most events are submitted
 /// without a wakeup (a wakeup per event costs the app's CPUs context
 /// switches); only a filling ring wakes the reader early.
-fn output_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= config().wakeup_bytes {
+fn output_flags(config: &CaptureConfig) -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= config.wakeup_bytes {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -123,7 +123,7 @@ fn output_flags() -> u64 {
 
 fn emit_header(header: &EventHeader) {
     if EVENTS
-        .output::<EventHeader>(header, output_flags())
+        .output::<EventHeader>(header, output_flags(&config()))
         .is_err()
     {
         count_lost_event();
@@ -343,13 +343,14 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
         }
     };
 
+    let config = config();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let scratch = unsafe { &mut (*scratch).bytes };
     let mut copy_len = 0usize;
     if let Some((address, length)) = buffer {
-        let mut limit = config().capture_bytes as u64;
+        let mut limit = config.capture_bytes as u64;
         if limit > ret as u64 {
             limit = ret as u64;
         }
@@ -381,7 +382,7 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
     let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {
         return 0;
     };
-    if EVENTS.output::<[u8]>(event, output_flags()).is_err() {
+    if EVENTS.output::<[u8]>(event, output_flags(&config)).is_err() {
         count_lost_event();
     }
     0

@@ -183,14 +183,14 @@ impl Metrics {
             .find(|known| known.eq_ignore_ascii_case(method))
             .copied()
             .unwrap_or("OTHER");
-        let status = status.to_string();
+        let status_text = status.to_string();
         let mut labels: Vec<&str> = Vec::with_capacity(3 + identity.len());
-        labels.extend([method, path, status.as_str()]);
+        labels.extend([method, path, status_text.as_str()]);
         labels.extend(identity.iter().map(String::as_str));
         self.duration.with_label_values(&labels).observe(seconds);
         labels.remove(1);
         self.requests.with_label_values(&labels).inc();
-        if status == "500" {
+        if status == 500 {
             self.exceptions.with_label_values(&labels).inc();
         }
     }
