@@ -355,11 +355,11 @@ pub fn listening_processes() -> HashSet<u32> {
         };
         let listening = listening_by_netns
             .entry(netns.to_string_lossy().into_owned())
-            .or_insert_with(|| crate::identity::listening_inodes(tgid));
+            .or_insert_with(|| crate::identity::local::listening_inodes(tgid));
         if listening.is_empty() {
             continue;
         }
-        if crate::identity::socket_inodes(tgid)
+        if crate::identity::local::socket_inodes(tgid)
             .iter()
             .any(|inode| listening.contains(inode))
         {

@@ -1,7 +1,7 @@
 //! Command line and environment: every flag also reads an environment
 //! variable, so the DaemonSet can configure the agent either way.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use regex::Regex;
@@ -67,9 +67,104 @@ pub struct Config {
     )]
     pub ports: Vec<u16>,
 
+    /// `auto`: Kubernetes mode in a pod with a service account or when a
+    /// kubeconfig is given, else local mode.
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub mode: ModeChoice,
+
+    /// Kubeconfig to reach the API server with (Kubernetes mode); in a pod the
+    /// service account is used instead.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name (Kubernetes mode): only its pods are watched.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Monitor only pods in these namespaces (Kubernetes mode). Repeat or comma-separate.
+    #[arg(
+        long = "namespace",
+        env = "FLASK_EBPF_EXPORTER_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub namespaces: Vec<String>,
+
+    /// `opt-out`: every pod unless annotated `flask-ebpf-exporter.io/monitor: "false"`;
+    /// `opt-in`: only pods annotated `flask-ebpf-exporter.io/monitor: "true"`.
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_POD_SELECTION",
+        value_enum,
+        default_value = "opt-out"
+    )]
+    pub pod_selection: PodSelection,
+
+    /// How long requests of a process whose pod is not known yet are held
+    /// before they are exported with identity "<unknown>".
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_POD_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub pod_wait: Duration,
+
+    /// How long a deleted pod's series stay, so the last scrapes see their final values.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_DELETED_POD_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub deleted_pod_grace: Duration,
+
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `debug`, `flask_ebpf_exporter=debug`).
     #[arg(long, env = "FLASK_EBPF_EXPORTER_LOG", default_value = "info")]
     pub log: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeChoice {
+    Auto,
+    Local,
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodSelection {
+    OptOut,
+    OptIn,
+}
+
+/// Where the agent runs, decided from the flags and environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Local,
+    Kubernetes {
+        /// `None`: the pod's service account.
+        kubeconfig: Option<PathBuf>,
+        node_name: String,
+    },
+}
+
+/// The service account token every pod gets unless it opts out.
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+impl Config {
+    pub fn mode(&self) -> Result<Mode, String> {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            && std::path::Path::new(SERVICE_ACCOUNT_TOKEN).exists();
+        let kubernetes = match self.mode {
+            ModeChoice::Local => false,
+            ModeChoice::Kubernetes => true,
+            ModeChoice::Auto => self.kubeconfig.is_some() || in_cluster,
+        };
+        if !kubernetes {
+            return Ok(Mode::Local);
+        }
+        let node_name = self.node_name.clone().filter(|name| !name.is_empty()).ok_or(
+            "Kubernetes mode needs this node's name: set NODE_NAME from the downward API (spec.nodeName) or pass --node-name",
+        )?;
+        Ok(Mode::Kubernetes {
+            kubeconfig: self.kubeconfig.clone(),
+            node_name,
+        })
+    }
 }
 
 fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
@@ -109,5 +204,41 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--ring-buffer-bytes", "5000"]).is_err());
         assert!(Config::try_parse_from(["x", "--capture-bytes", "999999"]).is_err());
         assert!(Config::try_parse_from(["x", "--command", "("]).is_err());
+        assert_eq!(config.mode(), Ok(Mode::Local));
+
+        let config = Config::try_parse_from([
+            "x",
+            "--kubeconfig",
+            "/k",
+            "--node-name",
+            "node-a",
+            "--namespace",
+            "shop,billing",
+            "--pod-selection",
+            "opt-in",
+            "--pod-wait",
+            "3s",
+            "--deleted-pod-grace",
+            "1m 30s",
+        ])
+        .expect("kubernetes flags parse");
+        assert_eq!(
+            config.mode(),
+            Ok(Mode::Kubernetes {
+                kubeconfig: Some(PathBuf::from("/k")),
+                node_name: "node-a".to_owned()
+            })
+        );
+        assert_eq!(config.namespaces, ["shop", "billing"]);
+        assert_eq!(config.pod_selection, PodSelection::OptIn);
+        assert_eq!(config.pod_wait, Duration::from_secs(3));
+        assert_eq!(config.deleted_pod_grace, Duration::from_secs(90));
+        let no_node = Config::try_parse_from(["x", "--mode", "kubernetes", "--node-name", ""])
+            .expect("parse");
+        assert!(
+            no_node
+                .mode()
+                .is_err_and(|error| error.contains("NODE_NAME"))
+        );
     }
 }

@@ -7,8 +7,13 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use flask_ebpf_exporter::{
     capture::{Capture, CaptureOptions},
-    config::Config,
-    identity::{LOCAL_LABELS, LocalIdentity, ProcessFilter},
+    config::{Config, Mode, PodSelection},
+    identity::{
+        Attribution, HoldLimits, Identity, PodIdentity, SharedPodIndex,
+        kubernetes::{self, PodWatch, WatchMetrics},
+        local::{LocalIdentity, ProcessFilter},
+        pods::Selection,
+    },
     metrics::Metrics,
     pipeline::Pipeline,
     routes::RouteLabeler,
@@ -16,6 +21,10 @@ use flask_ebpf_exporter::{
     stream::ConnectionTable,
 };
 use tracing::info;
+
+/// Requests held while their pod is looked up, at most: about 10 s of a
+/// busy node's traffic; beyond it they are exported as unknown at once.
+const MAX_HELD_REQUESTS: usize = 100_000;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -35,8 +44,43 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let metrics = Arc::new(Metrics::new(&LOCAL_LABELS).context("registering metrics")?);
     let readiness = Arc::new(Readiness::default());
+    let mode = config.mode().map_err(anyhow::Error::msg)?;
+    let (identity, pod_watch) = match &mode {
+        Mode::Local => (
+            Identity::Local(LocalIdentity::new(ProcessFilter {
+                pids: config.pids.clone(),
+                command: config.command.clone(),
+                ports: config.ports.clone(),
+            })),
+            None,
+        ),
+        Mode::Kubernetes {
+            kubeconfig,
+            node_name,
+        } => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            let index = SharedPodIndex::default();
+            readiness.require_sync();
+            let watch = (client, node_name.clone(), index.clone());
+            (Identity::Pods(PodIdentity::new(index)), Some(watch))
+        }
+    };
+    let metrics = Arc::new(Metrics::new(identity.label_names()).context("registering metrics")?);
+    if let Some((client, node_name, index)) = pod_watch {
+        let watch = PodWatch {
+            client,
+            node_name,
+            selection: Selection {
+                opt_in: config.pod_selection == PodSelection::OptIn,
+                namespaces: config.namespaces.clone(),
+            },
+            index,
+            metrics: WatchMetrics::register(metrics.registry()).context("registering metrics")?,
+            readiness: readiness.clone(),
+        };
+        tokio::spawn(watch.run());
+    }
 
     let capture = Capture::load(CaptureOptions {
         capture_bytes: config.capture_bytes,
@@ -45,11 +89,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline {
         capture,
         table: ConnectionTable::new(),
-        identity: LocalIdentity::new(ProcessFilter {
-            pids: config.pids.clone(),
-            command: config.command.clone(),
-            ports: config.ports.clone(),
+        identity,
+        attribution: Attribution::new(HoldLimits {
+            wait: config.pod_wait,
+            max_held: MAX_HELD_REQUESTS,
         }),
+        deleted_pod_grace: config.deleted_pod_grace,
         labeler: RouteLabeler::new(config.path_label, config.max_paths_per_server),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
@@ -61,7 +106,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .spawn(move || pipeline.run(pipeline_shutdown))
         .context("starting the pipeline thread")?;
 
-    info!(listen = %config.listen, path_label = ?config.path_label, "serving /metrics, /healthz, /readyz");
+    info!(listen = %config.listen, ?mode, path_label = ?config.path_label, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, server::router(ServerState { metrics, readiness }))
         .with_graceful_shutdown(shutdown_signal())
         .await

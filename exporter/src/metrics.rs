@@ -34,12 +34,24 @@ pub struct Metrics {
     pub connections_opened: IntCounter,
     pub connections_tracked: IntGauge,
     pub path_overflow: IntCounter,
+    pub unattributed_requests: IntCounter,
+    pub excluded_requests: IntCounter,
+    pub requests_held: IntGauge,
+    pub identities_removed: IntCounter,
+    /// Identity label names, in the order `observe` receives their values.
+    identity_labels: Vec<String>,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
     let counter = IntCounter::new(name, help)?;
     registry.register(Box::new(counter.clone()))?;
     Ok(counter)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let gauge = IntGauge::new(name, help)?;
+    registry.register(Box::new(gauge.clone()))?;
+    Ok(gauge)
 }
 
 fn label_refs(labels: &[String]) -> Vec<&str> {
@@ -104,11 +116,16 @@ impl Metrics {
             registry.register(collector)?;
         }
 
-        let connections_tracked = IntGauge::new(
+        let connections_tracked = gauge(
+            &registry,
             "flask_ebpf_exporter_connections_tracked",
             "Server-side connections currently followed",
         )?;
-        registry.register(Box::new(connections_tracked.clone()))?;
+        let requests_held = gauge(
+            &registry,
+            "flask_ebpf_exporter_requests_held",
+            "Requests waiting for their pod to become known",
+        )?;
 
         Ok(Metrics {
             events_read: counter(
@@ -161,7 +178,27 @@ impl Metrics {
                 "flask_ebpf_exporter_path_overflow_total",
                 "Requests whose path label was replaced by <other> under the per-server cap",
             )?,
+            unattributed_requests: counter(
+                &registry,
+                "flask_ebpf_exporter_unattributed_requests_total",
+                "Requests exported with identity \"<unknown>\": their pod was not known in time",
+            )?,
+            excluded_requests: counter(
+                &registry,
+                "flask_ebpf_exporter_excluded_requests_total",
+                "Requests of pods selected out by annotation or namespace filter",
+            )?,
+            identities_removed: counter(
+                &registry,
+                "flask_ebpf_exporter_identities_removed_total",
+                "Label sets whose series were removed after their pod was deleted",
+            )?,
             connections_tracked,
+            requests_held,
+            identity_labels: identity_labels
+                .iter()
+                .map(|label| (*label).to_owned())
+                .collect(),
             registry,
             duration,
             requests,
@@ -195,6 +232,58 @@ impl Metrics {
         }
     }
 
+    /// Where other stages register their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Removes every `flask_*` series carrying these identity label values;
+    /// returns how many went.
+    pub fn remove_identity(&self, identity: &[String]) -> usize {
+        let mut removed = 0;
+        for family in self.registry.gather() {
+            let own_labels: &[&str] = match family.name() {
+                "flask_http_request_duration_seconds" => &["method", "path", "status"],
+                "flask_http_request_total" | "flask_http_request_exceptions_total" => {
+                    &["method", "status"]
+                }
+                _ => continue,
+            };
+            for metric in family.get_metric() {
+                let value = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|pair| pair.name() == name)
+                        .map_or("", |pair| pair.value())
+                };
+                let matches = self
+                    .identity_labels
+                    .iter()
+                    .zip(identity)
+                    .all(|(name, wanted)| value(name) == wanted);
+                if !matches {
+                    continue;
+                }
+                let values: Vec<&str> = own_labels
+                    .iter()
+                    .copied()
+                    .chain(self.identity_labels.iter().map(String::as_str))
+                    .map(value)
+                    .collect();
+                let gone = match family.name() {
+                    "flask_http_request_duration_seconds" => {
+                        self.duration.remove_label_values(&values)
+                    }
+                    "flask_http_request_total" => self.requests.remove_label_values(&values),
+                    _ => self.exceptions.remove_label_values(&values),
+                };
+                removed += usize::from(gone.is_ok());
+            }
+        }
+        removed
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
         let mut buffer = Vec::new();
@@ -226,5 +315,14 @@ mod tests {
         assert!(!text.contains("flask_http_request_exceptions_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\""));
         assert!(text.contains("flask_http_request_total{method=\"OTHER\",port=\"8000\",process=\"gunicorn\",status=\"418\"} 1"));
         assert!(text.contains("flask_exporter_info{version="));
+
+        let other = ["gunicorn".to_owned(), "9000".to_owned()];
+        metrics.observe("GET", "/a", 200, &other, 0.3);
+        // Histogram series (3) + request totals (3) + one exception total.
+        assert_eq!(metrics.remove_identity(&identity), 7);
+        let text = metrics.encode().expect("encode");
+        assert!(!text.contains("port=\"8000\""), "{text}");
+        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 1"));
+        assert_eq!(metrics.remove_identity(&identity), 0);
     }
 }

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::{
     capture::{Capture, decode_event},
-    identity::LocalIdentity,
+    identity::{Attribution, Identity},
     metrics::{Metrics, advance_to},
     routes::RouteLabeler,
     server::{Readiness, monotonic_ns},
@@ -32,7 +32,10 @@ const REAP_EVERY: Duration = Duration::from_secs(5);
 pub struct Pipeline {
     pub capture: Capture,
     pub table: ConnectionTable,
-    pub identity: LocalIdentity,
+    pub identity: Identity,
+    pub attribution: Attribution,
+    /// How long a deleted pod's series stay.
+    pub deleted_pod_grace: Duration,
     pub labeler: RouteLabeler,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
@@ -51,6 +54,8 @@ impl Pipeline {
             mut capture,
             mut table,
             mut identity,
+            mut attribution,
+            deleted_pod_grace,
             mut labeler,
             metrics,
             readiness,
@@ -85,7 +90,13 @@ impl Pipeline {
                     }
                 }
             });
-            record(&mut served, &mut labeler, &metrics);
+            let mut stages = Recording {
+                identity: &identity,
+                attribution: &mut attribution,
+                labeler: &mut labeler,
+                metrics: &metrics,
+            };
+            stages.record(&mut served);
 
             if last_upkeep.elapsed() >= UPKEEP_EVERY {
                 last_upkeep = Instant::now();
@@ -94,8 +105,19 @@ impl Pipeline {
                     let alive = |tgid: u32| Path::new(&format!("/proc/{tgid}")).exists();
                     table.reap(monotonic_ns(), &alive, &mut served);
                     identity.forget_exited(&alive);
-                    record(&mut served, &mut labeler, &metrics);
                 }
+                for labels in identity.purge_deleted(Instant::now(), deleted_pod_grace) {
+                    metrics.remove_identity(&labels);
+                    metrics.identities_removed.inc();
+                    labeler.forget(&labels);
+                }
+                let mut stages = Recording {
+                    identity: &identity,
+                    attribution: &mut attribution,
+                    labeler: &mut labeler,
+                    metrics: &metrics,
+                };
+                stages.record(&mut served);
                 let lost = capture.lost_events();
                 if lost > metrics.events_lost.get() {
                     warn!(
@@ -113,21 +135,46 @@ impl Pipeline {
                 advance_to(&metrics.connections_opened, stats.connections_opened);
                 advance_to(&metrics.path_overflow, labeler.overflowed());
                 metrics.connections_tracked.set(table.len() as i64);
+                advance_to(
+                    &metrics.unattributed_requests,
+                    attribution.stats.unattributed,
+                );
+                advance_to(&metrics.excluded_requests, attribution.stats.excluded);
+                metrics.requests_held.set(attribution.held() as i64);
             }
         }
     }
 }
 
-/// Labels and counts the exchanges in `served`, leaving it empty.
-fn record(served: &mut Vec<ServedExchange>, labeler: &mut RouteLabeler, metrics: &Metrics) {
-    for ServedExchange { identity, exchange } in served.drain(..) {
-        let path = labeler.label(&identity, &exchange.target);
-        metrics.observe(
-            &exchange.method,
-            &path,
-            exchange.status,
-            &identity,
-            exchange.duration_seconds(),
+/// The stages after HTTP pairing: identity, then route, then metrics.
+struct Recording<'a> {
+    identity: &'a Identity,
+    attribution: &'a mut Attribution,
+    labeler: &'a mut RouteLabeler,
+    metrics: &'a Metrics,
+}
+
+impl Recording<'_> {
+    /// Labels and counts the exchanges in `served`, leaving it empty (some
+    /// may wait in `attribution` for their pod).
+    fn record(&mut self, served: &mut Vec<ServedExchange>) {
+        let Recording {
+            labeler, metrics, ..
+        } = self;
+        self.attribution.attribute(
+            self.identity,
+            served,
+            Instant::now(),
+            &mut |identity, exchange| {
+                let path = labeler.label(identity, &exchange.target);
+                metrics.observe(
+                    &exchange.method,
+                    &path,
+                    exchange.status,
+                    identity,
+                    exchange.duration_seconds(),
+                );
+            },
         );
     }
 }

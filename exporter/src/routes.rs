@@ -141,6 +141,11 @@ impl RouteLabeler {
         label
     }
 
+    /// Forgets a server whose series were removed.
+    pub fn forget(&mut self, identity: &IdentityLabels) {
+        self.seen.remove(identity);
+    }
+
     /// Requests whose path was replaced by [`OVERFLOW_PATH`].
     pub fn overflowed(&self) -> u64 {
         self.overflowed

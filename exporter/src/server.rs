@@ -18,14 +18,26 @@ use crate::metrics::Metrics;
 /// A heartbeat older than this makes the agent unready.
 const HEARTBEAT_STALE_NS: u64 = 10 * 1_000_000_000;
 
-/// Whether the BPF programs are attached and their events reach userspace.
+/// Whether the BPF programs are attached and their events reach userspace
+/// and, in Kubernetes mode, whether this node's pods were listed once.
 #[derive(Debug, Default)]
 pub struct Readiness {
     attached: AtomicBool,
     last_heartbeat_ns: AtomicU64,
+    sync_required: AtomicBool,
+    synced: AtomicBool,
 }
 
 impl Readiness {
+    /// Kubernetes mode: not ready before the first complete pod list.
+    pub fn require_sync(&self) {
+        self.sync_required.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::SeqCst);
+    }
+
     pub fn set_attached(&self) {
         self.attached.store(true, Ordering::SeqCst);
     }
@@ -38,6 +50,7 @@ impl Readiness {
     pub fn is_ready(&self, now_ns: u64) -> bool {
         let last = self.last_heartbeat_ns.load(Ordering::SeqCst);
         self.attached.load(Ordering::SeqCst)
+            && (!self.sync_required.load(Ordering::SeqCst) || self.synced.load(Ordering::SeqCst))
             && last > 0
             && now_ns.saturating_sub(last) < HEARTBEAT_STALE_NS
     }
@@ -95,7 +108,7 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: BPF programs not attached or no events flowing\n",
+            "not ready: BPF programs not attached, no events flowing, or this node's pods not listed yet\n",
         )
     }
 }
@@ -114,5 +127,9 @@ mod tests {
         readiness.set_attached();
         assert!(readiness.is_ready(now));
         assert!(!readiness.is_ready(now + HEARTBEAT_STALE_NS));
+        readiness.require_sync();
+        assert!(!readiness.is_ready(now));
+        readiness.set_synced();
+        assert!(readiness.is_ready(now));
     }
 }

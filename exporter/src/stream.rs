@@ -10,7 +10,7 @@ use tracing::debug;
 use crate::{
     capture::RawEvent,
     http::{Exchange, HttpConnection, HttpStats, Segment},
-    identity::{IdentityLabels, Origin},
+    identity::{Origin, ServedBy},
 };
 
 /// A connection idle this long is forgotten (its close was lost).
@@ -22,8 +22,8 @@ const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
 struct Connection {
     conn_id: u64,
     last_seq: u32,
-    /// `None`: filters exclude this connection; its bytes are dropped.
-    identity: Option<IdentityLabels>,
+    /// `None`: not monitored; its bytes are dropped.
+    served_by: Option<ServedBy>,
     http: HttpConnection,
     last_event_ns: u64,
 }
@@ -39,7 +39,7 @@ pub struct StreamStats {
 /// A finished exchange and who served it.
 #[derive(Clone, Debug)]
 pub struct ServedExchange {
-    pub identity: IdentityLabels,
+    pub served_by: ServedBy,
     pub exchange: Exchange,
 }
 
@@ -71,7 +71,7 @@ impl ConnectionTable {
     pub fn handle(
         &mut self,
         event: &RawEvent<'_>,
-        resolve: &mut dyn FnMut(&Origin) -> Option<IdentityLabels>,
+        resolve: &mut dyn FnMut(&Origin) -> Option<ServedBy>,
         out: &mut Vec<ServedExchange>,
     ) {
         let header = &event.header;
@@ -104,7 +104,7 @@ impl ConnectionTable {
                     conn_id: header.conn_id,
                     // So that the first event is never taken for a gap.
                     last_seq: header.seq.wrapping_sub(1),
-                    identity: resolve(&origin),
+                    served_by: resolve(&origin),
                     http: HttpConnection::new(),
                     last_event_ns: header.timestamp_ns,
                 })
@@ -133,8 +133,8 @@ impl ConnectionTable {
             captured: event.data,
         };
         match event.kind {
-            EventKind::Read if connection.identity.is_some() => connection.http.on_read(segment),
-            EventKind::Write if connection.identity.is_some() => {
+            EventKind::Read if connection.served_by.is_some() => connection.http.on_read(segment),
+            EventKind::Write if connection.served_by.is_some() => {
                 connection.http.on_write(segment, &mut exchanges)
             }
             EventKind::Close => connection.http.on_close(&mut exchanges),
@@ -182,9 +182,9 @@ fn collect(
 ) {
     stats.http.add(&connection.http.stats);
     connection.http.stats = HttpStats::default();
-    if let Some(identity) = &connection.identity {
+    if let Some(served_by) = &connection.served_by {
         out.extend(exchanges.drain(..).map(|exchange| ServedExchange {
-            identity: identity.clone(),
+            served_by: served_by.clone(),
             exchange,
         }));
     }
@@ -206,7 +206,7 @@ mod tests {
 
     fn feed(
         table: &mut ConnectionTable,
-        resolve: &mut dyn FnMut(&Origin) -> Option<IdentityLabels>,
+        resolve: &mut dyn FnMut(&Origin) -> Option<ServedBy>,
         steps: &[Step<'_>],
         out: &mut Vec<ServedExchange>,
     ) {
@@ -230,8 +230,11 @@ mod tests {
         }
     }
 
-    fn labels(origin: &Origin) -> Option<IdentityLabels> {
-        Some(Arc::from(vec![format!("listen{:?}", origin.listen_fd)]))
+    fn labels(origin: &Origin) -> Option<ServedBy> {
+        Some(ServedBy::Labels(Arc::from(vec![format!(
+            "listen{:?}",
+            origin.listen_fd
+        )])))
     }
 
     #[test]
@@ -253,7 +256,10 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].exchange.target, "/b");
-        assert_eq!(&*out[0].identity, &["listenNone".to_owned()]);
+        assert_eq!(
+            out[0].served_by,
+            ServedBy::Labels(Arc::from(vec!["listenNone".to_owned()]))
+        );
         assert_eq!(table.stats().http.abandoned_requests, 1);
         // seq 5 after 1: events 2..4 were lost.
         feed(

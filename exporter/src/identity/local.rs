@@ -1,7 +1,7 @@
-//! Who served a request. In local mode a server is the topmost process that
-//! holds the listening socket (a gunicorn master and its workers are one
-//! server, never one per worker) and the port it listens on (two servers on
-//! different ports stay apart).
+//! Local mode: a server is the topmost process that holds the listening
+//! socket (a gunicorn master and its workers are one server, never one per
+//! worker) and the port it listens on (two servers on different ports stay
+//! apart).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -11,23 +11,13 @@ use std::{
 
 use regex::Regex;
 
+use super::{IdentityLabels, Origin};
+
 /// Label names local mode adds to every `flask_*` series.
 pub const LOCAL_LABELS: [&str; 2] = ["process", "port"];
 
 /// How far up the process tree a server's root is looked for.
 const MAX_ANCESTORS: usize = 32;
-
-/// Where a connection lives: enough to find its process and port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Origin {
-    pub tgid: u32,
-    pub fd: u32,
-    /// The listening fd it was accepted from, when the accept was seen.
-    pub listen_fd: Option<u32>,
-}
-
-/// Label values, in the order of [`LOCAL_LABELS`].
-pub type IdentityLabels = Arc<[String]>;
 
 /// Which servers to watch; empty lists mean all.
 #[derive(Clone, Debug, Default)]
@@ -124,6 +114,11 @@ impl LocalIdentity {
         Some(labels.clone())
     }
 
+    /// Listening sockets whose identity is cached.
+    pub fn cached(&self) -> usize {
+        self.servers.len()
+    }
+
     /// Drops what is cached about processes that exited (their pids may be
     /// reused).
     pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
@@ -201,22 +196,27 @@ fn command_line(tgid: u32) -> String {
 pub struct Stat {
     pub name: String,
     pub ppid: u32,
+    /// Start time in clock ticks since boot: tells a reused pid apart.
+    pub start_ticks: u64,
 }
 
-fn read_stat(tgid: u32) -> Option<Stat> {
+pub fn read_stat(tgid: u32) -> Option<Stat> {
     parse_stat(&fs::read_to_string(format!("/proc/{tgid}/stat")).ok()?)
 }
 
-/// `/proc/<pid>/stat`: "pid (comm) state ppid ..."; comm may hold spaces and
-/// parentheses, so split at the last ')'.
+/// `/proc/<pid>/stat`: "pid (comm) state ppid ... starttime ..."; comm may
+/// hold spaces and parentheses, so split at the last ')'.
 pub fn parse_stat(stat: &str) -> Option<Stat> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let name = stat.get(open + 1..close)?.to_owned();
-    let mut fields = stat.get(close + 1..)?.split_whitespace();
-    let _state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some(Stat { name, ppid })
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // Field 22 of the whole line; the slice starts at field 3 (state).
+    Some(Stat {
+        name,
+        ppid: fields.get(1)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
 }
 
 /// Inode of the socket behind a process's fd.
@@ -291,14 +291,17 @@ mod tests {
 
     #[test]
     fn stat_with_spaces_and_parentheses_in_comm() {
-        let stat = "4242 (gunicorn: (worker) x) S 4200 4100 4100 0 -1 4194560 1 0 0 0";
+        let stat = "4242 (gunicorn: (worker) x) S 4200 4100 4100 0 -1 4194560 1 0 0 0 5 3 0 0 20 0 1 0 987654 12345678 900";
         assert_eq!(
             parse_stat(stat),
             Some(Stat {
                 name: "gunicorn: (worker) x".to_owned(),
-                ppid: 4200
+                ppid: 4200,
+                start_ticks: 987654,
             })
         );
+        let own = read_stat(std::process::id()).expect("own stat");
+        assert!(own.start_ticks > 0);
         assert_eq!(parse_stat("garbage"), None);
     }
 

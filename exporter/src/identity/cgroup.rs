@@ -1,0 +1,267 @@
+//! Which pod and container a process runs in, read from `/proc/<pid>/cgroup`
+//! as the kubelet lays cgroups out:
+//!
+//! - systemd driver: `…/kubepods-burstable-pod<uid with _>.slice/cri-containerd-<id>.scope`
+//!   (also `crio-<id>.scope`, `docker-<id>.scope`; guaranteed pods have no QoS part);
+//! - cgroupfs driver: `…/kubepods/burstable/pod<uid>/<id>`.
+//!
+//! Paths are matched by their components, not anchored at the root: inside a
+//! cgroup namespace they start with `/../..`, and nested clusters (kind) put
+//! the kubelet's tree under another one.
+
+use std::fmt;
+
+/// A pod UID in its canonical form (`8-4-4-4-12` lower-case hex).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodUid(String);
+
+impl PodUid {
+    /// Accepts the UID as the API has it or as systemd slice names spell it
+    /// (underscores for dashes).
+    pub fn parse(text: &str) -> Option<PodUid> {
+        let canonical = text.replace('_', "-").to_ascii_lowercase();
+        let groups: Vec<&str> = canonical.split('-').collect();
+        let shaped = groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12]);
+        let hex = groups
+            .iter()
+            .all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()));
+        (shaped && hex).then_some(PodUid(canonical))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a process sits in the kubelet's cgroup tree.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ContainerRef {
+    pub pod_uid: PodUid,
+    /// The runtime's container ID, without the `containerd://` style prefix
+    /// the pod status adds. `None` when the process sits in the pod's cgroup
+    /// itself rather than a container's.
+    pub container_id: Option<String>,
+}
+
+/// Strips the runtime prefix from a pod status `containerID`
+/// (`containerd://<id>`, `cri-o://<id>`, `docker://<id>`).
+pub fn bare_container_id(status_id: &str) -> &str {
+    status_id.split_once("://").map_or(status_id, |(_, id)| id)
+}
+
+/// The pod and container of a process, from the text of `/proc/<pid>/cgroup`.
+/// The unified (v2) line is preferred; a v1 hierarchy is used when the
+/// process is placed only there (cgroup v1 and hybrid hosts). `None`: the
+/// process is not in a pod.
+pub fn parse_proc_cgroup(text: &str) -> Option<ContainerRef> {
+    let mut found: Vec<(bool, ContainerRef)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let hierarchy = fields.next()?;
+            let _controllers = fields.next()?;
+            let path = fields.next()?;
+            Some((hierarchy == "0", parse_cgroup_path(path)?))
+        })
+        .collect();
+    // A container ID beats a bare pod; then the unified line beats v1 ones.
+    found.sort_by_key(|(unified, found)| (found.container_id.is_none(), !unified));
+    found.into_iter().next().map(|(_, found)| found)
+}
+
+/// The pod and container named by one cgroup path.
+pub fn parse_cgroup_path(path: &str) -> Option<ContainerRef> {
+    let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    // The deepest pod component: a nested kubelet's pods sit below the outer one's.
+    let (pod_index, pod_uid) = components
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(index, component)| Some((index, pod_uid_of(component)?)))?;
+    let container_id = components
+        .get(pod_index + 1)
+        .and_then(|component| container_id_of(component));
+    Some(ContainerRef {
+        pod_uid,
+        container_id,
+    })
+}
+
+/// `pod<uid>` (cgroupfs) or `[kubelet-]kubepods[-<qos>]-pod<uid>.slice` (systemd).
+fn pod_uid_of(component: &str) -> Option<PodUid> {
+    let name = component.strip_suffix(".slice").unwrap_or(component);
+    let uid = match name.strip_prefix("pod") {
+        Some(uid) => uid,
+        None if name.contains("kubepods") => name.rsplit_once("-pod")?.1,
+        None => return None,
+    };
+    PodUid::parse(uid)
+}
+
+/// `<runtime>-<id>.scope` (systemd) or a bare `<id>` (cgroupfs).
+fn container_id_of(component: &str) -> Option<String> {
+    let name = component.strip_suffix(".scope").unwrap_or(component);
+    // conmon is CRI-O's monitor process, never the container.
+    if name.starts_with("crio-conmon-") {
+        return None;
+    }
+    let id = ["cri-containerd-", "crio-", "docker-", "containerd-"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .unwrap_or(name);
+    let plausible = id.len() >= 12 && id.bytes().all(|b| b.is_ascii_alphanumeric());
+    plausible.then(|| id.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "4f0c5b5e-8d1a-4c1e-9d3e-6b2f6a1c2d3e";
+    const ID: &str = "9b2f1c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcdef";
+
+    fn container(id: Option<&str>) -> Option<ContainerRef> {
+        Some(ContainerRef {
+            pod_uid: PodUid(UID.to_owned()),
+            container_id: id.map(str::to_owned),
+        })
+    }
+
+    #[test]
+    fn kubelet_layouts() {
+        let uid_ = UID.replace('-', "_");
+        let table: Vec<(String, Option<ContainerRef>)> = vec![
+            // systemd driver, containerd, cgroup v2
+            (
+                format!(
+                    "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{ID}.scope"
+                ),
+                container(Some(ID)),
+            ),
+            // systemd driver, guaranteed QoS (no QoS slice)
+            (
+                format!("0::/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope"),
+                container(Some(ID)),
+            ),
+            (
+                format!(
+                    "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{ID}.scope"
+                ),
+                container(Some(ID)),
+            ),
+            (
+                format!(
+                    "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/docker-{ID}.scope"
+                ),
+                container(Some(ID)),
+            ),
+            // CRI-O's conmon sits beside the container: a pod, no container
+            (
+                format!(
+                    "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/crio-conmon-{ID}.scope"
+                ),
+                container(None),
+            ),
+            // cgroupfs driver, cgroup v1 controllers
+            (
+                format!("12:memory:/kubepods/burstable/pod{UID}/{ID}"),
+                container(Some(ID)),
+            ),
+            (
+                format!("4:cpu,cpuacct:/kubepods/pod{UID}/{ID}"),
+                container(Some(ID)),
+            ),
+            (
+                format!("1:name=systemd:/kubepods/besteffort/pod{UID}/{ID}"),
+                container(Some(ID)),
+            ),
+            // inside the exporter's own cgroup namespace
+            (
+                format!("0::/../../kubepods-burstable-pod{uid_}.slice/cri-containerd-{ID}.scope"),
+                container(Some(ID)),
+            ),
+            // kind: a kubelet inside a container, both drivers
+            (
+                format!(
+                    "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{uid_}.slice/cri-containerd-{ID}.scope"
+                ),
+                container(Some(ID)),
+            ),
+            (
+                format!(
+                    "11:pids:/docker/0123456789ab0123456789ab/kubepods/besteffort/pod{UID}/{ID}"
+                ),
+                container(Some(ID)),
+            ),
+            // a process in the pod cgroup itself, or a sub-cgroup of the container
+            (format!("0::/kubepods/burstable/pod{UID}"), container(None)),
+            (
+                format!(
+                    "0::/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope/init"
+                ),
+                container(Some(ID)),
+            ),
+            // not pods
+            ("0::/system.slice/containerd.service".to_owned(), None),
+            (
+                "0::/user.slice/user-0.slice/session-3.scope".to_owned(),
+                None,
+            ),
+            (
+                "0::/kubepods.slice/kubepods-burstable.slice".to_owned(),
+                None,
+            ),
+            (
+                "4:memory:/process_api/b9129cb9d4a9ad83417963ff6406c40d".to_owned(),
+                None,
+            ),
+            ("0::/podcast/episode".to_owned(), None),
+            ("0::/".to_owned(), None),
+            ("garbage".to_owned(), None),
+            (String::new(), None),
+        ];
+        for (line, expected) in table {
+            assert_eq!(parse_proc_cgroup(&line), expected, "{line}");
+        }
+    }
+
+    #[test]
+    fn hybrid_host_prefers_a_container_then_the_unified_line() {
+        let uid_ = UID.replace('-', "_");
+        // cgroup v1 only (cgroupfs driver): the unified line is the root.
+        let v1_only = format!(
+            "12:pids:/kubepods/burstable/pod{UID}/{ID}\n4:memory:/kubepods/burstable/pod{UID}/{ID}\n1:name=systemd:/\n0::/\n"
+        );
+        assert_eq!(parse_proc_cgroup(&v1_only), container(Some(ID)));
+        // hybrid, systemd driver: every hierarchy names the container.
+        let other = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let hybrid = format!(
+            "4:memory:/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{other}.scope\n0::/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope\n"
+        );
+        assert_eq!(parse_proc_cgroup(&hybrid), container(Some(ID)));
+        // v2 only knows the pod; a v1 controller knows the container.
+        let partial = format!(
+            "0::/kubepods/burstable/pod{UID}\n4:memory:/kubepods/burstable/pod{UID}/{ID}\n"
+        );
+        assert_eq!(parse_proc_cgroup(&partial), container(Some(ID)));
+    }
+
+    #[test]
+    fn uids_and_status_ids() {
+        assert_eq!(
+            PodUid::parse("4F0C5B5E_8D1A_4C1E_9D3E_6B2F6A1C2D3E").map(|uid| uid.0),
+            Some(UID.to_owned())
+        );
+        assert_eq!(PodUid::parse("4f0c5b5e-8d1a-4c1e-9d3e"), None);
+        assert_eq!(PodUid::parse("zzzzzzzz-8d1a-4c1e-9d3e-6b2f6a1c2d3e"), None);
+        assert_eq!(bare_container_id(&format!("containerd://{ID}")), ID);
+        assert_eq!(bare_container_id(&format!("cri-o://{ID}")), ID);
+        assert_eq!(bare_container_id(ID), ID);
+    }
+}

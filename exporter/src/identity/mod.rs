@@ -1,0 +1,272 @@
+//! Who served a request: the identity labels added to every `flask_*`
+//! series.
+//!
+//! - Local mode ([`local`]): the server's process name and port.
+//! - Kubernetes mode: pid → `/proc/<pid>/cgroup` ([`cgroup`]) → container
+//!   ID / pod UID → this node's pods ([`pods`]), kept current by a watch on
+//!   the API server ([`kubernetes`]).
+//!
+//! A connection is tied to its process when first seen ([`Identity::resolve`]);
+//! its exchanges get labels when recorded ([`Attribution`]), because a pod
+//! may become known only after its first requests.
+
+pub mod cgroup;
+pub mod kubernetes;
+pub mod local;
+pub mod pods;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fs,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use self::{
+    cgroup::{ContainerRef, parse_proc_cgroup},
+    local::{LOCAL_LABELS, LocalIdentity, read_stat},
+    pods::{Lookup, POD_LABELS, PodIndex, unknown_labels},
+};
+use crate::{http::Exchange, stream::ServedExchange};
+
+/// Label values, in the order of the mode's label names.
+pub type IdentityLabels = Arc<[String]>;
+
+/// Where a connection lives: enough to find its process and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub tgid: u32,
+    pub fd: u32,
+    /// The listening fd it was accepted from, when the accept was seen.
+    pub listen_fd: Option<u32>,
+}
+
+/// Whom a connection's exchanges belong to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServedBy {
+    /// Labels known at once (local mode).
+    Labels(IdentityLabels),
+    /// A process in a pod; the pod's labels are looked up per exchange.
+    Container(Arc<ContainerRef>),
+}
+
+/// The identity stage of either mode.
+#[derive(Debug)]
+pub enum Identity {
+    Local(LocalIdentity),
+    Pods(PodIdentity),
+}
+
+impl Identity {
+    /// Label names added to every `flask_*` series.
+    pub fn label_names(&self) -> &'static [&'static str] {
+        match self {
+            Identity::Local(_) => &LOCAL_LABELS,
+            Identity::Pods(_) => &POD_LABELS,
+        }
+    }
+
+    /// What a new connection belongs to; `None`: not monitored (filtered
+    /// out, not in a pod, or its process is already gone).
+    pub fn resolve(&mut self, origin: &Origin) -> Option<ServedBy> {
+        match self {
+            Identity::Local(local) => local.resolve(origin).map(ServedBy::Labels),
+            Identity::Pods(pods) => pods.resolve(origin.tgid).map(ServedBy::Container),
+        }
+    }
+
+    /// Forgets processes that exited or whose pid now names another process.
+    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
+        match self {
+            Identity::Local(local) => local.forget_exited(alive),
+            Identity::Pods(pods) => pods.forget_exited(),
+        }
+    }
+
+    /// Label sets of pods deleted more than `grace` ago: their series go.
+    pub fn purge_deleted(&mut self, now: Instant, grace: Duration) -> Vec<IdentityLabels> {
+        match self {
+            Identity::Local(_) => Vec::new(),
+            Identity::Pods(pods) => pods.index().purge_deleted(now, grace),
+        }
+    }
+
+    /// Processes whose identity is cached.
+    pub fn processes_cached(&self) -> usize {
+        match self {
+            Identity::Local(local) => local.cached(),
+            Identity::Pods(pods) => pods.processes.len(),
+        }
+    }
+}
+
+/// The pod index shared by the Kubernetes watch (writer) and the pipeline.
+pub type SharedPodIndex = Arc<Mutex<PodIndex>>;
+
+pub fn lock_index(index: &SharedPodIndex) -> MutexGuard<'_, PodIndex> {
+    // The index stays consistent between statements, so a panic elsewhere
+    // leaves nothing half-written worth refusing.
+    index.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+struct ProcessEntry {
+    start_ticks: u64,
+    container: Option<Arc<ContainerRef>>,
+}
+
+/// Kubernetes mode: processes → containers, cached per process.
+#[derive(Debug)]
+pub struct PodIdentity {
+    index: SharedPodIndex,
+    processes: HashMap<u32, ProcessEntry>,
+}
+
+impl PodIdentity {
+    pub fn new(index: SharedPodIndex) -> Self {
+        PodIdentity {
+            index,
+            processes: HashMap::new(),
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, PodIndex> {
+        lock_index(&self.index)
+    }
+
+    fn resolve(&mut self, tgid: u32) -> Option<Arc<ContainerRef>> {
+        if let Some(entry) = self.processes.get(&tgid) {
+            return entry.container.clone();
+        }
+        let stat = read_stat(tgid)?;
+        let cgroup = fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+        let container = parse_proc_cgroup(&cgroup).map(Arc::new);
+        if container.is_none() {
+            info!(tgid, process = %stat.name, "HTTP server outside any pod: not monitored in Kubernetes mode");
+        }
+        self.processes.insert(
+            tgid,
+            ProcessEntry {
+                start_ticks: stat.start_ticks,
+                container: container.clone(),
+            },
+        );
+        container
+    }
+
+    fn forget_exited(&mut self) {
+        self.processes.retain(|&tgid, entry| {
+            read_stat(tgid).is_some_and(|stat| stat.start_ticks == entry.start_ticks)
+        });
+    }
+}
+
+/// Limits on traffic held while its pod is looked up.
+#[derive(Clone, Copy, Debug)]
+pub struct HoldLimits {
+    /// How long an exchange waits for its pod before it is exported under
+    /// the unknown identity.
+    pub wait: Duration,
+    /// Most exchanges held at once; beyond it they are exported as unknown
+    /// at once.
+    pub max_held: usize,
+}
+
+/// What happened to exchanges at the identity stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttributionStats {
+    /// Exported under the unknown identity.
+    pub unattributed: u64,
+    /// Dropped on purpose: their pod is selected out.
+    pub excluded: u64,
+}
+
+/// Gives exchanges their labels, holding those whose pod is not known yet.
+#[derive(Debug)]
+pub struct Attribution {
+    limits: HoldLimits,
+    held: VecDeque<(Instant, ServedExchange)>,
+    /// Index generation the held exchanges were last tried against.
+    tried_generation: u64,
+    unknown: IdentityLabels,
+    pub stats: AttributionStats,
+}
+
+impl Attribution {
+    pub fn new(limits: HoldLimits) -> Self {
+        Attribution {
+            limits,
+            held: VecDeque::new(),
+            tried_generation: 0,
+            unknown: unknown_labels(),
+            stats: AttributionStats::default(),
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Labels `served` (and held exchanges now due or resolvable) and hands
+    /// each to `record`; the rest wait.
+    pub fn attribute(
+        &mut self,
+        identity: &Identity,
+        served: &mut Vec<ServedExchange>,
+        now: Instant,
+        record: &mut dyn FnMut(&IdentityLabels, &Exchange),
+    ) {
+        let index = match identity {
+            Identity::Pods(pods) => Some(&pods.index),
+            Identity::Local(_) => None,
+        };
+        let mut index = index.map(lock_index);
+        // Held exchanges first: they came before the new ones.
+        let generation = index.as_ref().map_or(0, |index| index.generation());
+        let due = self
+            .held
+            .front()
+            .is_some_and(|(deadline, _)| *deadline <= now);
+        if !self.held.is_empty() && (due || generation != self.tried_generation) {
+            self.tried_generation = generation;
+            for (deadline, exchange) in std::mem::take(&mut self.held) {
+                self.place(index.as_deref_mut(), exchange, deadline, now, record);
+            }
+        }
+        for exchange in served.drain(..) {
+            let deadline = now + self.limits.wait;
+            self.place(index.as_deref_mut(), exchange, deadline, now, record);
+        }
+    }
+
+    fn place(
+        &mut self,
+        index: Option<&mut PodIndex>,
+        served: ServedExchange,
+        deadline: Instant,
+        now: Instant,
+        record: &mut dyn FnMut(&IdentityLabels, &Exchange),
+    ) {
+        let container = match &served.served_by {
+            ServedBy::Labels(labels) => return record(labels, &served.exchange),
+            ServedBy::Container(container) => container,
+        };
+        let give_up = deadline <= now || self.held.len() >= self.limits.max_held;
+        let lookup = index.map_or(Lookup::Pending, |index| index.lookup(container, give_up));
+        match lookup {
+            Lookup::Known(labels) => record(&labels, &served.exchange),
+            Lookup::Excluded => self.stats.excluded += 1,
+            Lookup::Pending if give_up => {
+                if self.stats.unattributed == 0 {
+                    warn!(pod_uid = %container.pod_uid, container_id = ?container.container_id,
+                        "traffic of a pod this node's watch does not know: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)");
+                }
+                self.stats.unattributed += 1;
+                record(&self.unknown, &served.exchange);
+            }
+            Lookup::Pending => self.held.push_back((deadline, served)),
+        }
+    }
+}

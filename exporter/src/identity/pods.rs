@@ -1,0 +1,464 @@
+//! This node's pods as the identity stage needs them: container ID and pod
+//! UID → the labels of the container, kept current by the Kubernetes watch
+//! (see `kubernetes.rs`) and read by the pipeline thread.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+
+use super::{
+    IdentityLabels,
+    cgroup::{ContainerRef, PodUid, bare_container_id},
+};
+
+/// Label names Kubernetes mode adds to every `flask_*` series.
+pub const POD_LABELS: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
+
+/// The value of every identity label when the pod could not be found.
+pub const UNKNOWN: &str = "<unknown>";
+
+/// Pod annotation that selects a pod in or out (`"true"` / `"false"`).
+pub const MONITOR_ANNOTATION: &str = "flask-ebpf-exporter.io/monitor";
+
+/// What owns a pod, after following ReplicaSet → Deployment and Job → CronJob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
+/// Which pods are monitored.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Only pods annotated `monitor: "true"`; otherwise all but `"false"`.
+    pub opt_in: bool,
+    /// Only these namespaces; empty means all.
+    pub namespaces: Vec<String>,
+}
+
+impl Selection {
+    pub fn selects(&self, namespace: &str, annotations: &BTreeMap<String, String>) -> bool {
+        if !self.namespaces.is_empty() && !self.namespaces.iter().any(|ns| ns == namespace) {
+            return false;
+        }
+        match annotations.get(MONITOR_ANNOTATION).map(String::as_str) {
+            Some("true") => true,
+            Some("false") => false,
+            _ => !self.opt_in,
+        }
+    }
+}
+
+/// The part of a Pod object the identity stage uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodInfo {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+    pub workload: Workload,
+    /// Container name → runtime container ID, for init, app and ephemeral
+    /// containers whose ID the status already has.
+    pub container_ids: Vec<(String, String)>,
+    /// Names of the app containers in the spec.
+    pub app_containers: Vec<String>,
+    pub selected: bool,
+}
+
+impl PodInfo {
+    /// `None` for objects without a UID (never sent by a real API server).
+    pub fn from_pod(pod: &Pod, workload: Workload, selection: &Selection) -> Option<PodInfo> {
+        let metadata = &pod.metadata;
+        let uid = PodUid::parse(metadata.uid.as_deref()?)?;
+        let namespace = metadata.namespace.clone().unwrap_or_default();
+        let status = pod.status.as_ref();
+        let statuses = status
+            .into_iter()
+            .flat_map(|status| {
+                let lists: [&Option<Vec<ContainerStatus>>; 3] = [
+                    &status.container_statuses,
+                    &status.init_container_statuses,
+                    &status.ephemeral_container_statuses,
+                ];
+                lists.into_iter().flatten().flatten()
+            })
+            .filter_map(|status| {
+                let id = status.container_id.as_deref()?;
+                Some((status.name.clone(), bare_container_id(id).to_owned()))
+            })
+            .collect();
+        let app_containers = pod
+            .spec
+            .iter()
+            .flat_map(|spec| {
+                spec.containers
+                    .iter()
+                    .map(|container| container.name.clone())
+            })
+            .collect();
+        let empty = BTreeMap::new();
+        let annotations = metadata.annotations.as_ref().unwrap_or(&empty);
+        Some(PodInfo {
+            uid,
+            selected: selection.selects(&namespace, annotations),
+            namespace,
+            name: metadata.name.clone().unwrap_or_default(),
+            workload,
+            container_ids: statuses,
+            app_containers,
+        })
+    }
+
+    fn labels(&self, container: &str) -> IdentityLabels {
+        Arc::from(vec![
+            self.namespace.clone(),
+            self.name.clone(),
+            container.to_owned(),
+            self.workload.name.clone(),
+            self.workload.kind.clone(),
+        ])
+    }
+}
+
+/// Labels of a process whose pod is not known.
+pub fn unknown_labels() -> IdentityLabels {
+    Arc::from(vec![UNKNOWN.to_owned(); POD_LABELS.len()])
+}
+
+/// What the index says about a container.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lookup {
+    Known(IdentityLabels),
+    /// The pod is selected out (annotation or namespace filter).
+    Excluded,
+    /// The pod, or which of its containers this is, is not known yet.
+    Pending,
+}
+
+#[derive(Debug)]
+struct PodEntry {
+    info: PodInfo,
+    /// Labels per container name, made once so every series shares them.
+    labels: HashMap<String, IdentityLabels>,
+    deleted_at: Option<Instant>,
+}
+
+impl PodEntry {
+    fn labels(&mut self, container: &str) -> IdentityLabels {
+        if let Some(labels) = self.labels.get(container) {
+            return labels.clone();
+        }
+        let labels = self.info.labels(container);
+        self.labels.insert(container.to_owned(), labels.clone());
+        labels
+    }
+}
+
+/// The node's pods, by UID and by container ID.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    pods: HashMap<PodUid, PodEntry>,
+    by_container_id: HashMap<String, PodUid>,
+    /// Bumped on every change, so held traffic is retried only when it may
+    /// resolve differently.
+    generation: u64,
+}
+
+impl PodIndex {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Pods known, including deleted ones still in their grace period.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// A pod was added or changed.
+    pub fn apply(&mut self, info: PodInfo) {
+        self.generation += 1;
+        for (_, id) in &info.container_ids {
+            self.by_container_id.insert(id.clone(), info.uid.clone());
+        }
+        match self.pods.get_mut(&info.uid) {
+            // Keep the label Arcs when nothing they carry changed.
+            Some(entry)
+                if entry.info.namespace == info.namespace
+                    && entry.info.name == info.name
+                    && entry.info.workload == info.workload =>
+            {
+                entry.info = info;
+                entry.deleted_at = None;
+            }
+            _ => {
+                let uid = info.uid.clone();
+                let entry = PodEntry {
+                    info,
+                    labels: HashMap::new(),
+                    deleted_at: None,
+                };
+                if let Some(old) = self.pods.insert(uid, entry) {
+                    self.forget_container_ids(&old.info);
+                }
+            }
+        }
+    }
+
+    /// A pod was deleted: its labels stay until [`Self::purge_deleted`].
+    pub fn delete(&mut self, uid: &PodUid, now: Instant) {
+        if let Some(entry) = self.pods.get_mut(uid) {
+            entry.deleted_at.get_or_insert(now);
+            self.generation += 1;
+        }
+    }
+
+    /// A relist ended: pods it did not return were deleted while the watch
+    /// was away.
+    pub fn retain_listed(&mut self, listed: &HashSet<PodUid>, now: Instant) {
+        let missing: Vec<PodUid> = self
+            .pods
+            .keys()
+            .filter(|uid| !listed.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in missing {
+            self.delete(&uid, now);
+        }
+    }
+
+    /// Drops pods deleted more than `grace` ago and returns the label sets
+    /// their series were exported with.
+    pub fn purge_deleted(&mut self, now: Instant, grace: Duration) -> Vec<IdentityLabels> {
+        let expired: Vec<PodUid> = self
+            .pods
+            .iter()
+            .filter(|(_, entry)| {
+                entry
+                    .deleted_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= grace)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        let mut labels = Vec::new();
+        for uid in expired {
+            if let Some(entry) = self.pods.remove(&uid) {
+                self.forget_container_ids(&entry.info);
+                labels.extend(entry.labels.into_values());
+                self.generation += 1;
+            }
+        }
+        labels
+    }
+
+    fn forget_container_ids(&mut self, info: &PodInfo) {
+        for (_, id) in &info.container_ids {
+            if self.by_container_id.get(id) == Some(&info.uid) {
+                self.by_container_id.remove(id);
+            }
+        }
+    }
+
+    /// The labels of a container. With `give_up`, a pod whose container
+    /// cannot be told apart is exported with an unknown container name
+    /// instead of waiting.
+    pub fn lookup(&mut self, container: &ContainerRef, give_up: bool) -> Lookup {
+        let by_id = container
+            .container_id
+            .as_ref()
+            .and_then(|id| Some((id, self.by_container_id.get(id)?.clone())));
+        let uid = by_id
+            .as_ref()
+            .map_or(&container.pod_uid, |(_, uid)| uid)
+            .clone();
+        let Some(entry) = self.pods.get_mut(&uid) else {
+            return Lookup::Pending;
+        };
+        if !entry.info.selected {
+            return Lookup::Excluded;
+        }
+        let name = match &by_id {
+            Some((id, _)) => entry
+                .info
+                .container_ids
+                .iter()
+                .find(|(_, known)| known == *id)
+                .map(|(name, _)| name.clone()),
+            None => None,
+        };
+        // A new container's ID reaches the pod status a little after it
+        // starts; a pod with one app container cannot be wrong meanwhile.
+        let name = name.or_else(|| match entry.info.app_containers.as_slice() {
+            [only] => Some(only.clone()),
+            _ => None,
+        });
+        match name {
+            Some(name) => Lookup::Known(entry.labels(&name)),
+            None if give_up => Lookup::Known(entry.labels(UNKNOWN)),
+            None => Lookup::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID_A: &str = "11111111-2222-3333-4444-555555555555";
+    const ID_A: &str = "aaaaaaaaaaaaaaaaaaaa";
+    const ID_SIDECAR: &str = "bbbbbbbbbbbbbbbbbbbb";
+
+    fn pod_json(annotations: serde_json::Value, statuses: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-7d9c6b5f4-x2x9k", "namespace": "shop", "uid": UID_A,
+                         "annotations": annotations},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "web"}, {"name": "proxy"}]},
+            "status": {"containerStatuses": statuses,
+                       "initContainerStatuses": [{"name": "migrate", "image": "i", "imageID": "",
+                            "ready": false, "restartCount": 0, "containerID": "containerd://cccccccccccccccccccc"}]}
+        }))
+        .expect("pod json")
+    }
+
+    fn workload() -> Workload {
+        Workload {
+            kind: "Deployment".to_owned(),
+            name: "web".to_owned(),
+        }
+    }
+
+    fn reference(id: Option<&str>) -> ContainerRef {
+        ContainerRef {
+            pod_uid: PodUid::parse(UID_A).expect("uid"),
+            container_id: id.map(str::to_owned),
+        }
+    }
+
+    fn status(name: &str, id: &str) -> serde_json::Value {
+        serde_json::json!({"name": name, "image": "i", "imageID": "", "ready": true,
+                           "restartCount": 0, "containerID": format!("containerd://{id}")})
+    }
+
+    #[test]
+    fn containers_resolve_by_id_then_wait_for_their_id() {
+        let selection = Selection::default();
+        let pod = pod_json(
+            serde_json::json!({}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let info = PodInfo::from_pod(&pod, workload(), &selection).expect("info");
+        assert_eq!(info.container_ids.len(), 2, "app and init containers");
+        let mut index = PodIndex::default();
+        index.apply(info);
+
+        let Lookup::Known(labels) = index.lookup(&reference(Some(ID_A)), false) else {
+            panic!("known by container ID");
+        };
+        assert_eq!(
+            &*labels,
+            ["shop", "web-7d9c6b5f4-x2x9k", "web", "web", "Deployment"]
+        );
+        // The same Arc every time: one label set per container.
+        assert_eq!(
+            index.lookup(&reference(Some(ID_A)), false),
+            Lookup::Known(labels)
+        );
+        // Two app containers and no ID yet: wait, then give up on the name.
+        assert_eq!(
+            index.lookup(&reference(Some(ID_SIDECAR)), false),
+            Lookup::Pending
+        );
+        let Lookup::Known(labels) = index.lookup(&reference(Some(ID_SIDECAR)), true) else {
+            panic!("known after giving up");
+        };
+        assert_eq!(labels[2], UNKNOWN);
+        // The status catches up.
+        let pod = pod_json(
+            serde_json::json!({}),
+            serde_json::json!([status("web", ID_A), status("proxy", ID_SIDECAR)]),
+        );
+        index.apply(PodInfo::from_pod(&pod, workload(), &selection).expect("info"));
+        let Lookup::Known(labels) = index.lookup(&reference(Some(ID_SIDECAR)), false) else {
+            panic!("known by the new ID");
+        };
+        assert_eq!(labels[2], "proxy");
+        // Unknown pod.
+        let stranger = ContainerRef {
+            pod_uid: PodUid::parse("99999999-2222-3333-4444-555555555555").expect("uid"),
+            container_id: None,
+        };
+        assert_eq!(index.lookup(&stranger, true), Lookup::Pending);
+    }
+
+    #[test]
+    fn deleted_pods_keep_labels_for_the_grace_period() {
+        let selection = Selection::default();
+        let pod = pod_json(
+            serde_json::json!({}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let mut index = PodIndex::default();
+        index.apply(PodInfo::from_pod(&pod, workload(), &selection).expect("info"));
+        let Lookup::Known(labels) = index.lookup(&reference(Some(ID_A)), false) else {
+            panic!("known");
+        };
+        let start = Instant::now();
+        index.retain_listed(&HashSet::new(), start);
+        assert!(matches!(
+            index.lookup(&reference(Some(ID_A)), false),
+            Lookup::Known(_)
+        ));
+        let grace = Duration::from_secs(30);
+        assert!(index.purge_deleted(start + grace / 2, grace).is_empty());
+        assert_eq!(index.purge_deleted(start + grace, grace), vec![labels]);
+        assert!(index.is_empty());
+        assert!(index.by_container_id.is_empty());
+        assert_eq!(index.lookup(&reference(Some(ID_A)), false), Lookup::Pending);
+    }
+
+    #[test]
+    fn selection_by_annotation_and_namespace() {
+        let opt_out = pod_json(
+            serde_json::json!({MONITOR_ANNOTATION: "false"}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let plain = pod_json(
+            serde_json::json!({}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let opt_in = pod_json(
+            serde_json::json!({MONITOR_ANNOTATION: "true"}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let selected = |pod: &Pod, selection: &Selection| {
+            PodInfo::from_pod(pod, workload(), selection)
+                .expect("info")
+                .selected
+        };
+        let default = Selection::default();
+        assert!(!selected(&opt_out, &default));
+        assert!(selected(&plain, &default));
+        let only_opted_in = Selection {
+            opt_in: true,
+            namespaces: vec![],
+        };
+        assert!(!selected(&plain, &only_opted_in));
+        assert!(selected(&opt_in, &only_opted_in));
+        let other_namespace = Selection {
+            opt_in: false,
+            namespaces: vec!["billing".to_owned()],
+        };
+        assert!(!selected(&opt_in, &other_namespace));
+
+        let mut index = PodIndex::default();
+        index.apply(PodInfo::from_pod(&opt_out, workload(), &default).expect("info"));
+        assert_eq!(index.lookup(&reference(Some(ID_A)), true), Lookup::Excluded);
+    }
+}
