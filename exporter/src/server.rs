@@ -38,6 +38,10 @@ impl Readiness {
         self.synced.store(true, Ordering::SeqCst);
     }
 
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
     pub fn set_attached(&self) {
         self.attached.store(true, Ordering::SeqCst);
     }

@@ -4,6 +4,8 @@
 //! the Prometheus text format.
 #![allow(dead_code)]
 
+pub mod kube_api;
+
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
