@@ -4,6 +4,7 @@
 //! the Prometheus text format.
 #![allow(dead_code)]
 
+pub mod cgroups;
 pub mod kube_api;
 
 use std::{
@@ -151,6 +152,17 @@ pub struct App {
 
 impl App {
     pub fn start(venv: &std::path::Path, server: Server, oracle: bool) -> App {
+        App::start_in(venv, server, oracle, &[])
+    }
+
+    /// Starts the app with its process placed in these cgroups first (their
+    /// `cgroup.procs` files), as a container runtime would.
+    pub fn start_in(
+        venv: &std::path::Path,
+        server: Server,
+        oracle: bool,
+        cgroup_procs: &[PathBuf],
+    ) -> App {
         let port = free_port();
         let fixtures = workspace().join("tests/fixtures");
         let bind = format!("127.0.0.1:{port}");
@@ -191,6 +203,18 @@ impl App {
                 c
             }
         };
+        if !cgroup_procs.is_empty() {
+            let mut wrapped = Command::new("sh");
+            wrapped
+                .arg("-c")
+                .arg(r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@""#)
+                .arg("sh")
+                .args(cgroup_procs)
+                .arg("--")
+                .arg(command.get_program())
+                .args(command.get_args());
+            command = wrapped;
+        }
         command
             .current_dir(&fixtures)
             .env("ORACLE", if oracle { "1" } else { "0" });

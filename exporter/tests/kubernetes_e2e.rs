@@ -1,0 +1,292 @@
+//! Kubernetes mode end to end, on the real kernel: real Flask apps run as
+//! "pods" inside kubelet-style cgroups this test creates (systemd driver in
+//! the v2 and v1 name=systemd hierarchies, cgroupfs driver in v1 memory and
+//! pids), the in-test API server (support/kube_api.rs) serves the matching
+//! Pod objects, and the real exporter binary runs in Kubernetes mode with
+//! the real `kube` client.
+
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use support::{
+    cgroups::{Driver, PodCgroups},
+    kube_api::{KubeApi, PodSpec, owned_by, pod},
+    *,
+};
+
+const NODE: &str = "node-a";
+const IDENTITY: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
+
+fn uid(n: u32) -> String {
+    format!("{n:08x}-e2e0-4bbb-8ccc-000000000000")
+}
+
+fn container_id(n: u32) -> String {
+    format!("{n:064x}")
+}
+
+/// Requests served per identity (the five labels joined by '/').
+fn requests_by_pod(samples: &[Sample]) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for sample in samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_total")
+    {
+        let identity: Vec<&str> = IDENTITY
+            .iter()
+            .map(|label| sample.labels.get(*label).map_or("", String::as_str))
+            .collect();
+        *counts.entry(identity.join("/")).or_insert(0) += sample.value as u64;
+    }
+    counts
+}
+
+/// Six found and two missing pages.
+fn send_traffic(port: u16) -> u64 {
+    for n in 0..6 {
+        let response = http_get(port, &format!("/items/{n}?q=secret")).expect("request");
+        assert_eq!(response.status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(http_get(port, "/missing").expect("request").status, 404);
+    }
+    8
+}
+
+struct TestPod {
+    // Declared before the cgroups, so the app exits before they are removed.
+    app: App,
+    _cgroups: PodCgroups,
+}
+
+fn start_pod(venv: &std::path::Path, server: Server, driver: Driver, n: u32) -> TestPod {
+    let cgroups = PodCgroups::create(driver, &uid(n), &container_id(n));
+    let app = App::start_in(venv, server, false, &cgroups.procs_files());
+    let placed = PodCgroups::describe(app.process.child.id());
+    assert!(
+        placed.contains(&container_id(n)),
+        "app not in its cgroups:\n{placed}"
+    );
+    TestPod {
+        app,
+        _cgroups: cgroups,
+    }
+}
+
+fn spec<'a>(
+    name: &'a str,
+    uid: &'a str,
+    owner: Option<(&'a str, &'a str)>,
+    containers: &'a [(&'a str, Option<&'a str>)],
+) -> PodSpec<'a> {
+    PodSpec {
+        namespace: "shop",
+        name,
+        uid,
+        node: NODE,
+        owner,
+        containers,
+        annotations: &[],
+    }
+}
+
+#[test]
+fn every_series_carries_the_pod_that_served_it() {
+    let venv = require_prerequisites();
+    let mut api = KubeApi::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    api.put_object(owned_by(
+        "ReplicaSet",
+        "shop",
+        "web-5d8f7c9b6",
+        ("Deployment", "web"),
+    ));
+
+    // A: a Deployment's pod, systemd driver, gunicorn master + 2 workers.
+    let (uid_a, id_a) = (uid(1), container_id(1));
+    api.put_pod(pod(&spec(
+        "web-5d8f7c9b6-aaaaa",
+        &uid_a,
+        Some(("ReplicaSet", "web-5d8f7c9b6")),
+        &[("web", Some(&id_a))],
+    )));
+    let pod_a = start_pod(&venv, Server::GunicornSync, Driver::Systemd, 1);
+    // B: a StatefulSet's pod, cgroupfs driver, Werkzeug; two containers, so
+    // only the container ID tells which one serves.
+    let (uid_b, id_b) = (uid(2), container_id(2));
+    let sidecar = container_id(20);
+    api.put_pod(pod(&spec(
+        "db-0",
+        &uid_b,
+        Some(("StatefulSet", "db")),
+        &[("sidecar", Some(&sidecar)), ("api", Some(&id_b))],
+    )));
+    let pod_b = start_pod(&venv, Server::Werkzeug, Driver::Cgroupfs, 2);
+    // C: scheduled on another node: never watched, so unknown here.
+    let (uid_c, id_c) = (uid(3), container_id(3));
+    let containers_c = [("web", Some(id_c.as_str()))];
+    let mut other_node = spec("elsewhere", &uid_c, None, &containers_c);
+    other_node.node = "node-b";
+    api.put_pod(pod(&other_node));
+    let pod_c = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 3);
+    // D: opted out by annotation.
+    let (uid_d, id_d) = (uid(4), container_id(4));
+    let containers_d = [("web", Some(id_d.as_str()))];
+    let mut opted_out = spec("quiet", &uid_d, None, &containers_d);
+    opted_out.annotations = &[("flask-ebpf-exporter.io/monitor", "false")];
+    api.put_pod(pod(&opted_out));
+    let pod_d = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 4);
+
+    let exporter = Exporter::start(&[
+        "--kubeconfig",
+        kubeconfig.to_str().expect("path"),
+        "--node-name",
+        NODE,
+        "--pod-wait",
+        "3s",
+        "--deleted-pod-grace",
+        "4s",
+    ]);
+
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    expected.insert(
+        "shop/web-5d8f7c9b6-aaaaa/web/web/Deployment".to_owned(),
+        send_traffic(pod_a.app.port),
+    );
+    expected.insert(
+        "shop/db-0/api/db/StatefulSet".to_owned(),
+        send_traffic(pod_b.app.port),
+    );
+    expected.insert(
+        "<unknown>/<unknown>/<unknown>/<unknown>/<unknown>".to_owned(),
+        send_traffic(pod_c.app.port),
+    );
+    let excluded = send_traffic(pod_d.app.port);
+
+    // E: traffic before its Pod object reaches the API server is held, then
+    // attributed once the pod is known, within --pod-wait.
+    let pod_e = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 5);
+    let early = send_traffic(pod_e.app.port);
+    std::thread::sleep(Duration::from_millis(1000));
+    let (uid_e, id_e) = (uid(5), container_id(5));
+    api.put_pod(pod(&spec("late", &uid_e, None, &[("web", Some(&id_e))])));
+    expected.insert("shop/late/web/late/Pod".to_owned(), early);
+
+    let samples = eventually(
+        Duration::from_secs(20),
+        || exporter.metrics(),
+        |samples| {
+            // The exporter's own counters are brought up to date once a second.
+            requests_by_pod(samples) == expected
+                && value(samples, "flask_ebpf_exporter_excluded_requests_total") > 0.0
+                && value(samples, "flask_ebpf_exporter_unattributed_requests_total") > 0.0
+        },
+    );
+    assert_eq!(requests_by_pod(&samples), expected);
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_unattributed_requests_total"),
+        8.0
+    );
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_excluded_requests_total"),
+        excluded as f64
+    );
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_kubernetes_synced"),
+        1.0
+    );
+    // Every request series of every family carries all five labels.
+    for sample in samples
+        .iter()
+        .filter(|s| s.name.starts_with("flask_http_request"))
+    {
+        for label in IDENTITY {
+            assert!(
+                sample.labels.get(label).is_some_and(|v| !v.is_empty()),
+                "{label} missing on {sample:?}"
+            );
+        }
+        assert!(
+            !sample.labels.get("path").is_some_and(|p| p.contains('?')),
+            "{sample:?}"
+        );
+    }
+
+    // F: how long from a pod appearing in the API to its first request
+    // exported under its name.
+    let pod_f = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 6);
+    let (uid_f, id_f) = (uid(6), container_id(6));
+    let created = Instant::now();
+    api.put_pod(pod(&spec("fresh", &uid_f, None, &[("web", Some(&id_f))])));
+    assert_eq!(http_get(pod_f.app.port, "/").expect("request").status, 200);
+    let fresh = "shop/fresh/web/fresh/Pod".to_owned();
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| requests_by_pod(samples).get(&fresh) == Some(&1),
+    );
+    assert_eq!(requests_by_pod(&samples).get(&fresh), Some(&1));
+    eprintln!(
+        "new pod attributed {:?} after its Pod object was created",
+        created.elapsed()
+    );
+
+    // Deleting A: its series stay for the grace period, then go.
+    let web = "shop/web-5d8f7c9b6-aaaaa/web/web/Deployment".to_owned();
+    drop(pod_a);
+    let deleted = Instant::now();
+    api.delete_pod("shop", "web-5d8f7c9b6-aaaaa");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        requests_by_pod(&exporter.metrics()).contains_key(&web),
+        "removed before the grace period"
+    );
+    let samples = eventually(
+        Duration::from_secs(15),
+        || exporter.metrics(),
+        |samples| !requests_by_pod(samples).contains_key(&web),
+    );
+    let gone_after = deleted.elapsed();
+    assert!(
+        !requests_by_pod(&samples).contains_key(&web),
+        "deleted pod's series still exported"
+    );
+    assert!(
+        gone_after >= Duration::from_millis(3500),
+        "removed after {gone_after:?}, before the 4 s grace"
+    );
+    assert!(value(&samples, "flask_ebpf_exporter_identities_removed_total") >= 1.0);
+    assert!(samples.iter().all(|s| {
+        s.labels
+            .get("pod")
+            .is_none_or(|p| p != "web-5d8f7c9b6-aaaaa")
+    }));
+    // Other pods' series are untouched.
+    assert_eq!(
+        requests_by_pod(&samples).get("shop/db-0/api/db/StatefulSet"),
+        Some(&8)
+    );
+    eprintln!("deleted pod's series removed {gone_after:?} after the deletion (grace 4 s)");
+
+    // Only this node's pods were ever listed or watched.
+    let pod_requests: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("/api/v1/pods"))
+        .collect();
+    assert!(!pod_requests.is_empty());
+    assert!(
+        pod_requests
+            .iter()
+            .all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{pod_requests:#?}"
+    );
+    drop((pod_b, pod_c, pod_d, pod_e, pod_f));
+    api.stop();
+}
