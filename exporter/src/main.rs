@@ -11,8 +11,8 @@ use flask_ebpf_exporter::{
     identity::{
         Attribution, HoldLimits, Identity, PodIdentity, SharedPodIndex,
         kubernetes::{self, PodWatch, WatchMetrics},
-        local::{LocalIdentity, ProcessFilter},
-        pods::Selection,
+        local::{LOCAL_LABELS, LocalIdentity, ProcessFilter},
+        pods::{POD_LABELS, Selection},
     },
     metrics::Metrics,
     pipeline::Pipeline,
@@ -46,15 +46,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let readiness = Arc::new(Readiness::default());
     let mode = config.mode().map_err(anyhow::Error::msg)?;
-    let (identity, pod_watch) = match &mode {
-        Mode::Local => (
-            Identity::Local(LocalIdentity::new(ProcessFilter {
-                pids: config.pids.clone(),
-                command: config.command.clone(),
-                ports: config.ports.clone(),
-            })),
-            None,
-        ),
+    let label_names: &[&str] = match mode {
+        Mode::Local => &LOCAL_LABELS,
+        Mode::Kubernetes { .. } => &POD_LABELS,
+    };
+    let metrics = Arc::new(Metrics::new(label_names).context("registering metrics")?);
+    let identity = match &mode {
+        Mode::Local => Identity::Local(LocalIdentity::new(ProcessFilter {
+            pids: config.pids.clone(),
+            command: config.command.clone(),
+            ports: config.ports.clone(),
+        })),
         Mode::Kubernetes {
             kubeconfig,
             node_name,
@@ -62,25 +64,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
             let index = SharedPodIndex::default();
             readiness.require_sync();
-            let watch = (client, node_name.clone(), index.clone());
-            (Identity::Pods(PodIdentity::new(index)), Some(watch))
+            let watch_metrics =
+                WatchMetrics::register(metrics.registry()).context("registering metrics")?;
+            let pods_known = watch_metrics.pods.clone();
+            let watch = PodWatch {
+                client,
+                node_name: node_name.clone(),
+                selection: Selection {
+                    opt_in: config.pod_selection == PodSelection::OptIn,
+                    namespaces: config.namespaces.clone(),
+                },
+                index: index.clone(),
+                metrics: watch_metrics,
+                readiness: readiness.clone(),
+            };
+            tokio::spawn(watch.run());
+            Identity::Pods(PodIdentity::new(index, pods_known))
         }
     };
-    let metrics = Arc::new(Metrics::new(identity.label_names()).context("registering metrics")?);
-    if let Some((client, node_name, index)) = pod_watch {
-        let watch = PodWatch {
-            client,
-            node_name,
-            selection: Selection {
-                opt_in: config.pod_selection == PodSelection::OptIn,
-                namespaces: config.namespaces.clone(),
-            },
-            index,
-            metrics: WatchMetrics::register(metrics.registry()).context("registering metrics")?,
-            readiness: readiness.clone(),
-        };
-        tokio::spawn(watch.run());
-    }
 
     let capture = Capture::load(CaptureOptions {
         capture_bytes: config.capture_bytes,

@@ -22,12 +22,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus::IntGauge;
 use tracing::{info, warn};
 
 use self::{
     cgroup::{ContainerRef, parse_proc_cgroup},
-    local::{LOCAL_LABELS, LocalIdentity, read_stat},
-    pods::{Lookup, POD_LABELS, PodIndex, unknown_labels},
+    local::{LocalIdentity, read_stat},
+    pods::{Lookup, PodIndex, unknown_labels},
 };
 use crate::{http::Exchange, stream::ServedExchange};
 
@@ -60,14 +61,6 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// Label names added to every `flask_*` series.
-    pub fn label_names(&self) -> &'static [&'static str] {
-        match self {
-            Identity::Local(_) => &LOCAL_LABELS,
-            Identity::Pods(_) => &POD_LABELS,
-        }
-    }
-
     /// What a new connection belongs to; `None`: not monitored (filtered
     /// out, not in a pod, or its process is already gone).
     pub fn resolve(&mut self, origin: &Origin) -> Option<ServedBy> {
@@ -89,7 +82,12 @@ impl Identity {
     pub fn purge_deleted(&mut self, now: Instant, grace: Duration) -> Vec<IdentityLabels> {
         match self {
             Identity::Local(_) => Vec::new(),
-            Identity::Pods(pods) => pods.index().purge_deleted(now, grace),
+            Identity::Pods(pods) => {
+                let mut index = pods.index();
+                let purged = index.purge_deleted(now, grace);
+                pods.pods_known.set(index.len() as i64);
+                purged
+            }
         }
     }
 
@@ -122,13 +120,16 @@ struct ProcessEntry {
 pub struct PodIdentity {
     index: SharedPodIndex,
     processes: HashMap<u32, ProcessEntry>,
+    /// The pods gauge, kept current here as pods are purged.
+    pods_known: IntGauge,
 }
 
 impl PodIdentity {
-    pub fn new(index: SharedPodIndex) -> Self {
+    pub fn new(index: SharedPodIndex, pods_known: IntGauge) -> Self {
         PodIdentity {
             index,
             processes: HashMap::new(),
+            pods_known,
         }
     }
 

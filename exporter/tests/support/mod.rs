@@ -204,16 +204,7 @@ impl App {
             }
         };
         if !cgroup_procs.is_empty() {
-            let mut wrapped = Command::new("sh");
-            wrapped
-                .arg("-c")
-                .arg(r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@""#)
-                .arg("sh")
-                .args(cgroup_procs)
-                .arg("--")
-                .arg(command.get_program())
-                .args(command.get_args());
-            command = wrapped;
+            command = in_cgroups(&command, cgroup_procs);
         }
         command
             .current_dir(&fixtures)
@@ -222,6 +213,21 @@ impl App {
         wait_for_port(port, Duration::from_secs(20));
         App { process, port }
     }
+}
+
+/// `command`, run after its process moved itself into these cgroups (their
+/// `cgroup.procs` files), as a container runtime places a container.
+pub fn in_cgroups(command: &Command, cgroup_procs: &[PathBuf]) -> Command {
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .arg("-c")
+        .arg(r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; exec "$@""#)
+        .arg("sh")
+        .args(cgroup_procs)
+        .arg("--")
+        .arg(command.get_program())
+        .args(command.get_args());
+    wrapped
 }
 
 /// A response as the test client read it.
