@@ -71,7 +71,13 @@ fn start_pod(venv: &std::path::Path, api: &KubeApi, n: usize) -> ChurnPod {
     }));
     let port = free_port();
     let mut server = Command::new(venv.join("bin/python"));
-    server.args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()]);
+    server.args([
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+        &port.to_string(),
+    ]);
     server.current_dir(workspace().join("tests/fixtures"));
     server.stderr(std::process::Stdio::null());
     let server = spawn_process(&name, &mut in_cgroups(&server, &cgroups.procs_files()));
@@ -162,7 +168,10 @@ fn main() {
         value(&samples, "flask_ebpf_exporter_identities_removed_total"),
         value(&samples, "flask_ebpf_exporter_unattributed_requests_total"),
     );
-    assert!(settled(&samples), "deleted pods still known to the exporter");
+    assert!(
+        settled(&samples),
+        "deleted pods still known to the exporter"
+    );
     assert_eq!(leftover, 0, "series of deleted pods still exported");
     assert_eq!(
         value(&samples, "flask_ebpf_exporter_unattributed_requests_total"),

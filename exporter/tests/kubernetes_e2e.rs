@@ -19,6 +19,16 @@ use support::{
 };
 
 const NODE: &str = "node-a";
+
+/// Each test's exporter sees every HTTP server on the machine, so another
+/// test's pods would count as unknown here: the tests take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 const IDENTITY: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
 
 fn uid(n: u32) -> String {
@@ -96,6 +106,7 @@ fn spec<'a>(
 
 #[test]
 fn every_series_carries_the_pod_that_served_it() {
+    let _turn = one_at_a_time();
     let venv = require_prerequisites();
     let mut api = KubeApi::start();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -289,4 +300,126 @@ fn every_series_carries_the_pod_that_served_it() {
     );
     drop((pod_b, pod_c, pod_d, pod_e, pod_f));
     api.stop();
+}
+
+#[test]
+fn exports_while_the_api_server_is_down_and_catches_up() {
+    let _turn = one_at_a_time();
+    let venv = require_prerequisites();
+    let mut api = KubeApi::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let (uid_p, id_p) = (uid(11), container_id(11));
+    api.put_pod(pod(&spec("steady", &uid_p, None, &[("web", Some(&id_p))])));
+    api.stop();
+    let pod_p = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 11);
+
+    // Down at start: the exporter runs, exports, and says it is not ready.
+    let exporter = Exporter::start_until(
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+            "--node-name",
+            NODE,
+            "--pod-wait",
+            "2s",
+        ],
+        "/healthz",
+    );
+    assert_eq!(exporter.status_of("/readyz"), 503);
+    let unknown = "<unknown>/<unknown>/<unknown>/<unknown>/<unknown>".to_owned();
+    let sent = send_traffic(pod_p.app.port);
+    let samples = eventually(
+        Duration::from_secs(15),
+        || exporter.metrics(),
+        |samples| requests_by_pod(samples).get(&unknown) == Some(&sent),
+    );
+    assert_eq!(
+        requests_by_pod(&samples).get(&unknown),
+        Some(&sent),
+        "{:#?}",
+        counts_by_route(&samples, |_| true)
+    );
+    assert!(
+        value(
+            &samples,
+            "flask_ebpf_exporter_kubernetes_watch_errors_total"
+        ) >= 1.0
+    );
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_kubernetes_synced"),
+        0.0
+    );
+
+    let back = Instant::now();
+    api.restart();
+    let ready = eventually(
+        Duration::from_secs(40),
+        || exporter.status_of("/readyz"),
+        |status| *status == 200,
+    );
+    assert_eq!(ready, 200, "not ready after the API server came back");
+    eprintln!("ready {:?} after the API server came up", back.elapsed());
+    let steady = "shop/steady/web/steady/Pod".to_owned();
+    send_traffic(pod_p.app.port);
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| requests_by_pod(samples).get(&steady) == Some(&sent),
+    );
+    assert_eq!(requests_by_pod(&samples).get(&steady), Some(&sent));
+
+    // An outage mid-run: known pods keep their names; a pod created once
+    // the API server is back is attributed after the watch reconnects.
+    api.stop();
+    send_traffic(pod_p.app.port);
+    std::thread::sleep(Duration::from_secs(3));
+    api.restart();
+    let back = Instant::now();
+    let (uid_q, id_q) = (uid(12), container_id(12));
+    api.put_pod(pod(&spec(
+        "newcomer",
+        &uid_q,
+        None,
+        &[("web", Some(&id_q))],
+    )));
+    let pod_q = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 12);
+    // Until the watch reconnects (kube's backoff) its requests wait 2 s,
+    // then count as unknown; one request every 250 ms finds the moment.
+    let newcomer = "shop/newcomer/web/newcomer/Pod".to_owned();
+    let mut sent_to_q = 0;
+    let mut counts = BTreeMap::new();
+    while back.elapsed() < Duration::from_secs(60) {
+        http_get(pod_q.app.port, "/").expect("request");
+        sent_to_q += 1;
+        std::thread::sleep(Duration::from_millis(250));
+        counts = requests_by_pod(&exporter.metrics());
+        if counts.contains_key(&newcomer) {
+            break;
+        }
+    }
+    let reconnected = back.elapsed();
+    assert!(counts.contains_key(&newcomer), "{counts:#?}");
+    assert_eq!(counts.get(&steady), Some(&(2 * sent)));
+    // Nothing is lost: every request to Q is either attributed or unknown.
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| {
+            let counts = requests_by_pod(samples);
+            counts.get(&newcomer).copied().unwrap_or(0) + counts.get(&unknown).copied().unwrap_or(0)
+                == sent_to_q + sent
+        },
+    );
+    let counts = requests_by_pod(&samples);
+    assert_eq!(
+        counts.get(&newcomer).copied().unwrap_or(0) + counts.get(&unknown).copied().unwrap_or(0),
+        sent_to_q + sent,
+        "{counts:#?}"
+    );
+    eprintln!(
+        "after a 3 s outage, a new pod's requests were attributed {reconnected:?} after the API server came back"
+    );
+    drop((pod_p, pod_q));
 }

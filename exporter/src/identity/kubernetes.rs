@@ -116,7 +116,7 @@ impl WatchMetrics {
                 registry,
                 IntCounter::new(
                     format!("{prefix}watch_relists_total"),
-                    "Full lists of this node's pods: at start, and after the resourceVersion expired (410 Gone)",
+                    "Completed lists of this node's pods: the first, and one after each expired resourceVersion (410 Gone)",
                 )?,
             )?,
             synced: add(
@@ -205,22 +205,22 @@ impl PodWatch {
                     continue;
                 }
             };
-            if failing {
+            // Init only says a list is about to be tried; anything else means
+            // the API server answered.
+            if failing && !matches!(event, Event::Init) {
                 info!("pod watch recovered");
                 failing = false;
             }
             self.metrics.last_event.set(unix_now());
             match event {
-                Event::Init => {
-                    self.metrics.relists.inc();
-                    listed.clear();
-                }
+                Event::Init => listed.clear(),
                 Event::InitApply(pod) => {
                     if let Some(uid) = self.apply(&pod, &mut owners).await {
                         listed.insert(uid);
                     }
                 }
                 Event::InitDone => {
+                    self.metrics.relists.inc();
                     lock_index(&self.index).retain_listed(&listed, Instant::now());
                     listed.clear();
                     if self.metrics.synced.get() == 0 {

@@ -271,3 +271,165 @@ impl Attribution {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        cgroup::PodUid,
+        pods::{PodInfo, UNKNOWN, Workload},
+        *,
+    };
+
+    const UID: &str = "11111111-2222-3333-4444-555555555555";
+    const ID: &str = "abcdefabcdefabcdef";
+
+    fn exchange(target: &str) -> Exchange {
+        Exchange {
+            method: "GET".to_owned(),
+            target: target.to_owned(),
+            status: 200,
+            started_ns: 1,
+            finished_ns: 2,
+            request_bytes: 10,
+            response_bytes: 20,
+        }
+    }
+
+    fn served(target: &str) -> ServedExchange {
+        ServedExchange {
+            served_by: ServedBy::Container(Arc::new(ContainerRef {
+                pod_uid: PodUid::parse(UID).expect("uid"),
+                container_id: Some(ID.to_owned()),
+            })),
+            exchange: exchange(target),
+        }
+    }
+
+    fn pod_info(selected: bool) -> PodInfo {
+        PodInfo {
+            uid: PodUid::parse(UID).expect("uid"),
+            namespace: "shop".to_owned(),
+            name: "web-1".to_owned(),
+            workload: Workload {
+                kind: "Deployment".to_owned(),
+                name: "web".to_owned(),
+            },
+            container_ids: vec![("app".to_owned(), ID.to_owned())],
+            app_containers: vec!["app".to_owned(), "proxy".to_owned()],
+            selected,
+        }
+    }
+
+    fn pods() -> (Identity, SharedPodIndex) {
+        let index = SharedPodIndex::default();
+        let gauge = IntGauge::new("pods", "pods").expect("gauge");
+        (
+            Identity::Pods(PodIdentity::new(index.clone(), gauge)),
+            index,
+        )
+    }
+
+    /// Runs one attribution pass and returns (pod label, target) recorded.
+    fn pass(
+        attribution: &mut Attribution,
+        identity: &Identity,
+        mut served: Vec<ServedExchange>,
+        now: Instant,
+    ) -> Vec<(String, String)> {
+        let mut recorded = Vec::new();
+        attribution.attribute(identity, &mut served, now, &mut |labels, exchange| {
+            recorded.push((labels[1].clone(), exchange.target.clone()));
+        });
+        assert!(served.is_empty());
+        recorded
+    }
+
+    #[test]
+    fn traffic_waits_for_its_pod_then_is_attributed_in_order() {
+        let (identity, index) = pods();
+        let mut attribution = Attribution::new(HoldLimits {
+            wait: Duration::from_secs(5),
+            max_held: 100,
+        });
+        let start = Instant::now();
+        let early = pass(
+            &mut attribution,
+            &identity,
+            vec![served("/1"), served("/2")],
+            start,
+        );
+        assert!(early.is_empty());
+        assert_eq!(attribution.held(), 2);
+        // Nothing changed: still held, even when new traffic comes.
+        let later = pass(
+            &mut attribution,
+            &identity,
+            vec![served("/3")],
+            start + Duration::from_secs(1),
+        );
+        assert!(later.is_empty());
+        lock_index(&index).apply(pod_info(true));
+        let resolved = pass(
+            &mut attribution,
+            &identity,
+            vec![served("/4")],
+            start + Duration::from_secs(2),
+        );
+        let targets: Vec<&str> = resolved.iter().map(|(_, target)| target.as_str()).collect();
+        assert_eq!(targets, ["/1", "/2", "/3", "/4"]);
+        assert!(resolved.iter().all(|(pod, _)| pod == "web-1"));
+        assert_eq!(attribution.held(), 0);
+        assert_eq!(attribution.stats, AttributionStats::default());
+    }
+
+    #[test]
+    fn unknown_after_the_wait_or_beyond_the_cap_and_nothing_lost() {
+        let (identity, index) = pods();
+        let mut attribution = Attribution::new(HoldLimits {
+            wait: Duration::from_secs(5),
+            max_held: 2,
+        });
+        let start = Instant::now();
+        // The third exchange finds the queue full: unknown at once.
+        let now = pass(
+            &mut attribution,
+            &identity,
+            vec![served("/1"), served("/2"), served("/3")],
+            start,
+        );
+        assert_eq!(now, [(UNKNOWN.to_owned(), "/3".to_owned())]);
+        let due = pass(
+            &mut attribution,
+            &identity,
+            Vec::new(),
+            start + Duration::from_secs(5),
+        );
+        assert_eq!(due.len(), 2);
+        assert!(due.iter().all(|(pod, _)| pod == UNKNOWN));
+        assert_eq!(attribution.stats.unattributed, 3);
+        // An opted-out pod's traffic is dropped on purpose, and counted.
+        lock_index(&index).apply(pod_info(false));
+        assert!(pass(&mut attribution, &identity, vec![served("/4")], start).is_empty());
+        assert_eq!(attribution.stats.excluded, 1);
+        assert_eq!(attribution.held(), 0);
+    }
+
+    #[test]
+    fn a_reused_pid_is_resolved_again() {
+        let mut identity = PodIdentity::new(
+            SharedPodIndex::default(),
+            IntGauge::new("pods", "pods").expect("gauge"),
+        );
+        let own = std::process::id();
+        assert_eq!(identity.resolve(own), None, "the test runs outside any pod");
+        assert_eq!(identity.processes.len(), 1);
+        identity.forget_exited();
+        assert_eq!(identity.processes.len(), 1, "same process, same start time");
+        // As if the pid now named a process started at another time.
+        if let Some(entry) = identity.processes.get_mut(&own) {
+            entry.start_ticks += 1;
+        }
+        identity.forget_exited();
+        assert!(identity.processes.is_empty());
+    }
+}

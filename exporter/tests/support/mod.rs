@@ -100,26 +100,43 @@ pub struct Exporter {
 }
 
 impl Exporter {
+    /// Starts the exporter and waits until it is ready.
     pub fn start(extra_args: &[&str]) -> Exporter {
+        Exporter::start_until(extra_args, "/readyz")
+    }
+
+    /// Starts the exporter and waits until `endpoint` answers 200.
+    pub fn start_until(extra_args: &[&str], endpoint: &str) -> Exporter {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut command = Command::new(env!("CARGO_BIN_EXE_flask-ebpf-exporter"));
         command
             .args(["--listen", &listen])
             .args(extra_args)
-            .env("FLASK_EBPF_EXPORTER_LOG", "info");
+            // E2E_EXPORTER_LOG raises the exporter's log level when debugging a test.
+            .env(
+                "FLASK_EBPF_EXPORTER_LOG",
+                std::env::var("E2E_EXPORTER_LOG").unwrap_or_else(|_| "info".to_owned()),
+            );
         let process = spawn_process("flask-ebpf-exporter", &mut command);
         let exporter = Exporter { process, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(response) = http_get(port, "/readyz")
+            if let Ok(response) = http_get(port, endpoint)
                 && response.status == 200
             {
                 return exporter;
             }
-            assert!(Instant::now() < deadline, "exporter not ready within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "exporter's {endpoint} not 200 within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    pub fn status_of(&self, endpoint: &str) -> u16 {
+        http_get(self.port, endpoint).map_or(0, |response| response.status)
     }
 
     pub fn metrics(&self) -> Vec<Sample> {
