@@ -282,6 +282,33 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     .await;
     assert_eq!(watching.metrics.relists.get(), 1);
 
+    // Bookmarks carry versions this watch never saw an event for (another
+    // node's pod): resumed from the bookmark after compaction, no relist.
+    api.put_pod(app_pod(
+        "shop",
+        "web-5d8f7c9b6-eeeee",
+        10,
+        "node-b",
+        Some(web),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    api.compact();
+    api.cut_watches();
+    api.put_pod(app_pod("shop", "after-compaction", 11, NODE, None));
+    until("pod added after compaction", || {
+        matches!(
+            lookup(&watching, &uid(11), Some(&container_id(11))),
+            Lookup::Known(_)
+        )
+    })
+    .await;
+    assert_eq!(
+        watching.metrics.relists.get(),
+        1,
+        "resumed from the bookmark, no relist"
+    );
+    assert_eq!(watching.metrics.errors.get(), 0);
+
     // An outage during which a pod is deleted and history compacted: the
     // resumed watch gets 410 Gone, relists, and notices the deletion.
     api.stop();

@@ -203,11 +203,11 @@ impl KubeApi {
         self.shared.cut.send_modify(|count| *count += 1);
     }
 
-    /// Forgets history: resuming a watch from any version seen so far gets
-    /// 410 Gone, as after etcd compaction.
+    /// Forgets history, as etcd compaction does: resuming a watch from any
+    /// version older than the current one gets 410 Gone.
     pub fn compact(&self) {
         let mut objects = self.objects();
-        objects.oldest_resumable = objects.resource_version + 1;
+        objects.oldest_resumable = objects.resource_version;
     }
 
     pub fn requests(&self) -> Vec<String> {
