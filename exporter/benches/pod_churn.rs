@@ -5,9 +5,9 @@
 //! pods overlap). Prints the exporter's resident memory after warm-up and
 //! at the end, and checks that nothing of the deleted pods stays behind.
 //!
-//! `cargo bench -p flask-ebpf-exporter --bench pod_churn` runs 1,000 cycles;
-//! under `cargo test` the same code runs 30 as a check (root and the venv
-//! are needed either way).
+//! `cargo bench -p flask-ebpf-exporter --bench pod_churn` runs 1,000 cycles
+//! (`POD_CHURN_CYCLES` sets another number); under `cargo test` the same
+//! code runs 30 as a check (root and the venv are needed either way).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -99,7 +99,10 @@ fn end_pod(api: &KubeApi, churned: ChurnPod) {
 
 fn main() {
     let full = std::env::args().any(|arg| arg == "--bench");
-    let cycles = if full { 1000 } else { 30 };
+    let cycles = std::env::var("POD_CHURN_CYCLES")
+        .ok()
+        .and_then(|cycles| cycles.parse().ok())
+        .unwrap_or(if full { 1000 } else { 30 });
     let warm_up = cycles / 10;
     let venv = require_prerequisites();
     let api = KubeApi::start();
@@ -120,6 +123,8 @@ fn main() {
     let started = Instant::now();
     let mut live = VecDeque::new();
     let mut rss_warm = 0;
+    // RSS at every tenth of the run, to tell a plateau from a leak.
+    let mut rss_steps = Vec::new();
     for n in 0..cycles {
         live.push_back(start_pod(&venv, &api, n));
         if live.len() > OVERLAP
@@ -129,6 +134,9 @@ fn main() {
         }
         if n + 1 == warm_up {
             rss_warm = rss_kib(pid);
+        }
+        if (n + 1) % warm_up.max(1) == 0 {
+            rss_steps.push((n + 1, rss_kib(pid)));
         }
     }
     while let Some(pod) = live.pop_front() {
@@ -157,6 +165,11 @@ fn main() {
     println!("| after start | {rss_start} |");
     println!("| after {warm_up} cycles | {rss_warm} |");
     println!("| after {cycles} cycles, grace over | {rss_end} |");
+    let steps: Vec<String> = rss_steps
+        .iter()
+        .map(|(cycle, kib)| format!("{cycle}: {kib}"))
+        .collect();
+    println!("RSS (KiB) during the run, by cycle: {}", steps.join(", "));
     println!(
         "growth from warm-up to end: {:+} KiB ({:.3}×)",
         rss_end as i64 - rss_warm as i64,

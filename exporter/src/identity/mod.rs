@@ -219,6 +219,9 @@ impl Attribution {
         now: Instant,
         record: &mut dyn FnMut(&IdentityLabels, &Exchange),
     ) {
+        if served.is_empty() && self.held.is_empty() {
+            return;
+        }
         let index = match identity {
             Identity::Pods(pods) => Some(&pods.index),
             Identity::Local(_) => None,
