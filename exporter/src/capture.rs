@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
 
 /// Where tracepoints live when tracefs is mounted (either place works).
-const TRACEFS_SYSCALLS: [&str; 2] = [
+pub const TRACEFS_SYSCALLS: [&str; 2] = [
     "/sys/kernel/tracing/events/syscalls",
     "/sys/kernel/debug/tracing/events/syscalls",
 ];

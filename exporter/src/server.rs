@@ -15,6 +15,12 @@ use axum::{
 
 use crate::metrics::Metrics;
 
+pub const METRICS_PATH: &str = "/metrics";
+/// Liveness: 200 while the process runs.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness: see [`Readiness`].
+pub const READYZ_PATH: &str = "/readyz";
+
 /// A heartbeat older than this makes the agent unready.
 const HEARTBEAT_STALE_NS: u64 = 10 * 1_000_000_000;
 
@@ -79,9 +85,9 @@ pub struct ServerState {
 
 pub fn router(state: ServerState) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+        .route(METRICS_PATH, get(metrics))
+        .route(HEALTHZ_PATH, get(|| async { "ok\n" }))
+        .route(READYZ_PATH, get(readyz))
         .with_state(state)
 }
 

@@ -14,16 +14,12 @@ use anyhow::{Context as _, bail};
 
 mod bench;
 
-/// Debian packages: the BPF toolchain (rustc-web with a prebuilt bpf `core`)
-/// and the real components the tests and benchmark use. The LLVM that
-/// bpf-linker links against follows rustc-web's LLVM, so it is added after.
-const DEBIAN_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "python3-venv",
-    "wrk",
-];
+/// Debian packages of the BPF toolchain (rustc-web with a prebuilt bpf
+/// `core`). The LLVM that bpf-linker links against follows rustc-web's LLVM,
+/// so it is added after.
+const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
+/// Debian packages of the real components the tests and benchmark use.
+const TEST_PACKAGES: &[&str] = &["python3-venv", "wrk", "prometheus"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +32,8 @@ fn main() -> anyhow::Result<()> {
     let rest = rest.strip_prefix(&["--".to_owned()][..]).unwrap_or(rest);
     let root = workspace_root()?;
     match task {
+        // The image build (Dockerfile) needs only the toolchain.
+        "setup" if rest.iter().any(|arg| arg == "--toolchain-only") => setup_toolchain(&mut false),
         "setup" => setup(&root),
         "run" => {
             setup(&root)?;
@@ -59,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent)\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included\n  bench   setup, then the overhead benchmark"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included\n  bench   setup, then the overhead benchmark"
             );
             if task == "help" {
                 Ok(())
@@ -123,31 +121,9 @@ fn install_missing(packages: &[String], updated: &mut bool) -> anyhow::Result<()
 
 fn setup(root: &Path) -> anyhow::Result<()> {
     let mut apt_updated = false;
-    let packages: Vec<String> = DEBIAN_PACKAGES.iter().map(|p| (*p).to_owned()).collect();
+    setup_toolchain(&mut apt_updated)?;
+    let packages: Vec<String> = TEST_PACKAGES.iter().map(|p| (*p).to_owned()).collect();
     install_missing(&packages, &mut apt_updated)?;
-    let llvm_major = debian_llvm_major()?;
-    install_missing(&[format!("llvm-{llvm_major}-dev")], &mut apt_updated)?;
-
-    let has_linker = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
-        .unwrap_or(false);
-    if !has_linker {
-        run(Command::new("cargo")
-            .args([
-                "+stable",
-                "install",
-                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-                "--locked",
-            ])
-            .args([
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{llvm_major}"),
-            ])
-            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm_major}")))?;
-    }
 
     if !Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
         && !Path::new("/sys/kernel/debug/tracing/events/syscalls").is_dir()
@@ -169,6 +145,36 @@ fn setup(root: &Path) -> anyhow::Result<()> {
             .args(["install", "-q", "-r"])
             .arg(&requirements))?;
         std::fs::write(&stamp, wanted)?;
+    }
+    Ok(())
+}
+
+/// What building needs: Debian's BPF toolchain and bpf-linker.
+fn setup_toolchain(apt_updated: &mut bool) -> anyhow::Result<()> {
+    let packages: Vec<String> = TOOLCHAIN_PACKAGES.iter().map(|p| (*p).to_owned()).collect();
+    install_missing(&packages, apt_updated)?;
+    let llvm_major = debian_llvm_major()?;
+    install_missing(&[format!("llvm-{llvm_major}-dev")], apt_updated)?;
+
+    let has_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !has_linker {
+        run(Command::new("cargo")
+            .args([
+                "+stable",
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm_major}")))?;
     }
     Ok(())
 }
