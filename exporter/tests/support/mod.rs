@@ -10,7 +10,7 @@ pub mod kube_api;
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -93,9 +93,10 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
     }
 }
 
-/// The exporter under test, watching only `app_port`.
+/// The exporter under test.
 pub struct Exporter {
     pub process: Running,
+    pub address: SocketAddr,
     pub port: u16,
 }
 
@@ -107,11 +108,16 @@ impl Exporter {
 
     /// Starts the exporter and waits until `endpoint` answers 200.
     pub fn start_until(extra_args: &[&str], endpoint: &str) -> Exporter {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Exporter::start_on(address, extra_args, endpoint)
+    }
+
+    /// Starts the exporter listening on `address`; waits until `endpoint`
+    /// answers 200.
+    pub fn start_on(address: SocketAddr, extra_args: &[&str], endpoint: &str) -> Exporter {
         let mut command = Command::new(env!("CARGO_BIN_EXE_flask-ebpf-exporter"));
         command
-            .args(["--listen", &listen])
+            .arg(format!("--listen={address}"))
             .args(extra_args)
             // E2E_EXPORTER_LOG raises the exporter's log level when debugging a test.
             .env(
@@ -119,28 +125,28 @@ impl Exporter {
                 std::env::var("E2E_EXPORTER_LOG").unwrap_or_else(|_| "info".to_owned()),
             );
         let process = spawn_process("flask-ebpf-exporter", &mut command);
-        let exporter = Exporter { process, port };
+        let exporter = Exporter {
+            process,
+            address,
+            port: address.port(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = http_get(port, endpoint)
-                && response.status == 200
-            {
-                return exporter;
-            }
+        while exporter.status_of(endpoint) != 200 {
             assert!(
                 Instant::now() < deadline,
                 "exporter's {endpoint} not 200 within 30 s"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        exporter
     }
 
     pub fn status_of(&self, endpoint: &str) -> u16 {
-        http_get(self.port, endpoint).map_or(0, |response| response.status)
+        http_get_at(self.address, endpoint).map_or(0, |response| response.status)
     }
 
     pub fn metrics(&self) -> Vec<Sample> {
-        let response = http_get(self.port, "/metrics").expect("scrape exporter");
+        let response = http_get_at(self.address, "/metrics").expect("scrape exporter");
         assert_eq!(response.status, 200);
         parse_exposition(&String::from_utf8_lossy(&response.body))
     }
@@ -366,7 +372,11 @@ pub fn connect(port: u16) -> TcpStream {
 }
 
 pub fn http_get(port: u16, target: &str) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at(SocketAddr::from(([127, 0, 0, 1], port)), target)
+}
+
+pub fn http_get_at(address: SocketAddr, target: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(address)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(
         format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),

@@ -1,0 +1,257 @@
+//! The shipped Prometheus files against a real Prometheus (Debian's 2.42):
+//! `promtool test rules` on the rules, and a real scrape of the running
+//! exporter (Kubernetes mode, a Flask app in a kubelet-style cgroup) through
+//! the SAME relabel_configs as manifests/prometheus/scrape-config.yaml.
+//! Debian's Prometheus has no kubernetes_sd, so the targets come from
+//! file_sd carrying the labels `role: node` produces.
+
+mod support;
+
+use std::{
+    fs,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use support::{
+    cgroups::{Driver, PodCgroups},
+    kube_api::{KubeApi, PodSpec, owned_by, pod},
+    *,
+};
+
+fn prometheus_dir() -> std::path::PathBuf {
+    workspace().join("manifests/prometheus")
+}
+
+fn promtool(args: &[&str], dir: &Path) -> String {
+    let output = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "promtool {args:?}:\n{report}");
+    report
+}
+
+#[test]
+fn rules_pass_promtool_unit_tests() {
+    let report = promtool(&["check", "rules", "rules.yaml"], &prometheus_dir());
+    assert!(report.contains("SUCCESS"), "{report}");
+    let report = promtool(&["test", "rules", "rules_test.yaml"], &prometheus_dir());
+    assert!(report.contains("SUCCESS"), "{report}");
+}
+
+/// GET against Prometheus' HTTP API, returning `data`.
+fn api(port: u16, path_and_query: &str) -> Value {
+    let response = http_get(port, path_and_query).expect("Prometheus API");
+    let body: Value = serde_json::from_slice(&response.body).expect("JSON");
+    assert_eq!(body["status"], "success", "{body}");
+    body["data"].clone()
+}
+
+fn query(port: u16, promql: &str) -> Vec<Value> {
+    let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+    api(port, &format!("/api/v1/query?query={encoded}"))["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn node_role_scrape_config_collects_per_pod_series() {
+    let venv = require_prerequisites();
+    // The node's InternalIP: a loopback address of its own, so the shipped
+    // port 9810 is free whatever else runs.
+    let pid = std::process::id();
+    let node_ip = format!("127.{}.{}.1", (pid >> 8) & 0xff, pid & 0xff);
+
+    // The cluster side: a Deployment's pod on this node.
+    let api_server = KubeApi::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    api_server.write_kubeconfig(&kubeconfig);
+    api_server.put_object(owned_by(
+        "ReplicaSet",
+        "shop",
+        "web-6c9f8d7b5",
+        ("Deployment", "web"),
+    ));
+    let uid = "0000000a-5c0e-4bbb-8ccc-000000000000";
+    let container_id = format!("{:064x}", 0xa_u32);
+    api_server.put_pod(pod(&PodSpec {
+        namespace: "shop",
+        name: "web-6c9f8d7b5-q7x2m",
+        uid,
+        node: "node-a",
+        owner: Some(("ReplicaSet", "web-6c9f8d7b5")),
+        containers: &[("web", Some(&container_id))],
+        annotations: &[],
+    }));
+    let cgroups = PodCgroups::create(Driver::Systemd, uid, &container_id);
+    let app = App::start_in(
+        &venv,
+        Server::GunicornGthread,
+        false,
+        &cgroups.procs_files(),
+    );
+    let exporter = Exporter::start_on(
+        format!("{node_ip}:9810").parse().expect("address"),
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("path"),
+            "--node-name",
+            "node-a",
+        ],
+        "/readyz",
+    );
+
+    // The shipped job, with kubernetes_sd swapped for file_sd and nothing
+    // else changed.
+    let shipped: Value = serde_yaml_ng::from_str(
+        &fs::read_to_string(prometheus_dir().join("scrape-config.yaml")).expect("scrape config"),
+    )
+    .expect("YAML");
+    let mut job = shipped["scrape_configs"][0].clone();
+    assert_eq!(job["kubernetes_sd_configs"][0]["role"], "node");
+    let relabel_configs = job["relabel_configs"].clone();
+    let job_object = job.as_object_mut().expect("job");
+    job_object.remove("kubernetes_sd_configs");
+    let targets = dir.path().join("nodes.json");
+    job_object.insert(
+        "file_sd_configs".to_owned(),
+        json!([{"files": [targets.to_str().expect("path")], "refresh_interval": "1s"}]),
+    );
+    job_object.insert("scrape_interval".to_owned(), json!("1s"));
+    // What `role: node` gives a node target (kubelet port, node metadata).
+    let node_target = json!([{
+        "targets": [format!("{node_ip}:10250")],
+        "labels": {
+            "__meta_kubernetes_node_name": "node-a",
+            "__meta_kubernetes_node_address_InternalIP": node_ip,
+            "__meta_kubernetes_node_address_Hostname": "node-a",
+            "__meta_kubernetes_node_provider_id": "aws:///eu-west-1a/i-0123456789abcdef0",
+            "__meta_kubernetes_node_label_kubernetes_io_hostname": "node-a",
+            "__meta_kubernetes_node_labelpresent_kubernetes_io_hostname": "true",
+            "__meta_kubernetes_node_label_topology_kubernetes_io_zone": "eu-west-1a",
+            "__meta_kubernetes_node_label_topology_kubernetes_io_region": "eu-west-1",
+            "__meta_kubernetes_node_label_node_kubernetes_io_instance_type": "m6i.large",
+            "__meta_kubernetes_node_annotation_node_alpha_kubernetes_io_ttl": "0",
+        }
+    }]);
+    fs::write(&targets, node_target.to_string()).expect("targets");
+    // JSON is YAML: the config is written as JSON.
+    let config = json!({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [prometheus_dir().join("rules.yaml").to_str().expect("path")],
+        "scrape_configs": [job],
+    });
+    let config_file = dir.path().join("prometheus.yml");
+    fs::write(&config_file, config.to_string()).expect("config");
+    let report = promtool(
+        &["check", "config", config_file.to_str().expect("path")],
+        dir.path(),
+    );
+    assert!(report.contains("SUCCESS"), "{report}");
+
+    let prometheus_port = free_port();
+    let _prometheus = spawn_process(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_for_port(prometheus_port, Duration::from_secs(20));
+
+    let mut sent = 0;
+    for n in 0..5 {
+        assert_eq!(
+            http_get(app.port, &format!("/items/{n}"))
+                .expect("request")
+                .status,
+            200
+        );
+        sent += 1;
+    }
+
+    // The target: relabelled to the agent's port, with node and zone labels.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let target = loop {
+        let data = api(prometheus_port, "/api/v1/targets");
+        let active = data["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if let Some(up) = active.iter().find(|t| t["health"] == "up") {
+            break up.clone();
+        }
+        assert!(Instant::now() < deadline, "no healthy target: {active:#?}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let labels = &target["labels"];
+    assert_eq!(labels["instance"], format!("{node_ip}:9810"), "{target:#}");
+    assert_eq!(labels["node"], "node-a");
+    assert_eq!(labels["zone"], "eu-west-1a");
+    assert_eq!(labels["region"], "eu-west-1");
+    assert_eq!(labels["instance_type"], "m6i.large");
+    assert_eq!(labels["job"], "flask-ebpf-exporter");
+    assert_eq!(
+        target["scrapeUrl"],
+        format!("http://{node_ip}:9810/metrics")
+    );
+
+    // Per-pod series, read back through the query API.
+    let promql = r#"sum by (namespace, pod, container, workload, workload_kind, node, path) (flask_http_request_total{job="flask-ebpf-exporter"})"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let result = loop {
+        let result = query(prometheus_port, promql);
+        let total: f64 = result
+            .iter()
+            .filter_map(|sample| sample["value"][1].as_str()?.parse::<f64>().ok())
+            .sum();
+        if total >= f64::from(sent) || Instant::now() > deadline {
+            break result;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(result.len(), 1, "{result:#?}");
+    let metric = &result[0]["metric"];
+    assert_eq!(metric["namespace"], "shop");
+    assert_eq!(metric["pod"], "web-6c9f8d7b5-q7x2m");
+    assert_eq!(metric["container"], "web");
+    assert_eq!(metric["workload"], "web");
+    assert_eq!(metric["workload_kind"], "Deployment");
+    assert_eq!(metric["node"], "node-a");
+    assert_eq!(result[0]["value"][1], sent.to_string());
+
+    // The shipped recording rules run on the real series.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let recorded = loop {
+        let recorded = query(prometheus_port, "workload_path:flask_http_requests:rate5m");
+        if !recorded.is_empty() || Instant::now() > deadline {
+            break recorded;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        recorded
+            .iter()
+            .any(|sample| sample["metric"]["path"] == "/items/<int>"
+                && sample["metric"]["workload"] == "web"),
+        "{recorded:#?}"
+    );
+    assert_eq!(
+        relabel_configs,
+        shipped["scrape_configs"][0]["relabel_configs"]
+    );
+    drop((app, exporter, cgroups));
+}
