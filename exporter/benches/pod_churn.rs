@@ -78,9 +78,12 @@ fn start_pod(venv: &std::path::Path, api: &KubeApi, n: usize) -> ChurnPod {
         "127.0.0.1",
         &port.to_string(),
     ]);
-    server.current_dir(workspace().join("tests/fixtures"));
-    server.stderr(std::process::Stdio::null());
-    let server = spawn_process(&name, &mut in_cgroups(&server, &cgroups.procs_files()));
+    // The wrapper is what runs: directory and output are set on it.
+    let mut server = in_cgroups(&server, &cgroups.procs_files());
+    server
+        .current_dir(workspace().join("tests/fixtures"))
+        .stderr(std::process::Stdio::null());
+    let server = spawn_process(&name, &mut server);
     wait_for_port(port, Duration::from_secs(10));
     for target in ["/", "/app.py", &format!("/missing-{}", n % 5)] {
         http_get(port, target).expect("request");
@@ -106,12 +109,9 @@ fn main() {
     let warm_up = cycles / 10;
     let venv = require_prerequisites();
     let api = KubeApi::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     let exporter = Exporter::start(&[
         "--kubeconfig",
-        kubeconfig.to_str().expect("path"),
+        api.kubeconfig(),
         "--node-name",
         NODE,
         "--deleted-pod-grace",

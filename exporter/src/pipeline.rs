@@ -90,13 +90,13 @@ impl Pipeline {
                     }
                 }
             });
-            let mut stages = Recording {
-                identity: &identity,
-                attribution: &mut attribution,
-                labeler: &mut labeler,
-                metrics: &metrics,
-            };
-            stages.record(&mut served);
+            record(
+                &mut served,
+                &identity,
+                &mut attribution,
+                &mut labeler,
+                &metrics,
+            );
 
             if last_upkeep.elapsed() >= UPKEEP_EVERY {
                 last_upkeep = Instant::now();
@@ -111,13 +111,13 @@ impl Pipeline {
                     metrics.identities_removed.inc();
                     labeler.forget(&labels);
                 }
-                let mut stages = Recording {
-                    identity: &identity,
-                    attribution: &mut attribution,
-                    labeler: &mut labeler,
-                    metrics: &metrics,
-                };
-                stages.record(&mut served);
+                record(
+                    &mut served,
+                    &identity,
+                    &mut attribution,
+                    &mut labeler,
+                    &metrics,
+                );
                 let lost = capture.lost_events();
                 if lost > metrics.events_lost.get() {
                     warn!(
@@ -147,34 +147,23 @@ impl Pipeline {
 }
 
 /// The stages after HTTP pairing: identity, then route, then metrics.
-struct Recording<'a> {
-    identity: &'a Identity,
-    attribution: &'a mut Attribution,
-    labeler: &'a mut RouteLabeler,
-    metrics: &'a Metrics,
-}
-
-impl Recording<'_> {
-    /// Labels and counts the exchanges in `served`, leaving it empty (some
-    /// may wait in `attribution` for their pod).
-    fn record(&mut self, served: &mut Vec<ServedExchange>) {
-        let Recording {
-            labeler, metrics, ..
-        } = self;
-        self.attribution.attribute(
-            self.identity,
-            served,
-            Instant::now(),
-            &mut |identity, exchange| {
-                let path = labeler.label(identity, &exchange.target);
-                metrics.observe(
-                    &exchange.method,
-                    &path,
-                    exchange.status,
-                    identity,
-                    exchange.duration_seconds(),
-                );
-            },
+/// Labels and counts the exchanges in `served`, leaving it empty (some may
+/// wait in `attribution` for their pod).
+fn record(
+    served: &mut Vec<ServedExchange>,
+    identity: &Identity,
+    attribution: &mut Attribution,
+    labeler: &mut RouteLabeler,
+    metrics: &Metrics,
+) {
+    attribution.attribute(identity, served, Instant::now(), &mut |labels, exchange| {
+        let path = labeler.label(labels, &exchange.target);
+        metrics.observe(
+            &exchange.method,
+            &path,
+            exchange.status,
+            labels,
+            exchange.duration_seconds(),
         );
-    }
+    });
 }

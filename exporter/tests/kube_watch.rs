@@ -38,7 +38,6 @@ struct Watching {
     metrics: WatchMetrics,
     readiness: Arc<Readiness>,
     task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Watching {
@@ -48,10 +47,9 @@ impl Drop for Watching {
 }
 
 async fn watch(api: &KubeApi, selection: Selection) -> Watching {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let client = client(Some(&kubeconfig)).await.expect("client");
+    let client = client(Some(std::path::Path::new(api.kubeconfig())))
+        .await
+        .expect("client");
     let index = SharedPodIndex::default();
     let metrics = WatchMetrics::register(&prometheus::Registry::new()).expect("metrics");
     let readiness = Arc::new(Readiness::default());
@@ -71,7 +69,6 @@ async fn watch(api: &KubeApi, selection: Selection) -> Watching {
         metrics,
         readiness,
         task,
-        _dir: dir,
     }
 }
 

@@ -109,9 +109,6 @@ fn every_series_carries_the_pod_that_served_it() {
     let _turn = one_at_a_time();
     let venv = require_prerequisites();
     let mut api = KubeApi::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     api.put_object(owned_by(
         "ReplicaSet",
         "shop",
@@ -156,7 +153,7 @@ fn every_series_carries_the_pod_that_served_it() {
 
     let exporter = Exporter::start(&[
         "--kubeconfig",
-        kubeconfig.to_str().expect("path"),
+        api.kubeconfig(),
         "--node-name",
         NODE,
         "--pod-wait",
@@ -307,9 +304,6 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
     let _turn = one_at_a_time();
     let venv = require_prerequisites();
     let mut api = KubeApi::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
     let (uid_p, id_p) = (uid(11), container_id(11));
     api.put_pod(pod(&spec("steady", &uid_p, None, &[("web", Some(&id_p))])));
     api.stop();
@@ -319,7 +313,7 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
     let exporter = Exporter::start_until(
         &[
             "--kubeconfig",
-            kubeconfig.to_str().expect("path"),
+            api.kubeconfig(),
             "--node-name",
             NODE,
             "--pod-wait",

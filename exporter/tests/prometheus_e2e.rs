@@ -46,7 +46,7 @@ fn rules_pass_promtool_unit_tests() {
 }
 
 /// GET against Prometheus' HTTP API, returning `data`.
-fn api(port: u16, path_and_query: &str) -> Value {
+fn prometheus_api(port: u16, path_and_query: &str) -> Value {
     let response = http_get(port, path_and_query).expect("Prometheus API");
     let body: Value = serde_json::from_slice(&response.body).expect("JSON");
     assert_eq!(body["status"], "success", "{body}");
@@ -55,7 +55,7 @@ fn api(port: u16, path_and_query: &str) -> Value {
 
 fn query(port: u16, promql: &str) -> Vec<Value> {
     let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
-    api(port, &format!("/api/v1/query?query={encoded}"))["result"]
+    prometheus_api(port, &format!("/api/v1/query?query={encoded}"))["result"]
         .as_array()
         .cloned()
         .unwrap_or_default()
@@ -70,11 +70,9 @@ fn node_role_scrape_config_collects_per_pod_series() {
     let node_ip = format!("127.{}.{}.1", (pid >> 8) & 0xff, pid & 0xff);
 
     // The cluster side: a Deployment's pod on this node.
-    let api_server = KubeApi::start();
+    let api = KubeApi::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    api_server.write_kubeconfig(&kubeconfig);
-    api_server.put_object(owned_by(
+    api.put_object(owned_by(
         "ReplicaSet",
         "shop",
         "web-6c9f8d7b5",
@@ -82,7 +80,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     ));
     let uid = "0000000a-5c0e-4bbb-8ccc-000000000000";
     let container_id = format!("{:064x}", 0xa_u32);
-    api_server.put_pod(pod(&PodSpec {
+    api.put_pod(pod(&PodSpec {
         namespace: "shop",
         name: "web-6c9f8d7b5-q7x2m",
         uid,
@@ -100,12 +98,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     );
     let exporter = Exporter::start_on(
         format!("{node_ip}:9810").parse().expect("address"),
-        &[
-            "--kubeconfig",
-            kubeconfig.to_str().expect("path"),
-            "--node-name",
-            "node-a",
-        ],
+        &["--kubeconfig", api.kubeconfig(), "--node-name", "node-a"],
         "/readyz",
     );
 
@@ -186,7 +179,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     // The target: relabelled to the agent's port, with node and zone labels.
     let deadline = Instant::now() + Duration::from_secs(30);
     let target = loop {
-        let data = api(prometheus_port, "/api/v1/targets");
+        let data = prometheus_api(prometheus_port, "/api/v1/targets");
         let active = data["activeTargets"]
             .as_array()
             .cloned()

@@ -18,7 +18,6 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::TcpListener,
-    path::Path,
     sync::{Arc, Mutex, MutexGuard},
     thread::JoinHandle,
     time::Duration,
@@ -68,6 +67,9 @@ pub struct KubeApi {
     pub port: u16,
     shared: Arc<Shared>,
     running: Option<Running>,
+    /// Holds the kubeconfig that points at this server.
+    _dir: tempfile::TempDir,
+    kubeconfig: String,
 }
 
 impl KubeApi {
@@ -79,11 +81,15 @@ impl KubeApi {
             changed: watch::channel(0).0,
             cut: watch::channel(0).0,
         });
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut api = KubeApi {
             port,
             shared,
             running: None,
+            kubeconfig: dir.path().join("kubeconfig").to_string_lossy().into_owned(),
+            _dir: dir,
         };
+        api.write_kubeconfig();
         api.serve(listener);
         api
     }
@@ -134,16 +140,7 @@ impl KubeApi {
         objects.resource_version += 1;
         let version = objects.resource_version;
         pod["metadata"]["resourceVersion"] = json!(version.to_string());
-        let key = (
-            pod["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            pod["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-        );
+        let key = pod_key(&pod);
         if kind == "DELETED" {
             objects.pods.remove(&key);
         } else {
@@ -156,20 +153,7 @@ impl KubeApi {
 
     /// Creates or replaces a pod (ADDED or MODIFIED).
     pub fn put_pod(&self, pod: Value) {
-        let exists = {
-            let objects = self.objects();
-            let key = (
-                pod["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                pod["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            );
-            objects.pods.contains_key(&key)
-        };
+        let exists = { self.objects().pods.contains_key(&pod_key(&pod)) };
         self.pod_event(if exists { "MODIFIED" } else { "ADDED" }, pod);
     }
 
@@ -214,13 +198,17 @@ impl KubeApi {
         self.objects().requests.clone()
     }
 
-    /// A kubeconfig for this server (plain HTTP, no credentials).
-    pub fn write_kubeconfig(&self, path: &Path) {
+    /// Path of a kubeconfig for this server (plain HTTP, no credentials).
+    pub fn kubeconfig(&self) -> &str {
+        &self.kubeconfig
+    }
+
+    fn write_kubeconfig(&self) {
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://127.0.0.1:{}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n",
             self.port
         );
-        std::fs::write(path, text).expect("write kubeconfig");
+        std::fs::write(&self.kubeconfig, text).expect("write kubeconfig");
     }
 }
 
@@ -228,6 +216,17 @@ impl Drop for KubeApi {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// (namespace, name) of an object.
+fn pod_key(pod: &Value) -> (String, String) {
+    let field = |name: &str| {
+        pod["metadata"][name]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (field("namespace"), field("name"))
 }
 
 fn query_params(uri: &Uri) -> BTreeMap<String, String> {
