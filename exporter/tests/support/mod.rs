@@ -6,6 +6,7 @@
 
 pub mod cgroups;
 pub mod kube_api;
+pub mod routes_traffic;
 
 use std::{
     collections::BTreeMap,

@@ -2,6 +2,8 @@
 //! (`raw`), or a low-cardinality template of it (`route`), with a hard cap on
 //! distinct values per server.
 
+pub mod flask_rules;
+
 use std::collections::{HashMap, HashSet};
 
 use percent_encoding::percent_decode_str;

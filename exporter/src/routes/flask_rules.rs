@@ -1,0 +1,715 @@
+//! User routes in Flask's rule syntax (`/items/<int:item_id>`), matched the
+//! way Werkzeug's router matches them (werkzeug/routing/matcher.py, 3.x): a
+//! state machine over `/`-separated parts where static transitions are tried
+//! before dynamic ones, dynamic ones in converter-weight order, converters
+//! that match slashes (`path`) consume the rest, and a rule ending in `/`
+//! answers a request without it with a redirect, not a match.
+
+use std::collections::{BTreeSet, HashMap};
+
+use regex::Regex;
+
+/// The label of requests no rule matched, as prometheus-flask-exporter's
+/// `group_by='url_rule'` has it (`str(None)`).
+pub const NO_RULE: &str = "None";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("malformed rule {0:?}: it must start with '/'")]
+    NoLeadingSlash(String),
+    #[error("malformed rule {rule:?} at {at:?}")]
+    Malformed { rule: String, at: String },
+    #[error("rule {rule:?}: unknown converter {converter:?}")]
+    UnknownConverter { rule: String, converter: String },
+    #[error("rule {rule:?}: bad converter arguments {arguments:?}")]
+    BadArguments { rule: String, arguments: String },
+    #[error("rule {rule:?}: unknown HTTP method {method:?}")]
+    BadMethod { rule: String, method: String },
+}
+
+/// What a converter checks after its regex matched (Werkzeug's `to_python`).
+#[derive(Clone, Debug, PartialEq)]
+enum Check {
+    None,
+    Number {
+        fixed_digits: usize,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+}
+
+impl Check {
+    fn accepts(&self, value: &str) -> bool {
+        match self {
+            Check::None => true,
+            Check::Number {
+                fixed_digits,
+                min,
+                max,
+            } => {
+                if *fixed_digits > 0 && value.chars().count() != *fixed_digits {
+                    return false;
+                }
+                let Some(number) = parse_number(value) else {
+                    return false;
+                };
+                min.is_none_or(|min| number >= min) && max.is_none_or(|max| number <= max)
+            }
+        }
+    }
+}
+
+/// Python's int()/float() of what `\d` matched (Unicode digits included).
+fn parse_number(value: &str) -> Option<f64> {
+    let ascii: String = value
+        .chars()
+        .map(|c| match c.to_digit(10) {
+            Some(digit) => char::from_digit(digit, 10).unwrap_or(c),
+            None => c,
+        })
+        .collect();
+    ascii.parse().ok()
+}
+
+/// A converter's regex, weight, whether it stays within one segment, and
+/// its check.
+struct Converter {
+    regex: String,
+    weight: i64,
+    part_isolating: bool,
+    check: Check,
+}
+
+/// Werkzeug's `parse_converter_args`: positional and keyword arguments as
+/// Python literals.
+fn converter_arguments(text: &str) -> Option<(Vec<String>, HashMap<String, String>)> {
+    let mut positional = Vec::new();
+    let mut keywords = HashMap::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let (item, after) = split_argument(rest)?;
+        rest = after.trim_start_matches(',').trim();
+        let item = item.trim();
+        let value_of = |raw: &str| {
+            let raw = raw.trim();
+            let unquoted = raw
+                .strip_prefix('"')
+                .and_then(|r| r.strip_suffix('"'))
+                .or_else(|| raw.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')));
+            unquoted.unwrap_or(raw).to_owned()
+        };
+        match item.split_once('=') {
+            Some((name, value))
+                if !name.trim().is_empty()
+                    && name.trim().chars().all(|c| c.is_alphanumeric() || c == '_') =>
+            {
+                keywords.insert(name.trim().to_owned(), value_of(value));
+            }
+            _ => positional.push(value_of(item)),
+        }
+    }
+    Some((positional, keywords))
+}
+
+/// One argument up to the next top-level comma (quotes respected).
+fn split_argument(text: &str) -> Option<(&str, &str)> {
+    let mut quote: Option<char> = None;
+    for (index, c) in text.char_indices() {
+        match (quote, c) {
+            (Some(open), c) if c == open => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, ',') => return Some((&text[..index], &text[index..])),
+            (None, _) => {}
+        }
+    }
+    quote.is_none().then_some((text, ""))
+}
+
+fn python_bool(value: Option<&String>) -> bool {
+    value.is_some_and(|v| v == "True")
+}
+
+fn number_limit(value: Option<&String>) -> Option<Option<f64>> {
+    match value.map(String::as_str) {
+        None | Some("None") => Some(None),
+        Some(text) => text.parse().ok().map(Some),
+    }
+}
+
+fn converter(name: &str, arguments: &str) -> Result<Converter, Option<()>> {
+    let (positional, keywords) = converter_arguments(arguments).ok_or(Some(()))?;
+    let get = |key: &str, index: usize| keywords.get(key).or(positional.get(index));
+    let bad = Some(());
+    Ok(match name {
+        "default" | "string" => {
+            let length = match get("length", 2) {
+                Some(length) => format!("{{{}}}", length.parse::<usize>().map_err(|_| bad)?),
+                None => {
+                    let min = get("minlength", 0).map_or(Ok(1), |m| m.parse::<usize>());
+                    let max = get("maxlength", 1).map(|m| m.parse::<usize>());
+                    let min = min.map_err(|_| bad)?;
+                    match max {
+                        Some(max) => format!("{{{min},{}}}", max.map_err(|_| bad)?),
+                        None => format!("{{{min},}}"),
+                    }
+                }
+            };
+            Converter {
+                regex: format!("[^/]{length}"),
+                weight: 100,
+                part_isolating: true,
+                check: Check::None,
+            }
+        }
+        "path" => Converter {
+            regex: "[^/].*?".to_owned(),
+            weight: 200,
+            part_isolating: false,
+            check: Check::None,
+        },
+        "any" => {
+            let items: Vec<String> = positional.iter().map(|item| regex::escape(item)).collect();
+            if items.is_empty() {
+                return Err(bad);
+            }
+            Converter {
+                regex: format!("(?:{})", items.join("|")),
+                weight: 100,
+                part_isolating: true,
+                check: Check::None,
+            }
+        }
+        "int" | "float" => {
+            let digits = if name == "int" { r"\d+" } else { r"\d+\.\d+" };
+            let signed = python_bool(get("signed", if name == "int" { 3 } else { 2 }));
+            let fixed_digits = if name == "int" {
+                get("fixed_digits", 0)
+                    .map_or(Ok(0), |d| d.parse::<usize>())
+                    .map_err(|_| bad)?
+            } else {
+                0
+            };
+            let (min_index, max_index) = if name == "int" { (1, 2) } else { (0, 1) };
+            Converter {
+                regex: if signed {
+                    format!("-?{digits}")
+                } else {
+                    digits.to_owned()
+                },
+                weight: 50,
+                part_isolating: true,
+                check: Check::Number {
+                    fixed_digits,
+                    min: number_limit(get("min", min_index)).ok_or(bad)?,
+                    max: number_limit(get("max", max_index)).ok_or(bad)?,
+                },
+            }
+        }
+        "uuid" => Converter {
+            regex: "[A-Fa-f0-9]{8}-[A-Fa-f0-9]{4}-[A-Fa-f0-9]{4}-[A-Fa-f0-9]{4}-[A-Fa-f0-9]{12}"
+                .to_owned(),
+            weight: 100,
+            part_isolating: true,
+            check: Check::None,
+        },
+        _ => return Err(None),
+    })
+}
+
+/// Werkzeug's `Weighting`: how dynamic transitions are ordered (smaller
+/// first). Field order is comparison order, as Python compares tuples.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Weighting {
+    negative_static_count: i64,
+    static_weights: Vec<(i64, i64)>,
+    negative_argument_count: i64,
+    argument_weights: Vec<i64>,
+}
+
+#[derive(Clone, Debug)]
+struct DynamicPart {
+    /// The regex source: with the flags below, what makes two rules share a
+    /// transition.
+    content: String,
+    regex: Regex,
+    /// Consumes all remaining parts (a `path` converter is in it).
+    is_final: bool,
+    /// Ends in an optional slash that turns into a redirect.
+    suffixed: bool,
+    weight: Weighting,
+    checks: Vec<Check>,
+}
+
+impl PartialEq for DynamicPart {
+    fn eq(&self, other: &Self) -> bool {
+        self.content == other.content
+            && self.is_final == other.is_final
+            && self.suffixed == other.suffixed
+            && self.weight == other.weight
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Part {
+    Static(String),
+    Dynamic(DynamicPart),
+}
+
+/// `rule` split at slashes into static and dynamic parts (Werkzeug's
+/// `Rule._parse_rule`).
+fn parse_parts(rule: &str) -> Result<Vec<Part>, RuleError> {
+    let malformed = |at: &str| RuleError::Malformed {
+        rule: rule.to_owned(),
+        at: at.to_owned(),
+    };
+    let mut parts = Vec::new();
+    let mut content = String::new();
+    let mut is_static = true;
+    let mut static_weights: Vec<(i64, i64)> = Vec::new();
+    let mut argument_weights: Vec<i64> = Vec::new();
+    let mut checks: Vec<Check> = Vec::new();
+    let mut is_final = false;
+    let mut converter_number = 0;
+
+    let finish = |content: String,
+                  is_static: bool,
+                  is_final: bool,
+                  suffixed: bool,
+                  static_weights: &[(i64, i64)],
+                  argument_weights: &[i64],
+                  checks: Vec<Check>|
+     -> Result<Part, RuleError> {
+        if is_static {
+            return Ok(Part::Static(content));
+        }
+        let weight = Weighting {
+            negative_static_count: -(static_weights.len() as i64),
+            static_weights: static_weights.to_vec(),
+            negative_argument_count: -(argument_weights.len() as i64),
+            argument_weights: argument_weights.to_vec(),
+        };
+        let source = format!("^(?:{content})\\z");
+        let regex = Regex::new(&source).map_err(|_| malformed(&content))?;
+        Ok(Part::Dynamic(DynamicPart {
+            content,
+            regex,
+            is_final,
+            suffixed,
+            weight,
+            checks,
+        }))
+    };
+
+    let mut rest = rule;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('/') {
+            rest = after;
+            if is_final {
+                content.push('/');
+                continue;
+            }
+            parts.push(finish(
+                std::mem::take(&mut content),
+                is_static,
+                false,
+                false,
+                &static_weights,
+                &argument_weights,
+                std::mem::take(&mut checks),
+            )?);
+            is_static = true;
+            static_weights.clear();
+            argument_weights.clear();
+            converter_number = 0;
+        } else if let Some(after) = rest.strip_prefix('<') {
+            let end = after.find('>').ok_or_else(|| malformed(rest))?;
+            let inside = &after[..end];
+            rest = &after[end + 1..];
+            let (converter_name, arguments, variable) = match inside.split_once(':') {
+                Some((head, variable)) => match head.split_once('(') {
+                    Some((name, arguments)) => (
+                        name,
+                        arguments
+                            .strip_suffix(')')
+                            .ok_or_else(|| malformed(inside))?,
+                        variable,
+                    ),
+                    None => (head, "", variable),
+                },
+                None => ("default", "", inside),
+            };
+            let identifier = |text: &str| {
+                text.chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphabetic() || c == '_')
+                    && text.chars().all(|c| c.is_alphanumeric() || c == '_')
+            };
+            if !identifier(variable) || !identifier(converter_name) {
+                return Err(malformed(inside));
+            }
+            let converter = converter(converter_name, arguments).map_err(|error| match error {
+                None => RuleError::UnknownConverter {
+                    rule: rule.to_owned(),
+                    converter: converter_name.to_owned(),
+                },
+                Some(()) => RuleError::BadArguments {
+                    rule: rule.to_owned(),
+                    arguments: arguments.to_owned(),
+                },
+            })?;
+            if is_static {
+                content = regex::escape(&content);
+            }
+            is_static = false;
+            if !converter.part_isolating {
+                is_final = true;
+            }
+            content.push_str(&format!("(?P<c{converter_number}>{})", converter.regex));
+            converter_number += 1;
+            argument_weights.push(converter.weight);
+            checks.push(converter.check);
+        } else {
+            let end = rest.find(['/', '<']).unwrap_or(rest.len());
+            let text = &rest[..end];
+            rest = &rest[end..];
+            static_weights.push((static_weights.len() as i64, -(text.chars().count() as i64)));
+            if is_static {
+                content.push_str(text);
+            } else {
+                content.push_str(&regex::escape(text));
+            }
+        }
+    }
+    // A slash-matching converter followed by a final slash: the slash is
+    // optional and, when missing, a redirect (Werkzeug's `suffixed`).
+    let suffixed = is_final && content.ends_with('/');
+    if suffixed {
+        content.pop();
+        content.push_str("(?P<slash>/?)");
+    }
+    parts.push(finish(
+        content,
+        is_static,
+        is_final,
+        suffixed,
+        &static_weights,
+        &argument_weights,
+        checks,
+    )?);
+    if suffixed {
+        parts.push(Part::Static(String::new()));
+    }
+    Ok(parts)
+}
+
+/// One user rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// The rule as written: the label of the requests it matches.
+    pub text: String,
+    /// `None`: every method.
+    methods: Option<BTreeSet<String>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    static_next: HashMap<String, State>,
+    dynamic_next: Vec<(DynamicPart, State)>,
+    rules: Vec<usize>,
+}
+
+/// How a request fared against the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleMatch<'a> {
+    Rule(&'a str),
+    /// No rule matches the path, or it does only with another method, or
+    /// only with a trailing slash (Werkzeug redirects): Flask has no
+    /// `url_rule` for it.
+    NoRule,
+}
+
+/// A set of user rules, matched as one Werkzeug `Map`.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    root: State,
+}
+
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+impl RuleSet {
+    /// Parses rules, one a line: `[METHOD,METHOD ]RULE`; `#` starts a
+    /// comment. Without methods a rule takes every method; with them, HEAD
+    /// comes with GET and OPTIONS with any, as Flask adds them.
+    pub fn parse(text: &str) -> (RuleSet, Vec<RuleError>) {
+        let mut set = RuleSet::default();
+        let mut errors = Vec::new();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Err(error) = set.add_line(line) {
+                errors.push(error);
+            }
+        }
+        set.root.sort();
+        (set, errors)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn rules(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|rule| rule.text.as_str())
+    }
+
+    fn add_line(&mut self, line: &str) -> Result<(), RuleError> {
+        let (methods, text) = match line.split_once(char::is_whitespace) {
+            Some((methods, rule)) if !methods.starts_with('/') => (Some(methods), rule.trim()),
+            _ => (None, line),
+        };
+        if !text.starts_with('/') {
+            return Err(RuleError::NoLeadingSlash(text.to_owned()));
+        }
+        let methods = match methods {
+            None => None,
+            Some(list) => {
+                let mut set = BTreeSet::new();
+                for method in list.split(',').map(|m| m.trim().to_ascii_uppercase()) {
+                    if !METHODS.contains(&method.as_str()) {
+                        return Err(RuleError::BadMethod {
+                            rule: text.to_owned(),
+                            method,
+                        });
+                    }
+                    set.insert(method);
+                }
+                if set.contains("GET") {
+                    set.insert("HEAD".to_owned());
+                }
+                set.insert("OPTIONS".to_owned());
+                Some(set)
+            }
+        };
+        // Werkzeug merges repeated slashes in rules.
+        let mut merged = String::with_capacity(text.len());
+        for c in text.chars() {
+            if !(c == '/' && merged.ends_with('/')) {
+                merged.push(c);
+            }
+        }
+        let parts = parse_parts(&merged)?;
+        let index = self.rules.len();
+        self.rules.push(Rule {
+            text: text.to_owned(),
+            methods,
+        });
+        let mut state = &mut self.root;
+        for part in parts {
+            state = match part {
+                Part::Static(text) => state.static_next.entry(text).or_default(),
+                Part::Dynamic(part) => {
+                    let position = state
+                        .dynamic_next
+                        .iter()
+                        .position(|(test, _)| *test == part);
+                    let position = position.unwrap_or_else(|| {
+                        state.dynamic_next.push((part, State::default()));
+                        state.dynamic_next.len() - 1
+                    });
+                    &mut state.dynamic_next[position].1
+                }
+            };
+        }
+        state.rules.push(index);
+        Ok(())
+    }
+
+    /// Matches a request path (as `request.path` has it: decoded, one
+    /// leading slash) and method.
+    pub fn match_path(&self, path: &str, method: &str) -> RuleMatch<'_> {
+        let parts: Vec<&str> = path.split('/').collect();
+        let method = method.to_ascii_uppercase();
+        match self.walk(&self.root, &parts, &mut Vec::new(), &method) {
+            Walk::Matched(rule) => RuleMatch::Rule(&self.rules[rule].text),
+            Walk::NoMatch | Walk::SlashRequired | Walk::Failed => RuleMatch::NoRule,
+        }
+    }
+
+    fn rule_takes(&self, rule: usize, method: &str) -> bool {
+        self.rules[rule]
+            .methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(method))
+    }
+
+    fn walk<'s>(
+        &'s self,
+        state: &'s State,
+        parts: &[&str],
+        values: &mut Vec<(&'s Check, String)>,
+        method: &str,
+    ) -> Walk {
+        let Some((part, rest)) = parts.split_first() else {
+            if let Some(&rule) = state
+                .rules
+                .iter()
+                .find(|&&rule| self.rule_takes(rule, method))
+            {
+                return self.validated(rule, values);
+            }
+            if let Some(slashed) = state.static_next.get("")
+                && slashed
+                    .rules
+                    .iter()
+                    .any(|&rule| self.rule_takes(rule, method))
+            {
+                // Every rule is strict about slashes, as Flask's are.
+                return Walk::SlashRequired;
+            }
+            return Walk::NoMatch;
+        };
+        if let Some(next) = state.static_next.get(*part) {
+            match self.walk(next, rest, values, method) {
+                Walk::NoMatch => {}
+                done => return done,
+            }
+        }
+        for (test, next) in &state.dynamic_next {
+            let joined;
+            let (target, mut remaining): (&str, &[&str]) = if test.is_final {
+                joined = parts.join("/");
+                (joined.as_str(), &[])
+            } else {
+                (part, rest)
+            };
+            let Some(captures) = test.regex.captures(target) else {
+                continue;
+            };
+            if test.suffixed {
+                let slash = captures.name("slash");
+                // Werkzeug's `(?<!/)`: the text before the optional slash
+                // must not end in one.
+                let before = slash.map_or(target.len(), |m| m.start());
+                if target[..before].ends_with('/') {
+                    continue;
+                }
+                if slash.is_some_and(|m| m.as_str() == "/") {
+                    remaining = &[""];
+                }
+            }
+            let pushed = test.checks.len();
+            for (index, check) in test.checks.iter().enumerate() {
+                let value = captures
+                    .name(&format!("c{index}"))
+                    .map_or_else(String::new, |m| m.as_str().to_owned());
+                values.push((check, value));
+            }
+            let outcome = self.walk(next, remaining, values, method);
+            values.truncate(values.len() - pushed);
+            match outcome {
+                Walk::NoMatch => {}
+                done => return done,
+            }
+        }
+        // (Werkzeug tries rules without strict slashes here; Flask's are all
+        // strict.)
+        Walk::NoMatch
+    }
+
+    /// Werkzeug converts values only after the whole match: a value that
+    /// fails (e.g. `int(max=10)`) fails the request, it does not try other
+    /// rules.
+    fn validated(&self, rule: usize, values: &[(&Check, String)]) -> Walk {
+        if values.iter().all(|(check, value)| check.accepts(value)) {
+            Walk::Matched(rule)
+        } else {
+            Walk::Failed
+        }
+    }
+}
+
+enum Walk {
+    Matched(usize),
+    NoMatch,
+    SlashRequired,
+    /// Matched, then a converter rejected a value: no rule for the request.
+    Failed,
+}
+
+impl State {
+    /// Werkzeug's `update()`: dynamic transitions by weight; the sort is
+    /// stable, as Python's, so equal weights keep the order rules came in.
+    fn sort(&mut self) {
+        self.dynamic_next
+            .sort_by(|(a, _), (b, _)| a.weight.cmp(&b.weight));
+        for next in self.static_next.values_mut() {
+            next.sort();
+        }
+        for (_, next) in &mut self.dynamic_next {
+            next.sort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label<'a>(rules: &'a RuleSet, method: &str, path: &str) -> &'a str {
+        match rules.match_path(path, method) {
+            RuleMatch::Rule(rule) => rule,
+            RuleMatch::NoRule => NO_RULE,
+        }
+    }
+
+    #[test]
+    fn rules_file_syntax_and_errors() {
+        let (rules, errors) = RuleSet::parse(
+            "# comment\nGET /a/<int:id>\n\n/any/<x>   # every method\nGET,POST /b\nBREW /pot\nitems\n/c/<nope:x>\n/d/<int(min=oops):x>\n/e/<int:x\n",
+        );
+        assert_eq!(rules.rules().collect::<Vec<_>>(), ["/a/<int:id>", "/any/<x>", "/b"]);
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(matches!(errors[0], RuleError::BadMethod { .. }));
+        assert!(matches!(errors[1], RuleError::NoLeadingSlash(_)));
+        assert!(matches!(errors[2], RuleError::UnknownConverter { .. }));
+        assert!(matches!(errors[3], RuleError::BadArguments { .. }));
+        assert!(matches!(errors[4], RuleError::Malformed { .. }));
+        // HEAD comes with GET, OPTIONS with every rule, as Flask adds them.
+        assert_eq!(label(&rules, "HEAD", "/a/1"), "/a/<int:id>");
+        assert_eq!(label(&rules, "OPTIONS", "/b"), "/b");
+        assert_eq!(label(&rules, "DELETE", "/a/1"), NO_RULE);
+        assert_eq!(label(&rules, "PATCH", "/any/thing"), "/any/<x>");
+    }
+
+    #[test]
+    fn werkzeug_ordering_and_slashes() {
+        let (rules, errors) = RuleSet::parse(
+            "/x/<path:p>\n/x/<int:n>\n/x/new\n/y/<a>-<b>\n/y/<a>\n/z/\n/w/<path:p>/\n/v/<string(length=2):c>\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        // Static first, then the lighter converter, then `path`.
+        assert_eq!(label(&rules, "GET", "/x/new"), "/x/new");
+        assert_eq!(label(&rules, "GET", "/x/42"), "/x/<int:n>");
+        assert_eq!(label(&rules, "GET", "/x/a/b"), "/x/<path:p>");
+        // More static text in a part wins.
+        assert_eq!(label(&rules, "GET", "/y/a-b"), "/y/<a>-<b>");
+        assert_eq!(label(&rules, "GET", "/y/ab"), "/y/<a>");
+        // A rule ending in '/' redirects a request without it.
+        assert_eq!(label(&rules, "GET", "/z/"), "/z/");
+        assert_eq!(label(&rules, "GET", "/z"), NO_RULE);
+        assert_eq!(label(&rules, "GET", "/w/a/b/"), "/w/<path:p>/");
+        assert_eq!(label(&rules, "GET", "/w/a/b"), NO_RULE);
+        assert_eq!(label(&rules, "GET", "/v/fr"), "/v/<string(length=2):c>");
+        assert_eq!(label(&rules, "GET", "/v/fra"), NO_RULE);
+    }
+}
