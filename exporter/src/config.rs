@@ -33,13 +33,36 @@ pub struct Config {
     )]
     pub path_label: PathLabelMode,
 
-    /// Most distinct `path` values per server; further paths are exported as `<other>`.
+    /// Most distinct `path` values per workload (per server in local mode);
+    /// further paths are exported as `<other>`.
     #[arg(
         long,
-        env = "FLASK_EBPF_EXPORTER_MAX_PATHS_PER_SERVER",
+        alias = "max-paths-per-server",
+        env = "FLASK_EBPF_EXPORTER_MAX_PATHS_PER_WORKLOAD",
         default_value_t = 500
     )]
-    pub max_paths_per_server: usize,
+    pub max_paths_per_workload: usize,
+
+    /// A Flask rule, `[METHODS ]RULE` (e.g. `GET,PUT /items/<int:item_id>`):
+    /// requests it matches get the rule as `path`. Repeatable; the
+    /// environment variable takes one rule a line.
+    #[arg(long = "route", env = "FLASK_EBPF_EXPORTER_ROUTES")]
+    pub routes: Vec<String>,
+
+    /// A file of Flask rules, one a line (`#` comments).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_ROUTES_FILE")]
+    pub routes_file: Option<PathBuf>,
+
+    /// Distinct values a path position may take under the same prefix
+    /// before it is learned as a parameter.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_ROUTE_SEGMENT_CAP", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub route_segment_cap: u32,
+
+    /// Serve /debug/routes, /debug/pods and /debug/connections.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_DEBUG_ENDPOINTS", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub debug_endpoints: bool,
 
     /// Bytes copied from the start of each read or write (request line and headers must fit).
     #[arg(long, env = "FLASK_EBPF_EXPORTER_CAPTURE_BYTES", default_value_t = 4096,
@@ -146,6 +169,18 @@ pub enum Mode {
 const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 impl Config {
+    /// The user rules of `--route` and `--routes-file`, as one text.
+    pub fn user_rules_text(&self) -> Result<String, String> {
+        let mut text = self.routes.join("\n");
+        if let Some(path) = &self.routes_file {
+            let file = std::fs::read_to_string(path)
+                .map_err(|error| format!("reading --routes-file {}: {error}", path.display()))?;
+            text.push('\n');
+            text.push_str(&file);
+        }
+        Ok(text)
+    }
+
     pub fn mode(&self) -> Result<Mode, String> {
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
             && std::path::Path::new(SERVICE_ACCOUNT_TOKEN).exists();
@@ -196,11 +231,25 @@ mod tests {
             "8000",
             "--command",
             "gunicorn.*app",
+            "--route",
+            "GET /items/<int:id>",
+            "--route",
+            "/users/<uuid:id>",
+            "--max-paths-per-server",
+            "40",
+            "--debug-endpoints",
+            "false",
         ])
         .expect("flags parse");
         assert_eq!(config.path_label, PathLabelMode::Raw);
         assert_eq!(config.pids, vec![5, 6]);
         assert_eq!(config.ports, vec![8000]);
+        assert_eq!(
+            config.user_rules_text().as_deref(),
+            Ok("GET /items/<int:id>\n/users/<uuid:id>")
+        );
+        assert_eq!(config.max_paths_per_workload, 40);
+        assert!(!config.debug_endpoints);
         assert!(Config::try_parse_from(["x", "--ring-buffer-bytes", "5000"]).is_err());
         assert!(Config::try_parse_from(["x", "--capture-bytes", "999999"]).is_err());
         assert!(Config::try_parse_from(["x", "--command", "("]).is_err());

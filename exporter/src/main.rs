@@ -16,7 +16,7 @@ use flask_ebpf_exporter::{
     },
     metrics::Metrics,
     pipeline::Pipeline,
-    routes::RouteLabeler,
+    routes::{RouteLabeler, RouteOptions, flask_rules::RuleSet},
     server::{self, Readiness, ServerState},
     stream::ConnectionTable,
 };
@@ -46,6 +46,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let readiness = Arc::new(Readiness::default());
     let mode = config.mode().map_err(anyhow::Error::msg)?;
+    let (user_rules, rule_errors) =
+        RuleSet::parse(&config.user_rules_text().map_err(anyhow::Error::msg)?);
+    if let Some(error) = rule_errors.first() {
+        anyhow::bail!("{error} (in --route or --routes-file)");
+    }
     let label_names: &[&str] = match mode {
         Mode::Local => &LOCAL_LABELS,
         Mode::Kubernetes { .. } => &POD_LABELS,
@@ -96,7 +101,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             max_held: MAX_HELD_REQUESTS,
         }),
         deleted_pod_grace: config.deleted_pod_grace,
-        labeler: RouteLabeler::new(config.path_label, config.max_paths_per_server),
+        labeler: RouteLabeler::new(RouteOptions {
+            mode: config.path_label,
+            max_paths_per_workload: config.max_paths_per_workload,
+            segment_cap: config.route_segment_cap as usize,
+            user_rules: Arc::new(user_rules),
+        }),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
     };

@@ -156,14 +156,20 @@ fn record(
     labeler: &mut RouteLabeler,
     metrics: &Metrics,
 ) {
-    attribution.attribute(identity, served, Instant::now(), &mut |labels, exchange| {
-        let path = labeler.label(labels, &exchange.target);
-        metrics.observe(
-            &exchange.method,
-            &path,
-            exchange.status,
-            labels,
-            exchange.duration_seconds(),
-        );
-    });
+    attribution.attribute(
+        identity,
+        served,
+        Instant::now(),
+        &mut |labels, rules, exchange| {
+            let workload = || identity.workload_key(labels);
+            let path = labeler.label(labels, &workload, rules, exchange);
+            metrics.observe(
+                &exchange.method,
+                &path,
+                exchange.status,
+                labels,
+                exchange.duration_seconds(),
+            );
+        },
+    );
 }

@@ -30,7 +30,7 @@ use self::{
     local::{LocalIdentity, read_stat},
     pods::{Lookup, PodIndex, unknown_labels},
 };
-use crate::{http::Exchange, stream::ServedExchange};
+use crate::{http::Exchange, routes::flask_rules::RuleSet, stream::ServedExchange};
 
 /// Label values, in the order of the mode's label names.
 pub type IdentityLabels = Arc<[String]>;
@@ -67,6 +67,16 @@ impl Identity {
         match self {
             Identity::Local(local) => local.resolve(origin).map(ServedBy::Labels),
             Identity::Pods(pods) => pods.resolve(origin.tgid).map(ServedBy::Container),
+        }
+    }
+
+    /// What route learning and the route cap are kept per: the server in
+    /// local mode, the workload (namespace, workload, kind) in Kubernetes
+    /// mode.
+    pub fn workload_key(&self, labels: &IdentityLabels) -> IdentityLabels {
+        match self {
+            Identity::Local(_) => labels.clone(),
+            Identity::Pods(_) => pods::workload_labels(labels),
         }
     }
 
@@ -164,6 +174,10 @@ impl PodIdentity {
     }
 }
 
+/// Receives each attributed exchange: its identity labels, the user rules
+/// its workload's pods carry (if any), and the exchange.
+pub type Recorder<'a> = dyn FnMut(&IdentityLabels, Option<&RuleSet>, &Exchange) + 'a;
+
 /// Limits on traffic held while its pod is looked up.
 #[derive(Clone, Copy, Debug)]
 pub struct HoldLimits {
@@ -217,7 +231,7 @@ impl Attribution {
         identity: &Identity,
         served: &mut Vec<ServedExchange>,
         now: Instant,
-        record: &mut dyn FnMut(&IdentityLabels, &Exchange),
+        record: &mut Recorder<'_>,
     ) {
         if served.is_empty() && self.held.is_empty() {
             return;
@@ -251,16 +265,22 @@ impl Attribution {
         served: ServedExchange,
         deadline: Instant,
         now: Instant,
-        record: &mut dyn FnMut(&IdentityLabels, &Exchange),
+        record: &mut Recorder<'_>,
     ) {
         let container = match &served.served_by {
-            ServedBy::Labels(labels) => return record(labels, &served.exchange),
+            ServedBy::Labels(labels) => return record(labels, None, &served.exchange),
             ServedBy::Container(container) => container,
         };
         let give_up = deadline <= now || self.held.len() >= self.limits.max_held;
-        let lookup = index.map_or(Lookup::Pending, |index| index.lookup(container, give_up));
-        match lookup {
-            Lookup::Known(labels) => record(&labels, &served.exchange),
+        let Some(index) = index else {
+            self.stats.unattributed += 1;
+            return record(&self.unknown, None, &served.exchange);
+        };
+        match index.lookup(container, give_up) {
+            Lookup::Known(labels) => {
+                let rules = index.workload_rules(&labels);
+                record(&labels, rules.as_deref(), &served.exchange)
+            }
             Lookup::Excluded => self.stats.excluded += 1,
             Lookup::Pending if give_up => {
                 if self.stats.unattributed == 0 {
@@ -268,7 +288,7 @@ impl Attribution {
                         "traffic of a pod this node's watch does not know: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)");
                 }
                 self.stats.unattributed += 1;
-                record(&self.unknown, &served.exchange);
+                record(&self.unknown, None, &served.exchange);
             }
             Lookup::Pending => self.held.push_back((deadline, served)),
         }
@@ -320,6 +340,7 @@ mod tests {
             container_ids: vec![("app".to_owned(), ID.to_owned())],
             app_containers: vec!["app".to_owned(), "proxy".to_owned()],
             selected,
+            routes: Some("GET /orders/<int:id>\n/bad/<nope:x>\n".to_owned()),
         }
     }
 
@@ -340,9 +361,17 @@ mod tests {
         now: Instant,
     ) -> Vec<(String, String)> {
         let mut recorded = Vec::new();
-        attribution.attribute(identity, &mut served, now, &mut |labels, exchange| {
-            recorded.push((labels[1].clone(), exchange.target.clone()));
-        });
+        attribution.attribute(
+            identity,
+            &mut served,
+            now,
+            &mut |labels, rules, exchange| {
+                if labels[1] == "web-1" {
+                    assert!(rules.is_some_and(|rules| rules.len() == 1));
+                }
+                recorded.push((labels[1].clone(), exchange.target.clone()));
+            },
+        );
         assert!(served.is_empty());
         recorded
     }
@@ -372,6 +401,15 @@ mod tests {
         );
         assert!(later.is_empty());
         lock_index(&index).apply(pod_info(true));
+        // The annotation's rules reach the recorder (the bad line skipped).
+        let rules = lock_index(&index).workload_rules(&[
+            "shop".to_owned(),
+            "web-1".to_owned(),
+            "app".to_owned(),
+            "web".to_owned(),
+            "Deployment".to_owned(),
+        ]);
+        assert_eq!(rules.map(|r| r.len()), Some(1));
         let resolved = pass(
             &mut attribution,
             &identity,

@@ -10,10 +10,13 @@ use std::{
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
+use tracing::warn;
+
 use super::{
     IdentityLabels,
     cgroup::{ContainerRef, PodUid, bare_container_id},
 };
+use crate::routes::flask_rules::RuleSet;
 
 /// Label names Kubernetes mode adds to every `flask_*` series.
 pub const POD_LABELS: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
@@ -23,6 +26,10 @@ pub const UNKNOWN: &str = "<unknown>";
 
 /// Pod annotation that selects a pod in or out (`"true"` / `"false"`).
 pub const MONITOR_ANNOTATION: &str = "flask-ebpf-exporter.io/monitor";
+
+/// Pod annotation with the workload's Flask rules, one a line, as
+/// `--routes-file` takes them.
+pub const ROUTES_ANNOTATION: &str = "flask-ebpf-exporter.io/routes";
 
 /// What owns a pod, after following ReplicaSet → Deployment and Job → CronJob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +73,8 @@ pub struct PodInfo {
     /// Names of the app containers in the spec.
     pub app_containers: Vec<String>,
     pub selected: bool,
+    /// The routes annotation's text, if any.
+    pub routes: Option<String>,
 }
 
 impl PodInfo {
@@ -104,12 +113,21 @@ impl PodInfo {
         Some(PodInfo {
             uid,
             selected: selection.selects(&namespace, annotations),
+            routes: annotations.get(ROUTES_ANNOTATION).cloned(),
             namespace,
             name: metadata.name.clone().unwrap_or_default(),
             workload,
             container_ids: statuses,
             app_containers,
         })
+    }
+
+    fn workload_key(&self) -> WorkloadKey {
+        (
+            self.namespace.clone(),
+            self.workload.name.clone(),
+            self.workload.kind.clone(),
+        )
     }
 
     fn labels(&self, container: &str) -> IdentityLabels {
@@ -157,11 +175,24 @@ impl PodEntry {
     }
 }
 
+/// (namespace, workload, workload kind).
+type WorkloadKey = (String, String, String);
+
+/// The workload's part of identity labels, in [`POD_LABELS`] order.
+pub fn workload_labels(labels: &[String]) -> IdentityLabels {
+    [0, 3, 4]
+        .iter()
+        .map(|&index| labels.get(index).cloned().unwrap_or_default())
+        .collect()
+}
+
 /// The node's pods, by UID and by container ID.
 #[derive(Debug, Default)]
 pub struct PodIndex {
     pods: HashMap<PodUid, PodEntry>,
     by_container_id: HashMap<String, PodUid>,
+    /// User rules from pods' routes annotations, by workload.
+    workload_rules: HashMap<WorkloadKey, (String, Arc<RuleSet>)>,
     /// Bumped on every change, so held traffic is retried only when it may
     /// resolve differently.
     generation: u64,
@@ -184,6 +215,18 @@ impl PodIndex {
     /// A pod was added or changed.
     pub fn apply(&mut self, info: PodInfo) {
         self.generation += 1;
+        if let Some(text) = &info.routes {
+            let key = info.workload_key();
+            let current = self.workload_rules.get(&key).map(|(known, _)| known);
+            if current != Some(text) {
+                let (rules, errors) = RuleSet::parse(text);
+                for error in &errors {
+                    warn!(pod = %info.name, namespace = %info.namespace, %error, "bad rule in the {ROUTES_ANNOTATION} annotation; skipped");
+                }
+                self.workload_rules
+                    .insert(key, (text.clone(), Arc::new(rules)));
+            }
+        }
         for (_, id) in &info.container_ids {
             self.by_container_id.insert(id.clone(), info.uid.clone());
         }
@@ -254,6 +297,14 @@ impl PodIndex {
                 self.generation += 1;
             }
         }
+        if !labels.is_empty() {
+            let live: std::collections::HashSet<WorkloadKey> = self
+                .pods
+                .values()
+                .map(|entry| entry.info.workload_key())
+                .collect();
+            self.workload_rules.retain(|key, _| live.contains(key));
+        }
         labels
     }
 
@@ -263,6 +314,14 @@ impl PodIndex {
                 self.by_container_id.remove(id);
             }
         }
+    }
+
+    /// The user rules a pod annotation gives the workload of `labels`.
+    pub fn workload_rules(&self, labels: &[String]) -> Option<Arc<RuleSet>> {
+        let field = |index: usize| labels.get(index).cloned().unwrap_or_default();
+        self.workload_rules
+            .get(&(field(0), field(3), field(4)))
+            .map(|(_, rules)| rules.clone())
     }
 
     /// The labels of a container. With `give_up`, a pod whose container

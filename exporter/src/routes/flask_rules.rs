@@ -677,7 +677,10 @@ mod tests {
         let (rules, errors) = RuleSet::parse(
             "# comment\nGET /a/<int:id>\n\n/any/<x>   # every method\nGET,POST /b\nBREW /pot\nitems\n/c/<nope:x>\n/d/<int(min=oops):x>\n/e/<int:x\n",
         );
-        assert_eq!(rules.rules().collect::<Vec<_>>(), ["/a/<int:id>", "/any/<x>", "/b"]);
+        assert_eq!(
+            rules.rules().collect::<Vec<_>>(),
+            ["/a/<int:id>", "/any/<x>", "/b"]
+        );
         assert_eq!(errors.len(), 5, "{errors:?}");
         assert!(matches!(errors[0], RuleError::BadMethod { .. }));
         assert!(matches!(errors[1], RuleError::NoLeadingSlash(_)));

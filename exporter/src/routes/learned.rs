@@ -1,0 +1,517 @@
+//! Route templates learned from a workload's traffic, for when no user rule
+//! names a request: a trie of path segments in which
+//!
+//! - segments that look like values (integers, UUIDs, hex ids, dates,
+//!   floats, long tokens) are parameters of that type from the start;
+//! - a position that has seen more than `segment_cap` distinct literal
+//!   values under the same prefix (four times that for the first segment,
+//!   an app's sections) becomes a `<string>` parameter, its
+//!   subtrees merged (literals much busier than the rest stay literal: they
+//!   are static siblings such as `/users/me`);
+//! - a `<string>` parameter whose subtree has routes of several depths and
+//!   many values again becomes `<path>`, the rest of the path; a last
+//!   segment that keeps coming back under it (`<path>/meta`) stays literal.
+
+use std::collections::HashMap;
+
+/// A learned parameter's type, and its text in templates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Param {
+    Int,
+    Uuid,
+    Hex,
+    Date,
+    Float,
+    Token,
+    String,
+    Path,
+}
+
+impl Param {
+    pub fn text(self) -> &'static str {
+        match self {
+            Param::Int => "<int>",
+            Param::Uuid => "<uuid>",
+            Param::Hex => "<hex>",
+            Param::Date => "<date>",
+            Param::Float => "<float>",
+            Param::Token => "<token>",
+            Param::String => "<string>",
+            Param::Path => "<path>",
+        }
+    }
+
+    /// Learned from cardinality, not from how one value looks.
+    pub fn is_learned(self) -> bool {
+        matches!(self, Param::String | Param::Path)
+    }
+}
+
+/// The type a single segment's value has, if it looks like a value.
+pub fn classify(segment: &str) -> Option<Param> {
+    if segment.is_empty() {
+        return None;
+    }
+    let bytes = segment.as_bytes();
+    if bytes.iter().all(u8::is_ascii_digit) {
+        return Some(Param::Int);
+    }
+    if is_uuid(segment) {
+        return Some(Param::Uuid);
+    }
+    if is_date(bytes) {
+        return Some(Param::Date);
+    }
+    if bytes.contains(&b'.')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || *b == b'.' || *b == b'-')
+        && segment.parse::<f64>().is_ok()
+    {
+        return Some(Param::Float);
+    }
+    let has_digit = bytes.iter().any(u8::is_ascii_digit);
+    if bytes.len() >= 16 && has_digit && bytes.iter().all(u8::is_ascii_hexdigit) {
+        return Some(Param::Hex);
+    }
+    let token_chars = bytes
+        .iter()
+        .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if bytes.len() >= 20 && has_digit && token_chars {
+        return Some(Param::Token);
+    }
+    None
+}
+
+fn is_uuid(segment: &str) -> bool {
+    let groups: Vec<&str> = segment.split('-').collect();
+    groups.len() == 5
+        && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn is_date(bytes: &[u8]) -> bool {
+    bytes.len() == 10
+        && bytes.iter().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                *b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
+/// A literal busier than this many times the average of its siblings stays
+/// literal when they become a parameter.
+const HOT_LITERAL_FACTOR: u64 = 4;
+/// ... and it must have been seen at least this often.
+const HOT_LITERAL_MIN_HITS: u64 = 5;
+/// A last segment under `<path>` seen this often, and at least this share
+/// of the parameter's requests, is a static suffix.
+const PATH_SUFFIX_MIN_HITS: u64 = 5;
+const PATH_SUFFIX_MIN_SHARE: f64 = 0.1;
+/// Segments past this depth are one `<path>`.
+const MAX_DEPTH: usize = 32;
+
+#[derive(Debug, Default, Clone)]
+struct Node {
+    literals: HashMap<String, Node>,
+    params: Vec<(Param, Node)>,
+    /// A request ended here.
+    terminal: bool,
+    hits: u64,
+    /// Under a `<path>` parameter: how often each last segment was seen.
+    path_suffixes: HashMap<String, u64>,
+}
+
+impl Node {
+    fn size(&self) -> usize {
+        1 + self.literals.values().map(Node::size).sum::<usize>()
+            + self
+                .params
+                .iter()
+                .map(|(_, node)| node.size())
+                .sum::<usize>()
+    }
+
+    fn param(&mut self, param: Param) -> &mut Node {
+        let index = match self.params.iter().position(|(p, _)| *p == param) {
+            Some(index) => index,
+            None => {
+                self.params.push((param, Node::default()));
+                self.params.sort_by_key(|(p, _)| *p);
+                self.params
+                    .iter()
+                    .position(|(p, _)| *p == param)
+                    .unwrap_or_default()
+            }
+        };
+        &mut self.params[index].1
+    }
+
+    fn has_param(&self, param: Param) -> bool {
+        self.params.iter().any(|(p, _)| *p == param)
+    }
+
+    /// Folds `other` into `self`.
+    fn merge(&mut self, other: Node) {
+        self.terminal |= other.terminal;
+        self.hits += other.hits;
+        for (segment, child) in other.literals {
+            match self.literals.get_mut(&segment) {
+                Some(existing) => existing.merge(child),
+                None => {
+                    self.literals.insert(segment, child);
+                }
+            }
+        }
+        for (param, child) in other.params {
+            self.param(param).merge(child);
+        }
+        for (suffix, hits) in other.path_suffixes {
+            *self.path_suffixes.entry(suffix).or_default() += hits;
+        }
+    }
+
+    /// Depths (from here) at which requests ended.
+    fn terminal_depths(&self, depth: usize, out: &mut Vec<usize>) {
+        if self.terminal && !out.contains(&depth) {
+            out.push(depth);
+        }
+        for child in self.literals.values() {
+            child.terminal_depths(depth + 1, out);
+        }
+        for (_, child) in &self.params {
+            child.terminal_depths(depth + 1, out);
+        }
+    }
+}
+
+/// How a label was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learned {
+    /// Contains a parameter learned from cardinality (`<string>`, `<path>`).
+    Learned,
+    /// Literal segments and typed parameters only.
+    Heuristic,
+}
+
+/// One workload's learned routes.
+#[derive(Debug)]
+pub struct RouteLearner {
+    root: Node,
+    segment_cap: usize,
+    max_nodes: usize,
+    nodes: usize,
+}
+
+impl RouteLearner {
+    pub fn new(segment_cap: usize, max_nodes: usize) -> Self {
+        RouteLearner {
+            root: Node::default(),
+            segment_cap: segment_cap.max(1),
+            max_nodes,
+            nodes: 1,
+        }
+    }
+
+    /// Learns from a served path and returns its template.
+    pub fn learn(&mut self, path: &str) -> (String, Learned) {
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let can_grow = self.nodes < self.max_nodes;
+        let segment_cap = self.segment_cap;
+        // First segments are an app's sections, nearly always static: they
+        // get a larger cap.
+        let cap_at = |depth: usize| {
+            if depth == 0 {
+                segment_cap * 4
+            } else {
+                segment_cap
+            }
+        };
+        let mut template = String::with_capacity(path.len());
+        let mut learned = Learned::Heuristic;
+        let mut node = &mut self.root;
+        let mut index = 0;
+        let mut created = 0;
+        let mut collapsed = false;
+        while index < segments.len() {
+            let segment = segments[index];
+            template.push('/');
+            if index >= MAX_DEPTH || node.has_param(Param::Path) {
+                // The rest of the path is one parameter.
+                let rest = &segments[index..];
+                let path_node = node.param(Param::Path);
+                path_node.hits += 1;
+                path_node.terminal = true;
+                template.push_str(Param::Path.text());
+                learned = Learned::Learned;
+                if rest.len() > 1
+                    && let Some(last) = rest.last()
+                {
+                    *path_node
+                        .path_suffixes
+                        .entry((*last).to_owned())
+                        .or_default() += 1;
+                    if is_path_suffix(path_node, last) {
+                        template.push('/');
+                        template.push_str(last);
+                    }
+                }
+                self.count_nodes(created, collapsed);
+                return (template, learned);
+            }
+            node.hits += 1;
+            let next: &mut Node = if let Some(param) = classify(segment) {
+                template.push_str(param.text());
+                if !node.has_param(param) {
+                    created += 1;
+                }
+                node.param(param)
+            } else if node.literals.contains_key(segment) {
+                template.push_str(segment);
+                node.literals
+                    .get_mut(segment)
+                    .unwrap_or_else(|| unreachable!())
+            } else if node.has_param(Param::String) {
+                template.push_str(Param::String.text());
+                learned = Learned::Learned;
+                node.param(Param::String)
+            } else if node.literals.len() < cap_at(index) && can_grow {
+                template.push_str(segment);
+                created += 1;
+                node.literals.entry(segment.to_owned()).or_default()
+            } else {
+                let became = collapse(node, cap_at(index));
+                collapsed = true;
+                template.push_str(became.text());
+                learned = Learned::Learned;
+                if became == Param::Path {
+                    // Re-enter the loop at this segment: `<path>` takes it all.
+                    template.truncate(template.len() - became.text().len() - 1);
+                    continue;
+                }
+                node.param(became)
+            };
+            node = next;
+            index += 1;
+        }
+        node.hits += 1;
+        node.terminal = true;
+        self.count_nodes(created, collapsed);
+        (template, learned)
+    }
+
+    /// The template of a path, without learning it; `None` if it does not
+    /// end where a learned route ends.
+    pub fn fit(&self, path: &str) -> Option<(String, Learned)> {
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let mut template = String::new();
+        let learned = fit_node(&self.root, &segments, &mut template)?;
+        Some((template, learned))
+    }
+
+    /// Nodes in the trie (bounded by `max_nodes`).
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// Keeps the node count: added nodes, or a recount after a collapse
+    /// merged subtrees (rare, so the walk is affordable).
+    fn count_nodes(&mut self, created: usize, collapsed: bool) {
+        if collapsed {
+            self.nodes = self.root.size();
+        } else {
+            self.nodes += created;
+        }
+    }
+}
+
+fn is_path_suffix(path_node: &Node, last: &str) -> bool {
+    let hits = path_node.path_suffixes.get(last).copied().unwrap_or(0);
+    hits >= PATH_SUFFIX_MIN_HITS && hits as f64 >= PATH_SUFFIX_MIN_SHARE * path_node.hits as f64
+}
+
+/// Turns a node's literal children into one parameter, keeping hot ones.
+/// Returns `<path>` when the merged subtree ends at several depths and
+/// itself has too many values: the parameter spans segments.
+fn collapse(node: &mut Node, segment_cap: usize) -> Param {
+    let literals = std::mem::take(&mut node.literals);
+    let total: u64 = literals.values().map(|child| child.hits.max(1)).sum();
+    let average = total / literals.len().max(1) as u64;
+    let mut merged = Node::default();
+    for (segment, child) in literals {
+        if child.hits >= HOT_LITERAL_MIN_HITS && child.hits >= HOT_LITERAL_FACTOR * average.max(1) {
+            node.literals.insert(segment, child);
+        } else {
+            merged.merge(child);
+        }
+    }
+    let mut depths = Vec::new();
+    merged.terminal_depths(0, &mut depths);
+    let spans_segments = depths.len() >= 2 && merged.literals.len() >= segment_cap / 2;
+    let param = if spans_segments {
+        Param::Path
+    } else {
+        Param::String
+    };
+    if param == Param::Path {
+        let path = node.param(Param::Path);
+        path.terminal = true;
+        path.hits += merged.hits;
+    } else {
+        node.param(Param::String).merge(merged);
+    }
+    param
+}
+
+fn fit_node(node: &Node, segments: &[&str], template: &mut String) -> Option<Learned> {
+    let Some((segment, rest)) = segments.split_first() else {
+        return node.terminal.then_some(Learned::Heuristic);
+    };
+    if let Some(child) = node.literals.get(*segment) {
+        let mark = template.len();
+        template.push('/');
+        template.push_str(segment);
+        if let Some(learned) = fit_node(child, rest, template) {
+            return Some(learned);
+        }
+        template.truncate(mark);
+    }
+    let typed = classify(segment);
+    for (param, child) in &node.params {
+        let fits = match param {
+            Param::String => typed.is_none(),
+            Param::Path => true,
+            typed_param => typed == Some(*typed_param),
+        };
+        if !fits {
+            continue;
+        }
+        let mark = template.len();
+        template.push('/');
+        template.push_str(param.text());
+        if *param == Param::Path {
+            if !rest.is_empty()
+                && let Some(last) = rest.last()
+                && is_path_suffix(child, last)
+            {
+                template.push('/');
+                template.push_str(last);
+            }
+            return Some(Learned::Learned);
+        }
+        if let Some(learned) = fit_node(child, rest, template) {
+            return Some(if param.is_learned() {
+                Learned::Learned
+            } else {
+                learned
+            });
+        }
+        template.truncate(mark);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_segments_are_parameters_at_once() {
+        let mut learner = RouteLearner::new(4, 10_000);
+        assert_eq!(
+            learner.learn("/users/12345/orders"),
+            ("/users/<int>/orders".to_owned(), Learned::Heuristic)
+        );
+        assert_eq!(
+            learner.learn("/u/3f2504e0-4f89-11d3-9a0c-0305e82c3301").0,
+            "/u/<uuid>"
+        );
+        assert_eq!(
+            learner.learn("/blob/9f86d081884c7d659a2feaa0c55ad015").0,
+            "/blob/<hex>"
+        );
+        assert_eq!(learner.learn("/day/2026-11-25").0, "/day/<date>");
+        assert_eq!(learner.learn("/price/3.25").0, "/price/<float>");
+        assert_eq!(learner.learn("/t/Zm9vYmFyYmF6cXV4MTIzNDU2").0, "/t/<token>");
+        assert_eq!(learner.learn("/").0, "/");
+        assert_eq!(
+            learner.fit("/users/7/orders").map(|f| f.0).as_deref(),
+            Some("/users/<int>/orders")
+        );
+        assert_eq!(learner.fit("/users/7"), None, "no route ends there");
+    }
+
+    #[test]
+    fn a_busy_position_becomes_a_parameter_keeping_static_siblings() {
+        let mut learner = RouteLearner::new(4, 10_000);
+        for _ in 0..20 {
+            learner.learn("/tags/featured");
+        }
+        for tag in ["rust", "go", "zig"] {
+            assert_eq!(
+                learner.learn(&format!("/tags/{tag}")).0,
+                format!("/tags/{tag}")
+            );
+        }
+        // The fifth distinct value passes the cap of 4.
+        assert_eq!(
+            learner.learn("/tags/python"),
+            ("/tags/<string>".to_owned(), Learned::Learned)
+        );
+        assert_eq!(learner.learn("/tags/rust").0, "/tags/<string>");
+        assert_eq!(
+            learner.learn("/tags/featured").0,
+            "/tags/featured",
+            "hot static sibling"
+        );
+        assert_eq!(
+            learner.learn("/tags/haskell/related").0,
+            "/tags/<string>/related"
+        );
+        assert_eq!(
+            learner.fit("/tags/ocaml/related").map(|f| f.0).as_deref(),
+            Some("/tags/<string>/related")
+        );
+    }
+
+    #[test]
+    fn deep_varied_tails_become_a_path_with_its_static_suffix() {
+        let mut learner = RouteLearner::new(4, 10_000);
+        let files = [
+            "a.txt",
+            "b/c.txt",
+            "d/e/f.txt",
+            "g.txt",
+            "h/i.txt",
+            "j/k/l/m.txt",
+            "n.txt",
+            "o/p.txt",
+        ];
+        let mut last = String::new();
+        for file in files {
+            last = learner.learn(&format!("/files/{file}")).0;
+        }
+        assert_eq!(last, "/files/<path>");
+        for n in 0..10 {
+            learner.learn(&format!("/files/dir{n}/x{n}.txt/meta"));
+        }
+        assert_eq!(
+            learner.learn("/files/q/r/s.txt/meta").0,
+            "/files/<path>/meta"
+        );
+        assert_eq!(learner.learn("/files/q/r/s.txt").0, "/files/<path>");
+    }
+
+    #[test]
+    fn node_budget_bounds_memory() {
+        let mut learner = RouteLearner::new(1000, 50);
+        for n in 0..5000 {
+            learner.learn(&format!("/x{n}/y{n}/z{n}"));
+        }
+        assert!(learner.nodes() <= 60, "{}", learner.nodes());
+    }
+}
