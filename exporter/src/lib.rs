@@ -5,10 +5,12 @@
 //! [`capture`] (kernel programs, ring buffer) → [`stream`] (per-connection
 //! ordering) → [`http`] (heads, framing, pairing) → [`routes`] (path label)
 //! and [`identity`] (who served it) → [`metrics`] → [`server`] (endpoints).
-//! [`pipeline`] is the loop that drives them; [`config`] the command line.
+//! [`pipeline`] is the loop that drives them; [`config`] the command line;
+//! [`debug`] the `/debug/*` views of routes, identities and connections.
 
 pub mod capture;
 pub mod config;
+pub mod debug;
 pub mod http;
 pub mod identity;
 pub mod metrics;

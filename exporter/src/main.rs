@@ -8,6 +8,7 @@ use clap::Parser as _;
 use flask_ebpf_exporter::{
     capture::{Capture, CaptureOptions},
     config::{Config, Mode, PodSelection},
+    debug::DebugState,
     identity::{
         Attribution, HoldLimits, Identity, PodIdentity, SharedPodIndex,
         kubernetes::{self, PodWatch, WatchMetrics},
@@ -88,6 +89,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    let debug = config
+        .debug_endpoints
+        .then(|| Arc::new(DebugState::default()));
     let capture = Capture::load(CaptureOptions {
         capture_bytes: config.capture_bytes,
         ring_buffer_bytes: config.ring_buffer_bytes,
@@ -109,6 +113,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
+        debug: debug.clone(),
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     let pipeline_shutdown = shutdown.clone();
@@ -118,10 +123,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the pipeline thread")?;
 
     info!(listen = %config.listen, ?mode, path_label = ?config.path_label, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, server::router(ServerState { metrics, readiness }))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    axum::serve(
+        listener,
+        server::router(ServerState {
+            metrics,
+            readiness,
+            debug,
+        }),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving HTTP")?;
     shutdown.store(true, Ordering::SeqCst);
     pipeline_thread
         .join()

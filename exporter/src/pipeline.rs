@@ -15,6 +15,7 @@ use tracing::warn;
 
 use crate::{
     capture::{Capture, decode_event},
+    debug::{ConnectionsReport, DebugSnapshot, DebugState, RoutesReport},
     identity::{Attribution, Identity},
     metrics::{Metrics, advance_to},
     routes::RouteLabeler,
@@ -39,6 +40,8 @@ pub struct Pipeline {
     pub labeler: RouteLabeler,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
+    /// Where `/debug/*` snapshots go; `None` when the endpoints are off.
+    pub debug: Option<Arc<DebugState>>,
 }
 
 /// Asks the kernel side for a heartbeat event: it watches for the exporter
@@ -59,6 +62,7 @@ impl Pipeline {
             mut labeler,
             metrics,
             readiness,
+            debug,
         } = self;
         readiness.set_attached();
         let mut served: Vec<ServedExchange> = Vec::new();
@@ -141,6 +145,27 @@ impl Pipeline {
                 );
                 advance_to(&metrics.excluded_requests, attribution.stats.excluded);
                 metrics.requests_held.set(attribution.held() as i64);
+                if let Some(debug) = &debug {
+                    debug.publish(DebugSnapshot {
+                        routes: RoutesReport::from_views(
+                            identity.workload_label_names(),
+                            labeler.snapshot(),
+                        ),
+                        pods: identity.report(identity.label_names()),
+                        connections: ConnectionsReport {
+                            tracked: table.len(),
+                            by_process: table.per_process(),
+                            opened_total: stats.connections_opened,
+                            sequence_gaps: stats.sequence_gaps,
+                            unparsed_bytes: stats.http.unparsed_bytes,
+                            truncated_captures: stats.http.truncated_captures,
+                            unpaired_responses: stats.http.unpaired_responses,
+                            abandoned_requests: stats.http.abandoned_requests,
+                            requests_held: attribution.held(),
+                        },
+                        ..DebugSnapshot::default()
+                    });
+                }
             }
         }
     }

@@ -1,4 +1,5 @@
-//! HTTP endpoints: /metrics, /healthz, /readyz.
+//! HTTP endpoints: /metrics, /healthz, /readyz, and /debug/* (see
+//! [`crate::debug`]).
 
 use std::sync::{
     Arc,
@@ -6,14 +7,17 @@ use std::sync::{
 };
 
 use axum::{
-    Router,
+    Json, Router,
     extract::State,
-    http::{StatusCode, header},
-    response::IntoResponse,
+    http::{HeaderMap, StatusCode, Uri, header},
+    response::{Html, IntoResponse, Response},
     routing::get,
 };
 
-use crate::metrics::Metrics;
+use crate::{
+    debug::{self, DebugSnapshot, DebugState},
+    metrics::Metrics,
+};
 
 pub const METRICS_PATH: &str = "/metrics";
 /// Liveness: 200 while the process runs.
@@ -81,14 +85,87 @@ pub fn monotonic_ns() -> u64 {
 pub struct ServerState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
+    /// `None`: the `/debug/*` endpoints are off.
+    pub debug: Option<Arc<DebugState>>,
 }
 
 pub fn router(state: ServerState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route(METRICS_PATH, get(metrics))
         .route(HEALTHZ_PATH, get(|| async { "ok\n" }))
-        .route(READYZ_PATH, get(readyz))
-        .with_state(state)
+        .route(READYZ_PATH, get(readyz));
+    let router = match &state.debug {
+        Some(_) => router
+            .route("/debug/routes", get(debug_routes))
+            .route("/debug/pods", get(debug_pods))
+            .route("/debug/connections", get(debug_connections)),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// HTML for `?format=html` or a browser's Accept header; JSON otherwise.
+fn wants_html(uri: &Uri, headers: &HeaderMap) -> bool {
+    let query = uri.query().unwrap_or_default();
+    if query.split('&').any(|pair| pair == "format=json") {
+        return false;
+    }
+    query.split('&').any(|pair| pair == "format=html")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|accept| accept.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/html"))
+}
+
+fn debug_view<T: serde::Serialize>(
+    state: &ServerState,
+    uri: &Uri,
+    headers: &HeaderMap,
+    part: impl Fn(&DebugSnapshot) -> &T,
+    page: impl Fn(&DebugSnapshot) -> maud::Markup,
+) -> Response {
+    let Some(debug) = &state.debug else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let snapshot = debug.latest();
+    if wants_html(uri, headers) {
+        return Html(page(&snapshot).into_string()).into_response();
+    }
+    let mut body = serde_json::json!({ "updated_at": snapshot.updated_at });
+    match serde_json::to_value(part(&snapshot)) {
+        Ok(serde_json::Value::Object(fields)) => {
+            if let Some(object) = body.as_object_mut() {
+                object.extend(fields);
+            }
+        }
+        Ok(other) => body["data"] = other,
+        Err(error) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
+        }
+    }
+    Json(body).into_response()
+}
+
+async fn debug_routes(State(state): State<ServerState>, uri: Uri, headers: HeaderMap) -> Response {
+    debug_view(&state, &uri, &headers, |s| &s.routes, debug::routes_html)
+}
+
+async fn debug_pods(State(state): State<ServerState>, uri: Uri, headers: HeaderMap) -> Response {
+    debug_view(&state, &uri, &headers, |s| &s.pods, debug::pods_html)
+}
+
+async fn debug_connections(
+    State(state): State<ServerState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    debug_view(
+        &state,
+        &uri,
+        &headers,
+        |s| &s.connections,
+        debug::connections_html,
+    )
 }
 
 async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {

@@ -54,6 +54,15 @@ impl ConnectionTable {
         Self::default()
     }
 
+    /// Connections followed per process.
+    pub fn per_process(&self) -> std::collections::BTreeMap<u32, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for &(tgid, _) in self.connections.keys() {
+            *counts.entry(tgid).or_default() += 1;
+        }
+        counts
+    }
+
     pub fn len(&self) -> usize {
         self.connections.len()
     }

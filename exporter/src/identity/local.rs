@@ -114,6 +114,17 @@ impl LocalIdentity {
         Some(labels.clone())
     }
 
+    /// (pid, listening fd, labels) of the servers seen, for `/debug/pods`.
+    pub fn servers(&self) -> Vec<(u32, u32, Option<IdentityLabels>)> {
+        let mut rows: Vec<_> = self
+            .servers
+            .iter()
+            .map(|(&(tgid, fd), labels)| (tgid, fd, labels.clone()))
+            .collect();
+        rows.sort_by_key(|(tgid, fd, _)| (*tgid, *fd));
+        rows
+    }
+
     /// Listening sockets whose identity is cached.
     pub fn cached(&self) -> usize {
         self.servers.len()

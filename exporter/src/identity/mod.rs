@@ -30,7 +30,12 @@ use self::{
     local::{LocalIdentity, read_stat},
     pods::{Lookup, PodIndex, unknown_labels},
 };
-use crate::{http::Exchange, routes::flask_rules::RuleSet, stream::ServedExchange};
+use crate::{
+    debug::{PodsReport, ProcessRow, ServerRow},
+    http::Exchange,
+    routes::flask_rules::RuleSet,
+    stream::ServedExchange,
+};
 
 /// Label values, in the order of the mode's label names.
 pub type IdentityLabels = Arc<[String]>;
@@ -70,6 +75,22 @@ impl Identity {
         }
     }
 
+    /// Label names added to every `flask_*` series.
+    pub fn label_names(&self) -> &'static [&'static str] {
+        match self {
+            Identity::Local(_) => &local::LOCAL_LABELS,
+            Identity::Pods(_) => &pods::POD_LABELS,
+        }
+    }
+
+    /// Names of the [`Self::workload_key`] values.
+    pub fn workload_label_names(&self) -> &'static [&'static str] {
+        match self {
+            Identity::Local(_) => &local::LOCAL_LABELS,
+            Identity::Pods(_) => &["namespace", "workload", "workload_kind"],
+        }
+    }
+
     /// What route learning and the route cap are kept per: the server in
     /// local mode, the workload (namespace, workload, kind) in Kubernetes
     /// mode.
@@ -97,6 +118,53 @@ impl Identity {
                 let purged = index.purge_deleted(now, grace);
                 pods.pods_known.set(index.len() as i64);
                 purged
+            }
+        }
+    }
+
+    /// Who serves, for `/debug/pods`.
+    pub fn report(&self, label_names: &[&str]) -> PodsReport {
+        let named = |labels: &IdentityLabels| {
+            label_names
+                .iter()
+                .map(|name| (*name).to_owned())
+                .zip(labels.iter().cloned())
+                .collect()
+        };
+        match self {
+            Identity::Local(local) => PodsReport {
+                mode: "local",
+                servers: local
+                    .servers()
+                    .into_iter()
+                    .map(|(pid, listen_fd, labels)| ServerRow {
+                        pid,
+                        listen_fd,
+                        identity: labels.as_ref().map(named),
+                    })
+                    .collect(),
+                ..PodsReport::default()
+            },
+            Identity::Pods(pods) => {
+                let mut processes: Vec<ProcessRow> = pods
+                    .processes
+                    .iter()
+                    .map(|(&pid, entry)| ProcessRow {
+                        pid,
+                        pod_uid: entry.container.as_ref().map(|c| c.pod_uid.to_string()),
+                        container_id: entry
+                            .container
+                            .as_ref()
+                            .and_then(|c| c.container_id.clone()),
+                    })
+                    .collect();
+                processes.sort_by_key(|row| row.pid);
+                PodsReport {
+                    mode: "kubernetes",
+                    pods: pods.index().rows(Instant::now()),
+                    processes,
+                    ..PodsReport::default()
+                }
             }
         }
     }

@@ -316,6 +316,29 @@ impl PodIndex {
         }
     }
 
+    /// The pods as `/debug/pods` shows them.
+    pub fn rows(&self, now: Instant) -> Vec<crate::debug::PodRow> {
+        let mut rows: Vec<crate::debug::PodRow> = self
+            .pods
+            .values()
+            .map(|entry| crate::debug::PodRow {
+                namespace: entry.info.namespace.clone(),
+                pod: entry.info.name.clone(),
+                uid: entry.info.uid.to_string(),
+                workload: entry.info.workload.name.clone(),
+                workload_kind: entry.info.workload.kind.clone(),
+                containers: entry.info.container_ids.iter().cloned().collect(),
+                monitored: entry.info.selected,
+                routes_annotation: entry.info.routes.is_some(),
+                deleted_seconds_ago: entry
+                    .deleted_at
+                    .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+        rows
+    }
+
     /// The user rules a pod annotation gives the workload of `labels`.
     pub fn workload_rules(&self, labels: &[String]) -> Option<Arc<RuleSet>> {
         let field = |index: usize| labels.get(index).cloned().unwrap_or_default();

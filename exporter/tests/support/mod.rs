@@ -187,7 +187,20 @@ impl App {
         oracle: bool,
         cgroup_procs: &[PathBuf],
     ) -> App {
+        App::start_fixture(venv, "app", server, oracle, cgroup_procs)
+    }
+
+    /// Starts `tests/fixtures/<fixture>.py` (its `app`) under `server`.
+    pub fn start_fixture(
+        venv: &std::path::Path,
+        fixture: &str,
+        server: Server,
+        oracle: bool,
+        cgroup_procs: &[PathBuf],
+    ) -> App {
         let port = free_port();
+        let wsgi_app = format!("{fixture}:app");
+        let script = format!("{fixture}.py");
         let fixtures = workspace().join("tests/fixtures");
         let bind = format!("127.0.0.1:{port}");
         let mut command = match server {
@@ -201,7 +214,7 @@ impl App {
                     "2",
                     "-b",
                     &bind,
-                    "app:app",
+                    &wsgi_app,
                 ]);
                 c
             }
@@ -217,13 +230,13 @@ impl App {
                     "4",
                     "-b",
                     &bind,
-                    "app:app",
+                    &wsgi_app,
                 ]);
                 c
             }
             Server::Werkzeug => {
                 let mut c = Command::new(venv.join("bin/python"));
-                c.arg("app.py").arg(port.to_string());
+                c.arg(&script).arg(port.to_string());
                 c
             }
         };

@@ -166,6 +166,11 @@ impl Traffic {
         }
     }
 
+    /// One of the rules, uniformly.
+    pub fn random_rule(&mut self) -> usize {
+        self.rng.random_range(0..Self::RULES)
+    }
+
     /// A mix: mostly rule traffic, some off-rule and encoded requests.
     pub fn next_request(&mut self) -> Request {
         match self.rng.random_range(0..100) {

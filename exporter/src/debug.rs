@@ -1,0 +1,298 @@
+//! `/debug/routes`, `/debug/pods` and `/debug/connections`: which routes
+//! the agent captured and why it named them so, who it thinks served them,
+//! and what it is following. The pipeline publishes a snapshot once a
+//! second; the endpoints serve it as JSON, or as an HTML page to a browser
+//! (`Accept: text/html`) or with `?format=html`.
+//!
+//! Nothing here comes from headers or bodies, and sample paths have their
+//! query string removed (the routes stage keeps them so) and are
+//! length-capped.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
+};
+
+use maud::{DOCTYPE, Markup, html};
+use serde::Serialize;
+
+use crate::routes::{RouteSource, WorkloadRoutesView};
+
+fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RoutesReport {
+    pub workloads: Vec<WorkloadReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkloadReport {
+    /// The workload's identity labels (server in local mode).
+    pub workload: BTreeMap<String, String>,
+    pub routes: Vec<RouteReport>,
+    /// Nodes in the learned-route trie (bounded).
+    pub learned_nodes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteReport {
+    pub path: String,
+    /// Where the name came from: user_rule, learned, heuristic, raw,
+    /// unmatched or overflow.
+    pub source: RouteSource,
+    pub requests: u64,
+    pub methods: BTreeMap<String, u64>,
+    pub statuses: BTreeMap<u16, u64>,
+    /// From the duration histogram (same buckets as the exported one).
+    pub p50_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
+    pub first_seen: f64,
+    pub last_seen: f64,
+    pub sample_paths: Vec<String>,
+}
+
+impl RoutesReport {
+    pub fn from_views(label_names: &[&str], views: Vec<WorkloadRoutesView>) -> Self {
+        let workloads = views
+            .into_iter()
+            .map(|view| WorkloadReport {
+                workload: label_names
+                    .iter()
+                    .map(|name| (*name).to_owned())
+                    .zip(view.workload.iter().cloned())
+                    .collect(),
+                learned_nodes: view.learned_nodes,
+                routes: view
+                    .routes
+                    .into_iter()
+                    .map(|(path, stats)| RouteReport {
+                        path: path.to_string(),
+                        source: stats.source,
+                        requests: stats.requests,
+                        p50_seconds: stats.quantile(0.5),
+                        p99_seconds: stats.quantile(0.99),
+                        methods: stats.methods,
+                        statuses: stats.statuses,
+                        first_seen: unix_seconds(stats.first_seen),
+                        last_seen: unix_seconds(stats.last_seen),
+                        sample_paths: stats.samples,
+                    })
+                    .collect(),
+            })
+            .collect();
+        RoutesReport { workloads }
+    }
+}
+
+/// Who serves: local servers or this node's pods, and the processes mapped.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PodsReport {
+    pub mode: &'static str,
+    /// Local mode: listening sockets and the identity they resolve to.
+    pub servers: Vec<ServerRow>,
+    /// Kubernetes mode: the node's pods as the watch knows them.
+    pub pods: Vec<PodRow>,
+    /// Kubernetes mode: processes seen serving, and their container.
+    pub processes: Vec<ProcessRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerRow {
+    pub pid: u32,
+    pub listen_fd: u32,
+    /// `None`: filtered out, or the process was gone.
+    pub identity: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PodRow {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub workload: String,
+    pub workload_kind: String,
+    pub containers: BTreeMap<String, String>,
+    pub monitored: bool,
+    pub routes_annotation: bool,
+    /// Seconds since the pod was deleted, while its series stay.
+    pub deleted_seconds_ago: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConnectionsReport {
+    pub tracked: usize,
+    /// Connections followed per process.
+    pub by_process: BTreeMap<u32, usize>,
+    pub opened_total: u64,
+    pub sequence_gaps: u64,
+    pub unparsed_bytes: u64,
+    pub truncated_captures: u64,
+    pub unpaired_responses: u64,
+    pub abandoned_requests: u64,
+    /// Requests waiting for their pod to become known.
+    pub requests_held: usize,
+}
+
+/// What the endpoints serve.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DebugSnapshot {
+    pub updated_at: f64,
+    pub routes: RoutesReport,
+    pub pods: PodsReport,
+    pub connections: ConnectionsReport,
+}
+
+/// The latest snapshot, shared by the pipeline (writer) and the endpoints.
+#[derive(Debug, Default)]
+pub struct DebugState {
+    snapshot: Mutex<Arc<DebugSnapshot>>,
+}
+
+impl DebugState {
+    pub fn publish(&self, mut snapshot: DebugSnapshot) {
+        snapshot.updated_at = unix_seconds(SystemTime::now());
+        *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+    }
+
+    pub fn latest(&self) -> Arc<DebugSnapshot> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn seconds(value: Option<f64>) -> String {
+    value.map_or_else(|| "–".to_owned(), |s| format!("{:.1} ms", s * 1000.0))
+}
+
+fn counts<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
+    map.iter()
+        .map(|(key, count)| format!("{key} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn page(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html {
+            head {
+                meta charset="utf-8";
+                title { (title) " · flask-ebpf-exporter" }
+                style { "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:.95em}" }
+            }
+            body {
+                p { a href="/debug/routes?format=html" { "routes" } " · " a href="/debug/pods?format=html" { "pods" } " · " a href="/debug/connections?format=html" { "connections" } " · " a href="/metrics" { "metrics" } }
+                h1 { (title) }
+                (body)
+            }
+        }
+    }
+}
+
+pub fn routes_html(snapshot: &DebugSnapshot) -> Markup {
+    page(
+        "Captured routes",
+        html! {
+            @if snapshot.routes.workloads.is_empty() { p { "No requests captured yet." } }
+            @for workload in &snapshot.routes.workloads {
+                h2 { @for (name, value) in &workload.workload { (name) "=" code { (value) } " " } }
+                table {
+                    tr { th { "path" } th { "source" } th { "requests" } th { "methods" } th { "statuses" } th { "p50" } th { "p99" } th { "sample paths" } }
+                    @for route in &workload.routes {
+                        tr {
+                            td { code { (route.path) } }
+                            td { (format!("{:?}", route.source).to_lowercase()) }
+                            td { (route.requests) }
+                            td { (counts(&route.methods)) }
+                            td { (counts(&route.statuses)) }
+                            td { (seconds(route.p50_seconds)) }
+                            td { (seconds(route.p99_seconds)) }
+                            td { @for sample in &route.sample_paths { code { (sample) } br; } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn pods_html(snapshot: &DebugSnapshot) -> Markup {
+    let pods = &snapshot.pods;
+    page(
+        "Who serves",
+        html! {
+            p { "Mode: " (pods.mode) }
+            @if !pods.servers.is_empty() {
+                table {
+                    tr { th { "pid" } th { "listening fd" } th { "identity" } }
+                    @for server in &pods.servers {
+                        tr { td { (server.pid) } td { (server.listen_fd) } td {
+                            @match &server.identity {
+                                Some(identity) => { @for (name, value) in identity { (name) "=" code { (value) } " " } }
+                                None => { "not monitored" }
+                            }
+                        } }
+                    }
+                }
+            }
+            @if !pods.pods.is_empty() {
+                table {
+                    tr { th { "namespace" } th { "pod" } th { "workload" } th { "containers" } th { "monitored" } th { "deleted" } }
+                    @for pod in &pods.pods {
+                        tr {
+                            td { (pod.namespace) } td { (pod.pod) }
+                            td { (pod.workload_kind) "/" (pod.workload) }
+                            td { @for (name, id) in &pod.containers { (name) " " code { (id) } br; } }
+                            td { (pod.monitored) }
+                            td { (pod.deleted_seconds_ago.map_or_else(String::new, |s| format!("{s:.0} s ago"))) }
+                        }
+                    }
+                }
+            }
+            @if !pods.processes.is_empty() {
+                table {
+                    tr { th { "pid" } th { "pod UID" } th { "container ID" } }
+                    @for process in &pods.processes {
+                        tr { td { (process.pid) } td { (process.pod_uid.clone().unwrap_or_default()) } td { code { (process.container_id.clone().unwrap_or_default()) } } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn connections_html(snapshot: &DebugSnapshot) -> Markup {
+    let connections = &snapshot.connections;
+    page(
+        "Connections",
+        html! {
+            table {
+                tr { th { "tracked now" } td { (connections.tracked) } }
+                tr { th { "opened in all" } td { (connections.opened_total) } }
+                tr { th { "sequence gaps" } td { (connections.sequence_gaps) } }
+                tr { th { "unparsed bytes" } td { (connections.unparsed_bytes) } }
+                tr { th { "truncated captures" } td { (connections.truncated_captures) } }
+                tr { th { "unpaired responses" } td { (connections.unpaired_responses) } }
+                tr { th { "abandoned requests" } td { (connections.abandoned_requests) } }
+                tr { th { "requests held for their pod" } td { (connections.requests_held) } }
+            }
+            table {
+                tr { th { "pid" } th { "connections" } }
+                @for (pid, count) in &connections.by_process { tr { td { (pid) } td { (count) } } }
+            }
+        },
+    )
+}
