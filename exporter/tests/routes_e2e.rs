@@ -195,7 +195,7 @@ fn with_user_rules_path_is_flasks_url_rule_for_every_request() {
     assert!(
         pods["servers"].as_array().is_some_and(|servers| servers
             .iter()
-            .any(|s| s["identity"]["port"] == app.port.to_string())),
+            .any(|s| s["identity"]["port"].as_str() == Some(app.port.to_string().as_str()))),
         "{pods}"
     );
     let connections: serde_json::Value =
