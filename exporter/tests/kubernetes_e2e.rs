@@ -8,7 +8,7 @@
 mod support;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -126,15 +126,20 @@ fn every_series_carries_the_pod_that_served_it() {
     )));
     let pod_a = start_pod(&venv, Server::GunicornSync, Driver::Systemd, 1);
     // B: a StatefulSet's pod, cgroupfs driver, Werkzeug; two containers, so
-    // only the container ID tells which one serves.
+    // only the container ID tells which one serves. It names its routes in
+    // an annotation.
     let (uid_b, id_b) = (uid(2), container_id(2));
     let sidecar = container_id(20);
-    api.put_pod(pod(&spec(
-        "db-0",
-        &uid_b,
-        Some(("StatefulSet", "db")),
-        &[("sidecar", Some(&sidecar)), ("api", Some(&id_b))],
-    )));
+    let containers_b = [
+        ("sidecar", Some(sidecar.as_str())),
+        ("api", Some(id_b.as_str())),
+    ];
+    let mut db = spec("db-0", &uid_b, Some(("StatefulSet", "db")), &containers_b);
+    db.annotations = &[(
+        "flask-ebpf-exporter.io/routes",
+        "GET /items/<int:item_id>\nGET /missing\n",
+    )];
+    api.put_pod(pod(&db));
     let pod_b = start_pod(&venv, Server::Werkzeug, Driver::Cgroupfs, 2);
     // C: scheduled on another node: never watched, so unknown here.
     let (uid_c, id_c) = (uid(3), container_id(3));
@@ -209,6 +214,43 @@ fn every_series_carries_the_pod_that_served_it() {
         value(&samples, "flask_ebpf_exporter_kubernetes_synced"),
         1.0
     );
+    // Routes: the annotation's rules for B; learned templates for A, whose
+    // 404s fit no learned route.
+    let paths_of = |pod: &str| -> BTreeSet<String> {
+        samples
+            .iter()
+            .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+            .filter(|s| s.labels.get("pod").is_some_and(|p| p == pod))
+            .filter_map(|s| s.labels.get("path").cloned())
+            .collect()
+    };
+    assert_eq!(
+        paths_of("db-0"),
+        BTreeSet::from(["/items/<int:item_id>".to_owned(), "/missing".to_owned()])
+    );
+    assert_eq!(
+        paths_of("web-5d8f7c9b6-aaaaa"),
+        BTreeSet::from(["/items/<int>".to_owned(), "None".to_owned()])
+    );
+    // /debug/pods shows the node's pods as the watch knows them.
+    let pods: serde_json::Value = serde_json::from_slice(
+        &http_get_at(exporter.address, "/debug/pods")
+            .expect("debug pods")
+            .body,
+    )
+    .expect("JSON");
+    assert_eq!(pods["mode"], "kubernetes");
+    let listed: BTreeSet<&str> = pods["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|pod| pod["pod"].as_str())
+        .collect();
+    assert!(
+        listed.contains("db-0") && listed.contains("quiet"),
+        "{pods}"
+    );
+    assert!(!listed.contains("elsewhere"), "another node's pod");
     // Every request series of every family carries all five labels.
     for sample in samples
         .iter()
@@ -318,10 +360,17 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
             NODE,
             "--pod-wait",
             "2s",
+            "--debug-endpoints",
+            "false",
         ],
         "/healthz",
     );
     assert_eq!(exporter.status_of("/readyz"), 503);
+    assert_eq!(
+        exporter.status_of("/debug/routes"),
+        404,
+        "debug endpoints off"
+    );
     let unknown = "<unknown>/<unknown>/<unknown>/<unknown>/<unknown>".to_owned();
     let sent = send_traffic(pod_p.app.port);
     let samples = eventually(
