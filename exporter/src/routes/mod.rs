@@ -115,7 +115,13 @@ impl RouteStats {
 
     fn record(&mut self, method: &str, path: &str, status: u16, seconds: f64, now: SystemTime) {
         self.requests += 1;
-        *self.methods.entry(method.to_owned()).or_default() += 1;
+        // Look up before inserting: most requests repeat a known method.
+        match self.methods.get_mut(method) {
+            Some(count) => *count += 1,
+            None => {
+                self.methods.insert(method.to_owned(), 1);
+            }
+        }
         *self.statuses.entry(status).or_default() += 1;
         let bucket = DURATION_BUCKETS
             .iter()
