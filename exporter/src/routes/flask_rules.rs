@@ -137,10 +137,18 @@ fn number_limit(value: Option<&String>) -> Option<Option<f64>> {
     }
 }
 
-fn converter(name: &str, arguments: &str) -> Result<Converter, Option<()>> {
-    let (positional, keywords) = converter_arguments(arguments).ok_or(Some(()))?;
+/// Why a converter could not be made.
+#[derive(Clone, Copy)]
+enum ConverterError {
+    Unknown,
+    BadArguments,
+}
+
+fn converter(name: &str, arguments: &str) -> Result<Converter, ConverterError> {
+    let bad = ConverterError::BadArguments;
+    let (positional, keywords) =
+        converter_arguments(arguments).ok_or(ConverterError::BadArguments)?;
     let get = |key: &str, index: usize| keywords.get(key).or(positional.get(index));
-    let bad = Some(());
     Ok(match name {
         "default" | "string" => {
             let length = match get("length", 2) {
@@ -213,7 +221,7 @@ fn converter(name: &str, arguments: &str) -> Result<Converter, Option<()>> {
             part_isolating: true,
             check: Check::None,
         },
-        _ => return Err(None),
+        _ => return Err(ConverterError::Unknown),
     })
 }
 
@@ -349,11 +357,11 @@ fn parse_parts(rule: &str) -> Result<Vec<Part>, RuleError> {
                 return Err(malformed(inside));
             }
             let converter = converter(converter_name, arguments).map_err(|error| match error {
-                None => RuleError::UnknownConverter {
+                ConverterError::Unknown => RuleError::UnknownConverter {
                     rule: rule.to_owned(),
                     converter: converter_name.to_owned(),
                 },
-                Some(()) => RuleError::BadArguments {
+                ConverterError::BadArguments => RuleError::BadArguments {
                     rule: rule.to_owned(),
                     arguments: arguments.to_owned(),
                 },
