@@ -12,8 +12,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-mod bench;
-
 /// Debian packages of the BPF toolchain (rustc-web with a prebuilt bpf
 /// `core`). The LLVM that bpf-linker links against follows rustc-web's LLVM,
 /// so it is added after.
@@ -50,10 +48,18 @@ fn main() -> anyhow::Result<()> {
         }
         "bench" => {
             setup(&root)?;
+            // exporter/benches/overhead.rs; arguments go to it.
             run(Command::new("cargo")
-                .args(["build", "--release"])
-                .current_dir(&root))?;
-            bench::overhead(&root, rest)
+                .args([
+                    "bench",
+                    "-p",
+                    "flask-ebpf-exporter",
+                    "--bench",
+                    "overhead",
+                    "--",
+                ])
+                .args(rest)
+                .current_dir(&root))
         }
         _ => {
             eprintln!(
