@@ -34,6 +34,7 @@ pub struct Metrics {
     pub connections_opened: IntCounter,
     pub connections_tracked: IntGauge,
     pub path_overflow: IntCounter,
+    pub routes_retired: IntCounter,
     pub unattributed_requests: IntCounter,
     pub excluded_requests: IntCounter,
     pub requests_held: IntGauge,
@@ -46,6 +47,12 @@ fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, pr
     let counter = IntCounter::new(name, help)?;
     registry.register(Box::new(counter.clone()))?;
     Ok(counter)
+}
+
+/// The labels removal decides by.
+struct SeriesLabels<'a> {
+    path: Option<&'a str>,
+    identity: Vec<String>,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
@@ -178,6 +185,11 @@ impl Metrics {
                 "flask_ebpf_exporter_path_overflow_total",
                 "Requests whose path label was replaced by <other> under the per-server cap",
             )?,
+            routes_retired: counter(
+                &registry,
+                "flask_ebpf_exporter_routes_retired_total",
+                "Path labels whose series were removed when a learned parameter replaced them",
+            )?,
             unattributed_requests: counter(
                 &registry,
                 "flask_ebpf_exporter_unattributed_requests_total",
@@ -240,6 +252,18 @@ impl Metrics {
     /// Removes every `flask_*` series carrying these identity label values;
     /// returns how many went.
     pub fn remove_identity(&self, identity: &[String]) -> usize {
+        self.remove_where(&|series| series.identity.iter().eq(identity.iter()))
+    }
+
+    /// Removes the duration series with this `path` whose identity labels
+    /// satisfy `identity_matches`; returns how many went. (Only the
+    /// histogram carries `path`.)
+    pub fn remove_route(&self, path: &str, identity_matches: &dyn Fn(&[String]) -> bool) -> usize {
+        self.remove_where(&|series| series.path == Some(path) && identity_matches(&series.identity))
+    }
+
+    /// Removes every `flask_*` request series `doomed` picks.
+    fn remove_where(&self, doomed: &dyn Fn(&SeriesLabels<'_>) -> bool) -> usize {
         let mut removed = 0;
         for family in self.registry.gather() {
             let own_labels: &[&str] = match family.name() {
@@ -257,12 +281,15 @@ impl Metrics {
                         .find(|pair| pair.name() == name)
                         .map_or("", |pair| pair.value())
                 };
-                let matches = self
-                    .identity_labels
-                    .iter()
-                    .zip(identity)
-                    .all(|(name, wanted)| value(name) == wanted);
-                if !matches {
+                let series = SeriesLabels {
+                    path: own_labels.contains(&"path").then(|| value("path")),
+                    identity: self
+                        .identity_labels
+                        .iter()
+                        .map(|name| value(name).to_owned())
+                        .collect(),
+                };
+                if !doomed(&series) {
                     continue;
                 }
                 let values: Vec<&str> = own_labels
@@ -324,5 +351,14 @@ mod tests {
         assert!(!text.contains("port=\"8000\""), "{text}");
         assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 1"));
         assert_eq!(metrics.remove_identity(&identity), 0);
+
+        metrics.observe("GET", "/b", 200, &other, 0.3);
+        let removed = metrics.remove_route("/a", &|labels| labels[1] == "9000");
+        assert_eq!(removed, 1, "the /a histogram series of port 9000 only");
+        let text = metrics.encode().expect("encode");
+        assert!(!text.contains("path=\"/a\""), "{text}");
+        assert!(text.contains("path=\"/b\""));
+        // Request totals carry no path and stay.
+        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 2"));
     }
 }

@@ -16,7 +16,7 @@ use tracing::warn;
 use crate::{
     capture::{Capture, decode_event},
     debug::{ConnectionsReport, DebugSnapshot, DebugState, RoutesReport},
-    identity::{Attribution, Identity},
+    identity::{Attribution, Identity, IdentityLabels},
     metrics::{Metrics, advance_to},
     routes::RouteLabeler,
     server::{Readiness, monotonic_ns},
@@ -138,6 +138,7 @@ impl Pipeline {
                 advance_to(&metrics.sequence_gaps, stats.sequence_gaps);
                 advance_to(&metrics.connections_opened, stats.connections_opened);
                 advance_to(&metrics.path_overflow, labeler.overflowed());
+                advance_to(&metrics.routes_retired, labeler.retired_total());
                 metrics.connections_tracked.set(table.len() as i64);
                 advance_to(
                     &metrics.unattributed_requests,
@@ -197,4 +198,11 @@ fn record(
             );
         },
     );
+    // Routes a learned parameter replaced: their series go, their requests
+    // now count under the template.
+    for (workload, path) in labeler.take_retired() {
+        metrics.remove_route(&path, &|labels| {
+            *identity.workload_key(&IdentityLabels::from(labels.to_vec())) == *workload
+        });
+    }
 }

@@ -201,6 +201,9 @@ pub enum Learned {
 /// One workload's learned routes.
 #[derive(Debug)]
 pub struct RouteLearner {
+    /// Template prefixes made obsolete by collapses since the last
+    /// [`RouteLearner::take_retired`].
+    retired: Vec<String>,
     root: Node,
     segment_cap: usize,
     max_nodes: usize,
@@ -210,6 +213,7 @@ pub struct RouteLearner {
 impl RouteLearner {
     pub fn new(segment_cap: usize, max_nodes: usize) -> Self {
         RouteLearner {
+            retired: Vec::new(),
             root: Node::default(),
             segment_cap: segment_cap.max(1),
             max_nodes,
@@ -237,6 +241,7 @@ impl RouteLearner {
         let mut index = 0;
         let mut created = 0;
         let mut collapsed = false;
+        let retired = &mut self.retired;
         while index < segments.len() {
             let segment = segments[index];
             template.push('/');
@@ -284,8 +289,16 @@ impl RouteLearner {
                 created += 1;
                 node.literals.entry(segment.to_owned()).or_default()
             } else {
-                let became = collapse(node, cap_at(index));
+                let (became, merged) = collapse(node, cap_at(index));
                 collapsed = true;
+                // Templates under the merged literals are gone: `template`
+                // ends with the '/' before this segment.
+                let prefix = &template[..template.len() - 1];
+                retired.extend(
+                    merged
+                        .into_iter()
+                        .map(|literal| format!("{prefix}/{literal}")),
+                );
                 template.push_str(became.text());
                 learned = Learned::Learned;
                 if became == Param::Path {
@@ -313,6 +326,12 @@ impl RouteLearner {
         Some((template, learned))
     }
 
+    /// Prefixes of templates a collapse made obsolete (`/tags/rust`: that
+    /// template and every one below it), since the last call.
+    pub fn take_retired(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.retired)
+    }
+
     /// Nodes in the trie (bounded by `max_nodes`).
     pub fn nodes(&self) -> usize {
         self.nodes
@@ -336,17 +355,20 @@ fn is_path_suffix(path_node: &Node, last: &str) -> bool {
 
 /// Turns a node's literal children into one parameter, keeping hot ones.
 /// Returns `<path>` when the merged subtree ends at several depths and
-/// itself has too many values: the parameter spans segments.
-fn collapse(node: &mut Node, segment_cap: usize) -> Param {
+/// itself has too many values: the parameter spans segments. Also returns
+/// the literals merged away.
+fn collapse(node: &mut Node, segment_cap: usize) -> (Param, Vec<String>) {
     let literals = std::mem::take(&mut node.literals);
     let total: u64 = literals.values().map(|child| child.hits.max(1)).sum();
     let average = total / literals.len().max(1) as u64;
     let mut merged = Node::default();
+    let mut merged_names = Vec::new();
     for (segment, child) in literals {
         if child.hits >= HOT_LITERAL_MIN_HITS && child.hits >= HOT_LITERAL_FACTOR * average.max(1) {
             node.literals.insert(segment, child);
         } else {
             merged.merge(child);
+            merged_names.push(segment);
         }
     }
     let mut depths = Vec::new();
@@ -364,7 +386,7 @@ fn collapse(node: &mut Node, segment_cap: usize) -> Param {
     } else {
         node.param(Param::String).merge(merged);
     }
-    param
+    (param, merged_names)
 }
 
 fn fit_node(node: &Node, segments: &[&str], template: &mut String) -> Option<Learned> {

@@ -138,6 +138,27 @@ impl RouteStats {
         }
     }
 
+    /// Adds another route's statistics (a route merged into this one).
+    fn absorb(&mut self, other: RouteStats) {
+        self.requests += other.requests;
+        for (method, count) in other.methods {
+            *self.methods.entry(method).or_default() += count;
+        }
+        for (status, count) in other.statuses {
+            *self.statuses.entry(status).or_default() += count;
+        }
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets) {
+            *mine += theirs;
+        }
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        for sample in other.samples {
+            if self.samples.len() < SAMPLES_PER_ROUTE && !self.samples.contains(&sample) {
+                self.samples.push(sample);
+            }
+        }
+    }
+
     /// The q-quantile of durations, interpolated within buckets as
     /// Prometheus' `histogram_quantile` does.
     pub fn quantile(&self, q: f64) -> Option<f64> {
@@ -203,6 +224,10 @@ pub struct RouteLabeler {
     /// Series identity → its workload.
     workload_of: HashMap<IdentityLabels, IdentityLabels>,
     overflowed: u64,
+    /// (workload, path label) of routes a learned parameter replaced, for
+    /// the metrics stage to remove.
+    retired: Vec<(IdentityLabels, Arc<str>)>,
+    retired_total: u64,
 }
 
 impl RouteLabeler {
@@ -212,7 +237,21 @@ impl RouteLabeler {
             workloads: HashMap::new(),
             workload_of: HashMap::new(),
             overflowed: 0,
+            retired: Vec::new(),
+            retired_total: 0,
         }
+    }
+
+    /// Routes replaced by a learned parameter since the last call: their
+    /// series should go (their requests now count under the template).
+    pub fn take_retired(&mut self) -> Vec<(IdentityLabels, Arc<str>)> {
+        self.retired_total += self.retired.len() as u64;
+        std::mem::take(&mut self.retired)
+    }
+
+    /// Routes retired so far.
+    pub fn retired_total(&self) -> u64 {
+        self.retired_total
     }
 
     /// The `path` label of an exchange served by `identity` (of
@@ -248,6 +287,9 @@ impl RouteLabeler {
         };
         let path = request_path(&exchange.target);
         let (label, source) = name_route(&self.options, rules, routes, &path, exchange);
+        for prefix in routes.learner.take_retired() {
+            retire(routes, &prefix, &key, &mut self.retired);
+        }
         let now = SystemTime::now();
         let seconds = exchange.duration_seconds();
         if let Some((known, _)) = routes.routes.get_key_value(label.as_str()) {
@@ -312,6 +354,44 @@ impl RouteLabeler {
             .collect();
         workloads.sort_by(|a, b| a.workload.cmp(&b.workload));
         workloads
+    }
+}
+
+/// Drops the routes under a template prefix a collapse made obsolete; their
+/// statistics join the template that now names their paths.
+fn retire(
+    routes: &mut WorkloadRoutes,
+    prefix: &str,
+    workload: &IdentityLabels,
+    retired: &mut Vec<(IdentityLabels, Arc<str>)>,
+) {
+    let below = format!("{prefix}/");
+    let gone: Vec<Arc<str>> = routes
+        .routes
+        .keys()
+        .filter(|label| ***label == *prefix || label.starts_with(&below))
+        .cloned()
+        .collect();
+    for label in gone {
+        let Some(stats) = routes.routes.remove(&label) else {
+            continue;
+        };
+        let renamed = stats
+            .samples
+            .first()
+            .and_then(|sample| routes.learner.fit(sample));
+        if let Some((template, learned)) = renamed {
+            let source = match learned {
+                Learned::Learned => RouteSource::Learned,
+                Learned::Heuristic => RouteSource::Heuristic,
+            };
+            routes
+                .routes
+                .entry(Arc::from(template))
+                .or_insert_with(|| RouteStats::new(source, stats.first_seen))
+                .absorb(stats);
+        }
+        retired.push((workload.clone(), label));
     }
 }
 
@@ -448,6 +528,69 @@ mod tests {
         assert_eq!(label("/metrics", 200), OVERFLOW_PATH);
         assert_eq!(label("/users/3", 200), "/users/<int>");
         assert_eq!(labeler.overflowed(), 1);
+    }
+
+    #[test]
+    fn literal_routes_a_parameter_replaces_are_retired() {
+        let mut labeler = labeler(PathLabelMode::Route, 100, "");
+        let server = ids(&["gunicorn", "8000"]);
+        let workload = || server.clone();
+        for tag in ["a", "b", "c", "d"] {
+            labeler.label(
+                &server,
+                &workload,
+                None,
+                &exchange("GET", &format!("/tags/{tag}"), 200, 0.01),
+            );
+            labeler.label(
+                &server,
+                &workload,
+                None,
+                &exchange("GET", &format!("/tags/{tag}/related"), 200, 0.01),
+            );
+        }
+        assert!(labeler.take_retired().is_empty());
+        let label = labeler.label(
+            &server,
+            &workload,
+            None,
+            &exchange("GET", "/tags/e", 200, 0.01),
+        );
+        assert_eq!(&*label, "/tags/<string>");
+        let mut retired: Vec<String> = labeler
+            .take_retired()
+            .into_iter()
+            .map(|(key, path)| {
+                assert_eq!(key, server);
+                path.to_string()
+            })
+            .collect();
+        retired.sort();
+        assert_eq!(
+            retired,
+            [
+                "/tags/a",
+                "/tags/a/related",
+                "/tags/b",
+                "/tags/b/related",
+                "/tags/c",
+                "/tags/c/related",
+                "/tags/d",
+                "/tags/d/related"
+            ]
+        );
+        assert_eq!(labeler.retired_total(), 8);
+        // Their statistics joined the templates that name them now.
+        let snapshot = labeler.snapshot();
+        let requests: BTreeMap<&str, u64> = snapshot[0]
+            .routes
+            .iter()
+            .map(|(label, stats)| (&**label, stats.requests))
+            .collect();
+        assert_eq!(
+            requests,
+            BTreeMap::from([("/tags/<string>", 5), ("/tags/<string>/related", 4)])
+        );
     }
 
     #[test]
