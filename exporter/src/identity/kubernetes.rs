@@ -82,6 +82,7 @@ pub struct WatchMetrics {
     pub last_error: Gauge,
     pub pods: IntGauge,
     pub owner_lookups: IntCounterVec,
+    pub route_rule_errors: IntCounter,
 }
 
 impl WatchMetrics {
@@ -145,6 +146,13 @@ impl WatchMetrics {
                 IntGauge::new(
                     format!("{prefix}pods"),
                     "Pods of this node known to the exporter, including deleted ones in their grace period",
+                )?,
+            )?,
+            route_rule_errors: add(
+                registry,
+                IntCounter::new(
+                    format!("{prefix}route_rule_errors_total"),
+                    "Bad lines in pods' flask-ebpf-exporter.io/routes annotations (skipped)",
                 )?,
             )?,
             owner_lookups: add(
@@ -254,7 +262,8 @@ impl PodWatch {
             return None;
         };
         let uid = info.uid.clone();
-        lock_index(&self.index).apply(info);
+        let bad_rules = lock_index(&self.index).apply(info);
+        self.metrics.route_rule_errors.inc_by(bad_rules as u64);
         Some(uid)
     }
 }

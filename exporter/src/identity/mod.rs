@@ -468,7 +468,11 @@ mod tests {
             start + Duration::from_secs(1),
         );
         assert!(later.is_empty());
-        lock_index(&index).apply(pod_info(true));
+        assert_eq!(
+            lock_index(&index).apply(pod_info(true)),
+            1,
+            "one bad rule line"
+        );
         // The annotation's rules reach the recorder (the bad line skipped).
         let rules = lock_index(&index).workload_rules(&[
             "shop".to_owned(),

@@ -212,20 +212,28 @@ impl PodIndex {
         self.pods.is_empty()
     }
 
-    /// A pod was added or changed.
-    pub fn apply(&mut self, info: PodInfo) {
+    /// A pod was added or changed. Returns how many lines of its routes
+    /// annotation were bad (newly read ones only).
+    pub fn apply(&mut self, info: PodInfo) -> usize {
         self.generation += 1;
+        let mut bad_rules = 0;
         if let Some(text) = &info.routes {
             let key = info.workload_key();
             let current = self.workload_rules.get(&key).map(|(known, _)| known);
             if current != Some(text) {
                 let (rules, errors) = RuleSet::parse(text);
                 for error in &errors {
-                    warn!(pod = %info.name, namespace = %info.namespace, %error, "bad rule in the {ROUTES_ANNOTATION} annotation; skipped");
+                    warn!(pod = %info.name, namespace = %info.namespace, %error, "bad rule in the {ROUTES_ANNOTATION} annotation; skipped (see flask_ebpf_exporter_kubernetes_route_rule_errors_total)");
                 }
+                bad_rules = errors.len();
                 self.workload_rules
                     .insert(key, (text.clone(), Arc::new(rules)));
             }
+        }
+        // The pod's previous container IDs go first: a new status may have
+        // dropped some, and the ones it keeps are added back below.
+        if let Some(previous) = self.pods.get(&info.uid).map(|entry| entry.info.clone()) {
+            self.forget_container_ids(&previous);
         }
         for (_, id) in &info.container_ids {
             self.by_container_id.insert(id.clone(), info.uid.clone());
@@ -247,11 +255,10 @@ impl PodIndex {
                     labels: HashMap::new(),
                     deleted_at: None,
                 };
-                if let Some(old) = self.pods.insert(uid, entry) {
-                    self.forget_container_ids(&old.info);
-                }
+                self.pods.insert(uid, entry);
             }
         }
+        bad_rules
     }
 
     /// A pod was deleted: its labels stay until [`Self::purge_deleted`].
@@ -477,6 +484,27 @@ mod tests {
             container_id: None,
         };
         assert_eq!(index.lookup(&stranger, true), Lookup::Pending);
+    }
+
+    #[test]
+    fn a_pod_whose_workload_changes_keeps_its_containers() {
+        let selection = Selection::default();
+        let pod = pod_json(
+            serde_json::json!({}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let mut index = PodIndex::default();
+        let replicaset = Workload {
+            kind: "ReplicaSet".to_owned(),
+            name: "web-7d9c6b5f4".to_owned(),
+        };
+        index.apply(PodInfo::from_pod(&pod, replicaset, &selection).expect("info"));
+        // The owner lookup answered later: the same pod, a new workload.
+        index.apply(PodInfo::from_pod(&pod, workload(), &selection).expect("info"));
+        let Lookup::Known(labels) = index.lookup(&reference(Some(ID_A)), false) else {
+            panic!("still known by container ID");
+        };
+        assert_eq!(&labels[3..], ["web", "Deployment"]);
     }
 
     #[test]
