@@ -94,6 +94,14 @@ impl Pipeline {
                     }
                 }
             });
+            let upkeep = last_upkeep.elapsed() >= UPKEEP_EVERY;
+            if upkeep && last_reap.elapsed() >= REAP_EVERY {
+                last_reap = Instant::now();
+                let alive = |tgid: u32| Path::new(&format!("/proc/{tgid}")).exists();
+                // Exchanges ended by the reap are recorded with the rest below.
+                table.reap(monotonic_ns(), &alive, &mut served);
+                identity.forget_exited(&alive);
+            }
             record(
                 &mut served,
                 &identity,
@@ -102,26 +110,13 @@ impl Pipeline {
                 &metrics,
             );
 
-            if last_upkeep.elapsed() >= UPKEEP_EVERY {
+            if upkeep {
                 last_upkeep = Instant::now();
-                if last_reap.elapsed() >= REAP_EVERY {
-                    last_reap = Instant::now();
-                    let alive = |tgid: u32| Path::new(&format!("/proc/{tgid}")).exists();
-                    table.reap(monotonic_ns(), &alive, &mut served);
-                    identity.forget_exited(&alive);
-                }
                 for labels in identity.purge_deleted(Instant::now(), deleted_pod_grace) {
                     metrics.remove_identity(&labels);
                     metrics.identities_removed.inc();
                     labeler.forget(&labels);
                 }
-                record(
-                    &mut served,
-                    &identity,
-                    &mut attribution,
-                    &mut labeler,
-                    &metrics,
-                );
                 let lost = capture.lost_events();
                 if lost > metrics.events_lost.get() {
                     warn!(
@@ -152,7 +147,7 @@ impl Pipeline {
                             identity.workload_label_names(),
                             labeler.snapshot(),
                         ),
-                        pods: identity.report(identity.label_names()),
+                        pods: identity.report(),
                         connections: ConnectionsReport {
                             tracked: table.len(),
                             by_process: table.per_process(),

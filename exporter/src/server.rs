@@ -131,19 +131,18 @@ fn debug_view<T: serde::Serialize>(
     if wants_html(uri, headers) {
         return Html(page(&snapshot).into_string()).into_response();
     }
-    let mut body = serde_json::json!({ "updated_at": snapshot.updated_at });
-    match serde_json::to_value(part(&snapshot)) {
-        Ok(serde_json::Value::Object(fields)) => {
-            if let Some(object) = body.as_object_mut() {
-                object.extend(fields);
-            }
-        }
-        Ok(other) => body["data"] = other,
-        Err(error) => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response();
-        }
+    /// A report with the time its snapshot was taken beside its fields.
+    #[derive(serde::Serialize)]
+    struct Stamped<'a, T> {
+        updated_at: f64,
+        #[serde(flatten)]
+        report: &'a T,
     }
-    Json(body).into_response()
+    Json(Stamped {
+        updated_at: snapshot.updated_at,
+        report: part(&snapshot),
+    })
+    .into_response()
 }
 
 async fn debug_routes(State(state): State<ServerState>, uri: Uri, headers: HeaderMap) -> Response {

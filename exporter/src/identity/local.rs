@@ -125,11 +125,6 @@ impl LocalIdentity {
         rows
     }
 
-    /// Listening sockets whose identity is cached.
-    pub fn cached(&self) -> usize {
-        self.servers.len()
-    }
-
     /// Drops what is cached about processes that exited (their pids may be
     /// reused).
     pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {

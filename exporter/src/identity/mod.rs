@@ -123,9 +123,9 @@ impl Identity {
     }
 
     /// Who serves, for `/debug/pods`.
-    pub fn report(&self, label_names: &[&str]) -> PodsReport {
+    pub fn report(&self) -> PodsReport {
         let named = |labels: &IdentityLabels| {
-            label_names
+            self.label_names()
                 .iter()
                 .map(|name| (*name).to_owned())
                 .zip(labels.iter().cloned())
@@ -166,14 +166,6 @@ impl Identity {
                     ..PodsReport::default()
                 }
             }
-        }
-    }
-
-    /// Processes whose identity is cached.
-    pub fn processes_cached(&self) -> usize {
-        match self {
-            Identity::Local(local) => local.cached(),
-            Identity::Pods(pods) => pods.processes.len(),
         }
     }
 }

@@ -348,6 +348,10 @@ impl PodIndex {
 
     /// The user rules a pod annotation gives the workload of `labels`.
     pub fn workload_rules(&self, labels: &[String]) -> Option<Arc<RuleSet>> {
+        // Called per exchange: build the key only when some pod has rules.
+        if self.workload_rules.is_empty() {
+            return None;
+        }
         let field = |index: usize| labels.get(index).cloned().unwrap_or_default();
         self.workload_rules
             .get(&(field(0), field(3), field(4)))
