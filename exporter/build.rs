@@ -1,6 +1,7 @@
 //! Builds the kernel programs (exporter-ebpf) for bpfel-unknown-none with
 //! Debian's rustc-web toolchain and its prebuilt bpf `core`; the object lands
-//! in OUT_DIR and is embedded in the binary. See ../shared/ebpf-toolchain.md.
+//! in OUT_DIR and is embedded in the binary. README.md, "Building the kernel
+//! programs", says why this toolchain.
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
