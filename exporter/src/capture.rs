@@ -1,21 +1,18 @@
 //! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
 //! set of server processes, and reads events from the BPF ring buffer.
 
-use std::{
-    collections::{HashMap, HashSet},
-    fs,
-    os::fd::AsRawFd,
-    path::Path,
-    time::Duration,
-};
+use std::{os::fd::AsRawFd, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, ring_buf::RingBufItem},
     programs::TracePoint,
 };
 use exporter_common::{CaptureConfig, EVENT_HEADER_LEN, EventHeader, EventKind, MAX_CAPTURE_BYTES};
+use prometheus::{IntCounter, Registry};
 use tracing::{debug, info, warn};
+
+use crate::metrics::counter;
 
 /// The compiled kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
@@ -134,12 +131,66 @@ pub fn decode_event(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
     })
 }
 
+/// What the capture stage counts. The stage owns these counters: `/metrics`
+/// reads them as they are.
+#[derive(Clone, Debug)]
+pub struct CaptureCounters {
+    pub events_read: IntCounter,
+    /// Mirrors the kernel's own count (the `LOST_EVENTS` map).
+    pub events_lost: IntCounter,
+    pub events_malformed: IntCounter,
+}
+
+impl CaptureCounters {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(CaptureCounters {
+            events_read: counter(
+                registry,
+                "flask_ebpf_exporter_events_read_total",
+                "Events read from the BPF ring buffer",
+            )?,
+            events_lost: counter(
+                registry,
+                "flask_ebpf_exporter_events_lost_total",
+                "Events the kernel dropped because the ring buffer was full",
+            )?,
+            events_malformed: counter(
+                registry,
+                "flask_ebpf_exporter_events_malformed_total",
+                "Ring buffer records that did not decode as events",
+            )?,
+        })
+    }
+}
+
 /// Attached programs and the maps userspace reads.
 pub struct Capture {
     // Dropping `Ebpf` detaches the programs; keep it alive.
     _ebpf: Ebpf,
     events: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
+    counters: CaptureCounters,
+    malformed_logged: bool,
+}
+
+/// A record still in the ring buffer; it is released when dropped.
+pub struct EventItem<'a> {
+    item: RingBufItem<'a>,
+    /// `None`: the record did not decode (counted when read).
+    decoded: Option<(EventKind, EventHeader)>,
+}
+
+impl EventItem<'_> {
+    /// The event, if the record decoded as one.
+    pub fn event(&self) -> Option<RawEvent<'_>> {
+        let (kind, header) = self.decoded?;
+        let end = EVENT_HEADER_LEN + header.captured_len as usize;
+        Some(RawEvent {
+            kind,
+            header,
+            data: self.item.get(EVENT_HEADER_LEN..end)?,
+        })
+    }
 }
 
 /// Whether syscall tracepoints can be attached to.
@@ -155,14 +206,7 @@ pub fn tracefs() -> Tracefs {
     if TRACEFS_SYSCALLS.iter().any(|dir| Path::new(dir).is_dir()) {
         return Tracefs::Available;
     }
-    let mounted = fs::read_to_string("/proc/self/mounts")
-        .map(|mounts| {
-            mounts
-                .lines()
-                .any(|line| line.split_whitespace().nth(2) == Some("tracefs"))
-        })
-        .unwrap_or(false);
-    if mounted {
+    if crate::procfs::is_mounted("tracefs") {
         Tracefs::Inaccessible
     } else {
         Tracefs::Missing
@@ -170,7 +214,7 @@ pub fn tracefs() -> Tracefs {
 }
 
 impl Capture {
-    pub fn load(options: CaptureOptions) -> Result<Self, CaptureError> {
+    pub fn load(options: CaptureOptions, counters: CaptureCounters) -> Result<Self, CaptureError> {
         if options.capture_bytes == 0 || options.capture_bytes as usize > MAX_CAPTURE_BYTES {
             return Err(CaptureError::CaptureBytes);
         }
@@ -194,45 +238,9 @@ impl Capture {
                     CaptureError::Load(error)
                 }
             })?;
-
-        let self_tgid = std::process::id();
-        let mut config: Array<_, CaptureConfig> =
-            Array::try_from(map_mut(&mut ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
-        let settings = CaptureConfig {
-            self_tgid,
-            capture_bytes: options.capture_bytes,
-            wakeup_bytes: u64::from(options.ring_buffer_bytes / 4),
-        };
-        config.set(0, settings, 0).map_err(map_error("CONFIG"))?;
-
-        let mut servers: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(map_mut(&mut ebpf, "SERVERS")?).map_err(map_error("SERVERS"))?;
-        let seeded = listening_processes();
-        for tgid in seeded.iter().filter(|&&tgid| tgid != self_tgid) {
-            if let Err(error) = servers.insert(tgid, 1, 0) {
-                warn!(tgid, %error, "could not seed server process");
-            }
-        }
-        info!(
-            processes = seeded.len(),
-            "seeded processes that hold listening TCP sockets"
-        );
-
-        for &(name, tracepoints) in ATTACHMENTS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing(name))?
-                .try_into()
-                .map_err(|source| CaptureError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| permission_or(name, source))?;
-            for tracepoint in tracepoints {
-                program
-                    .attach("syscalls", tracepoint)
-                    .map_err(|source| permission_or(name, source))?;
-            }
-        }
+        configure(&mut ebpf, options)?;
+        seed_servers(&mut ebpf)?;
+        attach(&mut ebpf)?;
         let events =
             RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?)
@@ -246,23 +254,38 @@ impl Capture {
             _ebpf: ebpf,
             events,
             lost,
+            counters,
+            malformed_logged: false,
         })
     }
 
-    /// Events the kernel could not put in the ring buffer, since loading.
-    pub fn lost_events(&self) -> u64 {
-        match self.lost.get(&0, 0) {
+    pub fn counters(&self) -> &CaptureCounters {
+        &self.counters
+    }
+
+    /// Brings `events_lost` up to the kernel's count of events the ring
+    /// buffer had no room for, and says so when it grew.
+    pub fn sync_lost_events(&self) {
+        let lost: u64 = match self.lost.get(&0, 0) {
             Ok(per_cpu) => per_cpu.iter().sum(),
             Err(error) => {
                 warn!(%error, "could not read the lost-events counter");
-                0
+                return;
             }
+        };
+        let counted = self.counters.events_lost.get();
+        if lost > counted {
+            warn!(
+                lost_total = lost,
+                "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)"
+            );
+            self.counters.events_lost.inc_by(lost - counted);
         }
     }
 
-    /// Waits up to `timeout` (less if the kernel forces a wakeup because the
-    /// ring is filling), then hands every waiting event to `handle`.
-    pub fn poll(&mut self, timeout: Duration, mut handle: impl FnMut(&[u8])) {
+    /// Waits up to `timeout` for events (less if the kernel forces a wakeup
+    /// because the ring is filling).
+    pub fn wait(&self, timeout: Duration) {
         let mut pollfd = libc::pollfd {
             fd: self.events.as_raw_fd(),
             events: libc::POLLIN,
@@ -274,10 +297,78 @@ impl Capture {
         if ready < 0 {
             debug!(error = %std::io::Error::last_os_error(), "poll on ring buffer");
         }
-        while let Some(item) = self.events.next() {
-            handle(&item);
+    }
+
+    /// The next record waiting in the ring buffer; one that does not decode
+    /// is counted and logged once.
+    pub fn next_event(&mut self) -> Option<EventItem<'_>> {
+        let item = self.events.next()?;
+        self.counters.events_read.inc();
+        let decoded = match decode_event(&item) {
+            Ok(event) => Some((event.kind, event.header)),
+            Err(error) => {
+                self.counters.events_malformed.inc();
+                if !self.malformed_logged {
+                    warn!(%error, "malformed event from the ring buffer (logged once; see flask_ebpf_exporter_events_malformed_total)");
+                    self.malformed_logged = true;
+                }
+                None
+            }
+        };
+        Some(EventItem { item, decoded })
+    }
+}
+
+/// Tells the kernel side its settings, and to ignore the agent itself.
+fn configure(ebpf: &mut Ebpf, options: CaptureOptions) -> Result<(), CaptureError> {
+    let mut config: Array<_, CaptureConfig> =
+        Array::try_from(map_mut(ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
+    let settings = CaptureConfig {
+        self_tgid: std::process::id(),
+        capture_bytes: options.capture_bytes,
+        wakeup_bytes: u64::from(options.ring_buffer_bytes / 4),
+    };
+    config.set(0, settings, 0).map_err(map_error("CONFIG"))
+}
+
+/// Marks the processes that already hold a listening socket as servers, so
+/// connections they accepted before the agent started are picked up at
+/// their next request.
+fn seed_servers(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let mut servers: BpfHashMap<_, u32, u8> =
+        BpfHashMap::try_from(map_mut(ebpf, "SERVERS")?).map_err(map_error("SERVERS"))?;
+    let self_tgid = std::process::id();
+    let seeded = crate::procfs::listening_processes();
+    for tgid in seeded.iter().filter(|&&tgid| tgid != self_tgid) {
+        if let Err(error) = servers.insert(tgid, 1, 0) {
+            warn!(tgid, %error, "could not seed server process");
         }
     }
+    info!(
+        processes = seeded.len(),
+        "seeded processes that hold listening TCP sockets"
+    );
+    Ok(())
+}
+
+/// Loads every program and attaches it to its syscall tracepoints.
+fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    for &(name, tracepoints) in ATTACHMENTS {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| permission_or(name, source))?;
+        for tracepoint in tracepoints {
+            program
+                .attach("syscalls", tracepoint)
+                .map_err(|source| permission_or(name, source))?;
+        }
+    }
+    Ok(())
 }
 
 fn map_mut<'a>(
@@ -332,41 +423,6 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK; fine on kernels that charge BPF memory to cgroups"
         );
     }
-}
-
-/// Processes holding a listening TCP socket, so connections they accepted
-/// before the exporter started are picked up at their next request.
-pub fn listening_processes() -> HashSet<u32> {
-    let mut listening_by_netns: HashMap<String, HashSet<u64>> = HashMap::new();
-    let mut servers = HashSet::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return servers;
-    };
-    for entry in entries.flatten() {
-        let Some(tgid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(netns) = fs::read_link(format!("/proc/{tgid}/ns/net")) else {
-            continue;
-        };
-        let listening = listening_by_netns
-            .entry(netns.to_string_lossy().into_owned())
-            .or_insert_with(|| crate::identity::local::listening_inodes(tgid));
-        if listening.is_empty() {
-            continue;
-        }
-        if crate::identity::local::socket_inodes(tgid)
-            .iter()
-            .any(|inode| listening.contains(inode))
-        {
-            servers.insert(tgid);
-        }
-    }
-    servers
 }
 
 #[cfg(test)]

@@ -11,13 +11,18 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use maud::{DOCTYPE, Markup, html};
 use serde::Serialize;
 
-use crate::routes::{RouteSource, WorkloadRoutesView};
+use crate::{
+    exchange::RouteSource,
+    identity::{IdentityStage, attribution::Attribution, pods::lock_index},
+    routes::WorkloadRoutesView,
+    stream::ConnectionTable,
+};
 
 fn unix_seconds(time: SystemTime) -> f64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
@@ -56,15 +61,11 @@ pub struct RouteReport {
 }
 
 impl RoutesReport {
-    pub fn from_views(label_names: &[&str], views: Vec<WorkloadRoutesView>) -> Self {
+    pub fn new(views: Vec<WorkloadRoutesView>) -> Self {
         let workloads = views
             .into_iter()
             .map(|view| WorkloadReport {
-                workload: label_names
-                    .iter()
-                    .map(|name| (*name).to_owned())
-                    .zip(view.workload.iter().cloned())
-                    .collect(),
+                workload: owned_pairs(view.workload.pairs()),
                 learned_nodes: view.learned_nodes,
                 routes: view
                     .routes
@@ -86,6 +87,13 @@ impl RoutesReport {
             .collect();
         RoutesReport { workloads }
     }
+}
+
+fn owned_pairs(pairs: Vec<(&str, &str)>) -> BTreeMap<String, String> {
+    pairs
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
 }
 
 /// Who serves: local servers or this node's pods, and the processes mapped.
@@ -142,6 +150,80 @@ pub struct ConnectionsReport {
     pub abandoned_requests: u64,
     /// Requests waiting for their pod to become known.
     pub requests_held: usize,
+}
+
+impl PodsReport {
+    pub fn new(identity: &IdentityStage, now: Instant) -> Self {
+        match identity {
+            IdentityStage::Local(local) => PodsReport {
+                mode: "local",
+                servers: local
+                    .servers()
+                    .into_iter()
+                    .map(|(pid, listen_fd, identity)| ServerRow {
+                        pid,
+                        listen_fd,
+                        identity: identity.map(|identity| owned_pairs(identity.labels.pairs())),
+                    })
+                    .collect(),
+                ..PodsReport::default()
+            },
+            IdentityStage::Pods(pods) => {
+                let mut processes: Vec<ProcessRow> = pods
+                    .processes()
+                    .iter()
+                    .map(|(&pid, entry)| ProcessRow {
+                        pid,
+                        pod_uid: entry.container.as_ref().map(|c| c.pod_uid.to_string()),
+                        container_id: entry
+                            .container
+                            .as_ref()
+                            .and_then(|c| c.container_id.clone()),
+                    })
+                    .collect();
+                processes.sort_by_key(|row| row.pid);
+                let mut rows: Vec<PodRow> = lock_index(pods.index())
+                    .pods()
+                    .map(|(info, deleted_at)| PodRow {
+                        namespace: info.namespace.clone(),
+                        pod: info.name.clone(),
+                        uid: info.uid.to_string(),
+                        workload: info.workload.name.clone(),
+                        workload_kind: info.workload.kind.clone(),
+                        containers: info.container_ids.iter().cloned().collect(),
+                        monitored: info.selected,
+                        routes_annotation: info.routes.is_some(),
+                        deleted_seconds_ago: deleted_at
+                            .map(|at| now.saturating_duration_since(at).as_secs_f64()),
+                    })
+                    .collect();
+                rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+                PodsReport {
+                    mode: "kubernetes",
+                    pods: rows,
+                    processes,
+                    ..PodsReport::default()
+                }
+            }
+        }
+    }
+}
+
+impl ConnectionsReport {
+    pub fn new(table: &ConnectionTable, attribution: &Attribution) -> Self {
+        let counters = table.counters();
+        ConnectionsReport {
+            tracked: table.len(),
+            by_process: table.per_process(),
+            opened_total: counters.connections_opened.get(),
+            sequence_gaps: counters.sequence_gaps.get(),
+            unparsed_bytes: counters.http.unparsed_bytes.get(),
+            truncated_captures: counters.http.truncated_captures.get(),
+            unpaired_responses: counters.http.unpaired_responses.get(),
+            abandoned_requests: counters.http.abandoned_requests.get(),
+            requests_held: attribution.counters().held.get().max(0) as usize,
+        }
+    }
 }
 
 /// What the endpoints serve.

@@ -10,6 +10,10 @@
 
 use std::collections::VecDeque;
 
+use prometheus::{IntCounter, Registry};
+
+use crate::{exchange::Exchange, metrics::counter};
+
 /// Bytes one syscall moved on the connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Segment<'a> {
@@ -21,47 +25,44 @@ pub struct Segment<'a> {
     pub captured: &'a [u8],
 }
 
-/// One request and the final response to it: what every later stage needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Exchange {
-    pub method: String,
-    /// The request target as sent, query string included (the routes stage
-    /// removes it).
-    pub target: String,
-    pub status: u16,
-    /// When the server read the first byte of the request.
-    pub started_ns: u64,
-    /// When the server wrote the last byte of the response.
-    pub finished_ns: u64,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-}
-
-impl Exchange {
-    pub fn duration_seconds(&self) -> f64 {
-        self.finished_ns.saturating_sub(self.started_ns) as f64 / 1e9
-    }
-}
-
-/// Things worth counting that are not exchanges.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HttpStats {
+/// What the HTTP stage counts that is not an exchange. The stage owns these
+/// counters: `/metrics` and `/debug/connections` read them as they are.
+#[derive(Clone, Debug)]
+pub struct HttpCounters {
     /// Bytes that did not parse as HTTP/1.x where a message had to start.
-    pub unparsed_bytes: u64,
+    pub unparsed_bytes: IntCounter,
     /// Heads or chunk lines that fell outside the copied prefix.
-    pub truncated_captures: u64,
+    pub truncated_captures: IntCounter,
     /// Responses with no request waiting for them.
-    pub unpaired_responses: u64,
+    pub unpaired_responses: IntCounter,
     /// Requests dropped without a response (gap, reset, close, overflow).
-    pub abandoned_requests: u64,
+    pub abandoned_requests: IntCounter,
 }
 
-impl HttpStats {
-    pub fn add(&mut self, other: &HttpStats) {
-        self.unparsed_bytes += other.unparsed_bytes;
-        self.truncated_captures += other.truncated_captures;
-        self.unpaired_responses += other.unpaired_responses;
-        self.abandoned_requests += other.abandoned_requests;
+impl HttpCounters {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(HttpCounters {
+            unparsed_bytes: counter(
+                registry,
+                "flask_ebpf_exporter_unparsed_bytes_total",
+                "Bytes on server connections that did not parse as HTTP/1.x",
+            )?,
+            truncated_captures: counter(
+                registry,
+                "flask_ebpf_exporter_truncated_captures_total",
+                "HTTP heads or chunk lines beyond the copied prefix of a buffer",
+            )?,
+            unpaired_responses: counter(
+                registry,
+                "flask_ebpf_exporter_unpaired_responses_total",
+                "Responses with no request waiting for them",
+            )?,
+            abandoned_requests: counter(
+                registry,
+                "flask_ebpf_exporter_abandoned_requests_total",
+                "Requests that ended without a response being seen",
+            )?,
+        })
     }
 }
 
@@ -244,7 +245,6 @@ pub struct HttpConnection {
     /// Whether any request has parsed: garbage before the first one makes the
     /// whole connection opaque; garbage later is a desync.
     seen_request: bool,
-    pub stats: HttpStats,
 }
 
 impl Default for HttpConnection {
@@ -404,8 +404,171 @@ fn looks_like_request_start(bytes: &[u8]) -> bool {
         && bytes[space + 1] == b'/'
 }
 
-fn looks_like_response_start(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"HTTP/1.")
+/// What differs between the two directions of a connection; the reading
+/// itself ([`HttpConnection::advance`]) is the same for both.
+trait Direction {
+    type Head;
+    fn reader(connection: &mut HttpConnection) -> &mut ReaderState;
+    fn parse_head(bytes: &[u8]) -> HeadParse<Self::Head>;
+    /// Whether copied bytes at a segment start may begin a message, to
+    /// resynchronise after lost bytes.
+    fn starts_message(bytes: &[u8]) -> bool;
+    /// Bytes of the current message (body, or bytes after lost framing).
+    fn add_bytes(connection: &mut HttpConnection, bytes: u64, framed: bool, timestamp_ns: u64);
+    fn body_ended(
+        connection: &mut HttpConnection,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    );
+    /// Before a head is read from the start of a segment.
+    fn head_begins(
+        connection: &mut HttpConnection,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    );
+    fn head_parsed(
+        connection: &mut HttpConnection,
+        head: Self::Head,
+        head_bytes: u64,
+        started_ns: u64,
+        timestamp_ns: u64,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    );
+    /// What the reader does after bytes that are not HTTP.
+    fn unparsable(connection: &mut HttpConnection) -> ReaderState;
+}
+
+/// Bytes the server read.
+struct Requests;
+
+impl Direction for Requests {
+    type Head = RequestHead;
+
+    fn reader(connection: &mut HttpConnection) -> &mut ReaderState {
+        &mut connection.request
+    }
+
+    fn parse_head(bytes: &[u8]) -> HeadParse<RequestHead> {
+        parse_request_head(bytes)
+    }
+
+    fn starts_message(bytes: &[u8]) -> bool {
+        looks_like_request_start(bytes)
+    }
+
+    fn add_bytes(connection: &mut HttpConnection, bytes: u64, framed: bool, _timestamp_ns: u64) {
+        // After lost framing the bytes belong to no known request.
+        if framed && let Some(last) = connection.pending.back_mut() {
+            last.bytes += bytes;
+        }
+    }
+
+    fn body_ended(connection: &mut HttpConnection, _: &HttpCounters, _: &mut Vec<Exchange>) {
+        connection.request = ReaderState::fresh_head();
+    }
+
+    fn head_begins(_: &mut HttpConnection, _: &HttpCounters, _: &mut Vec<Exchange>) {}
+
+    fn head_parsed(
+        connection: &mut HttpConnection,
+        head: RequestHead,
+        head_bytes: u64,
+        started_ns: u64,
+        _timestamp_ns: u64,
+        counters: &HttpCounters,
+        _: &mut Vec<Exchange>,
+    ) {
+        connection.seen_request = true;
+        if connection.pending.len() >= MAX_PENDING_REQUESTS {
+            connection.pending.pop_front();
+            counters.abandoned_requests.inc();
+        }
+        connection.pending.push_back(PendingRequest {
+            method: head.method,
+            target: head.target,
+            started_ns,
+            bytes: head_bytes,
+        });
+        connection.request = match head.body {
+            None => ReaderState::fresh_head(),
+            Some(body) => ReaderState::Body(body),
+        };
+    }
+
+    fn unparsable(connection: &mut HttpConnection) -> ReaderState {
+        // Garbage before any request: not HTTP at all. After one: lost track.
+        if connection.seen_request {
+            ReaderState::Desync
+        } else {
+            connection.response = ReaderState::Opaque;
+            ReaderState::Opaque
+        }
+    }
+}
+
+/// Bytes the server wrote.
+struct Responses;
+
+impl Direction for Responses {
+    type Head = ResponseHead;
+
+    fn reader(connection: &mut HttpConnection) -> &mut ReaderState {
+        &mut connection.response
+    }
+
+    fn parse_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
+        parse_response_head(bytes)
+    }
+
+    fn starts_message(bytes: &[u8]) -> bool {
+        bytes.starts_with(b"HTTP/1.")
+    }
+
+    fn add_bytes(connection: &mut HttpConnection, bytes: u64, _framed: bool, timestamp_ns: u64) {
+        // A response whose framing was lost still ends at its last write
+        // before the next head or the close.
+        if let Some(response) = &mut connection.in_flight {
+            response.bytes += bytes;
+            response.last_write_ns = timestamp_ns;
+        }
+    }
+
+    fn body_ended(
+        connection: &mut HttpConnection,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
+        connection.finish_response(counters, out);
+    }
+
+    fn head_begins(
+        connection: &mut HttpConnection,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
+        // A response whose end was lost is followed by a new head: the old
+        // one ended with the previous write.
+        if connection.in_flight.is_some() {
+            connection.finish_response(counters, out);
+        }
+    }
+
+    fn head_parsed(
+        connection: &mut HttpConnection,
+        head: ResponseHead,
+        head_bytes: u64,
+        _started_ns: u64,
+        timestamp_ns: u64,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
+        connection.start_response(head, head_bytes, timestamp_ns, counters, out);
+    }
+
+    fn unparsable(_: &mut HttpConnection) -> ReaderState {
+        ReaderState::Desync
+    }
 }
 
 impl HttpConnection {
@@ -416,7 +579,6 @@ impl HttpConnection {
             pending: VecDeque::new(),
             in_flight: None,
             seen_request: false,
-            stats: HttpStats::default(),
         }
     }
 
@@ -431,155 +593,92 @@ impl HttpConnection {
     }
 
     /// Bytes the server read.
-    pub fn on_read(&mut self, segment: Segment<'_>) {
+    pub fn on_read(&mut self, segment: Segment<'_>, counters: &HttpCounters) {
+        // Reading requests completes no exchange.
+        self.advance::<Requests>(segment, counters, &mut Vec::new());
+    }
+
+    /// Bytes the server wrote; completed exchanges are appended to `out`.
+    pub fn on_write(
+        &mut self,
+        segment: Segment<'_>,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
+        self.advance::<Responses>(segment, counters, out);
+    }
+
+    /// Reads one segment in direction `D`: heads, then bodies skipped by
+    /// count, as many messages as the segment holds.
+    fn advance<D: Direction>(
+        &mut self,
+        segment: Segment<'_>,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
         let mut pos: u64 = 0;
         let total = segment.byte_count;
+        let now = segment.timestamp_ns;
         while pos < total {
             let captured = segment.captured.get(pos as usize..).unwrap_or(&[]);
             let remaining = total - pos;
-            match &mut self.request {
+            match D::reader(self) {
                 ReaderState::Opaque => return,
                 ReaderState::Desync => {
-                    if pos == 0 && looks_like_request_start(captured) {
-                        self.request = ReaderState::fresh_head();
+                    if pos == 0 && D::starts_message(captured) {
+                        *D::reader(self) = ReaderState::fresh_head();
                         continue;
                     }
+                    D::add_bytes(self, remaining, false, now);
                     return;
                 }
                 ReaderState::Body(body) => match body.advance(remaining, captured) {
                     BodyStep::Continues(used) => {
-                        self.add_request_bytes(used);
+                        D::add_bytes(self, used, true, now);
                         return;
                     }
                     BodyStep::Ended(used) => {
                         pos += used;
-                        self.add_request_bytes(used);
-                        self.request = ReaderState::fresh_head();
+                        D::add_bytes(self, used, true, now);
+                        D::body_ended(self, counters, out);
                     }
                     BodyStep::Lost => {
-                        self.stats.truncated_captures += 1;
-                        self.request = ReaderState::Desync;
+                        counters.truncated_captures.inc();
+                        D::add_bytes(self, remaining, false, now);
+                        *D::reader(self) = ReaderState::Desync;
                         return;
                     }
                 },
                 ReaderState::Head { buffer, started_ns } => {
                     if buffer.is_empty() {
-                        *started_ns = segment.timestamp_ns;
+                        *started_ns = now;
+                        if pos == 0 {
+                            D::head_begins(self, counters, out);
+                        }
                     }
+                    let ReaderState::Head { buffer, started_ns } = D::reader(self) else {
+                        continue;
+                    };
                     let started = *started_ns;
                     let held = buffer.len() as u64;
-                    match parse_head_across(buffer, captured, parse_request_head) {
+                    match parse_head_across(buffer, captured, D::parse_head) {
                         HeadParse::Complete { head, consumed } => {
                             pos += consumed as u64;
-                            self.seen_request = true;
-                            self.push_request(PendingRequest {
-                                method: head.method,
-                                target: head.target,
-                                started_ns: started,
-                                bytes: held + consumed as u64,
-                            });
-                            self.request = match head.body {
-                                None => ReaderState::fresh_head(),
-                                Some(body) => ReaderState::Body(body),
-                            };
+                            let bytes = held + consumed as u64;
+                            D::head_parsed(self, head, bytes, started, now, counters, out);
                         }
                         HeadParse::Partial => {
                             if (captured.len() as u64) < remaining {
                                 // Part of the head was not copied.
-                                self.stats.truncated_captures += 1;
-                                self.request = ReaderState::Desync;
+                                counters.truncated_captures.inc();
+                                *D::reader(self) = ReaderState::Desync;
                             }
                             return;
                         }
                         HeadParse::Invalid => {
-                            self.stats.unparsed_bytes += held + remaining;
-                            self.request = if self.seen_request {
-                                ReaderState::Desync
-                            } else {
-                                self.response = ReaderState::Opaque;
-                                ReaderState::Opaque
-                            };
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn push_request(&mut self, request: PendingRequest) {
-        if self.pending.len() >= MAX_PENDING_REQUESTS {
-            self.pending.pop_front();
-            self.stats.abandoned_requests += 1;
-        }
-        self.pending.push_back(request);
-    }
-
-    fn add_request_bytes(&mut self, bytes: u64) {
-        if let Some(last) = self.pending.back_mut() {
-            last.bytes += bytes;
-        }
-    }
-
-    /// Bytes the server wrote; completed exchanges are appended to `out`.
-    pub fn on_write(&mut self, segment: Segment<'_>, out: &mut Vec<Exchange>) {
-        let mut pos: u64 = 0;
-        let total = segment.byte_count;
-        while pos < total {
-            let captured = segment.captured.get(pos as usize..).unwrap_or(&[]);
-            let remaining = total - pos;
-            match &mut self.response {
-                ReaderState::Opaque => return,
-                ReaderState::Desync => {
-                    if pos == 0 && looks_like_response_start(captured) {
-                        self.response = ReaderState::fresh_head();
-                        continue;
-                    }
-                    self.extend_in_flight(remaining, segment.timestamp_ns);
-                    return;
-                }
-                ReaderState::Body(body) => match body.advance(remaining, captured) {
-                    BodyStep::Continues(used) => {
-                        self.extend_in_flight(used, segment.timestamp_ns);
-                        return;
-                    }
-                    BodyStep::Ended(used) => {
-                        pos += used;
-                        self.extend_in_flight(used, segment.timestamp_ns);
-                        self.finish_response(out);
-                    }
-                    BodyStep::Lost => {
-                        // The response still ends at the last byte written
-                        // before the next response head or the close.
-                        self.stats.truncated_captures += 1;
-                        self.extend_in_flight(remaining, segment.timestamp_ns);
-                        self.response = ReaderState::Desync;
-                        return;
-                    }
-                },
-                ReaderState::Head { buffer, .. } => {
-                    if buffer.is_empty() && pos == 0 && self.in_flight.is_some() {
-                        // A response whose end was lost is followed by a new
-                        // head: the old one ended with the previous write.
-                        self.finish_response(out);
-                        continue;
-                    }
-                    let held = buffer.len() as u64;
-                    match parse_head_across(buffer, captured, parse_response_head) {
-                        HeadParse::Complete { head, consumed } => {
-                            pos += consumed as u64;
-                            self.start_response(head, held + consumed as u64, segment, out);
-                        }
-                        HeadParse::Partial => {
-                            if (captured.len() as u64) < remaining {
-                                self.stats.truncated_captures += 1;
-                                self.response = ReaderState::Desync;
-                            }
-                            return;
-                        }
-                        HeadParse::Invalid => {
-                            self.stats.unparsed_bytes += held + remaining;
-                            self.response = ReaderState::Desync;
+                            counters.unparsed_bytes.inc_by(held + remaining);
+                            let next = D::unparsable(self);
+                            *D::reader(self) = next;
                             return;
                         }
                     }
@@ -592,7 +691,8 @@ impl HttpConnection {
         &mut self,
         head: ResponseHead,
         head_bytes: u64,
-        segment: Segment<'_>,
+        timestamp_ns: u64,
+        counters: &HttpCounters,
         out: &mut Vec<Exchange>,
     ) {
         let status = head.status;
@@ -608,11 +708,11 @@ impl HttpConnection {
         self.in_flight = Some(InFlightResponse {
             status,
             bytes: head_bytes,
-            last_write_ns: segment.timestamp_ns,
+            last_write_ns: timestamp_ns,
         });
         if status == 101 {
             // Upgraded (e.g. WebSocket): the exchange ends here, HTTP ends too.
-            self.finish_response(out);
+            self.finish_response(counters, out);
             self.response = ReaderState::Opaque;
             self.request = ReaderState::Opaque;
             return;
@@ -624,25 +724,18 @@ impl HttpConnection {
         };
         match body {
             // A head-only response ends with the write that finished its head.
-            None => self.finish_response(out),
+            None => self.finish_response(counters, out),
             Some(body) => self.response = ReaderState::Body(body),
         }
     }
 
-    fn extend_in_flight(&mut self, bytes: u64, timestamp_ns: u64) {
-        if let Some(response) = &mut self.in_flight {
-            response.bytes += bytes;
-            response.last_write_ns = timestamp_ns;
-        }
-    }
-
-    fn finish_response(&mut self, out: &mut Vec<Exchange>) {
+    fn finish_response(&mut self, counters: &HttpCounters, out: &mut Vec<Exchange>) {
         self.response = ReaderState::fresh_head();
         let Some(response) = self.in_flight.take() else {
             return;
         };
         let Some(request) = self.pending.pop_front() else {
-            self.stats.unpaired_responses += 1;
+            counters.unpaired_responses.inc();
             return;
         };
         out.push(Exchange {
@@ -657,8 +750,10 @@ impl HttpConnection {
     }
 
     /// Events were lost in between: whatever was in progress cannot be trusted.
-    pub fn on_gap(&mut self) {
-        self.stats.abandoned_requests += self.pending.len() as u64;
+    pub fn on_gap(&mut self, counters: &HttpCounters) {
+        counters
+            .abandoned_requests
+            .inc_by(self.pending.len() as u64);
         self.pending.clear();
         self.in_flight = None;
         if !matches!(self.request, ReaderState::Opaque) {
@@ -669,28 +764,36 @@ impl HttpConnection {
 
     /// The server closed the connection: a response delimited by the close,
     /// or whose framing was lost, ends with its last write.
-    pub fn on_close(&mut self, out: &mut Vec<Exchange>) {
+    pub fn on_close(&mut self, counters: &HttpCounters, out: &mut Vec<Exchange>) {
         let ends_at_close = matches!(
             self.response,
             ReaderState::Body(Body::UntilClose) | ReaderState::Desync
         );
         if ends_at_close && self.in_flight.is_some() {
-            self.finish_response(out);
+            self.finish_response(counters, out);
         }
-        self.stats.abandoned_requests += self.pending.len() as u64;
+        counters
+            .abandoned_requests
+            .inc_by(self.pending.len() as u64);
         self.pending.clear();
     }
 
     /// Ends a response whose framing was lost once nothing was written for
     /// `idle_ns`, so a kept-alive idle connection does not hold it forever.
-    pub fn expire_unframed(&mut self, now_ns: u64, idle_ns: u64, out: &mut Vec<Exchange>) {
+    pub fn expire_unframed(
+        &mut self,
+        now_ns: u64,
+        idle_ns: u64,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
         let unframed = matches!(self.response, ReaderState::Desync);
         let idle = self
             .in_flight
             .as_ref()
             .is_some_and(|response| now_ns.saturating_sub(response.last_write_ns) >= idle_ns);
         if unframed && idle {
-            self.finish_response(out);
+            self.finish_response(counters, out);
             self.response = ReaderState::Desync;
         }
     }

@@ -3,18 +3,24 @@
 //!
 //! A byte travels through one module per stage, in this order:
 //! [`capture`] (kernel programs, ring buffer) → [`stream`] (per-connection
-//! ordering) → [`http`] (heads, framing, pairing) → [`routes`] (path label)
-//! and [`identity`] (who served it) → [`metrics`] → [`server`] (endpoints).
-//! [`pipeline`] is the loop that drives them; [`config`] the command line;
-//! [`debug`] the `/debug/*` views of routes, identities and connections.
+//! ordering) → [`http`] (heads, framing, pairing) → [`identity`] (who served
+//! it) → [`routes`] (path label) → [`metrics`] → [`server`] (endpoints).
+//! From the HTTP exchange on, stages hand each other the plain data of
+//! [`exchange`]. [`pipeline`] is the loop that drives them; [`config`] the
+//! command line; [`health`] readiness; [`procfs`] what is read of other
+//! processes; [`debug`] the `/debug/*` views of routes, identities and
+//! connections.
 
 pub mod capture;
 pub mod config;
 pub mod debug;
+pub mod exchange;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;
+pub mod procfs;
 pub mod routes;
 pub mod server;
 pub mod stream;

@@ -6,21 +6,25 @@ use std::sync::{
 use anyhow::Context as _;
 use clap::Parser as _;
 use flask_ebpf_exporter::{
-    capture::{Capture, CaptureOptions},
+    capture::{Capture, CaptureCounters, CaptureOptions},
     config::{Config, Mode, PodSelection},
     debug::DebugState,
+    health::Readiness,
     identity::{
-        Attribution, HoldLimits, Identity, PodIdentity, SharedPodIndex,
+        IdentityStage,
+        attribution::{Attribution, AttributionCounters, HoldLimits},
+        containers::PodIdentity,
         kubernetes::{self, PodWatch, WatchMetrics},
-        local::{LOCAL_LABELS, LocalIdentity, ProcessFilter},
-        pods::{POD_LABELS, Selection},
+        local::{LocalIdentity, ProcessFilter},
+        pods::{Selection, SharedPodIndex},
     },
-    metrics::Metrics,
+    metrics::RequestMetrics,
     pipeline::Pipeline,
-    routes::{RouteLabeler, RouteOptions, flask_rules::RuleSet},
-    server::{self, Readiness, ServerState},
-    stream::ConnectionTable,
+    routes::{RouteCounters, RouteLabeler, RouteOptions, flask_rules::RuleSet},
+    server::{self, ServerState},
+    stream::{ConnectionTable, StreamCounters},
 };
+use prometheus::Registry;
 use tracing::info;
 
 /// Requests held while their pod is looked up, at most: about 10 s of a
@@ -46,75 +50,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let readiness = Arc::new(Readiness::default());
+    let registry = Registry::new();
     let mode = config.mode().map_err(anyhow::Error::msg)?;
     let (user_rules, rule_errors) =
         RuleSet::parse(&config.user_rules_text().map_err(anyhow::Error::msg)?);
     if let Some(error) = rule_errors.first() {
         anyhow::bail!("{error} (in --route or --routes-file)");
     }
-    let label_names: &[&str] = match mode {
-        Mode::Local => &LOCAL_LABELS,
-        Mode::Kubernetes { .. } => &POD_LABELS,
-    };
-    let metrics = Arc::new(Metrics::new(label_names).context("registering metrics")?);
-    let identity = match &mode {
-        Mode::Local => Identity::Local(LocalIdentity::new(ProcessFilter {
-            pids: config.pids.clone(),
-            command: config.command.clone(),
-            ports: config.ports.clone(),
-        })),
-        Mode::Kubernetes {
-            kubeconfig,
-            node_name,
-        } => {
-            let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            let index = SharedPodIndex::default();
-            readiness.require_sync();
-            let watch_metrics =
-                WatchMetrics::register(metrics.registry()).context("registering metrics")?;
-            let pods_known = watch_metrics.pods.clone();
-            let watch = PodWatch {
-                client,
-                node_name: node_name.clone(),
-                selection: Selection {
-                    opt_in: config.pod_selection == PodSelection::OptIn,
-                    namespaces: config.namespaces.clone(),
-                },
-                index: index.clone(),
-                metrics: watch_metrics,
-                readiness: readiness.clone(),
-            };
-            tokio::spawn(watch.run());
-            Identity::Pods(PodIdentity::new(index, pods_known))
-        }
-    };
-
+    let identity = identity_stage(&config, &mode, &registry, &readiness).await?;
     let debug = config
         .debug_endpoints
         .then(|| Arc::new(DebugState::default()));
-    let capture = Capture::load(CaptureOptions {
-        capture_bytes: config.capture_bytes,
-        ring_buffer_bytes: config.ring_buffer_bytes,
-    })?;
-    let pipeline = Pipeline {
-        capture,
-        table: ConnectionTable::new(),
+    let stages = Stages {
         identity,
-        attribution: Attribution::new(HoldLimits {
-            wait: config.pod_wait,
-            max_held: MAX_HELD_REQUESTS,
-        }),
-        deleted_pod_grace: config.deleted_pod_grace,
-        labeler: RouteLabeler::new(RouteOptions {
-            mode: config.path_label,
-            max_paths_per_workload: config.max_paths_per_workload,
-            segment_cap: config.route_segment_cap as usize,
-            user_rules: Arc::new(user_rules),
-        }),
-        metrics: metrics.clone(),
-        readiness: readiness.clone(),
+        user_rules,
         debug: debug.clone(),
     };
+    let pipeline = pipeline(&config, stages, &registry, &readiness)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let pipeline_shutdown = shutdown.clone();
     let pipeline_thread = std::thread::Builder::new()
@@ -126,7 +78,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     axum::serve(
         listener,
         server::router(ServerState {
-            metrics,
+            registry,
             readiness,
             debug,
         }),
@@ -140,6 +92,104 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
     info!("stopped");
     Ok(())
+}
+
+/// Local mode's process filters, or Kubernetes mode's pod watch (started
+/// here, on the runtime).
+async fn identity_stage(
+    config: &Config,
+    mode: &Mode,
+    registry: &Registry,
+    readiness: &Arc<Readiness>,
+) -> anyhow::Result<IdentityStage> {
+    let (kubeconfig, node_name) = match mode {
+        Mode::Local => {
+            return Ok(IdentityStage::Local(LocalIdentity::new(ProcessFilter {
+                pids: config.pids.clone(),
+                command: config.command.clone(),
+                ports: config.ports.clone(),
+            })));
+        }
+        Mode::Kubernetes {
+            kubeconfig,
+            node_name,
+        } => (kubeconfig, node_name),
+    };
+    let client = kubernetes::client(kubeconfig.as_deref()).await?;
+    let index = SharedPodIndex::default();
+    readiness.require_sync();
+    let watch_metrics = WatchMetrics::register(registry).context("registering metrics")?;
+    let pods_known = watch_metrics.pods.clone();
+    let watch = PodWatch {
+        client,
+        node_name: node_name.clone(),
+        selection: Selection {
+            opt_in: config.pod_selection == PodSelection::OptIn,
+            namespaces: config.namespaces.clone(),
+        },
+        index: index.clone(),
+        metrics: watch_metrics,
+        readiness: readiness.clone(),
+    };
+    tokio::spawn(watch.run());
+    Ok(IdentityStage::Pods(PodIdentity::new(index, pods_known)))
+}
+
+/// What the pipeline is built from besides the flags.
+struct Stages {
+    identity: IdentityStage,
+    user_rules: RuleSet,
+    debug: Option<Arc<DebugState>>,
+}
+
+/// Every stage, each registering its own counters; the BPF programs are
+/// loaded and attached here.
+fn pipeline(
+    config: &Config,
+    stages: Stages,
+    registry: &Registry,
+    readiness: &Arc<Readiness>,
+) -> anyhow::Result<Pipeline> {
+    let Stages {
+        identity,
+        user_rules,
+        debug,
+    } = stages;
+    let registering = "registering metrics";
+    let metrics =
+        RequestMetrics::register(registry, identity.label_names()).context(registering)?;
+    let capture = Capture::load(
+        CaptureOptions {
+            capture_bytes: config.capture_bytes,
+            ring_buffer_bytes: config.ring_buffer_bytes,
+        },
+        CaptureCounters::register(registry).context(registering)?,
+    )?;
+    Ok(Pipeline {
+        capture,
+        table: ConnectionTable::new(StreamCounters::register(registry).context(registering)?),
+        identity,
+        attribution: Attribution::new(
+            HoldLimits {
+                wait: config.pod_wait,
+                max_held: MAX_HELD_REQUESTS,
+            },
+            AttributionCounters::register(registry).context(registering)?,
+        ),
+        deleted_pod_grace: config.deleted_pod_grace,
+        labeler: RouteLabeler::new(
+            RouteOptions {
+                mode: config.path_label,
+                max_paths_per_workload: config.max_paths_per_workload,
+                segment_cap: config.route_segment_cap as usize,
+                user_rules: Arc::new(user_rules),
+            },
+            RouteCounters::register(registry).context(registering)?,
+        ),
+        metrics,
+        readiness: readiness.clone(),
+        debug,
+    })
 }
 
 async fn shutdown_signal() {

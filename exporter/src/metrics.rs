@@ -1,11 +1,21 @@
-//! Metric families: prometheus-flask-exporter's names, label keys and
-//! buckets, plus the identity labels of the serving process or pod, plus the
-//! exporter's own health counters.
+//! The request series: prometheus-flask-exporter's families, names, label
+//! keys and buckets, plus the labels of the identity that served each
+//! request.
+//!
+//! Series belong to the identity that made them: each identity keeps the
+//! handles of its series ([`IdentitySeries`]), so releasing an identity or
+//! retiring one of its routes removes exactly those series and nothing is
+//! looked up by family name. The stages' own health counters are registered
+//! by the stages themselves, with [`counter`] and [`gauge`].
+
+use std::{collections::HashMap, sync::Arc};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::exchange::{AttributedExchange, Identity, Route, WorkloadKey};
 
 /// prometheus-flask-exporter's default buckets.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -18,85 +28,118 @@ const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-pub struct Metrics {
-    registry: Registry,
-    duration: HistogramVec,
-    requests: IntCounterVec,
-    exceptions: IntCounterVec,
-    pub events_read: IntCounter,
-    pub events_lost: IntCounter,
-    pub events_malformed: IntCounter,
-    pub unparsed_bytes: IntCounter,
-    pub truncated_captures: IntCounter,
-    pub unpaired_responses: IntCounter,
-    pub abandoned_requests: IntCounter,
-    pub sequence_gaps: IntCounter,
-    pub connections_opened: IntCounter,
-    pub connections_tracked: IntGauge,
-    pub path_overflow: IntCounter,
-    pub routes_retired: IntCounter,
-    pub unattributed_requests: IntCounter,
-    pub excluded_requests: IntCounter,
-    pub requests_held: IntGauge,
-    pub identities_removed: IntCounter,
-    /// Identity label names, in the order `observe` receives their values.
-    identity_labels: Vec<String>,
+fn exported_method(method: &str) -> &'static str {
+    KNOWN_METHODS
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(method))
+        .copied()
+        .unwrap_or("OTHER")
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+/// A counter registered in `registry`.
+pub fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntCounter, prometheus::Error> {
     let counter = IntCounter::new(name, help)?;
     registry.register(Box::new(counter.clone()))?;
     Ok(counter)
 }
 
-/// The labels removal decides by.
-struct SeriesLabels<'a> {
-    path: Option<&'a str>,
-    identity: Vec<String>,
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+/// A gauge registered in `registry`.
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
     let gauge = IntGauge::new(name, help)?;
     registry.register(Box::new(gauge.clone()))?;
     Ok(gauge)
 }
 
-fn label_refs(labels: &[String]) -> Vec<&str> {
-    labels.iter().map(String::as_str).collect()
+/// The text exposition format of everything registered.
+pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
+    let mut buffer = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut buffer)?;
+    String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
 }
 
-/// Brings a counter up to a running total kept elsewhere.
-pub fn advance_to(counter: &IntCounter, total: u64) {
-    let current = counter.get();
-    if total > current {
-        counter.inc_by(total - current);
+/// The handles of one identity's series.
+#[derive(Debug)]
+struct IdentitySeries {
+    workload: WorkloadKey,
+    /// The identity's label values, in the families' order.
+    label_values: Vec<String>,
+    /// `flask_http_request_duration_seconds`, by path, then (method, status).
+    durations: HashMap<Arc<str>, HashMap<(&'static str, u16), Histogram>>,
+    /// `flask_http_request_total` and, for status 500,
+    /// `flask_http_request_exceptions_total`, by (method, status).
+    totals: HashMap<(&'static str, u16), (IntCounter, Option<IntCounter>)>,
+}
+
+impl IdentitySeries {
+    fn values<'a>(&'a self, own: &[&'a str]) -> Vec<&'a str> {
+        own.iter()
+            .copied()
+            .chain(self.label_values.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// Removes the duration series of one path; returns how many went.
+    fn remove_path(&mut self, path: &str, families: &Families) -> usize {
+        let Some(by_method_status) = self.durations.remove(path) else {
+            return 0;
+        };
+        by_method_status
+            .into_keys()
+            .filter(|(method, status)| {
+                let status = status.to_string();
+                let values = self.values(&[method, path, &status]);
+                families.duration.remove_label_values(&values).is_ok()
+            })
+            .count()
+    }
+
+    /// Removes every series; returns how many went.
+    fn remove_all(mut self, families: &Families) -> usize {
+        let paths: Vec<Arc<str>> = self.durations.keys().cloned().collect();
+        let mut removed = 0;
+        for path in paths {
+            removed += self.remove_path(&path, families);
+        }
+        for ((method, status), (_, exceptions)) in std::mem::take(&mut self.totals) {
+            let status = status.to_string();
+            let values = self.values(&[method, &status]);
+            removed += usize::from(families.requests.remove_label_values(&values).is_ok());
+            if exceptions.is_some() {
+                removed += usize::from(families.exceptions.remove_label_values(&values).is_ok());
+            }
+        }
+        removed
     }
 }
 
-impl Metrics {
-    /// `identity_labels` are added to every `flask_*` family after pfe's own.
-    pub fn new(identity_labels: &[&str]) -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let with_identity = |own: &[&'static str]| -> Vec<String> {
-            own.iter()
-                .chain(identity_labels)
-                .map(|label| (*label).to_owned())
-                .collect()
-        };
+/// The three request families.
+#[derive(Clone, Debug)]
+struct Families {
+    duration: HistogramVec,
+    requests: IntCounterVec,
+    exceptions: IntCounterVec,
+}
 
-        let duration_labels = with_identity(&["method", "path", "status"]);
+impl Families {
+    fn register(registry: &Registry, identity_labels: &[&str]) -> Result<Self, prometheus::Error> {
+        let with_identity = |own: &[&'static str]| -> Vec<&str> {
+            own.iter().chain(identity_labels).copied().collect()
+        };
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "flask_http_request_duration_seconds",
                 "Flask HTTP request duration in seconds",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &label_refs(&duration_labels),
+            &with_identity(&["method", "path", "status"]),
         )?;
-        let status_labels = with_identity(&["method", "status"]);
         let requests = IntCounterVec::new(
             Opts::new("flask_http_request_total", "Total number of HTTP requests"),
-            &label_refs(&status_labels),
+            &with_identity(&["method", "status"]),
         )?;
         let exceptions = IntCounterVec::new(
             Opts::new(
@@ -104,7 +147,7 @@ impl Metrics {
                 "Total number of HTTP requests which resulted in an exception \
                  (counted here as responses with status 500)",
             ),
-            &label_refs(&status_labels),
+            &with_identity(&["method", "status"]),
         )?;
         let info = IntGaugeVec::new(
             Opts::new(
@@ -122,215 +165,178 @@ impl Metrics {
         ] {
             registry.register(collector)?;
         }
-
-        let connections_tracked = gauge(
-            &registry,
-            "flask_ebpf_exporter_connections_tracked",
-            "Server-side connections currently followed",
-        )?;
-        let requests_held = gauge(
-            &registry,
-            "flask_ebpf_exporter_requests_held",
-            "Requests waiting for their pod to become known",
-        )?;
-
-        Ok(Metrics {
-            events_read: counter(
-                &registry,
-                "flask_ebpf_exporter_events_read_total",
-                "Events read from the BPF ring buffer",
-            )?,
-            events_lost: counter(
-                &registry,
-                "flask_ebpf_exporter_events_lost_total",
-                "Events the kernel dropped because the ring buffer was full",
-            )?,
-            events_malformed: counter(
-                &registry,
-                "flask_ebpf_exporter_events_malformed_total",
-                "Ring buffer records that did not decode as events",
-            )?,
-            unparsed_bytes: counter(
-                &registry,
-                "flask_ebpf_exporter_unparsed_bytes_total",
-                "Bytes on server connections that did not parse as HTTP/1.x",
-            )?,
-            truncated_captures: counter(
-                &registry,
-                "flask_ebpf_exporter_truncated_captures_total",
-                "HTTP heads or chunk lines beyond the copied prefix of a buffer",
-            )?,
-            unpaired_responses: counter(
-                &registry,
-                "flask_ebpf_exporter_unpaired_responses_total",
-                "Responses with no request waiting for them",
-            )?,
-            abandoned_requests: counter(
-                &registry,
-                "flask_ebpf_exporter_abandoned_requests_total",
-                "Requests that ended without a response being seen",
-            )?,
-            sequence_gaps: counter(
-                &registry,
-                "flask_ebpf_exporter_sequence_gaps_total",
-                "Connections on which events went missing",
-            )?,
-            connections_opened: counter(
-                &registry,
-                "flask_ebpf_exporter_connections_total",
-                "Server-side connections followed since start",
-            )?,
-            path_overflow: counter(
-                &registry,
-                "flask_ebpf_exporter_path_overflow_total",
-                "Requests whose path label was replaced by <other> under the per-server cap",
-            )?,
-            routes_retired: counter(
-                &registry,
-                "flask_ebpf_exporter_routes_retired_total",
-                "Path labels whose series were removed when a learned parameter replaced them",
-            )?,
-            unattributed_requests: counter(
-                &registry,
-                "flask_ebpf_exporter_unattributed_requests_total",
-                "Requests exported with identity \"<unknown>\": their pod was not known in time",
-            )?,
-            excluded_requests: counter(
-                &registry,
-                "flask_ebpf_exporter_excluded_requests_total",
-                "Requests of pods selected out by annotation or namespace filter",
-            )?,
-            identities_removed: counter(
-                &registry,
-                "flask_ebpf_exporter_identities_removed_total",
-                "Label sets whose series were removed after their pod was deleted",
-            )?,
-            connections_tracked,
-            requests_held,
-            identity_labels: identity_labels
-                .iter()
-                .map(|label| (*label).to_owned())
-                .collect(),
-            registry,
+        Ok(Families {
             duration,
             requests,
             exceptions,
         })
     }
+}
 
-    /// Records one exchange.
-    pub fn observe(
-        &self,
-        method: &str,
-        path: &str,
-        status: u16,
-        identity: &[String],
-        seconds: f64,
-    ) {
-        let method = KNOWN_METHODS
-            .iter()
-            .find(|known| known.eq_ignore_ascii_case(method))
-            .copied()
-            .unwrap_or("OTHER");
-        let status_text = status.to_string();
-        let mut labels: Vec<&str> = Vec::with_capacity(3 + identity.len());
-        labels.extend([method, path, status_text.as_str()]);
-        labels.extend(identity.iter().map(String::as_str));
-        self.duration.with_label_values(&labels).observe(seconds);
-        labels.remove(1);
-        self.requests.with_label_values(&labels).inc();
-        if status == 500 {
-            self.exceptions.with_label_values(&labels).inc();
-        }
+/// The metrics stage: observes routed exchanges into their identity's
+/// series, and removes an identity's series when it is released.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    families: Families,
+    series: HashMap<Arc<Identity>, IdentitySeries>,
+    identities_removed: IntCounter,
+}
+
+impl RequestMetrics {
+    /// `identity_labels`: the mode's label names, added to every `flask_*`
+    /// family after prometheus-flask-exporter's own.
+    pub fn register(
+        registry: &Registry,
+        identity_labels: &[&str],
+    ) -> Result<Self, prometheus::Error> {
+        Ok(RequestMetrics {
+            families: Families::register(registry, identity_labels)?,
+            series: HashMap::new(),
+            identities_removed: counter(
+                registry,
+                "flask_ebpf_exporter_identities_removed_total",
+                "Label sets whose series were removed after their pod was deleted or relabelled",
+            )?,
+        })
     }
 
-    /// Where other stages register their own metrics.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    /// Removes every `flask_*` series carrying these identity label values;
-    /// returns how many went.
-    pub fn remove_identity(&self, identity: &[String]) -> usize {
-        self.remove_where(&|series| series.identity.iter().eq(identity.iter()))
-    }
-
-    /// Removes the duration series with this `path` whose identity labels
-    /// satisfy `identity_matches`; returns how many went. (Only the
-    /// histogram carries `path`.)
-    pub fn remove_route(&self, path: &str, identity_matches: &dyn Fn(&[String]) -> bool) -> usize {
-        self.remove_where(&|series| series.path == Some(path) && identity_matches(&series.identity))
-    }
-
-    /// Removes every `flask_*` request series `doomed` picks.
-    fn remove_where(&self, doomed: &dyn Fn(&SeriesLabels<'_>) -> bool) -> usize {
-        let mut removed = 0;
-        for family in self.registry.gather() {
-            let own_labels: &[&str] = match family.name() {
-                "flask_http_request_duration_seconds" => &["method", "path", "status"],
-                "flask_http_request_total" | "flask_http_request_exceptions_total" => {
-                    &["method", "status"]
-                }
-                _ => continue,
+    /// Counts one exchange under its route.
+    pub fn observe(&mut self, attributed: &AttributedExchange, route: &Route) {
+        let identity = &attributed.identity;
+        if !self.series.contains_key(identity) {
+            let series = IdentitySeries {
+                workload: identity.workload.clone(),
+                label_values: identity
+                    .labels
+                    .pairs()
+                    .into_iter()
+                    .map(|(_, value)| value.to_owned())
+                    .collect(),
+                durations: HashMap::new(),
+                totals: HashMap::new(),
             };
-            for metric in family.get_metric() {
-                let value = |name: &str| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|pair| pair.name() == name)
-                        .map_or("", |pair| pair.value())
-                };
-                let series = SeriesLabels {
-                    path: own_labels.contains(&"path").then(|| value("path")),
-                    identity: self
-                        .identity_labels
-                        .iter()
-                        .map(|name| value(name).to_owned())
-                        .collect(),
-                };
-                if !doomed(&series) {
-                    continue;
-                }
-                let values: Vec<&str> = own_labels
-                    .iter()
-                    .copied()
-                    .chain(self.identity_labels.iter().map(String::as_str))
-                    .map(value)
-                    .collect();
-                let gone = match family.name() {
-                    "flask_http_request_duration_seconds" => {
-                        self.duration.remove_label_values(&values)
-                    }
-                    "flask_http_request_total" => self.requests.remove_label_values(&values),
-                    _ => self.exceptions.remove_label_values(&values),
-                };
-                removed += usize::from(gone.is_ok());
-            }
+            self.series.insert(identity.clone(), series);
         }
-        removed
+        let Some(series) = self.series.get_mut(identity) else {
+            return;
+        };
+        let exchange = &attributed.exchange;
+        let method = exported_method(&exchange.method);
+        let status = exchange.status;
+        let families = &self.families;
+
+        if !series.durations.contains_key(&*route.path) {
+            series.durations.insert(route.path.clone(), HashMap::new());
+        }
+        let cached = series
+            .durations
+            .get(&*route.path)
+            .and_then(|by_key| by_key.get(&(method, status)))
+            .cloned();
+        let histogram = cached.unwrap_or_else(|| {
+            let status_text = status.to_string();
+            let histogram = families.duration.with_label_values(&series.values(&[
+                method,
+                &route.path,
+                &status_text,
+            ]));
+            if let Some(by_key) = series.durations.get_mut(&*route.path) {
+                by_key.insert((method, status), histogram.clone());
+            }
+            histogram
+        });
+        histogram.observe(exchange.duration_seconds());
+
+        let (requests, exceptions) = match series.totals.get(&(method, status)) {
+            Some(handles) => handles.clone(),
+            None => {
+                let status_text = status.to_string();
+                let values = series.values(&[method, &status_text]);
+                let handles = (
+                    families.requests.with_label_values(&values),
+                    (status == 500).then(|| families.exceptions.with_label_values(&values)),
+                );
+                series.totals.insert((method, status), handles.clone());
+                handles
+            }
+        };
+        requests.inc();
+        if let Some(exceptions) = exceptions {
+            exceptions.inc();
+        }
     }
 
-    /// The text exposition format.
-    pub fn encode(&self) -> Result<String, prometheus::Error> {
-        let mut buffer = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
-        String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
+    /// The identity is gone (its pod deleted, or relabelled, past the grace
+    /// period): its series go. Returns how many.
+    pub fn release(&mut self, identity: &Identity) -> usize {
+        self.identities_removed.inc();
+        self.series
+            .remove(identity)
+            .map_or(0, |series| series.remove_all(&self.families))
+    }
+
+    /// A learned parameter replaced this route of the workload: its duration
+    /// series go (its requests count under the template from now on; the
+    /// request totals carry no path and stay). Returns how many.
+    pub fn retire_route(&mut self, workload: &WorkloadKey, path: &str) -> usize {
+        self.series
+            .values_mut()
+            .filter(|series| series.workload == *workload)
+            .map(|series| series.remove_path(path, &self.families))
+            .sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::{Exchange, IdentityLabels, RouteSource};
+
+    fn exchange(
+        identity: &Arc<Identity>,
+        method: &str,
+        status: u16,
+        seconds: f64,
+    ) -> AttributedExchange {
+        AttributedExchange {
+            identity: identity.clone(),
+            rules: None,
+            exchange: Exchange {
+                method: method.to_owned(),
+                target: "/".to_owned(),
+                status,
+                started_ns: 0,
+                finished_ns: (seconds * 1e9) as u64,
+                request_bytes: 0,
+                response_bytes: 0,
+            },
+        }
+    }
+
+    fn route(path: &str) -> Route {
+        Route {
+            path: Arc::from(path),
+            source: RouteSource::Raw,
+        }
+    }
+
+    fn server(port: &str) -> Arc<Identity> {
+        Arc::new(Identity::new(IdentityLabels::Server {
+            process: "gunicorn".to_owned(),
+            port: port.to_owned(),
+        }))
+    }
 
     #[test]
     fn exposes_pfe_names_labels_and_buckets() {
-        let metrics = Metrics::new(&["process", "port"]).expect("metrics");
-        let identity = ["gunicorn".to_owned(), "8000".to_owned()];
-        metrics.observe("GET", "/a", 200, &identity, 0.3);
-        metrics.observe("GET", "/a", 500, &identity, 0.001);
-        metrics.observe("BREW", "/pot", 418, &identity, 0.001);
-        let text = metrics.encode().expect("encode");
+        let registry = Registry::new();
+        let mut metrics =
+            RequestMetrics::register(&registry, &["process", "port"]).expect("metrics");
+        let identity = server("8000");
+        metrics.observe(&exchange(&identity, "GET", 200, 0.3), &route("/a"));
+        metrics.observe(&exchange(&identity, "GET", 500, 0.001), &route("/a"));
+        metrics.observe(&exchange(&identity, "BREW", 418, 0.001), &route("/pot"));
+        let text = encode(&registry).expect("encode");
         assert!(text.contains(
             "flask_http_request_duration_seconds_bucket{method=\"GET\",path=\"/a\",port=\"8000\",process=\"gunicorn\",status=\"200\",le=\"0.5\"} 1"
         ), "{text}");
@@ -343,22 +349,40 @@ mod tests {
         assert!(text.contains("flask_http_request_total{method=\"OTHER\",port=\"8000\",process=\"gunicorn\",status=\"418\"} 1"));
         assert!(text.contains("flask_exporter_info{version="));
 
-        let other = ["gunicorn".to_owned(), "9000".to_owned()];
-        metrics.observe("GET", "/a", 200, &other, 0.3);
+        let other = server("9000");
+        metrics.observe(&exchange(&other, "GET", 200, 0.3), &route("/a"));
         // Histogram series (3) + request totals (3) + one exception total.
-        assert_eq!(metrics.remove_identity(&identity), 7);
-        let text = metrics.encode().expect("encode");
+        assert_eq!(metrics.release(&identity), 7);
+        let text = encode(&registry).expect("encode");
         assert!(!text.contains("port=\"8000\""), "{text}");
         assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 1"));
-        assert_eq!(metrics.remove_identity(&identity), 0);
+        assert_eq!(metrics.release(&identity), 0);
 
-        metrics.observe("GET", "/b", 200, &other, 0.3);
-        let removed = metrics.remove_route("/a", &|labels| labels[1] == "9000");
+        metrics.observe(&exchange(&other, "GET", 200, 0.3), &route("/b"));
+        let removed = metrics.retire_route(&other.workload, "/a");
         assert_eq!(removed, 1, "the /a histogram series of port 9000 only");
-        let text = metrics.encode().expect("encode");
+        let text = encode(&registry).expect("encode");
         assert!(!text.contains("path=\"/a\""), "{text}");
         assert!(text.contains("path=\"/b\""));
         // Request totals carry no path and stay.
         assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 2"));
+    }
+
+    #[test]
+    fn identities_with_the_same_labels_share_their_series() {
+        let registry = Registry::new();
+        let mut metrics =
+            RequestMetrics::register(&registry, &["process", "port"]).expect("metrics");
+        let (first, again) = (server("8000"), server("8000"));
+        metrics.observe(&exchange(&first, "GET", 200, 0.01), &route("/a"));
+        metrics.observe(&exchange(&again, "GET", 200, 0.01), &route("/a"));
+        let text = encode(&registry).expect("encode");
+        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 2"), "{text}");
+        assert_eq!(metrics.release(&again), 2);
+        assert!(
+            !encode(&registry)
+                .expect("encode")
+                .contains("flask_http_request_total{")
+        );
     }
 }

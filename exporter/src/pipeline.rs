@@ -1,8 +1,16 @@
-//! The agent's event loop, on its own thread: reads the ring buffer and
-//! drives each event through stream → http → routes/identity → metrics.
+//! The agent's event loop, on its own thread. Each stage takes data and
+//! returns data; this loop hands one stage's output to the next:
+//!
+//! ```text
+//! capture → stream (+ identity.resolve for a new connection) → CapturedExchange
+//!         → attribution → AttributedExchange → routes → Route → metrics
+//! ```
+//!
+//! Once a second it also retires what the stages dropped (routes a learned
+//! parameter replaced, identities of deleted or relabelled pods) from the
+//! metrics, and publishes the `/debug/*` snapshot.
 
 use std::{
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -11,16 +19,17 @@ use std::{
 };
 
 use exporter_common::{EventKind, HEARTBEAT_FD};
-use tracing::warn;
 
 use crate::{
-    capture::{Capture, decode_event},
-    debug::{ConnectionsReport, DebugSnapshot, DebugState, RoutesReport},
-    identity::{Attribution, Identity, IdentityLabels},
-    metrics::{Metrics, advance_to},
+    capture::Capture,
+    debug::{ConnectionsReport, DebugSnapshot, DebugState, PodsReport, RoutesReport},
+    exchange::{AttributedExchange, CapturedExchange},
+    health::{Readiness, monotonic_ns},
+    identity::{IdentityStage, attribution::Attribution},
+    metrics::RequestMetrics,
+    procfs,
     routes::RouteLabeler,
-    server::{Readiness, monotonic_ns},
-    stream::{ConnectionTable, ServedExchange},
+    stream::{ConnectionTable, Handled},
 };
 
 /// How often the ring buffer is drained: the kernel wakes the reader only
@@ -33,12 +42,12 @@ const REAP_EVERY: Duration = Duration::from_secs(5);
 pub struct Pipeline {
     pub capture: Capture,
     pub table: ConnectionTable,
-    pub identity: Identity,
+    pub identity: IdentityStage,
     pub attribution: Attribution,
-    /// How long a deleted pod's series stay.
+    /// How long a deleted or relabelled pod's series stay.
     pub deleted_pod_grace: Duration,
     pub labeler: RouteLabeler,
-    pub metrics: Arc<Metrics>,
+    pub metrics: RequestMetrics,
     pub readiness: Arc<Readiness>,
     /// Where `/debug/*` snapshots go; `None` when the endpoints are off.
     pub debug: Option<Arc<DebugState>>,
@@ -51,153 +60,95 @@ fn request_heartbeat() {
     unsafe { libc::close(HEARTBEAT_FD as i32) };
 }
 
+/// Exchanges between stages, kept to reuse their buffers.
+#[derive(Default)]
+struct HandOffs {
+    captured: Vec<CapturedExchange>,
+    attributed: Vec<AttributedExchange>,
+}
+
 impl Pipeline {
-    pub fn run(self, shutdown: Arc<AtomicBool>) {
-        let Pipeline {
-            mut capture,
-            mut table,
-            mut identity,
-            mut attribution,
-            deleted_pod_grace,
-            mut labeler,
-            metrics,
-            readiness,
-            debug,
-        } = self;
-        readiness.set_attached();
-        let mut served: Vec<ServedExchange> = Vec::new();
+    pub fn run(mut self, shutdown: Arc<AtomicBool>) {
+        self.readiness.set_attached();
+        let mut hand_offs = HandOffs::default();
         let mut last_heartbeat: Option<Instant> = None;
         let mut last_upkeep = Instant::now();
         let mut last_reap = Instant::now();
-        let mut malformed_logged = false;
-
         while !shutdown.load(Ordering::SeqCst) {
             if last_heartbeat.is_none_or(|at| at.elapsed() >= HEARTBEAT_EVERY) {
                 request_heartbeat();
                 last_heartbeat = Some(Instant::now());
             }
-            capture.poll(POLL_TIMEOUT, |bytes| {
-                metrics.events_read.inc();
-                match decode_event(bytes) {
-                    Ok(event) if event.kind == EventKind::Heartbeat => {
-                        readiness.heartbeat(event.header.timestamp_ns);
-                    }
-                    Ok(event) => {
-                        table.handle(&event, &mut |origin| identity.resolve(origin), &mut served);
-                    }
-                    Err(error) => {
-                        metrics.events_malformed.inc();
-                        if !malformed_logged {
-                            warn!(%error, "malformed event from the ring buffer (logged once; see flask_ebpf_exporter_events_malformed_total)");
-                            malformed_logged = true;
-                        }
-                    }
-                }
-            });
+            self.capture.wait(POLL_TIMEOUT);
+            self.drain_events(&mut hand_offs.captured);
             let upkeep = last_upkeep.elapsed() >= UPKEEP_EVERY;
             if upkeep && last_reap.elapsed() >= REAP_EVERY {
                 last_reap = Instant::now();
-                let alive = |tgid: u32| Path::new(&format!("/proc/{tgid}")).exists();
-                // Exchanges ended by the reap are recorded with the rest below.
-                table.reap(monotonic_ns(), &alive, &mut served);
-                identity.forget_exited(&alive);
+                // Exchanges ended by the reap are recorded with the rest.
+                self.table
+                    .reap(monotonic_ns(), &procfs::is_running, &mut hand_offs.captured);
+                self.identity.forget_exited(&procfs::is_running);
             }
-            record(
-                &mut served,
-                &identity,
-                &mut attribution,
-                &mut labeler,
-                &metrics,
-            );
-
+            self.record(&mut hand_offs);
             if upkeep {
                 last_upkeep = Instant::now();
-                for labels in identity.purge_deleted(Instant::now(), deleted_pod_grace) {
-                    metrics.remove_identity(&labels);
-                    metrics.identities_removed.inc();
-                    labeler.forget(&labels);
-                }
-                let lost = capture.lost_events();
-                if lost > metrics.events_lost.get() {
-                    warn!(
-                        lost_total = lost,
-                        "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)"
-                    );
-                }
-                advance_to(&metrics.events_lost, lost);
-                let stats = table.stats();
-                advance_to(&metrics.unparsed_bytes, stats.http.unparsed_bytes);
-                advance_to(&metrics.truncated_captures, stats.http.truncated_captures);
-                advance_to(&metrics.unpaired_responses, stats.http.unpaired_responses);
-                advance_to(&metrics.abandoned_requests, stats.http.abandoned_requests);
-                advance_to(&metrics.sequence_gaps, stats.sequence_gaps);
-                advance_to(&metrics.connections_opened, stats.connections_opened);
-                advance_to(&metrics.path_overflow, labeler.overflowed());
-                advance_to(&metrics.routes_retired, labeler.retired_total());
-                metrics.connections_tracked.set(table.len() as i64);
-                advance_to(
-                    &metrics.unattributed_requests,
-                    attribution.stats.unattributed,
-                );
-                advance_to(&metrics.excluded_requests, attribution.stats.excluded);
-                metrics.requests_held.set(attribution.held() as i64);
-                if let Some(debug) = &debug {
-                    debug.publish(DebugSnapshot {
-                        routes: RoutesReport::from_views(
-                            identity.workload_label_names(),
-                            labeler.snapshot(),
-                        ),
-                        pods: identity.report(),
-                        connections: ConnectionsReport {
-                            tracked: table.len(),
-                            by_process: table.per_process(),
-                            opened_total: stats.connections_opened,
-                            sequence_gaps: stats.sequence_gaps,
-                            unparsed_bytes: stats.http.unparsed_bytes,
-                            truncated_captures: stats.http.truncated_captures,
-                            unpaired_responses: stats.http.unpaired_responses,
-                            abandoned_requests: stats.http.abandoned_requests,
-                            requests_held: attribution.held(),
-                        },
-                        ..DebugSnapshot::default()
-                    });
-                }
+                self.upkeep();
             }
         }
     }
-}
 
-/// The stages after HTTP pairing: identity, then route, then metrics.
-/// Labels and counts the exchanges in `served`, leaving it empty (some may
-/// wait in `attribution` for their pod).
-fn record(
-    served: &mut Vec<ServedExchange>,
-    identity: &Identity,
-    attribution: &mut Attribution,
-    labeler: &mut RouteLabeler,
-    metrics: &Metrics,
-) {
-    attribution.attribute(
-        identity,
-        served,
-        Instant::now(),
-        &mut |labels, rules, exchange| {
-            let workload = || identity.workload_key(labels);
-            let path = labeler.label(labels, &workload, rules, exchange);
-            metrics.observe(
-                &exchange.method,
-                &path,
-                exchange.status,
-                labels,
-                exchange.duration_seconds(),
-            );
-        },
-    );
-    // Routes a learned parameter replaced: their series go, their requests
-    // now count under the template.
-    for (workload, path) in labeler.take_retired() {
-        metrics.remove_route(&path, &|labels| {
-            *identity.workload_key(&IdentityLabels::from(labels.to_vec())) == *workload
-        });
+    /// capture → stream: every waiting event, to its connection.
+    fn drain_events(&mut self, captured: &mut Vec<CapturedExchange>) {
+        while let Some(item) = self.capture.next_event() {
+            let Some(event) = item.event() else {
+                continue;
+            };
+            if event.kind == EventKind::Heartbeat {
+                self.readiness.heartbeat(event.header.timestamp_ns);
+                continue;
+            }
+            if let Handled::NewConnection(origin) = self.table.handle(&event, captured) {
+                let served_by = self.identity.resolve(&origin);
+                self.table.open(&event, served_by, captured);
+            }
+        }
+    }
+
+    /// attribution → routes → metrics, for the exchanges in `captured`
+    /// (some may wait in attribution for their pod).
+    fn record(&mut self, hand_offs: &mut HandOffs) {
+        self.attribution.attribute(
+            self.identity.pod_index(),
+            &mut hand_offs.captured,
+            Instant::now(),
+            &mut hand_offs.attributed,
+        );
+        for attributed in hand_offs.attributed.drain(..) {
+            let route = self.labeler.route(&attributed);
+            self.metrics.observe(&attributed, &route);
+        }
+        // Routes a learned parameter replaced: their series go, their
+        // requests now count under the template.
+        for (workload, path) in self.labeler.take_retired() {
+            self.metrics.retire_route(&workload, &path);
+        }
+    }
+
+    /// Once a second: identities gone past their grace period leave the
+    /// metrics and routes; the kernel's loss count; the debug snapshot.
+    fn upkeep(&mut self) {
+        for identity in self.identity.purge(Instant::now(), self.deleted_pod_grace) {
+            self.metrics.release(&identity);
+            self.labeler.forget(&identity);
+        }
+        self.capture.sync_lost_events();
+        if let Some(debug) = &self.debug {
+            debug.publish(DebugSnapshot {
+                routes: RoutesReport::new(self.labeler.snapshot()),
+                pods: PodsReport::new(&self.identity, Instant::now()),
+                connections: ConnectionsReport::new(&self.table, &self.attribution),
+                ..DebugSnapshot::default()
+            });
+        }
     }
 }

@@ -1,10 +1,7 @@
-//! HTTP endpoints: /metrics, /healthz, /readyz, and /debug/* (see
-//! [`crate::debug`]).
+//! HTTP endpoints: /metrics, /healthz, /readyz (see [`crate::health`]),
+//! and /debug/* (see [`crate::debug`]).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -14,9 +11,12 @@ use axum::{
     routing::get,
 };
 
+use prometheus::Registry;
+
 use crate::{
     debug::{self, DebugSnapshot, DebugState},
-    metrics::Metrics,
+    health::{Readiness, monotonic_ns},
+    metrics,
 };
 
 pub const METRICS_PATH: &str = "/metrics";
@@ -25,65 +25,10 @@ pub const HEALTHZ_PATH: &str = "/healthz";
 /// Readiness: see [`Readiness`].
 pub const READYZ_PATH: &str = "/readyz";
 
-/// A heartbeat older than this makes the agent unready.
-const HEARTBEAT_STALE_NS: u64 = 10 * 1_000_000_000;
-
-/// Whether the BPF programs are attached and their events reach userspace
-/// and, in Kubernetes mode, whether this node's pods were listed once.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    attached: AtomicBool,
-    last_heartbeat_ns: AtomicU64,
-    sync_required: AtomicBool,
-    synced: AtomicBool,
-}
-
-impl Readiness {
-    /// Kubernetes mode: not ready before the first complete pod list.
-    pub fn require_sync(&self) {
-        self.sync_required.store(true, Ordering::SeqCst);
-    }
-
-    pub fn set_synced(&self) {
-        self.synced.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::SeqCst)
-    }
-
-    pub fn set_attached(&self) {
-        self.attached.store(true, Ordering::SeqCst);
-    }
-
-    /// The kernel's heartbeat event arrived at `timestamp_ns` (monotonic).
-    pub fn heartbeat(&self, timestamp_ns: u64) {
-        self.last_heartbeat_ns.store(timestamp_ns, Ordering::SeqCst);
-    }
-
-    pub fn is_ready(&self, now_ns: u64) -> bool {
-        let last = self.last_heartbeat_ns.load(Ordering::SeqCst);
-        self.attached.load(Ordering::SeqCst)
-            && (!self.sync_required.load(Ordering::SeqCst) || self.synced.load(Ordering::SeqCst))
-            && last > 0
-            && now_ns.saturating_sub(last) < HEARTBEAT_STALE_NS
-    }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 #[derive(Clone)]
 pub struct ServerState {
-    pub metrics: Arc<Metrics>,
+    /// Every stage's series and counters.
+    pub registry: Registry,
     pub readiness: Arc<Readiness>,
     /// `None`: the `/debug/*` endpoints are off.
     pub debug: Option<Arc<DebugState>>,
@@ -91,7 +36,7 @@ pub struct ServerState {
 
 pub fn router(state: ServerState) -> Router {
     let router = Router::new()
-        .route(METRICS_PATH, get(metrics))
+        .route(METRICS_PATH, get(metrics_text))
         .route(HEALTHZ_PATH, get(|| async { "ok\n" }))
         .route(READYZ_PATH, get(readyz));
     let router = match &state.debug {
@@ -167,8 +112,8 @@ async fn debug_connections(
     )
 }
 
-async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
-    match state.metrics.encode() {
+async fn metrics_text(State(state): State<ServerState>) -> impl IntoResponse {
+    match metrics::encode(&state.registry) {
         Ok(text) => (
             StatusCode::OK,
             [(
@@ -196,26 +141,5 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: BPF programs not attached, no events flowing, or this node's pods not listed yet\n",
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ready_only_when_attached_and_heartbeat_is_fresh() {
-        let readiness = Readiness::default();
-        let now = 100 * 1_000_000_000;
-        assert!(!readiness.is_ready(now));
-        readiness.heartbeat(now - 1);
-        assert!(!readiness.is_ready(now));
-        readiness.set_attached();
-        assert!(readiness.is_ready(now));
-        assert!(!readiness.is_ready(now + HEARTBEAT_STALE_NS));
-        readiness.require_sync();
-        assert!(!readiness.is_ready(now));
-        readiness.set_synced();
-        assert!(readiness.is_ready(now));
     }
 }

@@ -2,15 +2,17 @@
 //! belongs to (keyed by tgid, fd and generation), notices lost events from
 //! sequence gaps, and hands bytes in order to the HTTP stage.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, hash_map::Entry};
 
 use exporter_common::EventKind;
+use prometheus::{IntCounter, IntGauge, Registry};
 use tracing::debug;
 
 use crate::{
     capture::RawEvent,
-    http::{Exchange, HttpConnection, HttpStats, Segment},
-    identity::{Origin, ServedBy},
+    exchange::{CapturedExchange, Exchange, Origin, ServedBy},
+    http::{HttpConnection, HttpCounters, Segment},
+    metrics::{counter, gauge},
 };
 
 /// A connection idle this long is forgotten (its close was lost).
@@ -28,35 +30,65 @@ struct Connection {
     last_event_ns: u64,
 }
 
-/// Counters of what happened to connections.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StreamStats {
-    pub connections_opened: u64,
-    pub sequence_gaps: u64,
-    pub http: HttpStats,
-}
-
-/// A finished exchange and who served it.
+/// What this stage and the HTTP stage under it count. The stage owns these
+/// counters: `/metrics` and `/debug/connections` read them as they are.
 #[derive(Clone, Debug)]
-pub struct ServedExchange {
-    pub served_by: ServedBy,
-    pub exchange: Exchange,
+pub struct StreamCounters {
+    pub connections_opened: IntCounter,
+    pub sequence_gaps: IntCounter,
+    pub connections_tracked: IntGauge,
+    pub http: HttpCounters,
 }
 
-#[derive(Debug, Default)]
+impl StreamCounters {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(StreamCounters {
+            connections_opened: counter(
+                registry,
+                "flask_ebpf_exporter_connections_total",
+                "Server-side connections followed since start",
+            )?,
+            sequence_gaps: counter(
+                registry,
+                "flask_ebpf_exporter_sequence_gaps_total",
+                "Connections on which events went missing",
+            )?,
+            connections_tracked: gauge(
+                registry,
+                "flask_ebpf_exporter_connections_tracked",
+                "Server-side connections currently followed",
+            )?,
+            http: HttpCounters::register(registry)?,
+        })
+    }
+}
+
+/// What [`ConnectionTable::handle`] did with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    Done,
+    /// The event opens a connection the table does not know: find whom it
+    /// is served by and hand the event to [`ConnectionTable::open`].
+    NewConnection(Origin),
+}
+
+#[derive(Debug)]
 pub struct ConnectionTable {
     connections: HashMap<(u32, u32), Connection>,
-    stats: StreamStats,
+    counters: StreamCounters,
 }
 
 impl ConnectionTable {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(counters: StreamCounters) -> Self {
+        ConnectionTable {
+            connections: HashMap::new(),
+            counters,
+        }
     }
 
     /// Connections followed per process.
-    pub fn per_process(&self) -> std::collections::BTreeMap<u32, usize> {
-        let mut counts = std::collections::BTreeMap::new();
+    pub fn per_process(&self) -> BTreeMap<u32, usize> {
+        let mut counts = BTreeMap::new();
         for &(tgid, _) in self.connections.keys() {
             *counts.entry(tgid).or_default() += 1;
         }
@@ -71,87 +103,64 @@ impl ConnectionTable {
         self.connections.is_empty()
     }
 
-    pub fn stats(&self) -> StreamStats {
-        self.stats
+    pub fn counters(&self) -> &StreamCounters {
+        &self.counters
     }
 
-    /// Feeds one event; finished exchanges are appended to `out`.
-    /// `resolve` names a new connection's server (`None` to ignore it).
-    pub fn handle(
-        &mut self,
-        event: &RawEvent<'_>,
-        resolve: &mut dyn FnMut(&Origin) -> Option<ServedBy>,
-        out: &mut Vec<ServedExchange>,
-    ) {
+    /// Feeds one event of a known connection; finished exchanges are
+    /// appended to `out`. An event that opens a connection is not consumed:
+    /// the caller finds its [`ServedBy`] and passes it to [`Self::open`].
+    pub fn handle(&mut self, event: &RawEvent<'_>, out: &mut Vec<CapturedExchange>) -> Handled {
         let header = &event.header;
         let key = (header.tgid, header.fd);
-        let mut exchanges = Vec::new();
-
-        if let Some(existing) = self.connections.get(&key)
-            && existing.conn_id != header.conn_id
-        {
+        if let Entry::Occupied(mut entry) = self.connections.entry(key) {
+            if entry.get().conn_id == header.conn_id {
+                let closed = feed(entry.get_mut(), event, &self.counters, out);
+                if closed {
+                    entry.remove();
+                    self.counters.connections_tracked.dec();
+                }
+                return Handled::Done;
+            }
             // The fd now belongs to a new connection: the old one's close was lost.
-            if let Some(mut old) = self.connections.remove(&key) {
-                old.http.on_close(&mut exchanges);
-                collect(&mut self.stats, &mut old, &mut exchanges, out);
-            }
+            let mut old = entry.remove();
+            self.counters.connections_tracked.dec();
+            let mut exchanges = Vec::new();
+            old.http.on_close(&self.counters.http, &mut exchanges);
+            tag(&old, exchanges, out);
         }
-
-        if event.kind == EventKind::Close && !self.connections.contains_key(&key) {
-            return;
-        }
-        let connection = match self.connections.entry(key) {
-            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                let origin = Origin {
-                    tgid: header.tgid,
-                    fd: header.fd,
-                    listen_fd: (event.kind == EventKind::Accept).then_some(header.aux),
-                };
-                self.stats.connections_opened += 1;
-                entry.insert(Connection {
-                    conn_id: header.conn_id,
-                    // So that the first event is never taken for a gap.
-                    last_seq: header.seq.wrapping_sub(1),
-                    served_by: resolve(&origin),
-                    http: HttpConnection::new(),
-                    last_event_ns: header.timestamp_ns,
-                })
-            }
-        };
-
-        let expected = connection.last_seq.wrapping_add(1);
-        // A repeated seq is two threads racing on one counter, not a loss.
-        if header.seq != expected && header.seq != connection.last_seq {
-            self.stats.sequence_gaps += 1;
-            debug!(
-                tgid = header.tgid,
-                fd = header.fd,
-                expected,
-                got = header.seq,
-                "events lost on connection"
-            );
-            connection.http.on_gap();
-        }
-        connection.last_seq = header.seq;
-        connection.last_event_ns = header.timestamp_ns;
-
-        let segment = Segment {
-            timestamp_ns: header.timestamp_ns,
-            byte_count: header.byte_count,
-            captured: event.data,
-        };
-        match event.kind {
-            EventKind::Read if connection.served_by.is_some() => connection.http.on_read(segment),
-            EventKind::Write if connection.served_by.is_some() => {
-                connection.http.on_write(segment, &mut exchanges)
-            }
-            EventKind::Close => connection.http.on_close(&mut exchanges),
-            _ => {}
-        }
-        collect(&mut self.stats, connection, &mut exchanges, out);
         if event.kind == EventKind::Close {
-            self.connections.remove(&key);
+            return Handled::Done;
+        }
+        Handled::NewConnection(Origin {
+            tgid: header.tgid,
+            fd: header.fd,
+            listen_fd: (event.kind == EventKind::Accept).then_some(header.aux),
+        })
+    }
+
+    /// Starts following the connection `event` opens (see [`Self::handle`])
+    /// and feeds it the event. `served_by`: `None` when it is not monitored.
+    pub fn open(
+        &mut self,
+        event: &RawEvent<'_>,
+        served_by: Option<ServedBy>,
+        out: &mut Vec<CapturedExchange>,
+    ) {
+        let header = &event.header;
+        self.counters.connections_opened.inc();
+        let mut connection = Connection {
+            conn_id: header.conn_id,
+            // So that the first event is never taken for a gap.
+            last_seq: header.seq.wrapping_sub(1),
+            served_by,
+            http: HttpConnection::new(),
+            last_event_ns: header.timestamp_ns,
+        };
+        if !feed(&mut connection, event, &self.counters, out) {
+            self.connections
+                .insert((header.tgid, header.fd), connection);
+            self.counters.connections_tracked.inc();
         }
     }
 
@@ -161,43 +170,87 @@ impl ConnectionTable {
         &mut self,
         now_ns: u64,
         process_alive: &dyn Fn(u32) -> bool,
-        out: &mut Vec<ServedExchange>,
+        out: &mut Vec<CapturedExchange>,
     ) {
         let mut alive: HashMap<u32, bool> = HashMap::new();
-        let mut exchanges = Vec::new();
+        let counters = &self.counters;
         self.connections.retain(|&(tgid, _), connection| {
             let process_alive = *alive.entry(tgid).or_insert_with(|| process_alive(tgid));
-            connection
-                .http
-                .expire_unframed(now_ns, UNFRAMED_RESPONSE_IDLE_NS, &mut exchanges);
+            let mut exchanges = Vec::new();
+            connection.http.expire_unframed(
+                now_ns,
+                UNFRAMED_RESPONSE_IDLE_NS,
+                &counters.http,
+                &mut exchanges,
+            );
             let idle = now_ns.saturating_sub(connection.last_event_ns) >= IDLE_CONNECTION_NS;
             let keep = process_alive && !idle;
             if !keep {
-                connection.http.on_close(&mut exchanges);
+                connection.http.on_close(&counters.http, &mut exchanges);
             }
-            collect(&mut self.stats, connection, &mut exchanges, out);
+            tag(connection, exchanges, out);
             keep
         });
+        self.counters
+            .connections_tracked
+            .set(self.connections.len() as i64);
     }
 }
 
-/// Moves a connection's exchanges to `out` with its identity, and its
-/// counters to the table's totals.
-fn collect(
-    stats: &mut StreamStats,
+/// Hands one event to its connection's HTTP stage; returns whether the
+/// connection closed.
+fn feed(
     connection: &mut Connection,
-    exchanges: &mut Vec<Exchange>,
-    out: &mut Vec<ServedExchange>,
-) {
-    stats.http.add(&connection.http.stats);
-    connection.http.stats = HttpStats::default();
+    event: &RawEvent<'_>,
+    counters: &StreamCounters,
+    out: &mut Vec<CapturedExchange>,
+) -> bool {
+    let header = &event.header;
+    let expected = connection.last_seq.wrapping_add(1);
+    // A repeated seq is two threads racing on one counter, not a loss.
+    if header.seq != expected && header.seq != connection.last_seq {
+        counters.sequence_gaps.inc();
+        debug!(
+            tgid = header.tgid,
+            fd = header.fd,
+            expected,
+            got = header.seq,
+            "events lost on connection"
+        );
+        connection.http.on_gap(&counters.http);
+    }
+    connection.last_seq = header.seq;
+    connection.last_event_ns = header.timestamp_ns;
+
+    let segment = Segment {
+        timestamp_ns: header.timestamp_ns,
+        byte_count: header.byte_count,
+        captured: event.data,
+    };
+    let mut exchanges = Vec::new();
+    let monitored = connection.served_by.is_some();
+    match event.kind {
+        EventKind::Read if monitored => connection.http.on_read(segment, &counters.http),
+        EventKind::Write if monitored => {
+            connection
+                .http
+                .on_write(segment, &counters.http, &mut exchanges)
+        }
+        EventKind::Close => connection.http.on_close(&counters.http, &mut exchanges),
+        _ => {}
+    }
+    tag(connection, exchanges, out);
+    event.kind == EventKind::Close
+}
+
+/// Moves a connection's exchanges to `out` with whom it is served by.
+fn tag(connection: &Connection, exchanges: Vec<Exchange>, out: &mut Vec<CapturedExchange>) {
     if let Some(served_by) = &connection.served_by {
-        out.extend(exchanges.drain(..).map(|exchange| ServedExchange {
+        out.extend(exchanges.into_iter().map(|exchange| CapturedExchange {
             served_by: served_by.clone(),
             exchange,
         }));
     }
-    exchanges.clear();
 }
 
 #[cfg(test)]
@@ -207,17 +260,20 @@ mod tests {
     use exporter_common::EventHeader;
 
     use super::*;
+    use crate::exchange::{Identity, IdentityLabels};
 
     const OK_EMPTY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
 
     /// An event on fd 7 of tgid 100: (kind, connection generation, seq, bytes).
     type Step<'a> = (EventKind, u64, u32, &'a [u8]);
 
+    /// Feeds the events as the pipeline does, with `resolve` naming whom
+    /// each new connection is served by.
     fn feed(
         table: &mut ConnectionTable,
-        resolve: &mut dyn FnMut(&Origin) -> Option<ServedBy>,
+        resolve: &dyn Fn(&Origin) -> Option<ServedBy>,
         steps: &[Step<'_>],
-        out: &mut Vec<ServedExchange>,
+        out: &mut Vec<CapturedExchange>,
     ) {
         for &(kind, conn_id, seq, data) in steps {
             let event = RawEvent {
@@ -235,24 +291,35 @@ mod tests {
                 },
                 data,
             };
-            table.handle(&event, resolve, out);
+            if let Handled::NewConnection(origin) = table.handle(&event, out) {
+                table.open(&event, resolve(&origin), out);
+            }
         }
     }
 
+    fn server(port: &str) -> ServedBy {
+        ServedBy::Server(Arc::new(Identity::new(IdentityLabels::Server {
+            process: "python".to_owned(),
+            port: port.to_owned(),
+        })))
+    }
+
+    /// Names the server after the listening fd the connection came from.
     fn labels(origin: &Origin) -> Option<ServedBy> {
-        Some(ServedBy::Labels(Arc::from(vec![format!(
-            "listen{:?}",
-            origin.listen_fd
-        )])))
+        Some(server(&format!("listen{:?}", origin.listen_fd)))
+    }
+
+    fn table() -> ConnectionTable {
+        ConnectionTable::new(StreamCounters::register(&Registry::new()).expect("counters"))
     }
 
     #[test]
     fn reused_fd_is_a_new_connection_and_gaps_are_noticed() {
-        let mut table = ConnectionTable::new();
+        let mut table = table();
         let mut out = Vec::new();
         feed(
             &mut table,
-            &mut labels,
+            &labels,
             &[
                 (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"GET /a HTTP/1.0\r\n\r\n"),
@@ -265,36 +332,33 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].exchange.target, "/b");
-        assert_eq!(
-            out[0].served_by,
-            ServedBy::Labels(Arc::from(vec!["listenNone".to_owned()]))
-        );
-        assert_eq!(table.stats().http.abandoned_requests, 1);
+        assert_eq!(out[0].served_by, server("listenNone"));
+        assert_eq!(table.counters().http.abandoned_requests.get(), 1);
         // seq 5 after 1: events 2..4 were lost.
         feed(
             &mut table,
-            &mut labels,
+            &labels,
             &[(EventKind::Read, 2, 5, b"GET /c HTTP/1.1\r\n\r\n")],
             &mut out,
         );
-        assert_eq!(table.stats().sequence_gaps, 1);
+        assert_eq!(table.counters().sequence_gaps.get(), 1);
         feed(
             &mut table,
-            &mut labels,
+            &labels,
             &[(EventKind::Close, 2, 6, b"")],
             &mut out,
         );
         assert!(table.is_empty());
-        assert_eq!(table.stats().connections_opened, 2);
+        assert_eq!(table.counters().connections_opened.get(), 2);
     }
 
     #[test]
     fn excluded_connections_produce_nothing() {
-        let mut table = ConnectionTable::new();
+        let mut table = table();
         let mut out = Vec::new();
         feed(
             &mut table,
-            &mut |_| None,
+            &|_| None,
             &[
                 (EventKind::Read, 1, 0, b"GET /a HTTP/1.1\r\n\r\n"),
                 (EventKind::Write, 1, 1, OK_EMPTY),
@@ -306,11 +370,11 @@ mod tests {
 
     #[test]
     fn connections_of_exited_processes_are_reaped() {
-        let mut table = ConnectionTable::new();
+        let mut table = table();
         let mut out = Vec::new();
         feed(
             &mut table,
-            &mut labels,
+            &labels,
             &[
                 (EventKind::Read, 1, 0, b"GET /a HTTP/1.0\r\n\r\n"),
                 (EventKind::Write, 1, 1, b"HTTP/1.0 200 OK\r\n\r\nbody"),

@@ -12,14 +12,13 @@ use std::{
 };
 
 use flask_ebpf_exporter::{
+    exchange::IdentityLabels,
+    health::Readiness,
     identity::{
-        SharedPodIndex,
         cgroup::{ContainerRef, PodUid},
         kubernetes::{PodWatch, WatchMetrics, client},
-        lock_index,
-        pods::{Lookup, MONITOR_ANNOTATION, Selection},
+        pods::{Lookup, MONITOR_ANNOTATION, Selection, SharedPodIndex, lock_index},
     },
-    server::Readiness,
 };
 use support::kube_api::{KubeApi, PodSpec, owned_by, pod};
 
@@ -93,9 +92,15 @@ fn lookup(watching: &Watching, pod_uid: &str, id: Option<&str>) -> Lookup {
     lock_index(&watching.index).lookup(&container, false)
 }
 
+/// The identity label values of a known container, in exposition order.
 fn labels(lookup: Lookup) -> Vec<String> {
     match lookup {
-        Lookup::Known(labels) => labels.to_vec(),
+        Lookup::Known(identity) => identity
+            .labels
+            .pairs()
+            .into_iter()
+            .map(|(_, value)| value.to_owned())
+            .collect(),
         other => panic!("expected known labels, got {other:?}"),
     }
 }
@@ -226,7 +231,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     // one app container, so the fallback names that one.
     until("MODIFIED pod", || {
         match lookup(&watching, &uid(6), Some(&sidecar)) {
-            Lookup::Known(labels) => labels[2] == "proxy",
+            known @ Lookup::Known(_) => labels(known)[2] == "proxy",
             _ => false,
         }
     })
@@ -321,7 +326,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
         lock_index(&watching.index)
             .purge_deleted(Instant::now(), Duration::ZERO)
             .iter()
-            .any(|labels| labels[1] == "db-0")
+            .any(|identity| matches!(&identity.labels, IdentityLabels::Pod { pod, .. } if pod == "db-0"))
     );
     let requests = api.requests();
     assert!(

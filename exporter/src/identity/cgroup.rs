@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+use procfs::ProcessCGroups;
+
 /// A pod UID in its canonical form (`8-4-4-4-12` lower-case hex).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodUid(String);
@@ -55,20 +57,15 @@ pub fn bare_container_id(status_id: &str) -> &str {
     status_id.split_once("://").map_or(status_id, |(_, id)| id)
 }
 
-/// The pod and container of a process, from the text of `/proc/<pid>/cgroup`.
-/// The unified (v2) line is preferred; a v1 hierarchy is used when the
+/// The pod and container of a process, from its cgroups (`/proc/<pid>/cgroup`).
+/// The unified (v2) hierarchy is preferred; a v1 hierarchy is used when the
 /// process is placed only there (cgroup v1 and hybrid hosts). `None`: the
 /// process is not in a pod.
-pub fn parse_proc_cgroup(text: &str) -> Option<ContainerRef> {
-    let mut found: Vec<(bool, ContainerRef)> = text
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(3, ':');
-            let hierarchy = fields.next()?;
-            let _controllers = fields.next()?;
-            let path = fields.next()?;
-            Some((hierarchy == "0", parse_cgroup_path(path)?))
-        })
+pub fn container_of(cgroups: &ProcessCGroups) -> Option<ContainerRef> {
+    let mut found: Vec<(bool, ContainerRef)> = cgroups
+        .0
+        .iter()
+        .filter_map(|cgroup| Some((cgroup.hierarchy == 0, parse_cgroup_path(&cgroup.pathname)?)))
         .collect();
     // A container ID beats a bare pod; then the unified line beats v1 ones.
     found.sort_by_key(|(unified, found)| (found.container_id.is_none(), !unified));
@@ -122,6 +119,12 @@ fn container_id_of(component: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The container named by the text of a `/proc/<pid>/cgroup` file.
+    fn parse_proc_cgroup(text: &str) -> Option<ContainerRef> {
+        use procfs::FromRead as _;
+        container_of(&ProcessCGroups::from_read(text.as_bytes()).ok()?)
+    }
 
     const UID: &str = "4f0c5b5e-8d1a-4c1e-9d3e-6b2f6a1c2d3e";
     const ID: &str = "9b2f1c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcdef";

@@ -26,12 +26,10 @@ use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
 use super::{
-    SharedPodIndex,
     cgroup::PodUid,
-    lock_index,
-    pods::{PodInfo, Selection, Workload},
+    pods::{PodInfo, Selection, SharedPodIndex, Workload, lock_index},
 };
-use crate::server::Readiness;
+use crate::health::Readiness;
 
 /// How long an owner lookup may take before the name heuristic is used.
 const OWNER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -262,7 +260,7 @@ impl PodWatch {
             return None;
         };
         let uid = info.uid.clone();
-        let bad_rules = lock_index(&self.index).apply(info);
+        let bad_rules = lock_index(&self.index).apply(info, Instant::now());
         self.metrics.route_rule_errors.inc_by(bad_rules as u64);
         Some(uid)
     }

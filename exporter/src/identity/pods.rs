@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -12,17 +12,11 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 use tracing::warn;
 
-use super::{
-    IdentityLabels,
-    cgroup::{ContainerRef, PodUid, bare_container_id},
+use super::cgroup::{ContainerRef, PodUid, bare_container_id};
+use crate::{
+    exchange::{Identity, IdentityLabels, UNKNOWN, WorkloadKey},
+    routes::flask_rules::RuleSet,
 };
-use crate::routes::flask_rules::RuleSet;
-
-/// Label names Kubernetes mode adds to every `flask_*` series.
-pub const POD_LABELS: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
-
-/// The value of every identity label when the pod could not be found.
-pub const UNKNOWN: &str = "<unknown>";
 
 /// Pod annotation that selects a pod in or out (`"true"` / `"false"`).
 pub const MONITOR_ANNOTATION: &str = "flask-ebpf-exporter.io/monitor";
@@ -123,33 +117,28 @@ impl PodInfo {
     }
 
     fn workload_key(&self) -> WorkloadKey {
-        (
-            self.namespace.clone(),
-            self.workload.name.clone(),
-            self.workload.kind.clone(),
-        )
+        WorkloadKey::Pod {
+            namespace: self.namespace.clone(),
+            workload: self.workload.name.clone(),
+            workload_kind: self.workload.kind.clone(),
+        }
     }
 
-    fn labels(&self, container: &str) -> IdentityLabels {
-        Arc::from(vec![
-            self.namespace.clone(),
-            self.name.clone(),
-            container.to_owned(),
-            self.workload.name.clone(),
-            self.workload.kind.clone(),
-        ])
+    fn identity(&self, container: &str) -> Identity {
+        Identity::new(IdentityLabels::Pod {
+            namespace: self.namespace.clone(),
+            pod: self.name.clone(),
+            container: container.to_owned(),
+            workload: self.workload.name.clone(),
+            workload_kind: self.workload.kind.clone(),
+        })
     }
-}
-
-/// Labels of a process whose pod is not known.
-pub fn unknown_labels() -> IdentityLabels {
-    Arc::from(vec![UNKNOWN.to_owned(); POD_LABELS.len()])
 }
 
 /// What the index says about a container.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Lookup {
-    Known(IdentityLabels),
+    Known(Arc<Identity>),
     /// The pod is selected out (annotation or namespace filter).
     Excluded,
     /// The pod, or which of its containers this is, is not known yet.
@@ -159,31 +148,38 @@ pub enum Lookup {
 #[derive(Debug)]
 struct PodEntry {
     info: PodInfo,
-    /// Labels per container name, made once so every series shares them.
-    labels: HashMap<String, IdentityLabels>,
+    /// The identity of each container seen serving, made once.
+    identities: HashMap<String, Arc<Identity>>,
     deleted_at: Option<Instant>,
 }
 
 impl PodEntry {
-    fn labels(&mut self, container: &str) -> IdentityLabels {
-        if let Some(labels) = self.labels.get(container) {
-            return labels.clone();
+    fn new(info: PodInfo) -> Self {
+        PodEntry {
+            info,
+            identities: HashMap::new(),
+            deleted_at: None,
         }
-        let labels = self.info.labels(container);
-        self.labels.insert(container.to_owned(), labels.clone());
-        labels
+    }
+
+    fn identity(&mut self, container: &str) -> Arc<Identity> {
+        if let Some(identity) = self.identities.get(container) {
+            return identity.clone();
+        }
+        let identity = Arc::new(self.info.identity(container));
+        self.identities
+            .insert(container.to_owned(), identity.clone());
+        identity
     }
 }
 
-/// (namespace, workload, workload kind).
-type WorkloadKey = (String, String, String);
+/// The pod index shared by the Kubernetes watch (writer) and the pipeline.
+pub type SharedPodIndex = Arc<Mutex<PodIndex>>;
 
-/// The workload's part of identity labels, in [`POD_LABELS`] order.
-pub fn workload_labels(labels: &[String]) -> IdentityLabels {
-    [0, 3, 4]
-        .iter()
-        .map(|&index| labels.get(index).cloned().unwrap_or_default())
-        .collect()
+pub fn lock_index(index: &SharedPodIndex) -> MutexGuard<'_, PodIndex> {
+    // The index stays consistent between statements, so a panic elsewhere
+    // leaves nothing half-written worth refusing.
+    index.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The node's pods, by UID and by container ID.
@@ -193,6 +189,10 @@ pub struct PodIndex {
     by_container_id: HashMap<String, PodUid>,
     /// User rules from pods' routes annotations, by workload.
     workload_rules: HashMap<WorkloadKey, (String, Arc<RuleSet>)>,
+    /// Identities a live pod stopped having (its workload changed), and
+    /// since when: their series stay for the grace period, as a deleted
+    /// pod's do.
+    retired: Vec<(Instant, Arc<Identity>)>,
     /// Bumped on every change, so held traffic is retried only when it may
     /// resolve differently.
     generation: u64,
@@ -212,9 +212,9 @@ impl PodIndex {
         self.pods.is_empty()
     }
 
-    /// A pod was added or changed. Returns how many lines of its routes
-    /// annotation were bad (newly read ones only).
-    pub fn apply(&mut self, info: PodInfo) -> usize {
+    /// A pod was added or changed at `now`. Returns how many lines of its
+    /// routes annotation were bad (newly read ones only).
+    pub fn apply(&mut self, info: PodInfo, now: Instant) -> usize {
         self.generation += 1;
         let mut bad_rules = 0;
         if let Some(text) = &info.routes {
@@ -239,7 +239,7 @@ impl PodIndex {
             self.by_container_id.insert(id.clone(), info.uid.clone());
         }
         match self.pods.get_mut(&info.uid) {
-            // Keep the label Arcs when nothing they carry changed.
+            // Keep the identities when nothing they carry changed.
             Some(entry)
                 if entry.info.namespace == info.namespace
                     && entry.info.name == info.name
@@ -250,12 +250,17 @@ impl PodIndex {
             }
             _ => {
                 let uid = info.uid.clone();
-                let entry = PodEntry {
-                    info,
-                    labels: HashMap::new(),
-                    deleted_at: None,
-                };
-                self.pods.insert(uid, entry);
+                if let Some(previous) = self.pods.insert(uid, PodEntry::new(info)) {
+                    // Relabelled (e.g. its ownerReferences changed): the old
+                    // identities' series go a grace period after their last
+                    // retirement.
+                    let identities: Vec<Arc<Identity>> =
+                        previous.identities.into_values().collect();
+                    self.retired
+                        .retain(|(_, retired)| !identities.contains(retired));
+                    self.retired
+                        .extend(identities.into_iter().map(|identity| (now, identity)));
+                }
             }
         }
         bad_rules
@@ -283,36 +288,47 @@ impl PodIndex {
         }
     }
 
-    /// Drops pods deleted more than `grace` ago and returns the label sets
-    /// their series were exported with.
-    pub fn purge_deleted(&mut self, now: Instant, grace: Duration) -> Vec<IdentityLabels> {
-        let expired: Vec<PodUid> = self
+    /// Drops pods deleted more than `grace` ago, and identities retired
+    /// more than `grace` ago; returns the identities whose series should
+    /// go: those no live pod has (again).
+    pub fn purge_deleted(&mut self, now: Instant, grace: Duration) -> Vec<Arc<Identity>> {
+        let expired = |since: Instant| now.saturating_duration_since(since) >= grace;
+        let gone: Vec<PodUid> = self
             .pods
             .iter()
-            .filter(|(_, entry)| {
-                entry
-                    .deleted_at
-                    .is_some_and(|at| now.saturating_duration_since(at) >= grace)
-            })
+            .filter(|(_, entry)| entry.deleted_at.is_some_and(expired))
             .map(|(uid, _)| uid.clone())
             .collect();
-        let mut labels = Vec::new();
-        for uid in expired {
+        let mut released: Vec<Arc<Identity>> = Vec::new();
+        for uid in gone {
             if let Some(entry) = self.pods.remove(&uid) {
                 self.forget_container_ids(&entry.info);
-                labels.extend(entry.labels.into_values());
+                released.extend(entry.identities.into_values());
                 self.generation += 1;
             }
         }
-        if !labels.is_empty() {
-            let live: std::collections::HashSet<WorkloadKey> = self
-                .pods
-                .values()
-                .map(|entry| entry.info.workload_key())
-                .collect();
-            self.workload_rules.retain(|key, _| live.contains(key));
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(since, _)| expired(*since));
+        self.retired = waiting;
+        released.extend(due.into_iter().map(|(_, identity)| identity));
+        if released.is_empty() {
+            return released;
         }
-        labels
+        let live: HashSet<&Identity> = self
+            .pods
+            .values()
+            .flat_map(|entry| entry.identities.values().map(|identity| &**identity))
+            .collect();
+        let mut seen = HashSet::new();
+        released.retain(|identity| !live.contains(&**identity) && seen.insert(identity.clone()));
+        let workloads: HashSet<WorkloadKey> = self
+            .pods
+            .values()
+            .map(|entry| entry.info.workload_key())
+            .collect();
+        self.workload_rules.retain(|key, _| workloads.contains(key));
+        released
     }
 
     fn forget_container_ids(&mut self, info: &PodInfo) {
@@ -323,42 +339,22 @@ impl PodIndex {
         }
     }
 
-    /// The pods as `/debug/pods` shows them.
-    pub fn rows(&self, now: Instant) -> Vec<crate::debug::PodRow> {
-        let mut rows: Vec<crate::debug::PodRow> = self
-            .pods
+    /// Every pod known, with when it was deleted (pods stay for the grace
+    /// period).
+    pub fn pods(&self) -> impl Iterator<Item = (&PodInfo, Option<Instant>)> {
+        self.pods
             .values()
-            .map(|entry| crate::debug::PodRow {
-                namespace: entry.info.namespace.clone(),
-                pod: entry.info.name.clone(),
-                uid: entry.info.uid.to_string(),
-                workload: entry.info.workload.name.clone(),
-                workload_kind: entry.info.workload.kind.clone(),
-                containers: entry.info.container_ids.iter().cloned().collect(),
-                monitored: entry.info.selected,
-                routes_annotation: entry.info.routes.is_some(),
-                deleted_seconds_ago: entry
-                    .deleted_at
-                    .map(|at| now.saturating_duration_since(at).as_secs_f64()),
-            })
-            .collect();
-        rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
-        rows
+            .map(|entry| (&entry.info, entry.deleted_at))
     }
 
-    /// The user rules a pod annotation gives the workload of `labels`.
-    pub fn workload_rules(&self, labels: &[String]) -> Option<Arc<RuleSet>> {
-        // Called per exchange: build the key only when some pod has rules.
-        if self.workload_rules.is_empty() {
-            return None;
-        }
-        let field = |index: usize| labels.get(index).cloned().unwrap_or_default();
+    /// The user rules a pod annotation gives this workload.
+    pub fn workload_rules(&self, workload: &WorkloadKey) -> Option<Arc<RuleSet>> {
         self.workload_rules
-            .get(&(field(0), field(3), field(4)))
+            .get(workload)
             .map(|(_, rules)| rules.clone())
     }
 
-    /// The labels of a container. With `give_up`, a pod whose container
+    /// The identity of a container. With `give_up`, a pod whose container
     /// cannot be told apart is exported with an unknown container name
     /// instead of waiting.
     pub fn lookup(&mut self, container: &ContainerRef, give_up: bool) -> Lookup {
@@ -392,8 +388,8 @@ impl PodIndex {
             _ => None,
         });
         match name {
-            Some(name) => Lookup::Known(entry.labels(&name)),
-            None if give_up => Lookup::Known(entry.labels(UNKNOWN)),
+            Some(name) => Lookup::Known(entry.identity(&name)),
+            None if give_up => Lookup::Known(entry.identity(UNKNOWN)),
             None => Lookup::Pending,
         }
     }
@@ -418,6 +414,16 @@ mod tests {
                             "ready": false, "restartCount": 0, "containerID": "containerd://cccccccccccccccccccc"}]}
         }))
         .expect("pod json")
+    }
+
+    /// Label values, in exposition order.
+    fn values(identity: &Identity) -> Vec<&str> {
+        identity
+            .labels
+            .pairs()
+            .into_iter()
+            .map(|(_, value)| value)
+            .collect()
     }
 
     fn workload() -> Workload {
@@ -449,13 +455,13 @@ mod tests {
         let info = PodInfo::from_pod(&pod, workload(), &selection).expect("info");
         assert_eq!(info.container_ids.len(), 2, "app and init containers");
         let mut index = PodIndex::default();
-        index.apply(info);
+        index.apply(info, Instant::now());
 
         let Lookup::Known(labels) = index.lookup(&reference(Some(ID_A)), false) else {
             panic!("known by container ID");
         };
         assert_eq!(
-            &*labels,
+            values(&labels),
             ["shop", "web-7d9c6b5f4-x2x9k", "web", "web", "Deployment"]
         );
         // The same Arc every time: one label set per container.
@@ -471,17 +477,20 @@ mod tests {
         let Lookup::Known(labels) = index.lookup(&reference(Some(ID_SIDECAR)), true) else {
             panic!("known after giving up");
         };
-        assert_eq!(labels[2], UNKNOWN);
+        assert_eq!(values(&labels)[2], UNKNOWN);
         // The status catches up.
         let pod = pod_json(
             serde_json::json!({}),
             serde_json::json!([status("web", ID_A), status("proxy", ID_SIDECAR)]),
         );
-        index.apply(PodInfo::from_pod(&pod, workload(), &selection).expect("info"));
+        index.apply(
+            PodInfo::from_pod(&pod, workload(), &selection).expect("info"),
+            Instant::now(),
+        );
         let Lookup::Known(labels) = index.lookup(&reference(Some(ID_SIDECAR)), false) else {
             panic!("known by the new ID");
         };
-        assert_eq!(labels[2], "proxy");
+        assert_eq!(values(&labels)[2], "proxy");
         // Unknown pod.
         let stranger = ContainerRef {
             pod_uid: PodUid::parse("99999999-2222-3333-4444-555555555555").expect("uid"),
@@ -502,13 +511,58 @@ mod tests {
             kind: "ReplicaSet".to_owned(),
             name: "web-7d9c6b5f4".to_owned(),
         };
-        index.apply(PodInfo::from_pod(&pod, replicaset, &selection).expect("info"));
+        index.apply(
+            PodInfo::from_pod(&pod, replicaset, &selection).expect("info"),
+            Instant::now(),
+        );
         // The owner lookup answered later: the same pod, a new workload.
-        index.apply(PodInfo::from_pod(&pod, workload(), &selection).expect("info"));
+        index.apply(
+            PodInfo::from_pod(&pod, workload(), &selection).expect("info"),
+            Instant::now(),
+        );
         let Lookup::Known(labels) = index.lookup(&reference(Some(ID_A)), false) else {
             panic!("still known by container ID");
         };
-        assert_eq!(&labels[3..], ["web", "Deployment"]);
+        assert_eq!(values(&labels)[3..], ["web", "Deployment"]);
+    }
+
+    #[test]
+    fn a_relabelled_pod_releases_its_old_identities_after_the_grace_period() {
+        let selection = Selection::default();
+        let pod = pod_json(
+            serde_json::json!({}),
+            serde_json::json!([status("web", ID_A)]),
+        );
+        let owner = |name: &str| Workload {
+            kind: "StatefulSet".to_owned(),
+            name: name.to_owned(),
+        };
+        let info = |name: &str| PodInfo::from_pod(&pod, owner(name), &selection).expect("info");
+        let mut index = PodIndex::default();
+        let start = Instant::now();
+        let grace = Duration::from_secs(30);
+        let identity_now = |index: &mut PodIndex| match index.lookup(&reference(Some(ID_A)), false)
+        {
+            Lookup::Known(identity) => identity,
+            other => panic!("{other:?}"),
+        };
+        index.apply(info("a"), start);
+        let first = identity_now(&mut index);
+        index.apply(info("b"), start);
+        let second = identity_now(&mut index);
+        assert_eq!(values(&second)[3], "b");
+        // Back to "a" and on to "c": "a" is live again until the last change.
+        index.apply(info("a"), start + grace / 2);
+        identity_now(&mut index);
+        index.apply(info("c"), start + grace / 2);
+        identity_now(&mut index);
+        // "a" was retired again: it is due a grace period after that.
+        assert!(index.purge_deleted(start + grace, grace).is_empty());
+        let released = index.purge_deleted(start + grace / 2 + grace, grace);
+        assert_eq!(released.len(), 2, "{released:?}");
+        assert!(released.contains(&first) && released.contains(&second));
+        assert!(index.purge_deleted(start + grace * 3, grace).is_empty());
+        assert_eq!(values(&identity_now(&mut index))[3], "c");
     }
 
     #[test]
@@ -519,7 +573,10 @@ mod tests {
             serde_json::json!([status("web", ID_A)]),
         );
         let mut index = PodIndex::default();
-        index.apply(PodInfo::from_pod(&pod, workload(), &selection).expect("info"));
+        index.apply(
+            PodInfo::from_pod(&pod, workload(), &selection).expect("info"),
+            Instant::now(),
+        );
         let Lookup::Known(labels) = index.lookup(&reference(Some(ID_A)), false) else {
             panic!("known");
         };
@@ -572,7 +629,10 @@ mod tests {
         assert!(!selected(&opt_in, &other_namespace));
 
         let mut index = PodIndex::default();
-        index.apply(PodInfo::from_pod(&opt_out, workload(), &default).expect("info"));
+        index.apply(
+            PodInfo::from_pod(&opt_out, workload(), &default).expect("info"),
+            Instant::now(),
+        );
         assert_eq!(index.lookup(&reference(Some(ID_A)), true), Lookup::Excluded);
     }
 }

@@ -11,25 +11,30 @@
 //! With `raw` it is the request path, as prometheus-flask-exporter's
 //! default. Query strings never appear. Each workload has at most
 //! `max_paths_per_workload` distinct values; more are `<other>`, counted.
-//! Per-route statistics feed `/debug/routes`.
+//! Per-route statistics ([`stats`]) feed `/debug/routes`.
 
 pub mod flask_rules;
 pub mod learned;
+pub mod stats;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::SystemTime,
 };
 
 use percent_encoding::percent_decode_str;
-use serde::Serialize;
+use prometheus::{IntCounter, Registry};
 
+use self::stats::RouteStats;
 use self::{
     flask_rules::{NO_RULE, RuleMatch, RuleSet},
     learned::{Learned, RouteLearner},
 };
-use crate::{http::Exchange, identity::IdentityLabels, metrics::DURATION_BUCKETS};
+use crate::{
+    exchange::{AttributedExchange, Exchange, Identity, Route, RouteSource, WorkloadKey},
+    metrics::counter,
+};
 
 /// How the `path` label is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -46,9 +51,6 @@ pub const OVERFLOW_PATH: &str = "<other>";
 
 /// Trie nodes one workload's learner may hold.
 const MAX_LEARNER_NODES: usize = 20_000;
-/// Sample paths kept per route, and their length.
-const SAMPLES_PER_ROUTE: usize = 5;
-const SAMPLE_CHARS: usize = 120;
 
 /// What Werkzeug makes `request.path` from a request target: no query or
 /// fragment, percent-decoded as UTF-8 (invalid bytes replaced), one leading
@@ -66,131 +68,10 @@ pub fn request_path(target: &str) -> String {
     format!("/{}", decoded.trim_start_matches('/'))
 }
 
-/// Where a route's name came from (shown by `/debug/routes`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouteSource {
-    /// A user rule matched.
-    UserRule,
-    /// A template with a parameter learned from the workload's traffic.
-    Learned,
-    /// Literal segments and parameters typed by how values look.
-    Heuristic,
-    /// The request path as is (`--path-label raw`).
-    Raw,
-    /// No route takes the request.
-    Unmatched,
-    /// Past the workload's cap.
-    Overflow,
-}
-
-/// Statistics of one route of one workload.
-#[derive(Clone, Debug)]
-pub struct RouteStats {
-    pub source: RouteSource,
-    pub requests: u64,
-    pub methods: BTreeMap<String, u64>,
-    pub statuses: BTreeMap<u16, u64>,
-    /// Counts per bucket of [`DURATION_BUCKETS`], plus one for +Inf.
-    pub buckets: [u64; DURATION_BUCKETS.len() + 1],
-    pub first_seen: SystemTime,
-    pub last_seen: SystemTime,
-    /// Request paths (no query string), at most [`SAMPLES_PER_ROUTE`].
-    pub samples: Vec<String>,
-}
-
-impl RouteStats {
-    fn new(source: RouteSource, now: SystemTime) -> Self {
-        RouteStats {
-            source,
-            requests: 0,
-            methods: BTreeMap::new(),
-            statuses: BTreeMap::new(),
-            buckets: [0; DURATION_BUCKETS.len() + 1],
-            first_seen: now,
-            last_seen: now,
-            samples: Vec::new(),
-        }
-    }
-
-    fn record(&mut self, method: &str, path: &str, status: u16, seconds: f64, now: SystemTime) {
-        self.requests += 1;
-        // Look up before inserting: most requests repeat a known method.
-        match self.methods.get_mut(method) {
-            Some(count) => *count += 1,
-            None => {
-                self.methods.insert(method.to_owned(), 1);
-            }
-        }
-        *self.statuses.entry(status).or_default() += 1;
-        let bucket = DURATION_BUCKETS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(DURATION_BUCKETS.len());
-        self.buckets[bucket] += 1;
-        self.last_seen = now;
-        if self.samples.len() < SAMPLES_PER_ROUTE && !self.samples.iter().any(|s| s == path) {
-            let mut sample: String = path.chars().take(SAMPLE_CHARS).collect();
-            if path.chars().count() > SAMPLE_CHARS {
-                sample.push('…');
-            }
-            self.samples.push(sample);
-        }
-    }
-
-    /// Adds another route's statistics (a route merged into this one).
-    fn absorb(&mut self, other: RouteStats) {
-        self.requests += other.requests;
-        for (method, count) in other.methods {
-            *self.methods.entry(method).or_default() += count;
-        }
-        for (status, count) in other.statuses {
-            *self.statuses.entry(status).or_default() += count;
-        }
-        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets) {
-            *mine += theirs;
-        }
-        self.first_seen = self.first_seen.min(other.first_seen);
-        self.last_seen = self.last_seen.max(other.last_seen);
-        for sample in other.samples {
-            if self.samples.len() < SAMPLES_PER_ROUTE && !self.samples.contains(&sample) {
-                self.samples.push(sample);
-            }
-        }
-    }
-
-    /// The q-quantile of durations, interpolated within buckets as
-    /// Prometheus' `histogram_quantile` does.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        if self.requests == 0 {
-            return None;
-        }
-        let rank = q * self.requests as f64;
-        let mut below = 0u64;
-        for (index, count) in self.buckets.iter().enumerate() {
-            if (below + count) as f64 >= rank && *count > 0 {
-                let Some(&upper) = DURATION_BUCKETS.get(index) else {
-                    // In +Inf: Prometheus answers the highest finite bound.
-                    return DURATION_BUCKETS.last().copied();
-                };
-                let lower = if index == 0 {
-                    0.0
-                } else {
-                    DURATION_BUCKETS[index - 1]
-                };
-                let within = (rank - below as f64) / *count as f64;
-                return Some(lower + (upper - lower) * within);
-            }
-            below += count;
-        }
-        DURATION_BUCKETS.last().copied()
-    }
-}
-
 /// A copy of one workload's routes, for `/debug/routes`.
 #[derive(Clone, Debug)]
 pub struct WorkloadRoutesView {
-    pub workload: IdentityLabels,
+    pub workload: WorkloadKey,
     pub routes: Vec<(Arc<str>, RouteStats)>,
     /// Size of the learned route trie.
     pub learned_nodes: usize,
@@ -201,7 +82,7 @@ pub struct WorkloadRoutesView {
 struct WorkloadRoutes {
     learner: RouteLearner,
     routes: HashMap<Arc<str>, RouteStats>,
-    /// Identities (series label sets) that map to this workload.
+    /// Identities seen serving this workload.
     identities: usize,
 }
 
@@ -216,121 +97,134 @@ pub struct RouteOptions {
     pub user_rules: Arc<RuleSet>,
 }
 
-/// Makes `path` labels and keeps route statistics, per workload.
+/// What the routes stage counts. It owns these counters: `/metrics` reads
+/// them as they are.
+#[derive(Clone, Debug)]
+pub struct RouteCounters {
+    pub path_overflow: IntCounter,
+    pub routes_retired: IntCounter,
+}
+
+impl RouteCounters {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(RouteCounters {
+            path_overflow: counter(
+                registry,
+                "flask_ebpf_exporter_path_overflow_total",
+                "Requests whose path label was replaced by <other> under the per-server cap",
+            )?,
+            routes_retired: counter(
+                registry,
+                "flask_ebpf_exporter_routes_retired_total",
+                "Path labels whose series were removed when a learned parameter replaced them",
+            )?,
+        })
+    }
+}
+
+/// Names routes and keeps route statistics, per workload.
 #[derive(Debug)]
 pub struct RouteLabeler {
     options: RouteOptions,
-    workloads: HashMap<IdentityLabels, WorkloadRoutes>,
-    /// Series identity → its workload.
-    workload_of: HashMap<IdentityLabels, IdentityLabels>,
-    overflowed: u64,
+    workloads: HashMap<WorkloadKey, WorkloadRoutes>,
+    /// Identities whose workload's routes are kept.
+    identities: HashSet<Arc<Identity>>,
     /// (workload, path label) of routes a learned parameter replaced, for
     /// the metrics stage to remove.
-    retired: Vec<(IdentityLabels, Arc<str>)>,
-    retired_total: u64,
+    retired: Vec<(WorkloadKey, Arc<str>)>,
+    counters: RouteCounters,
 }
 
 impl RouteLabeler {
-    pub fn new(options: RouteOptions) -> Self {
+    pub fn new(options: RouteOptions, counters: RouteCounters) -> Self {
         RouteLabeler {
             options,
             workloads: HashMap::new(),
-            workload_of: HashMap::new(),
-            overflowed: 0,
+            identities: HashSet::new(),
             retired: Vec::new(),
-            retired_total: 0,
+            counters,
         }
+    }
+
+    pub fn counters(&self) -> &RouteCounters {
+        &self.counters
     }
 
     /// Routes replaced by a learned parameter since the last call: their
     /// series should go (their requests now count under the template).
-    pub fn take_retired(&mut self) -> Vec<(IdentityLabels, Arc<str>)> {
-        self.retired_total += self.retired.len() as u64;
+    pub fn take_retired(&mut self) -> Vec<(WorkloadKey, Arc<str>)> {
+        self.counters
+            .routes_retired
+            .inc_by(self.retired.len() as u64);
         std::mem::take(&mut self.retired)
     }
 
-    /// Routes retired so far.
-    pub fn retired_total(&self) -> u64 {
-        self.retired_total
-    }
-
-    /// The `path` label of an exchange served by `identity` (of
-    /// `workload`), and its route's statistics updated. `rules`: the
-    /// workload's own user rules (a pod annotation), tried before the
+    /// The route of an exchange, with its statistics updated. The rules of
+    /// the exchange's workload (a pod annotation) are tried before the
     /// global ones.
-    pub fn label(
-        &mut self,
-        identity: &IdentityLabels,
-        workload: &dyn Fn() -> IdentityLabels,
-        rules: Option<&RuleSet>,
-        exchange: &Exchange,
-    ) -> Arc<str> {
-        let key = match self.workload_of.get(identity) {
-            Some(key) => key.clone(),
-            None => {
-                let key = workload();
-                self.workload_of.insert(identity.clone(), key.clone());
-                let options = &self.options;
-                self.workloads
-                    .entry(key.clone())
-                    .or_insert_with(|| WorkloadRoutes {
-                        learner: RouteLearner::new(options.segment_cap, MAX_LEARNER_NODES),
-                        routes: HashMap::new(),
-                        identities: 0,
-                    })
-                    .identities += 1;
-                key
-            }
+    pub fn route(&mut self, attributed: &AttributedExchange) -> Route {
+        let identity = &attributed.identity;
+        let workload = &identity.workload;
+        if !self.identities.contains(identity) {
+            self.identities.insert(identity.clone());
+            let options = &self.options;
+            self.workloads
+                .entry(workload.clone())
+                .or_insert_with(|| WorkloadRoutes {
+                    learner: RouteLearner::new(options.segment_cap, MAX_LEARNER_NODES),
+                    routes: HashMap::new(),
+                    identities: 0,
+                })
+                .identities += 1;
+        }
+        let Some(routes) = self.workloads.get_mut(workload) else {
+            return Route {
+                path: Arc::from(NO_RULE),
+                source: RouteSource::Unmatched,
+            };
         };
-        let Some(routes) = self.workloads.get_mut(&key) else {
-            return Arc::from(NO_RULE);
-        };
+        let exchange = &attributed.exchange;
         let path = request_path(&exchange.target);
+        let rules = attributed.rules.as_deref();
         let (label, source) = name_route(&self.options, rules, routes, &path, exchange);
         for prefix in routes.learner.take_retired() {
-            retire(routes, &prefix, &key, &mut self.retired);
+            retire(routes, &prefix, workload, &mut self.retired);
         }
         let now = SystemTime::now();
         let seconds = exchange.duration_seconds();
-        if let Some((known, _)) = routes.routes.get_key_value(label.as_str()) {
-            let known = known.clone();
-            if let Some(stats) = routes.routes.get_mut(&known) {
-                stats.record(&exchange.method, &path, exchange.status, seconds, now);
+        let known = routes.routes.get_key_value(label.as_str());
+        let (label, source) = match known {
+            Some((known, stats)) => (known.clone(), stats.source),
+            None if routes.routes.len() >= self.options.max_paths_per_workload => {
+                self.counters.path_overflow.inc();
+                (Arc::from(OVERFLOW_PATH), RouteSource::Overflow)
             }
-            return known;
-        }
-        let (label, source) = if routes.routes.len() >= self.options.max_paths_per_workload {
-            self.overflowed += 1;
-            (OVERFLOW_PATH.to_owned(), RouteSource::Overflow)
-        } else {
-            (label, source)
+            None => (Arc::from(label), source),
         };
-        let label: Arc<str> = Arc::from(label);
-        let stats = routes
+        routes
             .routes
             .entry(label.clone())
-            .or_insert_with(|| RouteStats::new(source, now));
-        stats.record(&exchange.method, &path, exchange.status, seconds, now);
-        label
+            .or_insert_with(|| RouteStats::new(source, now))
+            .record(&exchange.method, &path, exchange.status, seconds, now);
+        Route {
+            path: label,
+            source,
+        }
     }
 
     /// Forgets an identity whose series were removed; its workload's routes
     /// go with the workload's last identity.
-    pub fn forget(&mut self, identity: &IdentityLabels) {
-        let Some(key) = self.workload_of.remove(identity) else {
+    pub fn forget(&mut self, identity: &Identity) {
+        if !self.identities.remove(identity) {
             return;
-        };
-        if let Some(routes) = self.workloads.get_mut(&key) {
+        }
+        let workload = &identity.workload;
+        if let Some(routes) = self.workloads.get_mut(workload) {
             routes.identities = routes.identities.saturating_sub(1);
             if routes.identities == 0 {
-                self.workloads.remove(&key);
+                self.workloads.remove(workload);
             }
         }
-    }
-
-    /// Requests whose path was replaced by [`OVERFLOW_PATH`].
-    pub fn overflowed(&self) -> u64 {
-        self.overflowed
     }
 
     /// Every workload's routes, for `/debug/routes`.
@@ -362,8 +256,8 @@ impl RouteLabeler {
 fn retire(
     routes: &mut WorkloadRoutes,
     prefix: &str,
-    workload: &IdentityLabels,
-    retired: &mut Vec<(IdentityLabels, Arc<str>)>,
+    workload: &WorkloadKey,
+    retired: &mut Vec<(WorkloadKey, Arc<str>)>,
 ) {
     let below = format!("{prefix}/");
     let gone: Vec<Arc<str>> = routes
@@ -434,7 +328,10 @@ fn name_route(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::exchange::IdentityLabels;
 
     #[test]
     fn request_path_matches_werkzeug() {
@@ -462,32 +359,51 @@ mod tests {
     fn labeler(mode: PathLabelMode, cap: usize, rules: &str) -> RouteLabeler {
         let (rules, errors) = RuleSet::parse(rules);
         assert!(errors.is_empty());
-        RouteLabeler::new(RouteOptions {
-            mode,
-            max_paths_per_workload: cap,
-            segment_cap: 4,
-            user_rules: Arc::new(rules),
-        })
+        let counters = RouteCounters::register(&Registry::new()).expect("counters");
+        RouteLabeler::new(
+            RouteOptions {
+                mode,
+                max_paths_per_workload: cap,
+                segment_cap: 4,
+                user_rules: Arc::new(rules),
+            },
+            counters,
+        )
     }
 
-    fn ids(names: &[&str]) -> IdentityLabels {
-        Arc::from(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+    fn pod() -> Arc<Identity> {
+        Arc::new(Identity::new(IdentityLabels::Pod {
+            namespace: "shop".to_owned(),
+            pod: "web-1".to_owned(),
+            container: "web".to_owned(),
+            workload: "web".to_owned(),
+            workload_kind: "Deployment".to_owned(),
+        }))
+    }
+
+    fn server(process: &str, port: &str) -> Arc<Identity> {
+        Arc::new(Identity::new(IdentityLabels::Server {
+            process: process.to_owned(),
+            port: port.to_owned(),
+        }))
+    }
+
+    /// The path label of `exchange`, served by `identity`.
+    fn label(labeler: &mut RouteLabeler, identity: &Arc<Identity>, exchange: Exchange) -> String {
+        let attributed = AttributedExchange {
+            identity: identity.clone(),
+            rules: None,
+            exchange,
+        };
+        labeler.route(&attributed).path.to_string()
     }
 
     #[test]
     fn user_rules_first_then_learned_then_none() {
         let mut labeler = labeler(PathLabelMode::Route, 100, "GET /items/<int:item_id>\n");
-        let pod = ids(&["shop", "web-1", "web", "web", "Deployment"]);
-        let workload = || ids(&["shop", "web", "Deployment"]);
+        let pod = pod();
         let mut label = |method: &str, target: &str, status: u16| {
-            labeler
-                .label(
-                    &pod,
-                    &workload,
-                    None,
-                    &exchange(method, target, status, 0.01),
-                )
-                .to_string()
+            label(&mut labeler, &pod, exchange(method, target, status, 0.01))
         };
         assert_eq!(
             label("GET", "/items/5?secret=1", 200),
@@ -505,17 +421,9 @@ mod tests {
     #[test]
     fn without_rules_unmatched_404s_collapse_and_the_cap_holds() {
         let mut labeler = labeler(PathLabelMode::Route, 3, "");
-        let server = ids(&["gunicorn", "8000"]);
-        let workload = || server.clone();
+        let server = server("gunicorn", "8000");
         let mut label = |target: &str, status: u16| {
-            labeler
-                .label(
-                    &server,
-                    &workload,
-                    None,
-                    &exchange("GET", target, status, 0.01),
-                )
-                .to_string()
+            label(&mut labeler, &server, exchange("GET", target, status, 0.01))
         };
         assert_eq!(label("/users/1", 200), "/users/<int>");
         assert_eq!(
@@ -527,41 +435,27 @@ mod tests {
         assert_eq!(label("/health", 200), "/health");
         assert_eq!(label("/metrics", 200), OVERFLOW_PATH);
         assert_eq!(label("/users/3", 200), "/users/<int>");
-        assert_eq!(labeler.overflowed(), 1);
+        assert_eq!(labeler.counters().path_overflow.get(), 1);
     }
 
     #[test]
     fn literal_routes_a_parameter_replaces_are_retired() {
         let mut labeler = labeler(PathLabelMode::Route, 100, "");
-        let server = ids(&["gunicorn", "8000"]);
-        let workload = || server.clone();
+        let server = server("gunicorn", "8000");
         for tag in ["a", "b", "c", "d"] {
-            labeler.label(
-                &server,
-                &workload,
-                None,
-                &exchange("GET", &format!("/tags/{tag}"), 200, 0.01),
-            );
-            labeler.label(
-                &server,
-                &workload,
-                None,
-                &exchange("GET", &format!("/tags/{tag}/related"), 200, 0.01),
-            );
+            let tag_path = format!("/tags/{tag}");
+            label(&mut labeler, &server, exchange("GET", &tag_path, 200, 0.01));
+            let related = format!("/tags/{tag}/related");
+            label(&mut labeler, &server, exchange("GET", &related, 200, 0.01));
         }
         assert!(labeler.take_retired().is_empty());
-        let label = labeler.label(
-            &server,
-            &workload,
-            None,
-            &exchange("GET", "/tags/e", 200, 0.01),
-        );
-        assert_eq!(&*label, "/tags/<string>");
+        let template = label(&mut labeler, &server, exchange("GET", "/tags/e", 200, 0.01));
+        assert_eq!(template, "/tags/<string>");
         let mut retired: Vec<String> = labeler
             .take_retired()
             .into_iter()
             .map(|(key, path)| {
-                assert_eq!(key, server);
+                assert_eq!(key, server.workload);
                 path.to_string()
             })
             .collect();
@@ -579,7 +473,7 @@ mod tests {
                 "/tags/d/related"
             ]
         );
-        assert_eq!(labeler.retired_total(), 8);
+        assert_eq!(labeler.counters().routes_retired.get(), 8);
         // Their statistics joined the templates that name them now.
         let snapshot = labeler.snapshot();
         let requests: BTreeMap<&str, u64> = snapshot[0]
@@ -596,22 +490,15 @@ mod tests {
     #[test]
     fn raw_mode_and_route_statistics() {
         let mut labeler = labeler(PathLabelMode::Raw, 10, "");
-        let server = ids(&["python", "5000"]);
-        let workload = || server.clone();
+        let server = server("python", "5000");
         for (status, seconds) in [(200, 0.004), (200, 0.02), (500, 0.3), (200, 0.02)] {
-            labeler.label(
+            label(
+                &mut labeler,
                 &server,
-                &workload,
-                None,
-                &exchange("GET", "/a/1?q=secret", status, seconds),
+                exchange("GET", "/a/1?q=secret", status, seconds),
             );
         }
-        labeler.label(
-            &server,
-            &workload,
-            None,
-            &exchange("POST", "/a/1", 201, 0.02),
-        );
+        label(&mut labeler, &server, exchange("POST", "/a/1", 201, 0.02));
         let snapshot = labeler.snapshot();
         let (label, stats) = &snapshot[0].routes[0];
         assert_eq!(&**label, "/a/1");

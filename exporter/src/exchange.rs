@@ -1,0 +1,301 @@
+//! What the stages hand each other from HTTP pairing on, as plain data:
+//!
+//! ```text
+//! http      → Exchange              a request and its final response
+//! stream    → CapturedExchange      + whom the connection was served by (ServedBy)
+//! identity  → AttributedExchange    + who served it (Identity: typed labels, workload)
+//! routes    → Route                 its path label and where the label came from
+//! metrics   ← (AttributedExchange, Route)
+//! ```
+//!
+//! No stage calls back into another: each takes one of these and returns
+//! the next.
+
+use std::{
+    hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use crate::{identity::cgroup::ContainerRef, routes::flask_rules::RuleSet};
+
+/// One request and the final response to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    pub method: String,
+    /// The request target as sent, query string included (the routes stage
+    /// removes it).
+    pub target: String,
+    pub status: u16,
+    /// When the server read the first byte of the request.
+    pub started_ns: u64,
+    /// When the server wrote the last byte of the response.
+    pub finished_ns: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Exchange {
+    pub fn duration_seconds(&self) -> f64 {
+        self.finished_ns.saturating_sub(self.started_ns) as f64 / 1e9
+    }
+}
+
+/// Where a connection lives: enough to find its process and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub tgid: u32,
+    pub fd: u32,
+    /// The listening fd it was accepted from, when the accept was seen.
+    pub listen_fd: Option<u32>,
+}
+
+/// Whom a connection's exchanges belong to, as found when it was first seen.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServedBy {
+    /// Known at once (local mode: the server process tree).
+    Server(Arc<Identity>),
+    /// A process in a pod; the pod is looked up per exchange, because it
+    /// may become known only after its first requests.
+    Container(Arc<ContainerRef>),
+}
+
+/// An exchange and the connection's [`ServedBy`].
+#[derive(Clone, Debug)]
+pub struct CapturedExchange {
+    pub served_by: ServedBy,
+    pub exchange: Exchange,
+}
+
+/// The value of every identity label when the pod could not be found.
+pub const UNKNOWN: &str = "<unknown>";
+
+/// Label names of local mode's identity, in exposition order.
+pub const SERVER_LABELS: [&str; 2] = ["process", "port"];
+/// Label names of Kubernetes mode's identity, in exposition order.
+pub const POD_LABELS: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
+
+/// The labels every `flask_*` series of one identity carries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentityLabels {
+    /// Local mode: a server process tree (its root's name) and its port.
+    Server { process: String, port: String },
+    /// Kubernetes mode: a container of a pod.
+    Pod {
+        namespace: String,
+        pod: String,
+        container: String,
+        workload: String,
+        workload_kind: String,
+    },
+}
+
+impl IdentityLabels {
+    /// A pod's container the node's watch does not know.
+    pub fn unknown_pod() -> Self {
+        IdentityLabels::Pod {
+            namespace: UNKNOWN.to_owned(),
+            pod: UNKNOWN.to_owned(),
+            container: UNKNOWN.to_owned(),
+            workload: UNKNOWN.to_owned(),
+            workload_kind: UNKNOWN.to_owned(),
+        }
+    }
+
+    /// (name, value) in [`SERVER_LABELS`] or [`POD_LABELS`] order.
+    pub fn pairs(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            IdentityLabels::Server { process, port } => SERVER_LABELS
+                .into_iter()
+                .zip([process, port])
+                .map(as_str)
+                .collect(),
+            IdentityLabels::Pod {
+                namespace,
+                pod,
+                container,
+                workload,
+                workload_kind,
+            } => POD_LABELS
+                .into_iter()
+                .zip([namespace, pod, container, workload, workload_kind])
+                .map(as_str)
+                .collect(),
+        }
+    }
+
+    /// What route learning and the route cap are kept per: the server in
+    /// local mode, the workload in Kubernetes mode.
+    pub fn workload(&self) -> WorkloadKey {
+        match self {
+            IdentityLabels::Server { process, port } => WorkloadKey::Server {
+                process: process.clone(),
+                port: port.clone(),
+            },
+            IdentityLabels::Pod {
+                namespace,
+                workload,
+                workload_kind,
+                ..
+            } => WorkloadKey::Pod {
+                namespace: namespace.clone(),
+                workload: workload.clone(),
+                workload_kind: workload_kind.clone(),
+            },
+        }
+    }
+}
+
+fn as_str<'a>((name, value): (&'static str, &'a String)) -> (&'static str, &'a str) {
+    (name, value.as_str())
+}
+
+/// The workload part of identity labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WorkloadKey {
+    Server {
+        process: String,
+        port: String,
+    },
+    Pod {
+        namespace: String,
+        workload: String,
+        workload_kind: String,
+    },
+}
+
+impl WorkloadKey {
+    /// (label name, value), as the identity labels name them.
+    pub fn pairs(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            WorkloadKey::Server { process, port } => SERVER_LABELS
+                .into_iter()
+                .zip([process, port])
+                .map(as_str)
+                .collect(),
+            WorkloadKey::Pod {
+                namespace,
+                workload,
+                workload_kind,
+            } => ["namespace", "workload", "workload_kind"]
+                .into_iter()
+                .zip([namespace, workload, workload_kind])
+                .map(as_str)
+                .collect(),
+        }
+    }
+}
+
+/// Who served an exchange. Two identities with the same labels are the
+/// same identity: they share their series.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub labels: IdentityLabels,
+    pub workload: WorkloadKey,
+    /// Of `labels`, computed once: identities key the per-exchange lookups
+    /// of routes and metrics.
+    hash: u64,
+}
+
+impl Identity {
+    pub fn new(labels: IdentityLabels) -> Self {
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(&labels);
+        Identity {
+            workload: labels.workload(),
+            labels,
+            hash,
+        }
+    }
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.labels == other.labels
+    }
+}
+
+impl Eq for Identity {}
+
+impl Hash for Identity {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// An exchange and who served it.
+#[derive(Clone, Debug)]
+pub struct AttributedExchange {
+    pub identity: Arc<Identity>,
+    /// User rules the served pod's annotation gives its workload.
+    pub rules: Option<Arc<RuleSet>>,
+    pub exchange: Exchange,
+}
+
+/// Where a route's name came from (shown by `/debug/routes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteSource {
+    /// A user rule matched.
+    UserRule,
+    /// A template with a parameter learned from the workload's traffic.
+    Learned,
+    /// Literal segments and parameters typed by how values look.
+    Heuristic,
+    /// The request path as is (`--path-label raw`).
+    Raw,
+    /// No route takes the request.
+    Unmatched,
+    /// Past the workload's cap.
+    Overflow,
+}
+
+/// The `path` label of an exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub path: Arc<str>,
+    pub source: RouteSource,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_are_their_labels_and_name_their_workload() {
+        let labels = IdentityLabels::Pod {
+            namespace: "shop".to_owned(),
+            pod: "web-1".to_owned(),
+            container: "app".to_owned(),
+            workload: "web".to_owned(),
+            workload_kind: "Deployment".to_owned(),
+        };
+        let identity = Identity::new(labels.clone());
+        assert_eq!(identity, Identity::new(labels.clone()));
+        assert_ne!(identity, Identity::new(IdentityLabels::unknown_pod()));
+        assert_eq!(
+            identity.workload.pairs(),
+            [
+                ("namespace", "shop"),
+                ("workload", "web"),
+                ("workload_kind", "Deployment")
+            ]
+        );
+        assert_eq!(
+            labels
+                .pairs()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect::<Vec<_>>(),
+            POD_LABELS
+        );
+        let server = IdentityLabels::Server {
+            process: "gunicorn".to_owned(),
+            port: "8000".to_owned(),
+        };
+        assert_eq!(
+            server.workload().pairs(),
+            [("process", "gunicorn"), ("port", "8000")]
+        );
+    }
+}

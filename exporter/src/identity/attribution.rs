@@ -1,0 +1,328 @@
+//! Gives each captured exchange the identity that served it. In Kubernetes
+//! mode a pod may become known only after its first requests, so exchanges
+//! of an unknown pod are held (bounded in time and number) and retried when
+//! the pod index changes; after that they count as `<unknown>`. Nothing is
+//! dropped but the traffic of pods selected out.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prometheus::{IntCounter, IntGauge, Registry};
+use tracing::warn;
+
+use super::pods::{Lookup, PodIndex, SharedPodIndex, lock_index};
+use crate::{
+    exchange::{AttributedExchange, CapturedExchange, Identity, IdentityLabels, ServedBy},
+    metrics::{counter, gauge},
+    routes::flask_rules::RuleSet,
+};
+
+/// Limits on traffic held while its pod is looked up.
+#[derive(Clone, Copy, Debug)]
+pub struct HoldLimits {
+    /// How long an exchange waits for its pod before it is exported under
+    /// the unknown identity.
+    pub wait: Duration,
+    /// Most exchanges held at once; beyond it they are exported as unknown
+    /// at once.
+    pub max_held: usize,
+}
+
+/// What the attribution stage counts. It owns these counters: `/metrics`
+/// and `/debug/connections` read them as they are.
+#[derive(Clone, Debug)]
+pub struct AttributionCounters {
+    /// Exported under the unknown identity.
+    pub unattributed: IntCounter,
+    /// Dropped on purpose: their pod is selected out.
+    pub excluded: IntCounter,
+    pub held: IntGauge,
+}
+
+impl AttributionCounters {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        Ok(AttributionCounters {
+            unattributed: counter(
+                registry,
+                "flask_ebpf_exporter_unattributed_requests_total",
+                "Requests exported with identity \"<unknown>\": their pod was not known in time",
+            )?,
+            excluded: counter(
+                registry,
+                "flask_ebpf_exporter_excluded_requests_total",
+                "Requests of pods selected out by annotation or namespace filter",
+            )?,
+            held: gauge(
+                registry,
+                "flask_ebpf_exporter_requests_held",
+                "Requests waiting for their pod to become known",
+            )?,
+        })
+    }
+}
+
+/// Gives exchanges their identity, holding those whose pod is not known yet.
+#[derive(Debug)]
+pub struct Attribution {
+    limits: HoldLimits,
+    held: VecDeque<(Instant, CapturedExchange)>,
+    /// Index generation the held exchanges were last tried against.
+    tried_generation: u64,
+    unknown: Arc<Identity>,
+    counters: AttributionCounters,
+}
+
+impl Attribution {
+    pub fn new(limits: HoldLimits, counters: AttributionCounters) -> Self {
+        Attribution {
+            limits,
+            held: VecDeque::new(),
+            tried_generation: 0,
+            unknown: Arc::new(Identity::new(IdentityLabels::unknown_pod())),
+            counters,
+        }
+    }
+
+    pub fn counters(&self) -> &AttributionCounters {
+        &self.counters
+    }
+
+    /// Attributes the exchanges in `captured` (leaving it empty) and the
+    /// held ones that are now due or resolvable, in order, into `out`; the
+    /// rest wait. `index`: the node's pods (Kubernetes mode).
+    pub fn attribute(
+        &mut self,
+        index: Option<&SharedPodIndex>,
+        captured: &mut Vec<CapturedExchange>,
+        now: Instant,
+        out: &mut Vec<AttributedExchange>,
+    ) {
+        if captured.is_empty() && self.held.is_empty() {
+            return;
+        }
+        let mut index = index.map(lock_index);
+        // Held exchanges first: they came before the new ones.
+        let generation = index.as_ref().map_or(0, |index| index.generation());
+        let due = self
+            .held
+            .front()
+            .is_some_and(|(deadline, _)| *deadline <= now);
+        if !self.held.is_empty() && (due || generation != self.tried_generation) {
+            self.tried_generation = generation;
+            for (deadline, exchange) in std::mem::take(&mut self.held) {
+                self.place(index.as_deref_mut(), exchange, deadline, now, out);
+            }
+        }
+        for exchange in captured.drain(..) {
+            let deadline = now + self.limits.wait;
+            self.place(index.as_deref_mut(), exchange, deadline, now, out);
+        }
+        self.counters.held.set(self.held.len() as i64);
+    }
+
+    fn place(
+        &mut self,
+        index: Option<&mut PodIndex>,
+        captured: CapturedExchange,
+        deadline: Instant,
+        now: Instant,
+        out: &mut Vec<AttributedExchange>,
+    ) {
+        let container = match &captured.served_by {
+            ServedBy::Server(identity) => {
+                let identity = identity.clone();
+                return out.push(attributed(identity, None, captured));
+            }
+            ServedBy::Container(container) => container.clone(),
+        };
+        let give_up = deadline <= now || self.held.len() >= self.limits.max_held;
+        let Some(index) = index else {
+            self.counters.unattributed.inc();
+            return out.push(attributed(self.unknown.clone(), None, captured));
+        };
+        match index.lookup(&container, give_up) {
+            Lookup::Known(identity) => {
+                let rules = index.workload_rules(&identity.workload);
+                out.push(attributed(identity, rules, captured));
+            }
+            Lookup::Excluded => self.counters.excluded.inc(),
+            Lookup::Pending if give_up => {
+                if self.counters.unattributed.get() == 0 {
+                    warn!(pod_uid = %container.pod_uid, container_id = ?container.container_id,
+                        "traffic of a pod this node's watch does not know: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)");
+                }
+                self.counters.unattributed.inc();
+                out.push(attributed(self.unknown.clone(), None, captured));
+            }
+            Lookup::Pending => self.held.push_back((deadline, captured)),
+        }
+    }
+}
+
+fn attributed(
+    identity: Arc<Identity>,
+    rules: Option<Arc<RuleSet>>,
+    captured: CapturedExchange,
+) -> AttributedExchange {
+    AttributedExchange {
+        identity,
+        rules,
+        exchange: captured.exchange,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        exchange::{Exchange, UNKNOWN, WorkloadKey},
+        identity::{
+            cgroup::{ContainerRef, PodUid},
+            pods::{PodInfo, Workload},
+        },
+    };
+
+    const UID: &str = "11111111-2222-3333-4444-555555555555";
+    const ID: &str = "abcdefabcdefabcdef";
+
+    fn captured(target: &str) -> CapturedExchange {
+        CapturedExchange {
+            served_by: ServedBy::Container(Arc::new(ContainerRef {
+                pod_uid: PodUid::parse(UID).expect("uid"),
+                container_id: Some(ID.to_owned()),
+            })),
+            exchange: Exchange {
+                method: "GET".to_owned(),
+                target: target.to_owned(),
+                status: 200,
+                started_ns: 1,
+                finished_ns: 2,
+                request_bytes: 10,
+                response_bytes: 20,
+            },
+        }
+    }
+
+    fn pod_info(selected: bool) -> PodInfo {
+        PodInfo {
+            uid: PodUid::parse(UID).expect("uid"),
+            namespace: "shop".to_owned(),
+            name: "web-1".to_owned(),
+            workload: Workload {
+                kind: "Deployment".to_owned(),
+                name: "web".to_owned(),
+            },
+            container_ids: vec![("app".to_owned(), ID.to_owned())],
+            app_containers: vec!["app".to_owned(), "proxy".to_owned()],
+            selected,
+            routes: Some("GET /orders/<int:id>\n/bad/<nope:x>\n".to_owned()),
+        }
+    }
+
+    fn attribution(wait: Duration, max_held: usize) -> Attribution {
+        let counters = AttributionCounters::register(&Registry::new()).expect("counters");
+        Attribution::new(HoldLimits { wait, max_held }, counters)
+    }
+
+    /// Runs one attribution pass and returns (pod label, target) attributed.
+    fn pass(
+        attribution: &mut Attribution,
+        index: &SharedPodIndex,
+        mut exchanges: Vec<CapturedExchange>,
+        now: Instant,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        attribution.attribute(Some(index), &mut exchanges, now, &mut out);
+        assert!(exchanges.is_empty());
+        out.into_iter()
+            .map(|attributed| {
+                let IdentityLabels::Pod { pod, .. } = &attributed.identity.labels else {
+                    panic!("a pod's identity");
+                };
+                if pod == "web-1" {
+                    assert!(attributed.rules.is_some_and(|rules| rules.len() == 1));
+                }
+                (pod.clone(), attributed.exchange.target)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn traffic_waits_for_its_pod_then_is_attributed_in_order() {
+        let index = SharedPodIndex::default();
+        let mut attribution = attribution(Duration::from_secs(5), 100);
+        let start = Instant::now();
+        let early = pass(
+            &mut attribution,
+            &index,
+            vec![captured("/1"), captured("/2")],
+            start,
+        );
+        assert!(early.is_empty());
+        assert_eq!(attribution.counters().held.get(), 2);
+        // Nothing changed: still held, even when new traffic comes.
+        let later = pass(
+            &mut attribution,
+            &index,
+            vec![captured("/3")],
+            start + Duration::from_secs(1),
+        );
+        assert!(later.is_empty());
+        assert_eq!(
+            lock_index(&index).apply(pod_info(true), start),
+            1,
+            "one bad rule line"
+        );
+        // The annotation's rules reach the attributed exchange (the bad line skipped).
+        let rules = lock_index(&index).workload_rules(&WorkloadKey::Pod {
+            namespace: "shop".to_owned(),
+            workload: "web".to_owned(),
+            workload_kind: "Deployment".to_owned(),
+        });
+        assert_eq!(rules.map(|r| r.len()), Some(1));
+        let resolved = pass(
+            &mut attribution,
+            &index,
+            vec![captured("/4")],
+            start + Duration::from_secs(2),
+        );
+        let targets: Vec<&str> = resolved.iter().map(|(_, target)| target.as_str()).collect();
+        assert_eq!(targets, ["/1", "/2", "/3", "/4"]);
+        assert!(resolved.iter().all(|(pod, _)| pod == "web-1"));
+        assert_eq!(attribution.counters().held.get(), 0);
+        assert_eq!(attribution.counters().unattributed.get(), 0);
+        assert_eq!(attribution.counters().excluded.get(), 0);
+    }
+
+    #[test]
+    fn unknown_after_the_wait_or_beyond_the_cap_and_nothing_lost() {
+        let index = SharedPodIndex::default();
+        let mut attribution = attribution(Duration::from_secs(5), 2);
+        let start = Instant::now();
+        // The third exchange finds the queue full: unknown at once.
+        let now = pass(
+            &mut attribution,
+            &index,
+            vec![captured("/1"), captured("/2"), captured("/3")],
+            start,
+        );
+        assert_eq!(now, [(UNKNOWN.to_owned(), "/3".to_owned())]);
+        let due = pass(
+            &mut attribution,
+            &index,
+            Vec::new(),
+            start + Duration::from_secs(5),
+        );
+        assert_eq!(due.len(), 2);
+        assert!(due.iter().all(|(pod, _)| pod == UNKNOWN));
+        assert_eq!(attribution.counters().unattributed.get(), 3);
+        // An opted-out pod's traffic is dropped on purpose, and counted.
+        lock_index(&index).apply(pod_info(false), start);
+        assert!(pass(&mut attribution, &index, vec![captured("/4")], start).is_empty());
+        assert_eq!(attribution.counters().excluded.get(), 1);
+        assert_eq!(attribution.counters().held.get(), 0);
+    }
+}

@@ -1,0 +1,114 @@
+//! Kubernetes mode's side of a connection: its process's container, read
+//! from `/proc/<pid>/cgroup` once per process; the container's pod is looked
+//! up per exchange in the pod index (see `attribution.rs`).
+
+use std::{collections::HashMap, sync::Arc};
+
+use prometheus::IntGauge;
+use tracing::info;
+
+use super::{
+    cgroup::{ContainerRef, container_of},
+    pods::{SharedPodIndex, lock_index},
+};
+use crate::{exchange::Identity, procfs};
+
+#[derive(Debug)]
+pub struct ProcessEntry {
+    start_ticks: u64,
+    /// `None`: the process is in no pod.
+    pub container: Option<Arc<ContainerRef>>,
+}
+
+/// Processes → containers, cached per process, and the node's pod index.
+#[derive(Debug)]
+pub struct PodIdentity {
+    index: SharedPodIndex,
+    processes: HashMap<u32, ProcessEntry>,
+    /// The pods gauge, kept current here as pods are purged.
+    pods_known: IntGauge,
+}
+
+impl PodIdentity {
+    pub fn new(index: SharedPodIndex, pods_known: IntGauge) -> Self {
+        PodIdentity {
+            index,
+            processes: HashMap::new(),
+            pods_known,
+        }
+    }
+
+    pub fn index(&self) -> &SharedPodIndex {
+        &self.index
+    }
+
+    /// The processes seen serving, by pid.
+    pub fn processes(&self) -> &HashMap<u32, ProcessEntry> {
+        &self.processes
+    }
+
+    /// The container a process runs in; `None` when it is in no pod or
+    /// already gone.
+    pub fn resolve(&mut self, tgid: u32) -> Option<Arc<ContainerRef>> {
+        if let Some(entry) = self.processes.get(&tgid) {
+            return entry.container.clone();
+        }
+        let stat = procfs::stat(tgid)?;
+        let container = container_of(&procfs::cgroups(tgid)?).map(Arc::new);
+        if container.is_none() {
+            info!(tgid, process = %stat.name, "HTTP server outside any pod: not monitored in Kubernetes mode");
+        }
+        self.processes.insert(
+            tgid,
+            ProcessEntry {
+                start_ticks: stat.start_ticks,
+                container: container.clone(),
+            },
+        );
+        container
+    }
+
+    /// Forgets processes that exited or whose pid now names another process.
+    pub fn forget_exited(&mut self) {
+        self.processes.retain(|&tgid, entry| {
+            procfs::stat(tgid).is_some_and(|stat| stat.start_ticks == entry.start_ticks)
+        });
+    }
+
+    /// Pods deleted, or identities relabelled, more than `grace` ago leave
+    /// the index; returns the identities whose series should go.
+    pub fn purge(
+        &mut self,
+        now: std::time::Instant,
+        grace: std::time::Duration,
+    ) -> Vec<Arc<Identity>> {
+        let mut index = lock_index(&self.index);
+        let released = index.purge_deleted(now, grace);
+        self.pods_known.set(index.len() as i64);
+        released
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_pid_is_resolved_again() {
+        let mut identity = PodIdentity::new(
+            SharedPodIndex::default(),
+            IntGauge::new("pods", "pods").expect("gauge"),
+        );
+        let own = std::process::id();
+        assert_eq!(identity.resolve(own), None, "the test runs outside any pod");
+        assert_eq!(identity.processes.len(), 1);
+        identity.forget_exited();
+        assert_eq!(identity.processes.len(), 1, "same process, same start time");
+        // As if the pid now named a process started at another time.
+        if let Some(entry) = identity.processes.get_mut(&own) {
+            entry.start_ticks += 1;
+        }
+        identity.forget_exited();
+        assert!(identity.processes.is_empty());
+    }
+}
