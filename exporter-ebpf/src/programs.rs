@@ -303,73 +303,24 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
     if ret <= 0 {
         return 0;
     }
-    let tgid = (id >> 32) as u32;
-    let key = ConnKey { tgid, fd: args.fd };
+    let key = ConnKey {
+        tgid: (id >> 32) as u32,
+        fd: args.fd,
+    };
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
-
-    let (conn_id, seq) = match CONNS.get_ptr_mut(&key) {
-        Some(state) => unsafe {
-            // Plain increment: two threads of one process rarely use one
-            // connection at once, and userspace treats a repeated seq as
-            // harmless (only a jump means lost events).
-            (*state).seq = (*state).seq.wrapping_add(1);
-            ((*state).conn_id, (*state).seq)
-        },
-        None => {
-            // Untracked fd of a server process: start following it only if
-            // it begins with a request line.
-            let Some((address, _)) = buffer else {
-                return 0;
-            };
-            if args.kind != EventKind::Read as u32 || ret < 4 {
-                return 0;
-            }
-            let Ok(prefix) = (unsafe { bpf_probe_read_user(address as *const [u8; 4]) }) else {
-                return 0;
-            };
-            if !starts_like_request(prefix) {
-                return 0;
-            }
-            let state = ConnState {
-                conn_id: now,
-                seq: 0,
-                _pad: 0,
-            };
-            if CONNS.insert(&key, &state, 0).is_err() {
-                return 0;
-            }
-            (now, 0)
-        }
+    let Some((conn_id, seq)) = next_in_connection(&key, &args, buffer, ret, now) else {
+        return 0;
     };
-
     let config = config();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let scratch = unsafe { &mut (*scratch).bytes };
-    let mut copy_len = 0usize;
-    if let Some((address, length)) = buffer {
-        let mut limit = config.capture_bytes as u64;
-        if limit > ret as u64 {
-            limit = ret as u64;
-        }
-        if limit > length {
-            limit = length;
-        }
-        copy_len = limit as usize;
-        if copy_len > MAX_CAPTURE_BYTES {
-            copy_len = MAX_CAPTURE_BYTES;
-        }
-        if let Some(destination) = scratch.get_mut(EVENT_HEADER_LEN..EVENT_HEADER_LEN + copy_len)
-            && unsafe { bpf_probe_read_user_buf(address as *const u8, destination) }.is_err()
-        {
-            copy_len = 0;
-        }
-    }
+    let copy_len = copy_prefix(scratch, buffer, ret as u64, &config);
     let header = EventHeader {
         kind: args.kind,
-        tgid,
+        tgid: key.tgid,
         fd: args.fd,
         seq,
         conn_id,
@@ -386,6 +337,74 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
         count_lost_event();
     }
     0
+}
+
+/// The connection's generation and this event's sequence number. An
+/// untracked fd of a server process starts being followed only when a read
+/// begins with a request line; `None`: not followed.
+#[inline(always)]
+fn next_in_connection(
+    key: &ConnKey,
+    args: &IoArgs,
+    buffer: Option<(u64, u64)>,
+    ret: i64,
+    now: u64,
+) -> Option<(u64, u32)> {
+    if let Some(state) = CONNS.get_ptr_mut(key) {
+        // Plain increment: two threads of one process rarely use one
+        // connection at once, and userspace treats a repeated seq as
+        // harmless (only a jump means lost events).
+        return Some(unsafe {
+            (*state).seq = (*state).seq.wrapping_add(1);
+            ((*state).conn_id, (*state).seq)
+        });
+    }
+    let (address, _) = buffer?;
+    if args.kind != EventKind::Read as u32 || ret < 4 {
+        return None;
+    }
+    let prefix = unsafe { bpf_probe_read_user(address as *const [u8; 4]) }.ok()?;
+    if !starts_like_request(prefix) {
+        return None;
+    }
+    let state = ConnState {
+        conn_id: now,
+        seq: 0,
+        _pad: 0,
+    };
+    CONNS.insert(key, &state, 0).ok()?;
+    Some((now, 0))
+}
+
+/// Copies the first bytes the syscall moved (at most the configured
+/// capture size) after the header in `scratch`; returns how many.
+#[inline(always)]
+fn copy_prefix(
+    scratch: &mut [u8; EVENT_HEADER_LEN + MAX_CAPTURE_BYTES],
+    buffer: Option<(u64, u64)>,
+    moved: u64,
+    config: &CaptureConfig,
+) -> usize {
+    let Some((address, length)) = buffer else {
+        return 0;
+    };
+    let mut limit = config.capture_bytes as u64;
+    if limit > moved {
+        limit = moved;
+    }
+    if limit > length {
+        limit = length;
+    }
+    let mut copy_len = limit as usize;
+    if copy_len > MAX_CAPTURE_BYTES {
+        copy_len = MAX_CAPTURE_BYTES;
+    }
+    if let Some(destination) = scratch.get_mut(EVENT_HEADER_LEN..EVENT_HEADER_LEN + copy_len)
+        && unsafe { bpf_probe_read_user_buf(address as *const u8, destination) }.is_err()
+    {
+        copy_len = 0;
+    }
+    copy_len
 }
 
 // ---------------------------------------------------------------- close

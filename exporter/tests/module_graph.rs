@@ -69,7 +69,8 @@ impl Uses<'_> {
                 let mut base = self.module.clone();
                 base.pop();
                 let mut rest = rest;
-                while let Some(("super", after)) = rest.split_first().map(|(s, r)| (s.as_str(), r)) {
+                while let Some(("super", after)) = rest.split_first().map(|(s, r)| (s.as_str(), r))
+                {
                     base.pop();
                     rest = after;
                 }
@@ -238,7 +239,9 @@ fn the_modules_depend_on_each_other_in_one_direction() {
         ("debug", "routes"),
     ] {
         assert!(
-            graph.get(&module(from)).is_some_and(|used| used.contains(&module(to))),
+            graph
+                .get(&module(from))
+                .is_some_and(|used| used.contains(&module(to))),
             "{from} should use {to}: {:?}",
             graph.get(&module(from))
         );
@@ -257,7 +260,10 @@ fn the_modules_depend_on_each_other_in_one_direction() {
 fn a_circle_is_found() {
     let graph = BTreeMap::from([
         (module("stream"), BTreeSet::from([module("identity")])),
-        (module("identity"), BTreeSet::from([module("identity::pods")])),
+        (
+            module("identity"),
+            BTreeSet::from([module("identity::pods")]),
+        ),
         (module("identity::pods"), BTreeSet::from([module("stream")])),
         (module("metrics"), BTreeSet::new()),
     ]);

@@ -267,148 +267,177 @@ enum Part {
 /// `rule` split at slashes into static and dynamic parts (Werkzeug's
 /// `Rule._parse_rule`).
 fn parse_parts(rule: &str) -> Result<Vec<Part>, RuleError> {
-    let malformed = |at: &str| RuleError::Malformed {
-        rule: rule.to_owned(),
-        at: at.to_owned(),
-    };
-    let mut parts = Vec::new();
-    let mut content = String::new();
-    let mut is_static = true;
-    let mut static_weights: Vec<(i64, i64)> = Vec::new();
-    let mut argument_weights: Vec<i64> = Vec::new();
-    let mut checks: Vec<Check> = Vec::new();
-    let mut is_final = false;
-    let mut converter_number = 0;
+    let mut parser = PartParser::new(rule);
+    let mut rest = rule;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('/') {
+            rest = after;
+            parser.slash()?;
+        } else if let Some(after) = rest.strip_prefix('<') {
+            let end = after.find('>').ok_or_else(|| parser.malformed(rest))?;
+            parser.converter(&after[..end])?;
+            rest = &after[end + 1..];
+        } else {
+            let end = rest.find(['/', '<']).unwrap_or(rest.len());
+            parser.static_text(&rest[..end]);
+            rest = &rest[end..];
+        }
+    }
+    parser.end()
+}
 
-    let finish = |content: String,
-                  is_static: bool,
-                  is_final: bool,
-                  suffixed: bool,
-                  static_weights: &[(i64, i64)],
-                  argument_weights: &[i64],
-                  checks: Vec<Check>|
-     -> Result<Part, RuleError> {
+/// The part of a rule being read, and the parts before it.
+struct PartParser<'a> {
+    rule: &'a str,
+    parts: Vec<Part>,
+    /// The part's text, or once it has a converter, its regex source.
+    content: String,
+    is_static: bool,
+    /// A slash-matching converter (`path`) makes this the last part: it
+    /// takes the slashes after it.
+    is_final: bool,
+    static_weights: Vec<(i64, i64)>,
+    argument_weights: Vec<i64>,
+    checks: Vec<Check>,
+}
+
+impl<'a> PartParser<'a> {
+    fn new(rule: &'a str) -> Self {
+        PartParser {
+            rule,
+            parts: Vec::new(),
+            content: String::new(),
+            is_static: true,
+            is_final: false,
+            static_weights: Vec::new(),
+            argument_weights: Vec::new(),
+            checks: Vec::new(),
+        }
+    }
+
+    fn malformed(&self, at: &str) -> RuleError {
+        RuleError::Malformed {
+            rule: self.rule.to_owned(),
+            at: at.to_owned(),
+        }
+    }
+
+    /// A `/`: ends the part, unless a `path` converter takes it.
+    fn slash(&mut self) -> Result<(), RuleError> {
+        if self.is_final {
+            self.content.push('/');
+            return Ok(());
+        }
+        let part = self.finish(false)?;
+        self.parts.push(part);
+        Ok(())
+    }
+
+    /// Text between slashes and converters.
+    fn static_text(&mut self, text: &str) {
+        let position = self.static_weights.len() as i64;
+        self.static_weights
+            .push((position, -(text.chars().count() as i64)));
+        if self.is_static {
+            self.content.push_str(text);
+        } else {
+            self.content.push_str(&regex::escape(text));
+        }
+    }
+
+    /// `<converter(arguments):variable>`, given what is inside the brackets.
+    fn converter(&mut self, inside: &str) -> Result<(), RuleError> {
+        let (converter_name, arguments, variable) = match inside.split_once(':') {
+            Some((head, variable)) => match head.split_once('(') {
+                Some((name, arguments)) => (
+                    name,
+                    arguments
+                        .strip_suffix(')')
+                        .ok_or_else(|| self.malformed(inside))?,
+                    variable,
+                ),
+                None => (head, "", variable),
+            },
+            None => ("default", "", inside),
+        };
+        let identifier = |text: &str| {
+            text.chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                && text.chars().all(|c| c.is_alphanumeric() || c == '_')
+        };
+        if !identifier(variable) || !identifier(converter_name) {
+            return Err(self.malformed(inside));
+        }
+        let converter = converter(converter_name, arguments).map_err(|error| match error {
+            ConverterError::Unknown => RuleError::UnknownConverter {
+                rule: self.rule.to_owned(),
+                converter: converter_name.to_owned(),
+            },
+            ConverterError::BadArguments => RuleError::BadArguments {
+                rule: self.rule.to_owned(),
+                arguments: arguments.to_owned(),
+            },
+        })?;
+        if self.is_static {
+            self.content = regex::escape(&self.content);
+        }
+        self.is_static = false;
+        if !converter.part_isolating {
+            self.is_final = true;
+        }
+        let number = self.checks.len();
+        self.content
+            .push_str(&format!("(?P<c{number}>{})", converter.regex));
+        self.argument_weights.push(converter.weight);
+        self.checks.push(converter.check);
+        Ok(())
+    }
+
+    /// The part read so far; the next one starts empty and static.
+    fn finish(&mut self, suffixed: bool) -> Result<Part, RuleError> {
+        let content = std::mem::take(&mut self.content);
+        let static_weights = std::mem::take(&mut self.static_weights);
+        let argument_weights = std::mem::take(&mut self.argument_weights);
+        let checks = std::mem::take(&mut self.checks);
+        let is_static = std::mem::replace(&mut self.is_static, true);
         if is_static {
             return Ok(Part::Static(content));
         }
         let weight = Weighting {
             negative_static_count: -(static_weights.len() as i64),
-            static_weights: static_weights.to_vec(),
+            static_weights,
             negative_argument_count: -(argument_weights.len() as i64),
-            argument_weights: argument_weights.to_vec(),
+            argument_weights,
         };
         let source = format!("^(?:{content})\\z");
-        let regex = Regex::new(&source).map_err(|_| malformed(&content))?;
+        let regex = Regex::new(&source).map_err(|_| self.malformed(&content))?;
         Ok(Part::Dynamic(DynamicPart {
             content,
             regex,
-            is_final,
+            is_final: suffixed || self.is_final,
             suffixed,
             weight,
             checks,
         }))
-    };
+    }
 
-    let mut rest = rule;
-    while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix('/') {
-            rest = after;
-            if is_final {
-                content.push('/');
-                continue;
-            }
-            parts.push(finish(
-                std::mem::take(&mut content),
-                is_static,
-                false,
-                false,
-                &static_weights,
-                &argument_weights,
-                std::mem::take(&mut checks),
-            )?);
-            is_static = true;
-            static_weights.clear();
-            argument_weights.clear();
-            converter_number = 0;
-        } else if let Some(after) = rest.strip_prefix('<') {
-            let end = after.find('>').ok_or_else(|| malformed(rest))?;
-            let inside = &after[..end];
-            rest = &after[end + 1..];
-            let (converter_name, arguments, variable) = match inside.split_once(':') {
-                Some((head, variable)) => match head.split_once('(') {
-                    Some((name, arguments)) => (
-                        name,
-                        arguments
-                            .strip_suffix(')')
-                            .ok_or_else(|| malformed(inside))?,
-                        variable,
-                    ),
-                    None => (head, "", variable),
-                },
-                None => ("default", "", inside),
-            };
-            let identifier = |text: &str| {
-                text.chars()
-                    .next()
-                    .is_some_and(|c| c.is_alphabetic() || c == '_')
-                    && text.chars().all(|c| c.is_alphanumeric() || c == '_')
-            };
-            if !identifier(variable) || !identifier(converter_name) {
-                return Err(malformed(inside));
-            }
-            let converter = converter(converter_name, arguments).map_err(|error| match error {
-                ConverterError::Unknown => RuleError::UnknownConverter {
-                    rule: rule.to_owned(),
-                    converter: converter_name.to_owned(),
-                },
-                ConverterError::BadArguments => RuleError::BadArguments {
-                    rule: rule.to_owned(),
-                    arguments: arguments.to_owned(),
-                },
-            })?;
-            if is_static {
-                content = regex::escape(&content);
-            }
-            is_static = false;
-            if !converter.part_isolating {
-                is_final = true;
-            }
-            content.push_str(&format!("(?P<c{converter_number}>{})", converter.regex));
-            converter_number += 1;
-            argument_weights.push(converter.weight);
-            checks.push(converter.check);
-        } else {
-            let end = rest.find(['/', '<']).unwrap_or(rest.len());
-            let text = &rest[..end];
-            rest = &rest[end..];
-            static_weights.push((static_weights.len() as i64, -(text.chars().count() as i64)));
-            if is_static {
-                content.push_str(text);
-            } else {
-                content.push_str(&regex::escape(text));
-            }
+    /// The parts of the whole rule.
+    fn end(mut self) -> Result<Vec<Part>, RuleError> {
+        // A slash-matching converter followed by a final slash: the slash is
+        // optional and, when missing, a redirect (Werkzeug's `suffixed`).
+        let suffixed = self.is_final && self.content.ends_with('/');
+        if suffixed {
+            self.content.pop();
+            self.content.push_str("(?P<slash>/?)");
         }
+        let part = self.finish(suffixed)?;
+        self.parts.push(part);
+        if suffixed {
+            self.parts.push(Part::Static(String::new()));
+        }
+        Ok(self.parts)
     }
-    // A slash-matching converter followed by a final slash: the slash is
-    // optional and, when missing, a redirect (Werkzeug's `suffixed`).
-    let suffixed = is_final && content.ends_with('/');
-    if suffixed {
-        content.pop();
-        content.push_str("(?P<slash>/?)");
-    }
-    parts.push(finish(
-        content,
-        is_static,
-        is_final,
-        suffixed,
-        &static_weights,
-        &argument_weights,
-        checks,
-    )?);
-    if suffixed {
-        parts.push(Part::Static(String::new()));
-    }
-    Ok(parts)
 }
 
 /// One user rule.

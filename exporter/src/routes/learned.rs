@@ -224,97 +224,50 @@ impl RouteLearner {
     /// Learns from a served path and returns its template.
     pub fn learn(&mut self, path: &str) -> (String, Learned) {
         let segments: Vec<&str> = path.split('/').skip(1).collect();
-        let can_grow = self.nodes < self.max_nodes;
-        let segment_cap = self.segment_cap;
-        // First segments are an app's sections, nearly always static: they
-        // get a larger cap.
-        let cap_at = |depth: usize| {
-            if depth == 0 {
-                segment_cap * 4
-            } else {
-                segment_cap
-            }
+        let limits = Limits {
+            segment_cap: self.segment_cap,
+            can_grow: self.nodes < self.max_nodes,
         };
-        let mut template = String::with_capacity(path.len());
-        let mut learned = Learned::Heuristic;
+        let mut walk = Walk {
+            template: String::with_capacity(path.len()),
+            learned: Learned::Heuristic,
+            created: 0,
+            collapsed: false,
+        };
         let mut node = &mut self.root;
         let mut index = 0;
-        let mut created = 0;
-        let mut collapsed = false;
-        let retired = &mut self.retired;
         while index < segments.len() {
             let segment = segments[index];
-            template.push('/');
+            walk.template.push('/');
             if index >= MAX_DEPTH || node.has_param(Param::Path) {
-                // The rest of the path is one parameter.
-                let rest = &segments[index..];
-                let path_node = node.param(Param::Path);
-                path_node.hits += 1;
-                path_node.terminal = true;
-                template.push_str(Param::Path.text());
-                learned = Learned::Learned;
-                if rest.len() > 1
-                    && let Some(last) = rest.last()
-                {
-                    *path_node
-                        .path_suffixes
-                        .entry((*last).to_owned())
-                        .or_default() += 1;
-                    if is_path_suffix(path_node, last) {
-                        template.push('/');
-                        template.push_str(last);
-                    }
-                }
-                self.count_nodes(created, collapsed);
-                return (template, learned);
+                learn_path_tail(node, &segments[index..], &mut walk);
+                self.count_nodes(walk.created, walk.collapsed);
+                return (walk.template, walk.learned);
             }
             node.hits += 1;
-            let next: &mut Node = if let Some(param) = classify(segment) {
-                template.push_str(param.text());
-                if !node.has_param(param) {
-                    created += 1;
-                }
-                node.param(param)
-            } else if node.literals.contains_key(segment) {
-                template.push_str(segment);
-                node.literals
+            node = match choose(
+                node,
+                segment,
+                limits.cap_at(index),
+                &limits,
+                &mut walk,
+                &mut self.retired,
+            ) {
+                Descend::Param(param) => node.param(param),
+                Descend::KnownLiteral => node
+                    .literals
                     .get_mut(segment)
-                    .unwrap_or_else(|| unreachable!())
-            } else if node.has_param(Param::String) {
-                template.push_str(Param::String.text());
-                learned = Learned::Learned;
-                node.param(Param::String)
-            } else if node.literals.len() < cap_at(index) && can_grow {
-                template.push_str(segment);
-                created += 1;
-                node.literals.entry(segment.to_owned()).or_default()
-            } else {
-                let (became, merged) = collapse(node, cap_at(index));
-                collapsed = true;
-                // Templates under the merged literals are gone: `template`
-                // ends with the '/' before this segment.
-                let prefix = &template[..template.len() - 1];
-                retired.extend(
-                    merged
-                        .into_iter()
-                        .map(|literal| format!("{prefix}/{literal}")),
-                );
-                template.push_str(became.text());
-                learned = Learned::Learned;
-                if became == Param::Path {
-                    // Re-enter the loop at this segment: `<path>` takes it all.
-                    template.truncate(template.len() - became.text().len() - 1);
-                    continue;
-                }
-                node.param(became)
+                    .unwrap_or_else(|| unreachable!("chosen because it is there")),
+                Descend::NewLiteral => node.literals.entry(segment.to_owned()).or_default(),
+                // `<path>` takes this segment and the rest: read it again.
+                Descend::PathFromHere => continue,
             };
-            node = next;
             index += 1;
         }
         node.hits += 1;
         node.terminal = true;
-        self.count_nodes(created, collapsed);
-        (template, learned)
+        self.count_nodes(walk.created, walk.collapsed);
+        (walk.template, walk.learned)
     }
 
     /// The template of a path, without learning it; `None` if it does not
@@ -344,6 +297,116 @@ impl RouteLearner {
             self.nodes = self.root.size();
         } else {
             self.nodes += created;
+        }
+    }
+}
+
+/// What may grow while learning one path.
+struct Limits {
+    segment_cap: usize,
+    can_grow: bool,
+}
+
+impl Limits {
+    /// First segments are an app's sections, nearly always static: they
+    /// get a larger cap.
+    fn cap_at(&self, depth: usize) -> usize {
+        if depth == 0 {
+            self.segment_cap * 4
+        } else {
+            self.segment_cap
+        }
+    }
+}
+
+/// The template of the path being learned, so far.
+struct Walk {
+    template: String,
+    learned: Learned,
+    /// Nodes added.
+    created: usize,
+    /// A position became a parameter, merging subtrees.
+    collapsed: bool,
+}
+
+/// Where the walk goes from a node.
+enum Descend {
+    Param(Param),
+    KnownLiteral,
+    NewLiteral,
+    /// The node now has a `<path>` parameter, which takes this segment on.
+    PathFromHere,
+}
+
+/// Decides how `segment` is learned at `node`: as a typed or learned
+/// parameter, or a literal (a new one while the position has room, else the
+/// position collapses into a parameter). Extends the template.
+fn choose(
+    node: &mut Node,
+    segment: &str,
+    cap: usize,
+    limits: &Limits,
+    walk: &mut Walk,
+    retired: &mut Vec<String>,
+) -> Descend {
+    if let Some(param) = classify(segment) {
+        walk.template.push_str(param.text());
+        if !node.has_param(param) {
+            walk.created += 1;
+        }
+        return Descend::Param(param);
+    }
+    if node.literals.contains_key(segment) {
+        walk.template.push_str(segment);
+        return Descend::KnownLiteral;
+    }
+    if node.has_param(Param::String) {
+        walk.template.push_str(Param::String.text());
+        walk.learned = Learned::Learned;
+        return Descend::Param(Param::String);
+    }
+    if node.literals.len() < cap && limits.can_grow {
+        walk.template.push_str(segment);
+        walk.created += 1;
+        return Descend::NewLiteral;
+    }
+    let (became, merged) = collapse(node, cap);
+    walk.collapsed = true;
+    walk.learned = Learned::Learned;
+    // Templates under the merged literals are gone: the template ends with
+    // the '/' before this segment.
+    let prefix = &walk.template[..walk.template.len() - 1];
+    retired.extend(
+        merged
+            .into_iter()
+            .map(|literal| format!("{prefix}/{literal}")),
+    );
+    if became == Param::Path {
+        walk.template.pop();
+        return Descend::PathFromHere;
+    }
+    walk.template.push_str(became.text());
+    Descend::Param(became)
+}
+
+/// The rest of the path is one `<path>` parameter, with a static last
+/// segment kept when it keeps coming back.
+fn learn_path_tail(node: &mut Node, rest: &[&str], walk: &mut Walk) {
+    let path_node = node.param(Param::Path);
+    path_node.hits += 1;
+    path_node.terminal = true;
+    walk.template.push_str(Param::Path.text());
+    walk.learned = Learned::Learned;
+    if rest.len() > 1
+        && let Some(last) = rest.last()
+    {
+        *path_node
+            .path_suffixes
+            .entry((*last).to_owned())
+            .or_default() += 1;
+        if is_path_suffix(path_node, last) {
+            walk.template.push('/');
+            walk.template.push_str(last);
         }
     }
 }
