@@ -20,22 +20,16 @@ use std::{
 
 use support::{
     cgroups::{Driver, PodCgroups},
-    kube_api::{KubeApi, PodSpec, pod},
+    kube_api::{KubeApi, PodSpec, PodUids, container_id, pod},
     *,
 };
 
 const NODE: &str = "node-a";
+/// This file's pod UIDs.
+const PODS: PodUids = PodUids(0xc4c4);
 const NAMESPACE: &str = "churn";
 /// Pods alive at once.
 const OVERLAP: usize = 4;
-
-fn uid(n: usize) -> String {
-    format!("{n:08x}-c4c4-4bbb-8ccc-000000000000")
-}
-
-fn container_id(n: usize) -> String {
-    format!("{n:064x}")
-}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -57,13 +51,13 @@ struct ChurnPod {
 }
 
 fn start_pod(venv: &std::path::Path, api: &KubeApi, n: usize) -> ChurnPod {
-    let cgroups = PodCgroups::create(Driver::Systemd, &uid(n), &container_id(n));
+    let cgroups = PodCgroups::create(Driver::Systemd, &PODS.uid(n), &container_id(n));
     let id = container_id(n);
     let name = format!("churn-{n}");
     api.put_pod(pod(&PodSpec {
         namespace: NAMESPACE,
         name: &name,
-        uid: &uid(n),
+        uid: &PODS.uid(n),
         node: NODE,
         owner: None,
         containers: &[("web", Some(&id))],

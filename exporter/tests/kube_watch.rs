@@ -20,17 +20,11 @@ use flask_ebpf_exporter::{
         pods::{Lookup, MONITOR_ANNOTATION, Selection, SharedPodIndex, lock_index},
     },
 };
-use support::kube_api::{KubeApi, PodSpec, owned_by, pod};
+use support::kube_api::{KubeApi, PodSpec, PodUids, container_id, owned_by, pod};
 
 const NODE: &str = "node-a";
-
-fn uid(n: u32) -> String {
-    format!("{n:08x}-aaaa-4bbb-8ccc-000000000000")
-}
-
-fn container_id(n: u32) -> String {
-    format!("{n:064x}")
-}
+/// This file's pod UIDs.
+const PODS: PodUids = PodUids(0xaaaa);
 
 struct Watching {
     index: SharedPodIndex,
@@ -108,7 +102,7 @@ fn labels(lookup: Lookup) -> Vec<String> {
 fn app_pod(
     namespace: &str,
     name: &str,
-    n: u32,
+    n: usize,
     node: &str,
     owner: Option<(&str, &str)>,
 ) -> serde_json::Value {
@@ -116,7 +110,7 @@ fn app_pod(
     pod(&PodSpec {
         namespace,
         name,
-        uid: &uid(n),
+        uid: &PODS.uid(n),
         node,
         owner,
         containers: &[("app", Some(&id))],
@@ -169,9 +163,9 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     let synced = until("first sync", || watching.readiness_synced()).await;
     eprintln!("first list applied after {synced:?}");
 
-    let expect = |n: u32, want: [&str; 5]| {
+    let expect = |n: usize, want: [&str; 5]| {
         assert_eq!(
-            labels(lookup(&watching, &uid(n), Some(&container_id(n)))),
+            labels(lookup(&watching, &PODS.uid(n), Some(&container_id(n)))),
             want,
             "pod {n}"
         );
@@ -198,7 +192,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     expect(5, ["shop", "debug", "app", "debug", "Pod"]);
     // The other node's pod never reaches this node.
     assert_eq!(
-        lookup(&watching, &uid(9), Some(&container_id(9))),
+        lookup(&watching, &PODS.uid(9), Some(&container_id(9))),
         Lookup::Pending
     );
 
@@ -207,7 +201,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     api.put_pod(app_pod("shop", "web-5d8f7c9b6-ddddd", 6, NODE, Some(web)));
     until("ADDED pod", || {
         matches!(
-            lookup(&watching, &uid(6), Some(&container_id(6))),
+            lookup(&watching, &PODS.uid(6), Some(&container_id(6))),
             Lookup::Known(_)
         )
     })
@@ -220,7 +214,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     let two = pod(&PodSpec {
         namespace: "shop",
         name: "web-5d8f7c9b6-ddddd",
-        uid: &uid(6),
+        uid: &PODS.uid(6),
         node: NODE,
         owner: Some(web),
         containers: &[("app", Some(&container_id(6))), ("proxy", Some(&sidecar))],
@@ -230,7 +224,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     // Before the MODIFIED event the sidecar's ID is unknown and the pod has
     // one app container, so the fallback names that one.
     until("MODIFIED pod", || {
-        match lookup(&watching, &uid(6), Some(&sidecar)) {
+        match lookup(&watching, &PODS.uid(6), Some(&sidecar)) {
             known @ Lookup::Known(_) => labels(known)[2] == "proxy",
             _ => false,
         }
@@ -243,12 +237,15 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     .await;
     // Deleted pods keep their labels until the grace period ends.
     assert!(matches!(
-        lookup(&watching, &uid(6), Some(&sidecar)),
+        lookup(&watching, &PODS.uid(6), Some(&sidecar)),
         Lookup::Known(_)
     ));
     let purged = lock_index(&watching.index).purge_deleted(Instant::now(), Duration::ZERO);
     assert_eq!(purged.len(), 2, "both containers' label sets");
-    assert_eq!(lookup(&watching, &uid(6), Some(&sidecar)), Lookup::Pending);
+    assert_eq!(
+        lookup(&watching, &PODS.uid(6), Some(&sidecar)),
+        Lookup::Pending
+    );
 
     // The ReplicaSet was fetched once for its three pods, the Job once.
     let requests = api.requests();
@@ -277,7 +274,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     api.put_pod(app_pod("shop", "after-cut", 8, NODE, None));
     until("pod added after the cut", || {
         matches!(
-            lookup(&watching, &uid(8), Some(&container_id(8))),
+            lookup(&watching, &PODS.uid(8), Some(&container_id(8))),
             Lookup::Known(_)
         )
     })
@@ -299,7 +296,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     api.put_pod(app_pod("shop", "after-compaction", 11, NODE, None));
     until("pod added after compaction", || {
         matches!(
-            lookup(&watching, &uid(11), Some(&container_id(11))),
+            lookup(&watching, &PODS.uid(11), Some(&container_id(11))),
             Lookup::Known(_)
         )
     })
@@ -359,7 +356,7 @@ async fn unreachable_api_server_is_retried_until_it_answers() {
     .await;
     eprintln!("synced {took:?} after the API server came up");
     assert!(matches!(
-        lookup(&watching, &uid(1), Some(&container_id(1))),
+        lookup(&watching, &PODS.uid(1), Some(&container_id(1))),
         Lookup::Known(_)
     ));
     assert!(watching.readiness.is_synced());
@@ -371,7 +368,7 @@ async fn annotations_and_namespaces_select_pods() {
     let opted_out = pod(&PodSpec {
         namespace: "shop",
         name: "quiet",
-        uid: &uid(1),
+        uid: &PODS.uid(1),
         node: NODE,
         owner: None,
         containers: &[("app", Some(&container_id(1)))],
@@ -390,15 +387,15 @@ async fn annotations_and_namespaces_select_pods() {
     .await;
     until("first sync", || watching.readiness_synced()).await;
     assert_eq!(
-        lookup(&watching, &uid(1), Some(&container_id(1))),
+        lookup(&watching, &PODS.uid(1), Some(&container_id(1))),
         Lookup::Excluded
     );
     assert!(matches!(
-        lookup(&watching, &uid(2), Some(&container_id(2))),
+        lookup(&watching, &PODS.uid(2), Some(&container_id(2))),
         Lookup::Known(_)
     ));
     assert_eq!(
-        lookup(&watching, &uid(3), Some(&container_id(3))),
+        lookup(&watching, &PODS.uid(3), Some(&container_id(3))),
         Lookup::Excluded
     );
 }

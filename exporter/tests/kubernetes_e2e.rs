@@ -14,11 +14,13 @@ use std::{
 
 use support::{
     cgroups::{Driver, PodCgroups},
-    kube_api::{KubeApi, PodSpec, owned_by, pod},
+    kube_api::{KubeApi, PodSpec, PodUids, container_id, owned_by, pod},
     *,
 };
 
 const NODE: &str = "node-a";
+/// This file's pod UIDs.
+const PODS: PodUids = PodUids(0xe2e0);
 
 /// Each test's exporter sees every HTTP server on the machine, so another
 /// test's pods would count as unknown here: the tests take turns.
@@ -30,14 +32,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 const IDENTITY: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
-
-fn uid(n: u32) -> String {
-    format!("{n:08x}-e2e0-4bbb-8ccc-000000000000")
-}
-
-fn container_id(n: u32) -> String {
-    format!("{n:064x}")
-}
 
 /// Requests served per identity (the five labels joined by '/').
 fn requests_by_pod(samples: &[Sample]) -> BTreeMap<String, u64> {
@@ -73,8 +67,8 @@ struct TestPod {
     _cgroups: PodCgroups,
 }
 
-fn start_pod(venv: &std::path::Path, server: Server, driver: Driver, n: u32) -> TestPod {
-    let cgroups = PodCgroups::create(driver, &uid(n), &container_id(n));
+fn start_pod(venv: &std::path::Path, server: Server, driver: Driver, n: usize) -> TestPod {
+    let cgroups = PodCgroups::create(driver, &PODS.uid(n), &container_id(n));
     let app = App::start_in(venv, server, false, &cgroups.procs_files());
     let placed = PodCgroups::describe(app.process.child.id());
     assert!(
@@ -117,7 +111,7 @@ fn every_series_carries_the_pod_that_served_it() {
     ));
 
     // A: a Deployment's pod, systemd driver, gunicorn master + 2 workers.
-    let (uid_a, id_a) = (uid(1), container_id(1));
+    let (uid_a, id_a) = (PODS.uid(1), container_id(1));
     api.put_pod(pod(&spec(
         "web-5d8f7c9b6-aaaaa",
         &uid_a,
@@ -128,7 +122,7 @@ fn every_series_carries_the_pod_that_served_it() {
     // B: a StatefulSet's pod, cgroupfs driver, Werkzeug; two containers, so
     // only the container ID tells which one serves. It names its routes in
     // an annotation.
-    let (uid_b, id_b) = (uid(2), container_id(2));
+    let (uid_b, id_b) = (PODS.uid(2), container_id(2));
     let sidecar = container_id(20);
     let containers_b = [
         ("sidecar", Some(sidecar.as_str())),
@@ -142,14 +136,14 @@ fn every_series_carries_the_pod_that_served_it() {
     api.put_pod(pod(&db));
     let pod_b = start_pod(&venv, Server::Werkzeug, Driver::Cgroupfs, 2);
     // C: scheduled on another node: never watched, so unknown here.
-    let (uid_c, id_c) = (uid(3), container_id(3));
+    let (uid_c, id_c) = (PODS.uid(3), container_id(3));
     let containers_c = [("web", Some(id_c.as_str()))];
     let mut other_node = spec("elsewhere", &uid_c, None, &containers_c);
     other_node.node = "node-b";
     api.put_pod(pod(&other_node));
     let pod_c = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 3);
     // D: opted out by annotation.
-    let (uid_d, id_d) = (uid(4), container_id(4));
+    let (uid_d, id_d) = (PODS.uid(4), container_id(4));
     let containers_d = [("web", Some(id_d.as_str()))];
     let mut opted_out = spec("quiet", &uid_d, None, &containers_d);
     opted_out.annotations = &[("flask-ebpf-exporter.io/monitor", "false")];
@@ -187,7 +181,7 @@ fn every_series_carries_the_pod_that_served_it() {
     let pod_e = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 5);
     let early = send_traffic(pod_e.app.port);
     std::thread::sleep(Duration::from_millis(1000));
-    let (uid_e, id_e) = (uid(5), container_id(5));
+    let (uid_e, id_e) = (PODS.uid(5), container_id(5));
     api.put_pod(pod(&spec("late", &uid_e, None, &[("web", Some(&id_e))])));
     expected.insert("shop/late/web/late/Pod".to_owned(), early);
 
@@ -271,7 +265,7 @@ fn every_series_carries_the_pod_that_served_it() {
     // F: how long from a pod appearing in the API to its first request
     // exported under its name.
     let pod_f = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 6);
-    let (uid_f, id_f) = (uid(6), container_id(6));
+    let (uid_f, id_f) = (PODS.uid(6), container_id(6));
     let created = Instant::now();
     api.put_pod(pod(&spec("fresh", &uid_f, None, &[("web", Some(&id_f))])));
     assert_eq!(http_get(pod_f.app.port, "/").expect("request").status, 200);
@@ -346,7 +340,7 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
     let _turn = one_at_a_time();
     let venv = require_prerequisites();
     let mut api = KubeApi::start();
-    let (uid_p, id_p) = (uid(11), container_id(11));
+    let (uid_p, id_p) = (PODS.uid(11), container_id(11));
     api.put_pod(pod(&spec("steady", &uid_p, None, &[("web", Some(&id_p))])));
     api.stop();
     let pod_p = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 11);
@@ -420,7 +414,7 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
     std::thread::sleep(Duration::from_secs(3));
     api.restart();
     let back = Instant::now();
-    let (uid_q, id_q) = (uid(12), container_id(12));
+    let (uid_q, id_q) = (PODS.uid(12), container_id(12));
     api.put_pod(pod(&spec(
         "newcomer",
         &uid_q,
@@ -465,4 +459,107 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
         "after a 3 s outage, a new pod's requests were attributed {reconnected:?} after the API server came back"
     );
     drop((pod_p, pod_q));
+}
+
+/// Samples of the request families (every bucket, sum, count and total).
+fn request_series(samples: &[Sample]) -> Vec<&Sample> {
+    samples
+        .iter()
+        .filter(|s| s.name.starts_with("flask_http_request"))
+        .collect()
+}
+
+/// The workload a pod has in `/debug/pods`.
+fn workload_shown(exporter: &Exporter, pod: &str) -> Option<String> {
+    let response = http_get_at(exporter.address, "/debug/pods").ok()?;
+    let pods: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
+    pods["pods"]
+        .as_array()?
+        .iter()
+        .find(|row| row["pod"] == pod)
+        .and_then(|row| row["workload"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn a_relabelled_pod_leaves_no_series_behind() {
+    let _turn = one_at_a_time();
+    let venv = require_prerequisites();
+    let api = KubeApi::start();
+    let (uid_r, id_r) = (PODS.uid(21), container_id(21));
+    let containers = [("web", Some(id_r.as_str()))];
+    let owners: Vec<String> = (0..=20).map(|n| format!("shard-{n}")).collect();
+    let put = |owner: &str| {
+        api.put_pod(pod(&spec(
+            "relabelled",
+            &uid_r,
+            Some(("StatefulSet", owner)),
+            &containers,
+        )))
+    };
+    put(&owners[0]);
+    let serving = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 21);
+    let exporter = Exporter::start(&[
+        "--kubeconfig",
+        api.kubeconfig(),
+        "--node-name",
+        NODE,
+        "--deleted-pod-grace",
+        "3s",
+    ]);
+    let identity = |owner: &str| format!("shop/relabelled/web/{owner}/StatefulSet");
+    let served_by = |owner: &str| {
+        let sent = send_traffic(serving.app.port);
+        let samples = eventually(
+            Duration::from_secs(10),
+            || exporter.metrics(),
+            |samples| requests_by_pod(samples).get(&identity(owner)) == Some(&sent),
+        );
+        assert_eq!(
+            requests_by_pod(&samples).get(&identity(owner)),
+            Some(&sent),
+            "{:#?}",
+            requests_by_pod(&samples)
+        );
+        samples
+    };
+    // What one pod with this traffic exports.
+    let one_pod = request_series(&served_by(&owners[0])).len();
+    assert!(one_pod > 0);
+
+    // The pod's controller changes 20 times while it serves.
+    for owner in &owners[1..] {
+        put(owner);
+        let shown = eventually(
+            Duration::from_secs(10),
+            || workload_shown(&exporter, "relabelled"),
+            |shown| shown.as_deref() == Some(owner.as_str()),
+        );
+        assert_eq!(shown.as_deref(), Some(owner.as_str()));
+        served_by(owner);
+    }
+    // During the grace period the old label sets are still exported.
+    let previous = identity(&owners[19]);
+    assert!(requests_by_pod(&exporter.metrics()).contains_key(&previous));
+
+    let last = identity(&owners[20]);
+    let samples = eventually(
+        Duration::from_secs(15),
+        || exporter.metrics(),
+        |samples| requests_by_pod(samples).keys().eq([&last]),
+    );
+    assert_eq!(
+        requests_by_pod(&samples).keys().collect::<Vec<_>>(),
+        [&last],
+        "old workloads' series left behind"
+    );
+    assert_eq!(
+        request_series(&samples).len(),
+        one_pod,
+        "after the grace period, the series of one pod"
+    );
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_identities_removed_total"),
+        20.0
+    );
+    drop(serving);
 }

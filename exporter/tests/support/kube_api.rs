@@ -411,6 +411,24 @@ fn owner_reference(kind: &str, name: &str) -> Value {
            "controller": true, "blockOwnerDeletion": true})
 }
 
+/// The pod UIDs of one test file: those of different files never collide,
+/// so their cgroups and Pod objects stay apart.
+#[derive(Clone, Copy, Debug)]
+pub struct PodUids(pub u16);
+
+impl PodUids {
+    /// The UID of pod number `n`.
+    pub fn uid(self, n: usize) -> String {
+        format!("{n:08x}-{:04x}-4bbb-8ccc-000000000000", self.0)
+    }
+}
+
+/// A container ID as the runtime writes it (64 hex digits), for container
+/// number `n`.
+pub fn container_id(n: usize) -> String {
+    format!("{n:064x}")
+}
+
 /// A Pod object as the API server returns it for a running pod.
 pub fn pod(spec: &PodSpec<'_>) -> Value {
     let annotations: BTreeMap<&str, &str> = spec.annotations.iter().copied().collect();
