@@ -103,14 +103,7 @@ fn main() {
     let warm_up = cycles / 10;
     let venv = require_prerequisites();
     let api = KubeApi::start();
-    let exporter = Exporter::start(&[
-        "--kubeconfig",
-        api.kubeconfig(),
-        "--node-name",
-        NODE,
-        "--deleted-pod-grace",
-        "1s",
-    ]);
+    let exporter = Exporter::start(&api.exporter_args(NODE, &["--deleted-pod-grace", "1s"]));
     let pid = exporter.process.child.id();
     let rss_start = rss_kib(pid);
 

@@ -106,22 +106,17 @@ impl IdentityLabels {
     /// (name, value) in [`SERVER_LABELS`] or [`POD_LABELS`] order.
     pub fn pairs(&self) -> Vec<(&'static str, &str)> {
         match self {
-            IdentityLabels::Server { process, port } => SERVER_LABELS
-                .into_iter()
-                .zip([process, port])
-                .map(as_str)
-                .collect(),
+            IdentityLabels::Server { process, port } => named(SERVER_LABELS, [process, port]),
             IdentityLabels::Pod {
                 namespace,
                 pod,
                 container,
                 workload,
                 workload_kind,
-            } => POD_LABELS
-                .into_iter()
-                .zip([namespace, pod, container, workload, workload_kind])
-                .map(as_str)
-                .collect(),
+            } => named(
+                POD_LABELS,
+                [namespace, pod, container, workload, workload_kind],
+            ),
         }
     }
 
@@ -147,8 +142,12 @@ impl IdentityLabels {
     }
 }
 
-fn as_str<'a>((name, value): (&'static str, &'a String)) -> (&'static str, &'a str) {
-    (name, value.as_str())
+/// Label names paired with their values.
+fn named<'a, const N: usize>(
+    names: [&'static str; N],
+    values: [&'a String; N],
+) -> Vec<(&'static str, &'a str)> {
+    names.into_iter().zip(values.map(String::as_str)).collect()
 }
 
 /// The workload part of identity labels.
@@ -169,20 +168,15 @@ impl WorkloadKey {
     /// (label name, value), as the identity labels name them.
     pub fn pairs(&self) -> Vec<(&'static str, &str)> {
         match self {
-            WorkloadKey::Server { process, port } => SERVER_LABELS
-                .into_iter()
-                .zip([process, port])
-                .map(as_str)
-                .collect(),
+            WorkloadKey::Server { process, port } => named(SERVER_LABELS, [process, port]),
             WorkloadKey::Pod {
                 namespace,
                 workload,
                 workload_kind,
-            } => ["namespace", "workload", "workload_kind"]
-                .into_iter()
-                .zip([namespace, workload, workload_kind])
-                .map(as_str)
-                .collect(),
+            } => named(
+                ["namespace", "workload", "workload_kind"],
+                [namespace, workload, workload_kind],
+            ),
         }
     }
 }

@@ -150,16 +150,9 @@ fn every_series_carries_the_pod_that_served_it() {
     api.put_pod(pod(&opted_out));
     let pod_d = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 4);
 
-    let exporter = Exporter::start(&[
-        "--kubeconfig",
-        api.kubeconfig(),
-        "--node-name",
-        NODE,
-        "--pod-wait",
-        "3s",
-        "--deleted-pod-grace",
-        "4s",
-    ]);
+    let exporter = Exporter::start(
+        &api.exporter_args(NODE, &["--pod-wait", "3s", "--deleted-pod-grace", "4s"]),
+    );
 
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     expected.insert(
@@ -347,16 +340,7 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
 
     // Down at start: the exporter runs, exports, and says it is not ready.
     let exporter = Exporter::start_until(
-        &[
-            "--kubeconfig",
-            api.kubeconfig(),
-            "--node-name",
-            NODE,
-            "--pod-wait",
-            "2s",
-            "--debug-endpoints",
-            "false",
-        ],
+        &api.exporter_args(NODE, &["--pod-wait", "2s", "--debug-endpoints", "false"]),
         "/healthz",
     );
     assert_eq!(exporter.status_of("/readyz"), 503);
@@ -498,14 +482,7 @@ fn a_relabelled_pod_leaves_no_series_behind() {
     };
     put(&owners[0]);
     let serving = start_pod(&venv, Server::GunicornGthread, Driver::Systemd, 21);
-    let exporter = Exporter::start(&[
-        "--kubeconfig",
-        api.kubeconfig(),
-        "--node-name",
-        NODE,
-        "--deleted-pod-grace",
-        "3s",
-    ]);
+    let exporter = Exporter::start(&api.exporter_args(NODE, &["--deleted-pod-grace", "3s"]));
     let identity = |owner: &str| format!("shop/relabelled/web/{owner}/StatefulSet");
     let served_by = |owner: &str| {
         let sent = send_traffic(serving.app.port);

@@ -98,7 +98,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     );
     let exporter = Exporter::start_on(
         format!("{node_ip}:9810").parse().expect("address"),
-        &["--kubeconfig", api.kubeconfig(), "--node-name", "node-a"],
+        &api.exporter_args("node-a", &[]),
         "/readyz",
     );
 

@@ -199,6 +199,14 @@ impl KubeApi {
     }
 
     /// Path of a kubeconfig for this server (plain HTTP, no credentials).
+    /// The exporter's flags for Kubernetes mode against this server, as
+    /// node `node`, followed by `extra`.
+    pub fn exporter_args<'a>(&'a self, node: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["--kubeconfig", self.kubeconfig(), "--node-name", node];
+        args.extend_from_slice(extra);
+        args
+    }
+
     pub fn kubeconfig(&self) -> &str {
         &self.kubeconfig
     }
