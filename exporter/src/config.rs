@@ -43,6 +43,15 @@ pub struct Config {
     )]
     pub max_paths_per_workload: usize,
 
+    /// Most duration series (method, path, status) per workload; further
+    /// ones are exported under path `<other>`.
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_MAX_SERIES_PER_WORKLOAD",
+        default_value_t = 2000
+    )]
+    pub max_series_per_workload: usize,
+
     /// A Flask rule, `[METHODS ]RULE` (e.g. `GET,PUT /items/<int:item_id>`):
     /// requests it matches get the rule as `path`. Repeatable; the
     /// environment variable takes one rule a line.

@@ -50,7 +50,7 @@ pub struct RouteReport {
     /// unmatched or overflow.
     pub source: RouteSource,
     pub requests: u64,
-    pub methods: BTreeMap<String, u64>,
+    pub methods: BTreeMap<&'static str, u64>,
     pub statuses: BTreeMap<u16, u64>,
     /// From the duration histogram (same buckets as the exported one).
     pub p50_seconds: Option<f64>,

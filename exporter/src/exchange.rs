@@ -68,6 +68,9 @@ pub struct CapturedExchange {
     pub exchange: Exchange,
 }
 
+/// The `path` of requests past a workload's bound on routes or series.
+pub const OVERFLOW_PATH: &str = "<other>";
+
 /// The value of every identity label when the pod could not be found.
 pub const UNKNOWN: &str = "<unknown>";
 

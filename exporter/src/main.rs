@@ -18,7 +18,7 @@ use flask_ebpf_exporter::{
         local::{LocalIdentity, ProcessFilter},
         pods::{Selection, SharedPodIndex},
     },
-    metrics::RequestMetrics,
+    metrics::{Budgets, RequestMetrics},
     pipeline::Pipeline,
     routes::{RouteCounters, RouteLabeler, RouteOptions, flask_rules::RuleSet},
     server::{self, ServerState},
@@ -156,8 +156,14 @@ fn pipeline(
         debug,
     } = stages;
     let registering = "registering metrics";
-    let metrics =
-        RequestMetrics::register(registry, identity.label_names()).context(registering)?;
+    let budgets = Budgets::register(registry).context(registering)?;
+    let metrics = RequestMetrics::register(
+        registry,
+        identity.label_names(),
+        &budgets,
+        config.max_series_per_workload,
+    )
+    .context(registering)?;
     let capture = Capture::load(
         CaptureOptions {
             capture_bytes: config.capture_bytes,
@@ -184,7 +190,7 @@ fn pipeline(
                 segment_cap: config.route_segment_cap as usize,
                 user_rules: Arc::new(user_rules),
             },
-            RouteCounters::register(registry).context(registering)?,
+            RouteCounters::register(registry, &budgets).context(registering)?,
         ),
         metrics,
         readiness: readiness.clone(),

@@ -15,7 +15,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::exchange::{AttributedExchange, Identity, Route, WorkloadKey};
+use crate::exchange::{AttributedExchange, Identity, OVERFLOW_PATH, Route, WorkloadKey};
 
 /// prometheus-flask-exporter's default buckets.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -28,7 +28,8 @@ const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-fn exported_method(method: &str) -> &'static str {
+/// The `method` label of a request method.
+pub fn exported_method(method: &str) -> &'static str {
     KNOWN_METHODS
         .iter()
         .find(|known| known.eq_ignore_ascii_case(method))
@@ -54,6 +55,32 @@ pub fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, pr
     Ok(gauge)
 }
 
+/// `flask_ebpf_exporter_budget_exhausted_total{budget}`: one family for every
+/// bound on what input can make the agent hold; each stage takes the
+/// counters of its own budgets.
+#[derive(Clone, Debug)]
+pub struct Budgets(IntCounterVec);
+
+impl Budgets {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let family = IntCounterVec::new(
+            Opts::new(
+                "flask_ebpf_exporter_budget_exhausted_total",
+                "Times a bound on what captured traffic or pod specs can make the agent hold \
+                 was reached, by budget (see README, Limits and budgets)",
+            ),
+            &["budget"],
+        )?;
+        registry.register(Box::new(family.clone()))?;
+        Ok(Budgets(family))
+    }
+
+    /// The counter of one budget, exported from zero.
+    pub fn counter(&self, budget: &str) -> IntCounter {
+        self.0.with_label_values(&[budget])
+    }
+}
+
 /// The text exposition format of everything registered.
 pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
     let mut buffer = Vec::new();
@@ -75,6 +102,65 @@ struct IdentitySeries {
 }
 
 impl IdentitySeries {
+    fn new(identity: &Identity) -> Self {
+        IdentitySeries {
+            workload: identity.workload.clone(),
+            label_values: identity
+                .labels
+                .pairs()
+                .into_iter()
+                .map(|(_, value)| value.to_owned())
+                .collect(),
+            durations: HashMap::new(),
+            totals: HashMap::new(),
+        }
+    }
+
+    /// The duration series of (method, path, status), if made.
+    fn duration(&self, method: &'static str, path: &str, status: u16) -> Option<Histogram> {
+        self.durations.get(path)?.get(&(method, status)).cloned()
+    }
+
+    fn add_duration(
+        &mut self,
+        families: &Families,
+        method: &'static str,
+        path: Arc<str>,
+        status: u16,
+    ) -> Histogram {
+        let status_text = status.to_string();
+        let histogram =
+            families
+                .duration
+                .with_label_values(&self.values(&[method, &path, &status_text]));
+        self.durations
+            .entry(path)
+            .or_default()
+            .insert((method, status), histogram.clone());
+        histogram
+    }
+
+    /// The request total of (method, status), and for 500 the exceptions
+    /// total, made on first use.
+    fn totals(
+        &mut self,
+        families: &Families,
+        method: &'static str,
+        status: u16,
+    ) -> (IntCounter, Option<IntCounter>) {
+        if let Some(handles) = self.totals.get(&(method, status)) {
+            return handles.clone();
+        }
+        let status_text = status.to_string();
+        let values = self.values(&[method, &status_text]);
+        let handles = (
+            families.requests.with_label_values(&values),
+            (status == 500).then(|| families.exceptions.with_label_values(&values)),
+        );
+        self.totals.insert((method, status), handles.clone());
+        handles
+    }
+
     fn values<'a>(&'a self, own: &[&'a str]) -> Vec<&'a str> {
         own.iter()
             .copied()
@@ -82,19 +168,30 @@ impl IdentitySeries {
             .collect()
     }
 
-    /// Removes the duration series of one path; returns how many went.
+    /// Removes the duration series of one path; returns how many there
+    /// were.
     fn remove_path(&mut self, path: &str, families: &Families) -> usize {
         let Some(by_method_status) = self.durations.remove(path) else {
             return 0;
         };
-        by_method_status
-            .into_keys()
-            .filter(|(method, status)| {
-                let status = status.to_string();
-                let values = self.values(&[method, path, &status]);
-                families.duration.remove_label_values(&values).is_ok()
-            })
-            .count()
+        let made = by_method_status.len();
+        for (method, status) in by_method_status.into_keys() {
+            let status = status.to_string();
+            let values = self.values(&[method, path, &status]);
+            // Only an identity with the same labels could have removed it.
+            let _ = families.duration.remove_label_values(&values);
+        }
+        made
+    }
+
+    /// Duration series made that count against the workload's budget
+    /// (all but the overflow path's).
+    fn durations_counted(&self) -> usize {
+        self.durations
+            .iter()
+            .filter(|(path, _)| &***path != OVERFLOW_PATH)
+            .map(|(_, by_key)| by_key.len())
+            .sum()
     }
 
     /// Removes every series; returns how many went.
@@ -107,9 +204,11 @@ impl IdentitySeries {
         for ((method, status), (_, exceptions)) in std::mem::take(&mut self.totals) {
             let status = status.to_string();
             let values = self.values(&[method, &status]);
-            removed += usize::from(families.requests.remove_label_values(&values).is_ok());
+            let _ = families.requests.remove_label_values(&values);
+            removed += 1;
             if exceptions.is_some() {
-                removed += usize::from(families.exceptions.remove_label_values(&values).is_ok());
+                let _ = families.exceptions.remove_label_values(&values);
+                removed += 1;
             }
         }
         removed
@@ -180,18 +279,28 @@ pub struct RequestMetrics {
     families: Families,
     series: HashMap<Arc<Identity>, IdentitySeries>,
     identities_removed: IntCounter,
+    /// Duration series made per workload, against the budget.
+    series_per_workload: HashMap<WorkloadKey, usize>,
+    max_series_per_workload: usize,
+    series_budget: IntCounter,
 }
 
 impl RequestMetrics {
     /// `identity_labels`: the mode's label names, added to every `flask_*`
-    /// family after prometheus-flask-exporter's own.
+    /// family after prometheus-flask-exporter's own. A workload's duration
+    /// series beyond `max_series_per_workload` go under [`OVERFLOW_PATH`].
     pub fn register(
         registry: &Registry,
         identity_labels: &[&str],
+        budgets: &Budgets,
+        max_series_per_workload: usize,
     ) -> Result<Self, prometheus::Error> {
         Ok(RequestMetrics {
             families: Families::register(registry, identity_labels)?,
             series: HashMap::new(),
+            series_per_workload: HashMap::new(),
+            max_series_per_workload,
+            series_budget: budgets.counter("series"),
             identities_removed: counter(
                 registry,
                 "flask_ebpf_exporter_identities_removed_total",
@@ -203,63 +312,46 @@ impl RequestMetrics {
     /// Counts one exchange under its route.
     pub fn observe(&mut self, attributed: &AttributedExchange, route: &Route) {
         let identity = &attributed.identity;
+        let exchange = &attributed.exchange;
+        let method = exported_method(&exchange.method);
+        let status = exchange.status;
         if !self.series.contains_key(identity) {
-            let series = IdentitySeries {
-                workload: identity.workload.clone(),
-                label_values: identity
-                    .labels
-                    .pairs()
-                    .into_iter()
-                    .map(|(_, value)| value.to_owned())
-                    .collect(),
-                durations: HashMap::new(),
-                totals: HashMap::new(),
-            };
-            self.series.insert(identity.clone(), series);
+            self.series
+                .insert(identity.clone(), IdentitySeries::new(identity));
         }
         let Some(series) = self.series.get_mut(identity) else {
             return;
         };
-        let exchange = &attributed.exchange;
-        let method = exported_method(&exchange.method);
-        let status = exchange.status;
-        let families = &self.families;
-
-        if !series.durations.contains_key(&*route.path) {
-            series.durations.insert(route.path.clone(), HashMap::new());
-        }
-        let cached = series
-            .durations
-            .get(&*route.path)
-            .and_then(|by_key| by_key.get(&(method, status)))
-            .cloned();
-        let histogram = cached.unwrap_or_else(|| {
-            let status_text = status.to_string();
-            let histogram = families.duration.with_label_values(&series.values(&[
-                method,
-                &route.path,
-                &status_text,
-            ]));
-            if let Some(by_key) = series.durations.get_mut(&*route.path) {
-                by_key.insert((method, status), histogram.clone());
-            }
-            histogram
-        });
-        histogram.observe(exchange.duration_seconds());
-
-        let (requests, exceptions) = match series.totals.get(&(method, status)) {
-            Some(handles) => handles.clone(),
+        let histogram = match series.duration(method, &route.path, status) {
+            Some(histogram) => histogram,
             None => {
-                let status_text = status.to_string();
-                let values = series.values(&[method, &status_text]);
-                let handles = (
-                    families.requests.with_label_values(&values),
-                    (status == 500).then(|| families.exceptions.with_label_values(&values)),
-                );
-                series.totals.insert((method, status), handles.clone());
-                handles
+                // A new series: within the workload's budget, else under
+                // the overflow path (bounded by methods and statuses, and
+                // not counted against the budget).
+                let count = self
+                    .series_per_workload
+                    .entry(series.workload.clone())
+                    .or_default();
+                let path =
+                    if *count >= self.max_series_per_workload && &*route.path != OVERFLOW_PATH {
+                        self.series_budget.inc();
+                        Arc::from(OVERFLOW_PATH)
+                    } else {
+                        route.path.clone()
+                    };
+                match series.duration(method, &path, status) {
+                    Some(histogram) => histogram,
+                    None => {
+                        if &*path != OVERFLOW_PATH {
+                            *count += 1;
+                        }
+                        series.add_duration(&self.families, method, path, status)
+                    }
+                }
             }
         };
+        histogram.observe(exchange.duration_seconds());
+        let (requests, exceptions) = series.totals(&self.families, method, status);
         requests.inc();
         if let Some(exceptions) = exceptions {
             exceptions.inc();
@@ -270,20 +362,34 @@ impl RequestMetrics {
     /// period): its series go. Returns how many.
     pub fn release(&mut self, identity: &Identity) -> usize {
         self.identities_removed.inc();
-        self.series
-            .remove(identity)
-            .map_or(0, |series| series.remove_all(&self.families))
+        let Some(series) = self.series.remove(identity) else {
+            return 0;
+        };
+        self.forget_durations(&series.workload, series.durations_counted());
+        series.remove_all(&self.families)
     }
 
     /// A learned parameter replaced this route of the workload: its duration
     /// series go (its requests count under the template from now on; the
     /// request totals carry no path and stay). Returns how many.
     pub fn retire_route(&mut self, workload: &WorkloadKey, path: &str) -> usize {
-        self.series
+        let removed = self
+            .series
             .values_mut()
             .filter(|series| series.workload == *workload)
             .map(|series| series.remove_path(path, &self.families))
-            .sum()
+            .sum();
+        self.forget_durations(workload, removed);
+        removed
+    }
+
+    fn forget_durations(&mut self, workload: &WorkloadKey, removed: usize) {
+        if let Some(count) = self.series_per_workload.get_mut(workload) {
+            *count = count.saturating_sub(removed);
+            if *count == 0 {
+                self.series_per_workload.remove(workload);
+            }
+        }
     }
 }
 
@@ -313,6 +419,10 @@ mod tests {
         }
     }
 
+    fn budgets(registry: &Registry) -> Budgets {
+        Budgets::register(registry).expect("budgets")
+    }
+
     fn route(path: &str) -> Route {
         Route {
             path: Arc::from(path),
@@ -331,7 +441,8 @@ mod tests {
     fn exposes_pfe_names_labels_and_buckets() {
         let registry = Registry::new();
         let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"]).expect("metrics");
+            RequestMetrics::register(&registry, &["process", "port"], &budgets(&registry), 100)
+                .expect("metrics");
         let identity = server("8000");
         metrics.observe(&exchange(&identity, "GET", 200, 0.3), &route("/a"));
         metrics.observe(&exchange(&identity, "GET", 500, 0.001), &route("/a"));
@@ -372,7 +483,8 @@ mod tests {
     fn identities_with_the_same_labels_share_their_series() {
         let registry = Registry::new();
         let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"]).expect("metrics");
+            RequestMetrics::register(&registry, &["process", "port"], &budgets(&registry), 100)
+                .expect("metrics");
         let (first, again) = (server("8000"), server("8000"));
         metrics.observe(&exchange(&first, "GET", 200, 0.01), &route("/a"));
         metrics.observe(&exchange(&again, "GET", 200, 0.01), &route("/a"));
@@ -384,5 +496,42 @@ mod tests {
                 .expect("encode")
                 .contains("flask_http_request_total{")
         );
+    }
+
+    #[test]
+    fn a_workload_past_its_series_budget_counts_under_other() {
+        let registry = Registry::new();
+        let budgets = budgets(&registry);
+        let mut metrics = RequestMetrics::register(&registry, &["process", "port"], &budgets, 3)
+            .expect("metrics");
+        let identity = server("8000");
+        for n in 0..10 {
+            metrics.observe(
+                &exchange(&identity, "GET", 200, 0.01),
+                &route(&format!("/p{n}")),
+            );
+        }
+        let paths = |registry: &Registry| -> Vec<String> {
+            let text = encode(registry).expect("encode");
+            let mut paths: Vec<String> = text
+                .lines()
+                .filter(|line| line.starts_with("flask_http_request_duration_seconds_count"))
+                .filter_map(|line| {
+                    line.split("path=\"")
+                        .nth(1)?
+                        .split('"')
+                        .next()
+                        .map(str::to_owned)
+                })
+                .collect();
+            paths.sort();
+            paths
+        };
+        assert_eq!(paths(&registry), ["/p0", "/p1", "/p2", OVERFLOW_PATH]);
+        assert_eq!(budgets.counter("series").get(), 7);
+        // A retired route frees its room.
+        assert_eq!(metrics.retire_route(&identity.workload, "/p0"), 1);
+        metrics.observe(&exchange(&identity, "GET", 200, 0.01), &route("/p9"));
+        assert_eq!(paths(&registry), ["/p1", "/p2", "/p9", OVERFLOW_PATH]);
     }
 }

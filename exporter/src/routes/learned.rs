@@ -47,10 +47,16 @@ impl Param {
     }
 }
 
+/// Longest segment kept as a literal; a longer one is a `<string>` value.
+pub const MAX_LITERAL_SEGMENT_BYTES: usize = 64;
+
 /// The type a single segment's value has, if it looks like a value.
 pub fn classify(segment: &str) -> Option<Param> {
     if segment.is_empty() {
         return None;
+    }
+    if segment.len() > MAX_LITERAL_SEGMENT_BYTES {
+        return Some(Param::String);
     }
     let bytes = segment.as_bytes();
     if bytes.iter().all(u8::is_ascii_digit) {
@@ -114,6 +120,8 @@ const PATH_SUFFIX_MIN_HITS: u64 = 5;
 const PATH_SUFFIX_MIN_SHARE: f64 = 0.1;
 /// Segments past this depth are one `<path>`.
 const MAX_DEPTH: usize = 32;
+/// Last segments tracked under one `<path>` parameter.
+const MAX_PATH_SUFFIXES: usize = 64;
 
 #[derive(Debug, Default, Clone)]
 struct Node {
@@ -221,12 +229,13 @@ impl RouteLearner {
         }
     }
 
-    /// Learns from a served path and returns its template.
-    pub fn learn(&mut self, path: &str) -> (String, Learned) {
+    /// Learns from a served path and returns its template; `None` when the
+    /// path needs new nodes and the node budget is spent (nothing learned).
+    pub fn learn(&mut self, path: &str) -> Option<(String, Learned)> {
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         let limits = Limits {
             segment_cap: self.segment_cap,
-            can_grow: self.nodes < self.max_nodes,
+            room: self.max_nodes.saturating_sub(self.nodes),
         };
         let mut walk = Walk {
             template: String::with_capacity(path.len()),
@@ -240,11 +249,10 @@ impl RouteLearner {
             let segment = segments[index];
             walk.template.push('/');
             if index >= MAX_DEPTH || node.has_param(Param::Path) {
-                learn_path_tail(node, &segments[index..], &mut walk);
+                learn_path_tail(node, &segments[index..], &limits, &mut walk);
                 self.count_nodes(walk.created, walk.collapsed);
-                return (walk.template, walk.learned);
+                return Some((walk.template, walk.learned));
             }
-            node.hits += 1;
             node = match choose(
                 node,
                 segment,
@@ -261,13 +269,17 @@ impl RouteLearner {
                 Descend::NewLiteral => node.literals.entry(segment.to_owned()).or_default(),
                 // `<path>` takes this segment and the rest: read it again.
                 Descend::PathFromHere => continue,
+                Descend::NoRoom => {
+                    self.count_nodes(walk.created, walk.collapsed);
+                    return None;
+                }
             };
             index += 1;
         }
         node.hits += 1;
         node.terminal = true;
         self.count_nodes(walk.created, walk.collapsed);
-        (walk.template, walk.learned)
+        Some((walk.template, walk.learned))
     }
 
     /// The template of a path, without learning it; `None` if it does not
@@ -304,10 +316,16 @@ impl RouteLearner {
 /// What may grow while learning one path.
 struct Limits {
     segment_cap: usize,
-    can_grow: bool,
+    /// Nodes the budget still allows.
+    room: usize,
 }
 
 impl Limits {
+    /// Whether one more node fits, `created` being made already.
+    fn can_grow(&self, walk: &Walk) -> bool {
+        walk.created < self.room
+    }
+
     /// First segments are an app's sections, nearly always static: they
     /// get a larger cap.
     fn cap_at(&self, depth: usize) -> usize {
@@ -336,11 +354,15 @@ enum Descend {
     NewLiteral,
     /// The node now has a `<path>` parameter, which takes this segment on.
     PathFromHere,
+    /// The segment needs a new node and the budget is spent.
+    NoRoom,
 }
 
 /// Decides how `segment` is learned at `node`: as a typed or learned
-/// parameter, or a literal (a new one while the position has room, else the
-/// position collapses into a parameter). Extends the template.
+/// parameter, or a literal (a new one while the position is under its
+/// cap, else the position collapses into a parameter). Extends the
+/// template. A spent node budget never collapses anything: the path is
+/// then not learned.
 fn choose(
     node: &mut Node,
     segment: &str,
@@ -350,26 +372,40 @@ fn choose(
     retired: &mut Vec<String>,
 ) -> Descend {
     if let Some(param) = classify(segment) {
-        walk.template.push_str(param.text());
         if !node.has_param(param) {
+            if !limits.can_grow(walk) {
+                return Descend::NoRoom;
+            }
             walk.created += 1;
+        }
+        node.hits += 1;
+        walk.template.push_str(param.text());
+        if param.is_learned() {
+            walk.learned = Learned::Learned;
         }
         return Descend::Param(param);
     }
     if node.literals.contains_key(segment) {
+        node.hits += 1;
         walk.template.push_str(segment);
         return Descend::KnownLiteral;
     }
     if node.has_param(Param::String) {
+        node.hits += 1;
         walk.template.push_str(Param::String.text());
         walk.learned = Learned::Learned;
         return Descend::Param(Param::String);
     }
-    if node.literals.len() < cap && limits.can_grow {
+    if node.literals.len() < cap {
+        if !limits.can_grow(walk) {
+            return Descend::NoRoom;
+        }
+        node.hits += 1;
         walk.template.push_str(segment);
         walk.created += 1;
         return Descend::NewLiteral;
     }
+    node.hits += 1;
     let (became, merged) = collapse(node, cap);
     walk.collapsed = true;
     walk.learned = Learned::Learned;
@@ -390,24 +426,37 @@ fn choose(
 }
 
 /// The rest of the path is one `<path>` parameter, with a static last
-/// segment kept when it keeps coming back.
-fn learn_path_tail(node: &mut Node, rest: &[&str], walk: &mut Walk) {
+/// segment kept when it keeps coming back. Last segments are tracked while
+/// the budget has room, and only literal-sized ones.
+fn learn_path_tail(node: &mut Node, rest: &[&str], limits: &Limits, walk: &mut Walk) {
+    if !node.has_param(Param::Path) {
+        // Past MAX_DEPTH: one node, always allowed (a deep path must still
+        // end somewhere).
+        walk.created += 1;
+    }
     let path_node = node.param(Param::Path);
     path_node.hits += 1;
     path_node.terminal = true;
     walk.template.push_str(Param::Path.text());
     walk.learned = Learned::Learned;
-    if rest.len() > 1
-        && let Some(last) = rest.last()
-    {
-        *path_node
-            .path_suffixes
-            .entry((*last).to_owned())
-            .or_default() += 1;
-        if is_path_suffix(path_node, last) {
-            walk.template.push('/');
-            walk.template.push_str(last);
+    let Some(last) = rest.last().filter(|_| rest.len() > 1) else {
+        return;
+    };
+    let tracked = path_node.path_suffixes.len();
+    match path_node.path_suffixes.get_mut(*last) {
+        Some(hits) => *hits += 1,
+        None if last.len() <= MAX_LITERAL_SEGMENT_BYTES
+            && tracked < MAX_PATH_SUFFIXES
+            && limits.can_grow(walk) =>
+        {
+            walk.created += 1;
+            path_node.path_suffixes.insert((*last).to_owned(), 1);
         }
+        None => {}
+    }
+    if is_path_suffix(path_node, last) {
+        walk.template.push('/');
+        walk.template.push_str(last);
     }
 }
 
@@ -468,7 +517,7 @@ fn fit_node(node: &Node, segments: &[&str], template: &mut String) -> Option<Lea
     let typed = classify(segment);
     for (param, child) in &node.params {
         let fits = match param {
-            Param::String => typed.is_none(),
+            Param::String => typed.is_none() || typed == Some(Param::String),
             Param::Path => true,
             typed_param => typed == Some(*typed_param),
         };
@@ -504,25 +553,33 @@ fn fit_node(node: &Node, segments: &[&str], template: &mut String) -> Option<Lea
 mod tests {
     use super::*;
 
+    /// The template learned, and how; panics when the budget is spent.
+    fn learn(learner: &mut RouteLearner, path: &str) -> (String, Learned) {
+        learner.learn(path).expect("room to learn")
+    }
+
     #[test]
     fn typed_segments_are_parameters_at_once() {
         let mut learner = RouteLearner::new(4, 10_000);
         assert_eq!(
-            learner.learn("/users/12345/orders"),
+            learn(&mut learner, "/users/12345/orders"),
             ("/users/<int>/orders".to_owned(), Learned::Heuristic)
         );
         assert_eq!(
-            learner.learn("/u/3f2504e0-4f89-11d3-9a0c-0305e82c3301").0,
+            learn(&mut learner, "/u/3f2504e0-4f89-11d3-9a0c-0305e82c3301").0,
             "/u/<uuid>"
         );
         assert_eq!(
-            learner.learn("/blob/9f86d081884c7d659a2feaa0c55ad015").0,
+            learn(&mut learner, "/blob/9f86d081884c7d659a2feaa0c55ad015").0,
             "/blob/<hex>"
         );
-        assert_eq!(learner.learn("/day/2026-11-25").0, "/day/<date>");
-        assert_eq!(learner.learn("/price/3.25").0, "/price/<float>");
-        assert_eq!(learner.learn("/t/Zm9vYmFyYmF6cXV4MTIzNDU2").0, "/t/<token>");
-        assert_eq!(learner.learn("/").0, "/");
+        assert_eq!(learn(&mut learner, "/day/2026-11-25").0, "/day/<date>");
+        assert_eq!(learn(&mut learner, "/price/3.25").0, "/price/<float>");
+        assert_eq!(
+            learn(&mut learner, "/t/Zm9vYmFyYmF6cXV4MTIzNDU2").0,
+            "/t/<token>"
+        );
+        assert_eq!(learn(&mut learner, "/").0, "/");
         assert_eq!(
             learner.fit("/users/7/orders").map(|f| f.0).as_deref(),
             Some("/users/<int>/orders")
@@ -534,27 +591,27 @@ mod tests {
     fn a_busy_position_becomes_a_parameter_keeping_static_siblings() {
         let mut learner = RouteLearner::new(4, 10_000);
         for _ in 0..20 {
-            learner.learn("/tags/featured");
+            learn(&mut learner, "/tags/featured");
         }
         for tag in ["rust", "go", "zig"] {
             assert_eq!(
-                learner.learn(&format!("/tags/{tag}")).0,
+                learn(&mut learner, &format!("/tags/{tag}")).0,
                 format!("/tags/{tag}")
             );
         }
         // The fifth distinct value passes the cap of 4.
         assert_eq!(
-            learner.learn("/tags/python"),
+            learn(&mut learner, "/tags/python"),
             ("/tags/<string>".to_owned(), Learned::Learned)
         );
-        assert_eq!(learner.learn("/tags/rust").0, "/tags/<string>");
+        assert_eq!(learn(&mut learner, "/tags/rust").0, "/tags/<string>");
         assert_eq!(
-            learner.learn("/tags/featured").0,
+            learn(&mut learner, "/tags/featured").0,
             "/tags/featured",
             "hot static sibling"
         );
         assert_eq!(
-            learner.learn("/tags/haskell/related").0,
+            learn(&mut learner, "/tags/haskell/related").0,
             "/tags/<string>/related"
         );
         assert_eq!(
@@ -578,25 +635,68 @@ mod tests {
         ];
         let mut last = String::new();
         for file in files {
-            last = learner.learn(&format!("/files/{file}")).0;
+            last = learn(&mut learner, &format!("/files/{file}")).0;
         }
         assert_eq!(last, "/files/<path>");
         for n in 0..10 {
-            learner.learn(&format!("/files/dir{n}/x{n}.txt/meta"));
+            learn(&mut learner, &format!("/files/dir{n}/x{n}.txt/meta"));
         }
         assert_eq!(
-            learner.learn("/files/q/r/s.txt/meta").0,
+            learn(&mut learner, "/files/q/r/s.txt/meta").0,
             "/files/<path>/meta"
         );
-        assert_eq!(learner.learn("/files/q/r/s.txt").0, "/files/<path>");
+        assert_eq!(learn(&mut learner, "/files/q/r/s.txt").0, "/files/<path>");
     }
 
     #[test]
-    fn node_budget_bounds_memory() {
+    fn a_spent_node_budget_learns_nothing_new_and_collapses_nothing() {
         let mut learner = RouteLearner::new(1000, 50);
-        for n in 0..5000 {
-            learner.learn(&format!("/x{n}/y{n}/z{n}"));
+        assert_eq!(
+            learn(&mut learner, "/users/1/orders").0,
+            "/users/<int>/orders"
+        );
+        let refused = (0..5000)
+            .filter(|n| learner.learn(&format!("/x{n}/y{n}/z{n}")).is_none())
+            .count();
+        assert!(learner.nodes() <= 50, "{}", learner.nodes());
+        assert!(refused > 4900, "{refused}");
+        // What was learned stands: no position collapsed, the root included.
+        assert_eq!(
+            learn(&mut learner, "/users/2/orders"),
+            ("/users/<int>/orders".to_owned(), Learned::Heuristic)
+        );
+        assert_eq!(
+            learner.fit("/x0/y0/z0").map(|f| f.0).as_deref(),
+            Some("/x0/y0/z0")
+        );
+        assert_eq!(learner.fit("/x4999/y4999/z4999"), None);
+    }
+
+    #[test]
+    fn long_segments_are_values_and_path_suffixes_are_bounded() {
+        let mut learner = RouteLearner::new(4, 10_000);
+        let slug = "a".repeat(2000);
+        assert_eq!(
+            learn(&mut learner, &format!("/catalog/tags/{slug}")),
+            ("/catalog/tags/<string>".to_owned(), Learned::Learned)
+        );
+        assert_eq!(
+            learner
+                .fit(&format!("/catalog/tags/{}", "b".repeat(100)))
+                .map(|f| f.0)
+                .as_deref(),
+            Some("/catalog/tags/<string>")
+        );
+        // A `<path>` under /files, then many distinct last segments.
+        for file in ["a.txt", "b/c.txt", "d/e/f.txt", "g.txt", "h/i.txt"] {
+            learn(&mut learner, &format!("/files/{file}"));
         }
-        assert!(learner.nodes() <= 60, "{}", learner.nodes());
+        assert_eq!(learn(&mut learner, "/files/j/k.txt").0, "/files/<path>");
+        let before = learner.nodes();
+        for n in 0..10_000 {
+            learn(&mut learner, &format!("/files/dir/{n}.bin"));
+        }
+        let suffixes = learner.nodes() - before;
+        assert!(suffixes <= MAX_PATH_SUFFIXES, "{suffixes}");
     }
 }

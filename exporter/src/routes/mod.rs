@@ -33,7 +33,7 @@ use self::{
 };
 use crate::{
     exchange::{AttributedExchange, Exchange, Identity, Route, RouteSource, WorkloadKey},
-    metrics::counter,
+    metrics::{Budgets, counter},
 };
 
 /// How the `path` label is made.
@@ -46,8 +46,10 @@ pub enum PathLabelMode {
     Route,
 }
 
-/// The value used once a workload has more distinct paths than allowed.
-pub const OVERFLOW_PATH: &str = "<other>";
+pub use crate::exchange::OVERFLOW_PATH;
+
+/// Longest `path` label; a longer route is exported as [`OVERFLOW_PATH`].
+pub const MAX_PATH_LABEL_BYTES: usize = 256;
 
 /// Trie nodes one workload's learner may hold.
 const MAX_LEARNER_NODES: usize = 20_000;
@@ -103,11 +105,17 @@ pub struct RouteOptions {
 pub struct RouteCounters {
     pub path_overflow: IntCounter,
     pub routes_retired: IntCounter,
+    /// A served path needed new learner nodes past the workload's budget.
+    pub learner_budget: IntCounter,
+    /// A route longer than [`MAX_PATH_LABEL_BYTES`].
+    pub label_budget: IntCounter,
 }
 
 impl RouteCounters {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(RouteCounters {
+            learner_budget: budgets.counter("learned_route_nodes"),
+            label_budget: budgets.counter("path_label_bytes"),
             path_overflow: counter(
                 registry,
                 "flask_ebpf_exporter_path_overflow_total",
@@ -186,7 +194,13 @@ impl RouteLabeler {
         let exchange = &attributed.exchange;
         let path = request_path(&exchange.target);
         let rules = attributed.rules.as_deref();
-        let (label, source) = name_route(&self.options, rules, routes, &path, exchange);
+        let (mut label, mut source) = name_route(&self.options, rules, routes, &path, exchange);
+        if source == RouteSource::Overflow {
+            self.counters.learner_budget.inc();
+        } else if label.len() > MAX_PATH_LABEL_BYTES {
+            self.counters.label_budget.inc();
+            (label, source) = (OVERFLOW_PATH.to_owned(), RouteSource::Overflow);
+        }
         for prefix in routes.learner.take_retired() {
             retire(routes, &prefix, workload, &mut self.retired);
         }
@@ -289,7 +303,19 @@ fn retire(
     }
 }
 
-/// The label a request gets before the workload's cap.
+/// Whether a view served the exchange's route, so that its path may teach
+/// the learner: a final status below 400 other than 308. Werkzeug's router
+/// answers requests no rule takes with 404, 405 (another method) or 308 (a
+/// missing trailing slash); gunicorn answers requests it cannot parse with
+/// 400, 403, 414, 417, 431, 500 or 501 before Flask runs; and middleware may
+/// answer 401, 403 or 429 for any path. Other statuses only fit routes
+/// already learned.
+pub fn teaches_routes(status: u16) -> bool {
+    (200..400).contains(&status) && status != 308
+}
+
+/// The label a request gets before the workload's cap; `Overflow` when the
+/// learner had no room for it.
 fn name_route(
     options: &RouteOptions,
     rules: Option<&RuleSet>,
@@ -314,10 +340,13 @@ fn name_route(
     if have_rules && router_answer {
         return (NO_RULE.to_owned(), RouteSource::Unmatched);
     }
-    let fitted = if exchange.status == 404 {
-        routes.learner.fit(path)
+    let fitted = if teaches_routes(exchange.status) {
+        match routes.learner.learn(path) {
+            Some(learned) => Some(learned),
+            None => return (OVERFLOW_PATH.to_owned(), RouteSource::Overflow),
+        }
     } else {
-        Some(routes.learner.learn(path))
+        routes.learner.fit(path)
     };
     match fitted {
         Some((template, Learned::Learned)) => (template, RouteSource::Learned),
@@ -359,7 +388,9 @@ mod tests {
     fn labeler(mode: PathLabelMode, cap: usize, rules: &str) -> RouteLabeler {
         let (rules, errors) = RuleSet::parse(rules);
         assert!(errors.is_empty());
-        let counters = RouteCounters::register(&Registry::new()).expect("counters");
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        let counters = RouteCounters::register(&registry, &budgets).expect("counters");
         RouteLabeler::new(
             RouteOptions {
                 mode,
@@ -514,5 +545,28 @@ mod tests {
         assert!((0.25..=0.5).contains(&p99), "{p99}");
         labeler.forget(&server);
         assert!(labeler.snapshot().is_empty());
+    }
+
+    #[test]
+    fn only_served_routes_teach_and_long_routes_overflow() {
+        let mut labeler = labeler(PathLabelMode::Route, 100, "");
+        let server = server("gunicorn", "8000");
+        let mut label =
+            |target: &str, status: u16| label(&mut labeler, &server, exchange("GET", target, status, 0.01));
+        // Answers of the router, the server or middleware teach nothing.
+        for status in [400, 401, 403, 404, 405, 414, 429, 431, 500, 501, 308] {
+            assert_eq!(label(&format!("/probe{status}/1.2"), status), NO_RULE, "{status}");
+        }
+        assert_eq!(label("/users/1", 200), "/users/<int>");
+        assert_eq!(label("/users/2", 401), "/users/<int>", "fits what a view served");
+        assert_eq!(label("/old", 301), "/old", "a view's redirect");
+        // Typed values and long segments make a route, whatever their size...
+        let slug = "s".repeat(300);
+        assert_eq!(label(&format!("/tags/{slug}"), 200), "/tags/<string>");
+        // ...but many literal segments make a label past the length bound.
+        let long: String = (0..40).map(|n| format!("/section-number-{n:04}")).collect();
+        assert_eq!(label(&long, 200), OVERFLOW_PATH);
+        assert_eq!(labeler.counters().label_budget.get(), 1);
+        assert_eq!(labeler.counters().learner_budget.get(), 0);
     }
 }

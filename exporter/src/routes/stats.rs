@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeMap, time::SystemTime};
 
-use crate::{exchange::RouteSource, metrics::DURATION_BUCKETS};
+use crate::{
+    exchange::RouteSource,
+    metrics::{DURATION_BUCKETS, exported_method},
+};
 
 /// Sample paths kept per route, and their length.
 const SAMPLES_PER_ROUTE: usize = 5;
@@ -15,7 +18,7 @@ const SAMPLE_CHARS: usize = 120;
 pub struct RouteStats {
     pub source: RouteSource,
     pub requests: u64,
-    pub methods: BTreeMap<String, u64>,
+    pub methods: BTreeMap<&'static str, u64>,
     pub statuses: BTreeMap<u16, u64>,
     /// Counts per bucket of [`DURATION_BUCKETS`], plus one for +Inf.
     pub buckets: [u64; DURATION_BUCKETS.len() + 1],
@@ -41,13 +44,8 @@ impl RouteStats {
 
     pub fn record(&mut self, method: &str, path: &str, status: u16, seconds: f64, now: SystemTime) {
         self.requests += 1;
-        // Look up before inserting: most requests repeat a known method.
-        match self.methods.get_mut(method) {
-            Some(count) => *count += 1,
-            None => {
-                self.methods.insert(method.to_owned(), 1);
-            }
-        }
+        // As the `method` label has it: a client cannot grow the map.
+        *self.methods.entry(exported_method(method)).or_default() += 1;
         *self.statuses.entry(status).or_default() += 1;
         let bucket = DURATION_BUCKETS
             .iter()
