@@ -540,3 +540,71 @@ fn a_relabelled_pod_leaves_no_series_behind() {
     );
     drop(serving);
 }
+
+#[test]
+fn hostile_routes_annotations_are_refused_and_other_pods_keep_flowing() {
+    let _turn = one_at_a_time();
+    let venv = require_prerequisites();
+    let api = KubeApi::start();
+    let huge = format!("GET /a\n{}", "x".repeat(1024 * 1024));
+    let deep: String = (0..100_000).map(|n| format!("/s{n}")).collect();
+    let bad_but_ignored = "/bad/<nope:x>";
+    for (n, name, annotations) in [
+        (
+            31,
+            "huge",
+            vec![("flask-ebpf-exporter.io/routes", huge.as_str())],
+        ),
+        (
+            32,
+            "deep",
+            vec![("flask-ebpf-exporter.io/routes", deep.as_str())],
+        ),
+        (
+            33,
+            "quiet",
+            vec![
+                ("flask-ebpf-exporter.io/routes", bad_but_ignored),
+                ("flask-ebpf-exporter.io/monitor", "false"),
+            ],
+        ),
+    ] {
+        let (uid, id) = (PODS.uid(n), container_id(n));
+        let containers = [("web", Some(id.as_str()))];
+        let mut hostile = spec(name, &uid, None, &containers);
+        hostile.annotations = &annotations;
+        api.put_pod(pod(&hostile));
+    }
+    let (uid_s, id_s) = (PODS.uid(34), container_id(34));
+    let containers = [("web", Some(id_s.as_str()))];
+    let mut annotated = spec("steady", &uid_s, None, &containers);
+    annotated.annotations = &[("flask-ebpf-exporter.io/routes", "GET /items/<int:item_id>")];
+    api.put_pod(pod(&annotated));
+    let serving = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 34);
+    let exporter = Exporter::start(&api.exporter_args(NODE, &[]));
+    let sent = send_traffic(serving.app.port);
+    let steady = "shop/steady/web/steady/Pod".to_owned();
+    let samples = eventually(
+        Duration::from_secs(15),
+        || exporter.metrics(),
+        |samples| requests_by_pod(samples).get(&steady) == Some(&sent),
+    );
+    assert_eq!(requests_by_pod(&samples).get(&steady), Some(&sent));
+    // The steady pod's own rule applies; the hostile pods' rules are
+    // refused whole, once each; the opted-out pod's are never read.
+    let paths: BTreeSet<&str> = samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+        .filter_map(|s| s.labels.get("path").map(String::as_str))
+        .collect();
+    assert!(paths.contains("/items/<int:item_id>"), "{paths:?}");
+    assert_eq!(
+        value(
+            &samples,
+            "flask_ebpf_exporter_kubernetes_route_rule_errors_total"
+        ),
+        2.0
+    );
+    assert_eq!(exporter.status_of("/healthz"), 200);
+    drop(serving);
+}

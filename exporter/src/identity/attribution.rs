@@ -181,7 +181,7 @@ mod tests {
         exchange::{Exchange, UNKNOWN, WorkloadKey},
         identity::{
             cgroup::{ContainerRef, PodUid},
-            pods::{PodInfo, Workload},
+            pods::{PodInfo, Workload, parse_routes_annotation},
         },
     };
 
@@ -218,7 +218,7 @@ mod tests {
             container_ids: vec![("app".to_owned(), ID.to_owned())],
             app_containers: vec!["app".to_owned(), "proxy".to_owned()],
             selected,
-            routes: Some("GET /orders/<int:id>\n/bad/<nope:x>\n".to_owned()),
+            routes: Some(parse_routes_annotation("GET /orders/<int:id>\n/bad/<nope:x>\n").0),
         }
     }
 
@@ -271,11 +271,9 @@ mod tests {
             start + Duration::from_secs(1),
         );
         assert!(later.is_empty());
-        assert_eq!(
-            lock_index(&index).apply(pod_info(true), start),
-            1,
-            "one bad rule line"
-        );
+        let (_, refused) = parse_routes_annotation("GET /orders/<int:id>\n/bad/<nope:x>\n");
+        assert_eq!(refused.len(), 1, "one bad rule line");
+        lock_index(&index).apply(pod_info(true), start);
         // The annotation's rules reach the attributed exchange (the bad line skipped).
         let rules = lock_index(&index).workload_rules(&WorkloadKey::Pod {
             namespace: "shop".to_owned(),

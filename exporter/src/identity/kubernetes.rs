@@ -27,7 +27,10 @@ use tracing::{debug, info, warn};
 
 use super::{
     cgroup::PodUid,
-    pods::{PodInfo, Selection, SharedPodIndex, Workload, lock_index},
+    pods::{
+        PodInfo, ROUTES_ANNOTATION, RoutesAnnotation, Selection, SharedPodIndex, Workload,
+        lock_index, parse_routes_annotation, text_hash,
+    },
 };
 use crate::health::Readiness;
 
@@ -150,7 +153,7 @@ impl WatchMetrics {
                 registry,
                 IntCounter::new(
                     format!("{prefix}route_rule_errors_total"),
-                    "Bad lines in pods' flask-ebpf-exporter.io/routes annotations (skipped)",
+                    "Rules refused in pods' flask-ebpf-exporter.io/routes annotations (bad, or past a bound)",
                 )?,
             )?,
             owner_lookups: add(
@@ -255,14 +258,37 @@ impl PodWatch {
 
     async fn apply(&self, pod: &Pod, owners: &mut OwnerCache) -> Option<PodUid> {
         let workload = owners.workload(&pod.metadata, &self.metrics).await;
-        let Some(info) = PodInfo::from_pod(pod, workload, &self.selection) else {
+        let Some(mut info) = PodInfo::from_pod(pod, workload, &self.selection) else {
             warn!(pod = ?pod.metadata.name, "pod without a valid UID ignored");
             return None;
         };
+        // Only selected pods' rules are read.
+        if info.selected
+            && let Some(text) = PodInfo::routes_text(pod)
+        {
+            info.routes = Some(self.routes_annotation(&info, text));
+        }
         let uid = info.uid.clone();
-        let bad_rules = lock_index(&self.index).apply(info, Instant::now());
-        self.metrics.route_rule_errors.inc_by(bad_rules as u64);
+        lock_index(&self.index).apply(info, Instant::now());
         Some(uid)
+    }
+
+    /// The pod's routes annotation parsed, or as parsed before for its
+    /// workload. Parsing (regexes included) happens outside the index's
+    /// lock, which the pipeline needs per exchange.
+    fn routes_annotation(&self, info: &PodInfo, text: &str) -> RoutesAnnotation {
+        let workload = info.workload_key();
+        let text_hash = text_hash(text);
+        if let Some(known) = lock_index(&self.index).parsed_annotation(&workload, text_hash) {
+            return known;
+        }
+        let (routes, errors) = parse_routes_annotation(text);
+        for error in &errors {
+            warn!(pod = %info.name, namespace = %info.namespace, %error,
+                "refused in the {ROUTES_ANNOTATION} annotation; the pod's other rules apply (see flask_ebpf_exporter_kubernetes_route_rule_errors_total)");
+        }
+        self.metrics.route_rule_errors.inc_by(errors.len() as u64);
+        routes
     }
 }
 

@@ -10,8 +10,6 @@ use std::{
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use tracing::warn;
-
 use super::cgroup::{ContainerRef, PodUid, bare_container_id};
 use crate::{
     exchange::{Identity, IdentityLabels, UNKNOWN, WorkloadKey},
@@ -24,6 +22,66 @@ pub const MONITOR_ANNOTATION: &str = "flask-ebpf-exporter.io/monitor";
 /// Pod annotation with the workload's Flask rules, one a line, as
 /// `--routes-file` takes them.
 pub const ROUTES_ANNOTATION: &str = "flask-ebpf-exporter.io/routes";
+
+/// Largest routes annotation read; a larger one is refused whole.
+pub const MAX_ROUTES_ANNOTATION_BYTES: usize = 64 * 1024;
+/// Most rules read from one routes annotation; the rest are refused.
+pub const MAX_ANNOTATION_RULES: usize = 500;
+
+/// A pod's routes annotation, parsed (outside the pod index's lock).
+#[derive(Clone, Debug)]
+pub struct RoutesAnnotation {
+    /// Of the annotation's text: tells whether it changed.
+    pub text_hash: u64,
+    pub rules: Arc<RuleSet>,
+}
+
+impl PartialEq for RoutesAnnotation {
+    fn eq(&self, other: &Self) -> bool {
+        self.text_hash == other.text_hash
+    }
+}
+
+/// Why (part of) a routes annotation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnotationError {
+    #[error("{bytes} bytes, more than {MAX_ROUTES_ANNOTATION_BYTES}: every rule refused")]
+    TooLarge { bytes: usize },
+    #[error("{rules} rules, more than {MAX_ANNOTATION_RULES}: the rest refused")]
+    TooManyRules { rules: usize },
+    #[error(transparent)]
+    Rule(#[from] crate::routes::flask_rules::RuleError),
+}
+
+/// The hash [`RoutesAnnotation::text_hash`] has.
+pub fn text_hash(text: &str) -> u64 {
+    use std::hash::BuildHasher as _;
+    std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(text)
+}
+
+/// Parses a routes annotation within its bounds: what is refused is
+/// returned beside the rules that apply.
+pub fn parse_routes_annotation(text: &str) -> (RoutesAnnotation, Vec<AnnotationError>) {
+    let text_hash = text_hash(text);
+    if text.len() > MAX_ROUTES_ANNOTATION_BYTES {
+        let refused = AnnotationError::TooLarge { bytes: text.len() };
+        let rules = Arc::new(RuleSet::default());
+        return (RoutesAnnotation { text_hash, rules }, vec![refused]);
+    }
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.split('#').next().unwrap_or_default().trim().is_empty())
+        .collect();
+    let mut errors = Vec::new();
+    if lines.len() > MAX_ANNOTATION_RULES {
+        errors.push(AnnotationError::TooManyRules { rules: lines.len() });
+    }
+    let kept = lines[..lines.len().min(MAX_ANNOTATION_RULES)].join("\n");
+    let (rules, rule_errors) = RuleSet::parse(&kept);
+    errors.extend(rule_errors.into_iter().map(AnnotationError::from));
+    let rules = Arc::new(rules);
+    (RoutesAnnotation { text_hash, rules }, errors)
+}
 
 /// What owns a pod, after following ReplicaSet → Deployment and Job → CronJob.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,8 +125,9 @@ pub struct PodInfo {
     /// Names of the app containers in the spec.
     pub app_containers: Vec<String>,
     pub selected: bool,
-    /// The routes annotation's text, if any.
-    pub routes: Option<String>,
+    /// The routes annotation, parsed; `None` without one, and for pods
+    /// selected out (never parsed).
+    pub routes: Option<RoutesAnnotation>,
 }
 
 impl PodInfo {
@@ -107,7 +166,7 @@ impl PodInfo {
         Some(PodInfo {
             uid,
             selected: selection.selects(&namespace, annotations),
-            routes: annotations.get(ROUTES_ANNOTATION).cloned(),
+            routes: None,
             namespace,
             name: metadata.name.clone().unwrap_or_default(),
             workload,
@@ -116,7 +175,16 @@ impl PodInfo {
         })
     }
 
-    fn workload_key(&self) -> WorkloadKey {
+    /// The routes annotation's text, if the pod has one.
+    pub fn routes_text(pod: &Pod) -> Option<&str> {
+        pod.metadata
+            .annotations
+            .as_ref()?
+            .get(ROUTES_ANNOTATION)
+            .map(String::as_str)
+    }
+
+    pub fn workload_key(&self) -> WorkloadKey {
         WorkloadKey::Pod {
             namespace: self.namespace.clone(),
             workload: self.workload.name.clone(),
@@ -188,7 +256,7 @@ pub struct PodIndex {
     pods: HashMap<PodUid, PodEntry>,
     by_container_id: HashMap<String, PodUid>,
     /// User rules from pods' routes annotations, by workload.
-    workload_rules: HashMap<WorkloadKey, (String, Arc<RuleSet>)>,
+    workload_rules: HashMap<WorkloadKey, RoutesAnnotation>,
     /// Identities a live pod stopped having (its workload changed), and
     /// since when: their series stay for the grace period, as a deleted
     /// pod's do.
@@ -212,23 +280,12 @@ impl PodIndex {
         self.pods.is_empty()
     }
 
-    /// A pod was added or changed at `now`. Returns how many lines of its
-    /// routes annotation were bad (newly read ones only).
-    pub fn apply(&mut self, info: PodInfo, now: Instant) -> usize {
+    /// A pod was added or changed at `now`.
+    pub fn apply(&mut self, info: PodInfo, now: Instant) {
         self.generation += 1;
-        let mut bad_rules = 0;
-        if let Some(text) = &info.routes {
-            let key = info.workload_key();
-            let current = self.workload_rules.get(&key).map(|(known, _)| known);
-            if current != Some(text) {
-                let (rules, errors) = RuleSet::parse(text);
-                for error in &errors {
-                    warn!(pod = %info.name, namespace = %info.namespace, %error, "bad rule in the {ROUTES_ANNOTATION} annotation; skipped (see flask_ebpf_exporter_kubernetes_route_rule_errors_total)");
-                }
-                bad_rules = errors.len();
-                self.workload_rules
-                    .insert(key, (text.clone(), Arc::new(rules)));
-            }
+        if let Some(routes) = &info.routes {
+            self.workload_rules
+                .insert(info.workload_key(), routes.clone());
         }
         // The pod's previous container IDs go first: a new status may have
         // dropped some, and the ones it keeps are added back below.
@@ -263,7 +320,6 @@ impl PodIndex {
                 }
             }
         }
-        bad_rules
     }
 
     /// A pod was deleted: its labels stay until [`Self::purge_deleted`].
@@ -351,7 +407,20 @@ impl PodIndex {
     pub fn workload_rules(&self, workload: &WorkloadKey) -> Option<Arc<RuleSet>> {
         self.workload_rules
             .get(workload)
-            .map(|(_, rules)| rules.clone())
+            .map(|routes| routes.rules.clone())
+    }
+
+    /// The workload's parsed annotation, if its text is the one hashed:
+    /// saves parsing it again.
+    pub fn parsed_annotation(
+        &self,
+        workload: &WorkloadKey,
+        text_hash: u64,
+    ) -> Option<RoutesAnnotation> {
+        self.workload_rules
+            .get(workload)
+            .filter(|routes| routes.text_hash == text_hash)
+            .cloned()
     }
 
     /// The identity of a container. With `give_up`, a pod whose container
@@ -634,5 +703,35 @@ mod tests {
             Instant::now(),
         );
         assert_eq!(index.lookup(&reference(Some(ID_A)), true), Lookup::Excluded);
+    }
+
+    #[test]
+    fn routes_annotations_are_read_within_bounds() {
+        let huge = format!("GET /a\n{}", "x".repeat(MAX_ROUTES_ANNOTATION_BYTES));
+        let (routes, refused) = parse_routes_annotation(&huge);
+        assert!(routes.rules.is_empty());
+        assert!(
+            matches!(refused[..], [AnnotationError::TooLarge { .. }]),
+            "{refused:?}"
+        );
+
+        let many: String = (0..MAX_ANNOTATION_RULES + 100)
+            .map(|n| format!("GET /r{n}\n# a comment\n\n"))
+            .collect();
+        let (routes, refused) = parse_routes_annotation(&many);
+        assert_eq!(routes.rules.len(), MAX_ANNOTATION_RULES);
+        assert!(
+            matches!(refused[..], [AnnotationError::TooManyRules { rules }] if rules == MAX_ANNOTATION_RULES + 100)
+        );
+
+        // A 5,000-segment rule fits the annotation, not a rule.
+        let deep: String = (0..5_000).map(|n| format!("/s{n}")).collect();
+        let (routes, refused) = parse_routes_annotation(&format!("{deep}\nGET /ok/<int:id>\n"));
+        assert_eq!(routes.rules.rules().collect::<Vec<_>>(), ["/ok/<int:id>"]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(
+            routes,
+            parse_routes_annotation(&format!("{deep}\nGET /ok/<int:id>\n")).0
+        );
     }
 }

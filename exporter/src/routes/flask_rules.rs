@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 
 /// The label of requests no rule matched, as prometheus-flask-exporter's
 /// `group_by='url_rule'` has it (`str(None)`).
@@ -25,7 +25,21 @@ pub enum RuleError {
     BadArguments { rule: String, arguments: String },
     #[error("rule {rule:?}: unknown HTTP method {method:?}")]
     BadMethod { rule: String, method: String },
+    #[error("rule of {bytes} bytes starting {start:?}: longer than {MAX_RULE_BYTES}")]
+    TooLong { start: String, bytes: usize },
+    #[error("rule {rule:?}: more than {MAX_RULE_PARTS} parts")]
+    TooManyParts { rule: String },
+    #[error("rule {rule:?}: its converters make a regex past {REGEX_SIZE_LIMIT} bytes")]
+    RegexTooBig { rule: String },
 }
+
+/// Longest rule line accepted (rules can come from pod annotations, which
+/// anyone who may create a pod writes).
+pub const MAX_RULE_BYTES: usize = 1024;
+/// Most `/`-separated parts in one rule: it bounds the matcher's depth.
+pub const MAX_RULE_PARTS: usize = 32;
+/// Most memory one converter's compiled regex may take.
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 
 /// What a converter checks after its regex matched (Werkzeug's `to_python`).
 #[derive(Clone, Debug, PartialEq)]
@@ -411,7 +425,16 @@ impl<'a> PartParser<'a> {
             argument_weights,
         };
         let source = format!("^(?:{content})\\z");
-        let regex = Regex::new(&source).map_err(|_| self.malformed(&content))?;
+        let regex = RegexBuilder::new(&source)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .dfa_size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|error| match error {
+                regex::Error::CompiledTooBig(_) => RuleError::RegexTooBig {
+                    rule: self.rule.to_owned(),
+                },
+                _ => self.malformed(&content),
+            })?;
         Ok(Part::Dynamic(DynamicPart {
             content,
             regex,
@@ -510,6 +533,12 @@ impl RuleSet {
     }
 
     fn add_line(&mut self, line: &str) -> Result<(), RuleError> {
+        if line.len() > MAX_RULE_BYTES {
+            return Err(RuleError::TooLong {
+                start: line.chars().take(40).collect(),
+                bytes: line.len(),
+            });
+        }
         let (methods, text) = match line.split_once(char::is_whitespace) {
             Some((methods, rule)) if !methods.starts_with('/') => (Some(methods), rule.trim()),
             _ => (None, line),
@@ -545,6 +574,11 @@ impl RuleSet {
             }
         }
         let parts = parse_parts(&merged)?;
+        if parts.len() > MAX_RULE_PARTS {
+            return Err(RuleError::TooManyParts {
+                rule: text.chars().take(80).collect(),
+            });
+        }
         let index = self.rules.len();
         self.rules.push(Rule {
             text: text.to_owned(),
@@ -751,5 +785,30 @@ mod tests {
         assert_eq!(label(&rules, "GET", "/w/a/b"), NO_RULE);
         assert_eq!(label(&rules, "GET", "/v/fr"), "/v/<string(length=2):c>");
         assert_eq!(label(&rules, "GET", "/v/fra"), NO_RULE);
+    }
+
+    #[test]
+    fn hostile_rules_are_refused_and_the_rest_apply() {
+        let deep: String = (0..100_000).map(|n| format!("/s{n}")).collect();
+        let many_parts: String = (0..40).map(|n| format!("/p{n}")).collect();
+        let text = format!(
+            "GET /ok/<int:id>\n{deep}\n{many_parts}\n/big/<string(length=100000000):x>\n/huge/<string(minlength=60000,maxlength=60001):x>\n"
+        );
+        let (rules, errors) = RuleSet::parse(&text);
+        assert_eq!(rules.rules().collect::<Vec<_>>(), ["/ok/<int:id>"]);
+        assert!(matches!(errors[0], RuleError::TooLong { .. }), "{errors:?}");
+        assert!(
+            matches!(errors[1], RuleError::TooManyParts { .. }),
+            "{errors:?}"
+        );
+        assert!(
+            matches!(errors[2], RuleError::RegexTooBig { .. }),
+            "{errors:?}"
+        );
+        assert!(
+            matches!(errors[3], RuleError::RegexTooBig { .. }),
+            "{errors:?}"
+        );
+        assert_eq!(label(&rules, "GET", "/ok/7"), "/ok/<int:id>");
     }
 }

@@ -551,14 +551,23 @@ mod tests {
     fn only_served_routes_teach_and_long_routes_overflow() {
         let mut labeler = labeler(PathLabelMode::Route, 100, "");
         let server = server("gunicorn", "8000");
-        let mut label =
-            |target: &str, status: u16| label(&mut labeler, &server, exchange("GET", target, status, 0.01));
+        let mut label = |target: &str, status: u16| {
+            label(&mut labeler, &server, exchange("GET", target, status, 0.01))
+        };
         // Answers of the router, the server or middleware teach nothing.
         for status in [400, 401, 403, 404, 405, 414, 429, 431, 500, 501, 308] {
-            assert_eq!(label(&format!("/probe{status}/1.2"), status), NO_RULE, "{status}");
+            assert_eq!(
+                label(&format!("/probe{status}/1.2"), status),
+                NO_RULE,
+                "{status}"
+            );
         }
         assert_eq!(label("/users/1", 200), "/users/<int>");
-        assert_eq!(label("/users/2", 401), "/users/<int>", "fits what a view served");
+        assert_eq!(
+            label("/users/2", 401),
+            "/users/<int>",
+            "fits what a view served"
+        );
         assert_eq!(label("/old", 301), "/old", "a view's redirect");
         // Typed values and long segments make a route, whatever their size...
         let slug = "s".repeat(300);
