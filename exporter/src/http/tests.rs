@@ -420,3 +420,106 @@ fn two_interim_continues_then_final_response() {
         .collect();
     assert_eq!(got, vec![("/upload", 200, head.len() as u64 + 3)]);
 }
+
+/// (method, target, status) of each exchange so far.
+fn exchanges(harness: &Harness) -> Vec<(String, String, u16)> {
+    harness
+        .out
+        .iter()
+        .map(|e| (e.method.clone(), e.target.clone(), e.status))
+        .collect()
+}
+
+fn triple(method: &str, target: &str, status: u16) -> (String, String, u16) {
+    (method.to_owned(), target.to_owned(), status)
+}
+
+#[test]
+fn a_response_head_bigger_than_the_capture_keeps_its_status_and_the_pairing() {
+    let mut harness = Harness::new();
+    harness.read(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n");
+    let head = format!(
+        "HTTP/1.1 201 CREATED\r\nSet-Cookie: {}\r\nContent-Length: 2\r\n\r\nok",
+        "c".repeat(5000)
+    );
+    // One write, of which the first 4 KiB were copied.
+    let cut = harness.write_partly(head.len() as u64, &head.as_bytes()[..4096]);
+    harness.read(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(
+        exchanges(&harness),
+        [triple("GET", "/a", 201), triple("GET", "/b", 200)]
+    );
+    assert_eq!(harness.out[0].finished_ns, cut);
+    assert_eq!(harness.out[0].response_bytes, head.len() as u64);
+    assert_eq!(harness.counters.truncated_captures.get(), 1);
+}
+
+#[test]
+fn an_unreadable_response_head_costs_exactly_one_exchange() {
+    let mut harness = Harness::new();
+    harness.read(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n");
+    harness.write(b"HTTP/1.1 2OO NOT A STATUS\r\n\r\n");
+    harness.read(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(exchanges(&harness), [triple("GET", "/b", 200)]);
+    assert_eq!(harness.counters.abandoned_requests.get(), 1);
+    assert_eq!(harness.counters.unpaired_responses.get(), 0);
+}
+
+#[test]
+fn requests_a_server_must_refuse_end_the_following_and_invent_nothing() {
+    for smuggling in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        "Content-Length: 5\r\nContent-Length: 30\r\n",
+        "Content-Length: +30\r\n",
+        "Transfer-Encoding: gzip\r\n",
+    ] {
+        let mut harness = Harness::new();
+        harness.read(b"GET /ok HTTP/1.1\r\nHost: h\r\n\r\n");
+        harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let request = format!(
+            "POST /x HTTP/1.1\r\nHost: h\r\n{smuggling}\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+        );
+        harness.read(request.as_bytes());
+        harness
+            .write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        harness.read(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(
+            exchanges(&harness),
+            [triple("GET", "/ok", 200)],
+            "{smuggling:?}"
+        );
+        assert_eq!(harness.counters.ambiguous_requests.get(), 1);
+        assert_eq!(harness.counters.unpaired_responses.get(), 0);
+    }
+}
+
+#[test]
+fn body_bytes_that_look_like_a_request_never_resynchronise() {
+    let mut harness = Harness::new();
+    // A head larger than the capture: its request line survives, where
+    // its body ends does not.
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nCookie: {}\r\nContent-Length: 31\r\n\r\n",
+        "k".repeat(5000)
+    );
+    harness.connection.on_read(
+        Segment {
+            timestamp_ns: 1,
+            byte_count: head.len() as u64,
+            captured: &head.as_bytes()[..4096],
+        },
+        &harness.counters,
+    );
+    // The body, chosen by the client, in a read of its own.
+    harness.read(b"GET /phantom HTTP/1.1\r\nH: h\r\n\r\n");
+    harness.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    harness.read(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    harness.write(b"HTTP/1.1 204 NO CONTENT\r\n\r\n");
+    assert_eq!(
+        exchanges(&harness),
+        [triple("POST", "/upload", 200), triple("GET", "/next", 204)]
+    );
+    assert_eq!(harness.counters.truncated_captures.get(), 1);
+}

@@ -12,7 +12,17 @@ use std::collections::VecDeque;
 
 use prometheus::{IntCounter, Registry};
 
+use self::{
+    body::{Body, BodyStep},
+    heads::{
+        Framing, HeadParse, RequestHead, ResponseHead, looks_like_request_start, parse_head_across,
+        parse_request_head, parse_response_head, start_line,
+    },
+};
 use crate::{exchange::Exchange, metrics::counter};
+
+mod body;
+mod heads;
 
 /// Bytes one syscall moved on the connection.
 #[derive(Clone, Copy, Debug)]
@@ -35,8 +45,12 @@ pub struct HttpCounters {
     pub truncated_captures: IntCounter,
     /// Responses with no request waiting for them.
     pub unpaired_responses: IntCounter,
-    /// Requests dropped without a response (gap, reset, close, overflow).
+    /// Requests dropped without a response (gap, reset, close, overflow,
+    /// a response head that did not parse).
     pub abandoned_requests: IntCounter,
+    /// Requests whose framing a server must refuse (RFC 9112 §6.3): their
+    /// connection is no longer followed.
+    pub ambiguous_requests: IntCounter,
 }
 
 impl HttpCounters {
@@ -62,18 +76,17 @@ impl HttpCounters {
                 "flask_ebpf_exporter_abandoned_requests_total",
                 "Requests that ended without a response being seen",
             )?,
+            ambiguous_requests: counter(
+                registry,
+                "flask_ebpf_exporter_ambiguous_requests_total",
+                "Requests with framing a server must refuse (RFC 9112 6.3); their connection is no longer followed",
+            )?,
         })
     }
 }
 
-/// Longest request or response head accepted; longer is treated as garbage.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most header lines parsed in one head.
-const MAX_HEADERS: usize = 128;
 /// Most pipelined requests waiting for responses on one connection.
 const MAX_PENDING_REQUESTS: usize = 256;
-/// Longest chunk-size line (hex size plus extensions).
-const MAX_CHUNK_LINE: usize = 1024;
 
 #[derive(Debug)]
 struct PendingRequest {
@@ -81,128 +94,8 @@ struct PendingRequest {
     target: String,
     started_ns: u64,
     bytes: u64,
-}
-
-/// A message body being skipped, by how it ends.
-#[derive(Debug)]
-enum Body {
-    Length(u64),
-    Chunked(Chunked),
-    UntilClose,
-}
-
-/// What skipping a body did with the bytes a segment has left.
-enum BodyStep {
-    /// Used all of them; the body goes on.
-    Continues(u64),
-    /// The body ended after this many of them.
-    Ended(u64),
-    /// A chunk-size line fell outside the copied bytes or was not one.
-    Lost,
-}
-
-impl Body {
-    /// Consumes bytes `[0, available)` of which `captured` are known.
-    fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
-        match self {
-            Body::Length(left) => {
-                let take = (*left).min(available);
-                *left -= take;
-                if *left == 0 {
-                    BodyStep::Ended(take)
-                } else {
-                    BodyStep::Continues(take)
-                }
-            }
-            Body::Chunked(chunked) => chunked.advance(available, captured),
-            Body::UntilClose => BodyStep::Continues(available),
-        }
-    }
-}
-
-/// Incremental chunked-encoding decoder that skips chunk data by count.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Chunked {
-    /// Reading a chunk-size line (bytes so far).
-    SizeLine(Vec<u8>),
-    /// Skipping chunk data, then its CRLF (`remaining` includes the 2 bytes).
-    Data { remaining: u64 },
-    /// After the last chunk: trailer lines until an empty line.
-    Trailer { line: Vec<u8> },
-}
-
-impl Chunked {
-    fn new() -> Self {
-        Chunked::SizeLine(Vec::new())
-    }
-
-    fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
-        let mut pos: u64 = 0;
-        while pos < available {
-            match self {
-                Chunked::Data { remaining } => {
-                    let take = (*remaining).min(available - pos);
-                    *remaining -= take;
-                    pos += take;
-                    if *remaining == 0 {
-                        *self = Chunked::SizeLine(Vec::new());
-                    }
-                }
-                Chunked::SizeLine(line) => {
-                    if !push_line_byte(line, captured, &mut pos) {
-                        return BodyStep::Lost;
-                    }
-                    if line.ends_with(b"\r\n") {
-                        let Some(size) = parse_chunk_size(&line[..line.len() - 2]) else {
-                            return BodyStep::Lost;
-                        };
-                        *self = if size == 0 {
-                            Chunked::Trailer { line: Vec::new() }
-                        } else {
-                            Chunked::Data {
-                                remaining: size + 2,
-                            }
-                        };
-                    }
-                }
-                Chunked::Trailer { line } => {
-                    if !push_line_byte(line, captured, &mut pos) {
-                        return BodyStep::Lost;
-                    }
-                    if line.ends_with(b"\r\n") {
-                        if line.len() == 2 {
-                            return BodyStep::Ended(pos);
-                        }
-                        line.clear();
-                    }
-                }
-            }
-        }
-        BodyStep::Continues(available)
-    }
-}
-
-/// Appends the byte at `pos` to a line being read; false when that byte was
-/// not copied or the line is too long to be a chunk line.
-fn push_line_byte(line: &mut Vec<u8>, captured: &[u8], pos: &mut u64) -> bool {
-    let Some(byte) = captured.get(*pos as usize).copied() else {
-        return false;
-    };
-    if line.len() >= MAX_CHUNK_LINE {
-        return false;
-    }
-    line.push(byte);
-    *pos += 1;
-    true
-}
-
-fn parse_chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.split(|&b| b == b';').next()?;
-    let digits = std::str::from_utf8(digits).ok()?.trim();
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    u64::from_str_radix(digits, 16).ok()
+    /// Framing the server must refuse: its answer makes no exchange.
+    refused: bool,
 }
 
 /// Where one direction's reader is.
@@ -245,6 +138,10 @@ pub struct HttpConnection {
     /// Whether any request has parsed: garbage before the first one makes the
     /// whole connection opaque; garbage later is a desync.
     seen_request: bool,
+    /// The request reader lost track and may pick it up again only at a
+    /// message boundary: once a response ended and nothing is pending.
+    /// Until then a read that starts like a request may be body bytes.
+    request_awaits_boundary: bool,
 }
 
 impl Default for HttpConnection {
@@ -253,166 +150,15 @@ impl Default for HttpConnection {
     }
 }
 
-enum HeadParse<T> {
-    Complete { head: T, consumed: usize },
-    Partial,
-    Invalid,
-}
-
-struct RequestHead {
-    method: String,
-    target: String,
-    body: Option<Body>,
-}
-
-struct ResponseHead {
-    status: u16,
-    framing: Framing,
-}
-
-/// What a message's headers say about its body.
-struct Framing {
-    chunked: bool,
-    content_length: Option<u64>,
-}
-
-impl Framing {
-    /// The body the headers announce; `without_length` is what a message
-    /// with neither header has (a request: none; a response: until close).
-    fn body(&self, without_length: Option<Body>) -> Option<Body> {
-        if self.chunked {
-            return Some(Body::Chunked(Chunked::new()));
-        }
-        match self.content_length {
-            Some(0) => None,
-            Some(length) => Some(Body::Length(length)),
-            None => without_length,
-        }
-    }
-}
-
-/// `None` when a Content-Length does not parse.
-fn header_framing(headers: &[httparse::Header<'_>]) -> Option<Framing> {
-    let mut chunked = false;
-    let mut content_length = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding decides; servers here send only `chunked`.
-            chunked = std::str::from_utf8(header.value)
-                .map(|v| {
-                    v.rsplit(',')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .eq_ignore_ascii_case("chunked")
-                })
-                .unwrap_or(false);
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            let length = std::str::from_utf8(header.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())?;
-            content_length = Some(length);
-        }
-    }
-    Some(Framing {
-        chunked,
-        content_length,
-    })
-}
-
-fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
-        Ok(httparse::Status::Complete(consumed)) => {
-            let (Some(method), Some(target)) = (request.method, request.path) else {
-                return HeadParse::Invalid;
-            };
-            let Some(framing) = header_framing(request.headers) else {
-                return HeadParse::Invalid;
-            };
-            HeadParse::Complete {
-                head: RequestHead {
-                    method: method.to_owned(),
-                    target: target.to_owned(),
-                    body: framing.body(None),
-                },
-                consumed,
-            }
-        }
-        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BYTES => HeadParse::Partial,
-        _ => HeadParse::Invalid,
-    }
-}
-
-fn parse_response_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(bytes) {
-        Ok(httparse::Status::Complete(consumed)) => {
-            let Some(status) = response.code else {
-                return HeadParse::Invalid;
-            };
-            let Some(framing) = header_framing(response.headers) else {
-                return HeadParse::Invalid;
-            };
-            HeadParse::Complete {
-                head: ResponseHead { status, framing },
-                consumed,
-            }
-        }
-        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BYTES => HeadParse::Partial,
-        _ => HeadParse::Invalid,
-    }
-}
-
-/// Feeds a head parser the part of the head held from earlier segments plus
-/// the copied bytes of this one. Returns the parse and how many of this
-/// segment's bytes belong to the head (when complete).
-fn parse_head_across<T>(
-    buffer: &mut Vec<u8>,
-    segment_bytes: &[u8],
-    parse: fn(&[u8]) -> HeadParse<T>,
-) -> HeadParse<T> {
-    if buffer.is_empty() {
-        let result = parse(segment_bytes);
-        if matches!(result, HeadParse::Partial) {
-            buffer.extend_from_slice(segment_bytes);
-        }
-        return result;
-    }
-    let held = buffer.len();
-    buffer.extend_from_slice(segment_bytes);
-    match parse(buffer) {
-        HeadParse::Complete { head, consumed } => HeadParse::Complete {
-            head,
-            consumed: consumed.saturating_sub(held),
-        },
-        other => other,
-    }
-}
-
-/// Whether copied bytes at a segment start look like a request line, for
-/// resynchronising after lost bytes.
-fn looks_like_request_start(bytes: &[u8]) -> bool {
-    let Some(space) = bytes.iter().take(16).position(|&b| b == b' ') else {
-        return false;
-    };
-    space > 0
-        && bytes[..space].iter().all(|b| b.is_ascii_uppercase())
-        && bytes.len() > space + 1
-        && bytes[space + 1] == b'/'
-}
-
 /// What differs between the two directions of a connection; the reading
 /// itself ([`HttpConnection::advance`]) is the same for both.
 trait Direction {
     type Head;
     fn reader(connection: &mut HttpConnection) -> &mut ReaderState;
     fn parse_head(bytes: &[u8]) -> HeadParse<Self::Head>;
-    /// Whether copied bytes at a segment start may begin a message, to
-    /// resynchronise after lost bytes.
-    fn starts_message(bytes: &[u8]) -> bool;
+    /// Whether a lost reader may start over at a segment whose copied bytes
+    /// are these: only where a message can begin.
+    fn may_resync(connection: &HttpConnection, bytes: &[u8]) -> bool;
     /// Bytes of the current message (body, or bytes after lost framing).
     fn add_bytes(connection: &mut HttpConnection, bytes: u64, framed: bool, timestamp_ns: u64);
     fn body_ended(
@@ -429,14 +175,34 @@ trait Direction {
     fn head_parsed(
         connection: &mut HttpConnection,
         head: Self::Head,
-        head_bytes: u64,
-        started_ns: u64,
-        timestamp_ns: u64,
+        at: HeadAt,
         counters: &HttpCounters,
         out: &mut Vec<Exchange>,
     );
-    /// What the reader does after bytes that are not HTTP.
-    fn unparsable(connection: &mut HttpConnection) -> ReaderState;
+    /// A head went on past the copied bytes; `copied` is what was copied of
+    /// it. Its start line may still be read. The reader is lost after it.
+    fn head_cut(
+        connection: &mut HttpConnection,
+        copied: &[u8],
+        at: HeadAt,
+        counters: &HttpCounters,
+    );
+    /// Bytes where a head had to start are not HTTP; returns what the
+    /// reader does next.
+    fn unparsable(connection: &mut HttpConnection, counters: &HttpCounters) -> ReaderState;
+    /// The reader lost track inside a message.
+    fn track_lost(connection: &mut HttpConnection);
+}
+
+/// Where a head was: its bytes and times.
+#[derive(Clone, Copy, Debug)]
+struct HeadAt {
+    /// Bytes it took (or, when cut, the bytes the segment had left).
+    bytes: u64,
+    /// When its first byte was moved.
+    started_ns: u64,
+    /// When the segment that ended it was moved.
+    timestamp_ns: u64,
 }
 
 /// Bytes the server read.
@@ -453,8 +219,10 @@ impl Direction for Requests {
         parse_request_head(bytes)
     }
 
-    fn starts_message(bytes: &[u8]) -> bool {
-        looks_like_request_start(bytes)
+    fn may_resync(connection: &HttpConnection, bytes: &[u8]) -> bool {
+        !connection.request_awaits_boundary
+            && connection.pending.is_empty()
+            && looks_like_request_start(bytes)
     }
 
     fn add_bytes(connection: &mut HttpConnection, bytes: u64, framed: bool, _timestamp_ns: u64) {
@@ -473,32 +241,51 @@ impl Direction for Requests {
     fn head_parsed(
         connection: &mut HttpConnection,
         head: RequestHead,
-        head_bytes: u64,
-        started_ns: u64,
-        _timestamp_ns: u64,
+        at: HeadAt,
         counters: &HttpCounters,
         _: &mut Vec<Exchange>,
     ) {
         connection.seen_request = true;
-        if connection.pending.len() >= MAX_PENDING_REQUESTS {
-            connection.pending.pop_front();
-            counters.abandoned_requests.inc();
-        }
-        connection.pending.push_back(PendingRequest {
-            method: head.method,
-            target: head.target,
-            started_ns,
-            bytes: head_bytes,
-        });
-        connection.request = match head.body {
-            None => ReaderState::fresh_head(),
-            Some(body) => ReaderState::Body(body),
+        let framing = head.framing;
+        let refused = framing == Framing::Ambiguous;
+        connection.push_request(head, at, refused, counters);
+        connection.request = if refused {
+            // The server answers 400 and closes; nothing after it can be
+            // trusted to be read as the server reads it.
+            counters.ambiguous_requests.inc();
+            ReaderState::Opaque
+        } else {
+            match framing.request_body() {
+                None => ReaderState::fresh_head(),
+                Some(body) => ReaderState::Body(body),
+            }
         };
     }
 
-    fn unparsable(connection: &mut HttpConnection) -> ReaderState {
+    fn head_cut(
+        connection: &mut HttpConnection,
+        copied: &[u8],
+        at: HeadAt,
+        counters: &HttpCounters,
+    ) {
+        counters.truncated_captures.inc();
+        // Its request line still names the exchange; where its body ends
+        // is unknown.
+        if let Some(head) = start_line(copied, parse_request_head) {
+            connection.seen_request = true;
+            connection.push_request(head, at, false, counters);
+        }
+        Self::track_lost(connection);
+    }
+
+    fn track_lost(connection: &mut HttpConnection) {
+        connection.request_awaits_boundary = true;
+    }
+
+    fn unparsable(connection: &mut HttpConnection, _: &HttpCounters) -> ReaderState {
         // Garbage before any request: not HTTP at all. After one: lost track.
         if connection.seen_request {
+            connection.request_awaits_boundary = true;
             ReaderState::Desync
         } else {
             connection.response = ReaderState::Opaque;
@@ -521,7 +308,7 @@ impl Direction for Responses {
         parse_response_head(bytes)
     }
 
-    fn starts_message(bytes: &[u8]) -> bool {
+    fn may_resync(_: &HttpConnection, bytes: &[u8]) -> bool {
         bytes.starts_with(b"HTTP/1.")
     }
 
@@ -557,18 +344,43 @@ impl Direction for Responses {
     fn head_parsed(
         connection: &mut HttpConnection,
         head: ResponseHead,
-        head_bytes: u64,
-        _started_ns: u64,
-        timestamp_ns: u64,
+        at: HeadAt,
         counters: &HttpCounters,
         out: &mut Vec<Exchange>,
     ) {
-        connection.start_response(head, head_bytes, timestamp_ns, counters, out);
+        connection.start_response(head, at, counters, out);
     }
 
-    fn unparsable(_: &mut HttpConnection) -> ReaderState {
+    fn head_cut(
+        connection: &mut HttpConnection,
+        copied: &[u8],
+        at: HeadAt,
+        counters: &HttpCounters,
+    ) {
+        counters.truncated_captures.inc();
+        match start_line(copied, parse_response_head) {
+            // The status is known, the end is not: it ends at the next
+            // head, the close, or after a quiet while.
+            Some(head) if !(100..200).contains(&head.status) => {
+                connection.in_flight = Some(InFlightResponse {
+                    status: head.status,
+                    bytes: at.bytes,
+                    last_write_ns: at.timestamp_ns,
+                });
+            }
+            _ => connection.abandon_answered_request(counters),
+        }
+    }
+
+    fn unparsable(connection: &mut HttpConnection, counters: &HttpCounters) -> ReaderState {
+        // A head had to start here, so a response did: it answered the
+        // oldest request, whose exchange is lost.
+        connection.abandon_answered_request(counters);
         ReaderState::Desync
     }
+
+    // A response that lost its framing ends at the next head or the close.
+    fn track_lost(_: &mut HttpConnection) {}
 }
 
 impl HttpConnection {
@@ -579,6 +391,7 @@ impl HttpConnection {
             pending: VecDeque::new(),
             in_flight: None,
             seen_request: false,
+            request_awaits_boundary: false,
         }
     }
 
@@ -625,7 +438,7 @@ impl HttpConnection {
             match D::reader(self) {
                 ReaderState::Opaque => return,
                 ReaderState::Desync => {
-                    if pos == 0 && D::starts_message(captured) {
+                    if pos == 0 && D::may_resync(self, captured) {
                         *D::reader(self) = ReaderState::fresh_head();
                         continue;
                     }
@@ -646,6 +459,7 @@ impl HttpConnection {
                         counters.truncated_captures.inc();
                         D::add_bytes(self, remaining, false, now);
                         *D::reader(self) = ReaderState::Desync;
+                        D::track_lost(self);
                         return;
                     }
                 },
@@ -656,42 +470,100 @@ impl HttpConnection {
                             D::head_begins(self, counters, out);
                         }
                     }
-                    let ReaderState::Head { buffer, started_ns } = D::reader(self) else {
-                        continue;
-                    };
-                    let started = *started_ns;
-                    let held = buffer.len() as u64;
-                    match parse_head_across(buffer, captured, D::parse_head) {
-                        HeadParse::Complete { head, consumed } => {
-                            pos += consumed as u64;
-                            let bytes = held + consumed as u64;
-                            D::head_parsed(self, head, bytes, started, now, counters, out);
-                        }
-                        HeadParse::Partial => {
-                            if (captured.len() as u64) < remaining {
-                                // Part of the head was not copied.
-                                counters.truncated_captures.inc();
-                                *D::reader(self) = ReaderState::Desync;
-                            }
-                            return;
-                        }
-                        HeadParse::Invalid => {
-                            counters.unparsed_bytes.inc_by(held + remaining);
-                            let next = D::unparsable(self);
-                            *D::reader(self) = next;
-                            return;
-                        }
+                    match self.read_head::<D>(captured, remaining, now, counters, out) {
+                        // The head ended inside the segment: go on after it.
+                        Some(consumed) => pos += consumed,
+                        None => return,
                     }
                 }
             }
         }
     }
 
+    /// Reads what this segment holds of a head; `Some(bytes it took)` when
+    /// the head ended in it.
+    fn read_head<D: Direction>(
+        &mut self,
+        captured: &[u8],
+        remaining: u64,
+        now: u64,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) -> Option<u64> {
+        let ReaderState::Head { buffer, started_ns } = D::reader(self) else {
+            // `head_begins` ended a response and the state moved on.
+            return Some(0);
+        };
+        let started_ns = *started_ns;
+        let held = buffer.len() as u64;
+        match parse_head_across(buffer, captured, D::parse_head) {
+            HeadParse::Complete { head, consumed } => {
+                let at = HeadAt {
+                    bytes: held + consumed as u64,
+                    started_ns,
+                    timestamp_ns: now,
+                };
+                D::head_parsed(self, head, at, counters, out);
+                Some(consumed as u64)
+            }
+            HeadParse::Partial => {
+                if (captured.len() as u64) < remaining {
+                    // Part of the head was not copied.
+                    let copied = std::mem::take(buffer);
+                    *D::reader(self) = ReaderState::Desync;
+                    let at = HeadAt {
+                        bytes: held + remaining,
+                        started_ns,
+                        timestamp_ns: now,
+                    };
+                    D::head_cut(self, &copied, at, counters);
+                }
+                None
+            }
+            HeadParse::Invalid => {
+                counters.unparsed_bytes.inc_by(held + remaining);
+                let next = D::unparsable(self, counters);
+                *D::reader(self) = next;
+                None
+            }
+        }
+    }
+
+    fn push_request(
+        &mut self,
+        head: RequestHead,
+        at: HeadAt,
+        refused: bool,
+        counters: &HttpCounters,
+    ) {
+        if self.pending.len() >= MAX_PENDING_REQUESTS {
+            self.pending.pop_front();
+            counters.abandoned_requests.inc();
+        }
+        self.pending.push_back(PendingRequest {
+            method: head.method,
+            target: head.target,
+            started_ns: at.started_ns,
+            bytes: at.bytes,
+            refused,
+        });
+    }
+
+    /// A response began whose head could not be read: it answers the
+    /// oldest request, which is lost (and counted) so that later responses
+    /// still pair with their own requests.
+    fn abandon_answered_request(&mut self, counters: &HttpCounters) {
+        if let Some(request) = self.pending.pop_front()
+            && !request.refused
+        {
+            counters.abandoned_requests.inc();
+        }
+    }
+
     fn start_response(
         &mut self,
         head: ResponseHead,
-        head_bytes: u64,
-        timestamp_ns: u64,
+        at: HeadAt,
         counters: &HttpCounters,
         out: &mut Vec<Exchange>,
     ) {
@@ -707,8 +579,8 @@ impl HttpConnection {
             .is_some_and(|request| request.method.eq_ignore_ascii_case("HEAD"));
         self.in_flight = Some(InFlightResponse {
             status,
-            bytes: head_bytes,
-            last_write_ns: timestamp_ns,
+            bytes: at.bytes,
+            last_write_ns: at.timestamp_ns,
         });
         if status == 101 {
             // Upgraded (e.g. WebSocket): the exchange ends here, HTTP ends too.
@@ -717,15 +589,18 @@ impl HttpConnection {
             self.request = ReaderState::Opaque;
             return;
         }
-        let body = if request_is_head || status == 204 || status == 304 {
-            None
-        } else {
-            head.framing.body(Some(Body::UntilClose))
-        };
-        match body {
+        if request_is_head || status == 204 || status == 304 {
             // A head-only response ends with the write that finished its head.
-            None => self.finish_response(counters, out),
+            return self.finish_response(counters, out);
+        }
+        match head.framing.response_body() {
             Some(body) => self.response = ReaderState::Body(body),
+            None if head.framing == Framing::Ambiguous => {
+                // Its status is known, its end is not: it ends at the next
+                // head, the close, or after a quiet while.
+                self.response = ReaderState::Desync;
+            }
+            None => self.finish_response(counters, out),
         }
     }
 
@@ -734,10 +609,15 @@ impl HttpConnection {
         let Some(response) = self.in_flight.take() else {
             return;
         };
+        // A message boundary: the client's next bytes start a request.
+        self.request_awaits_boundary = false;
         let Some(request) = self.pending.pop_front() else {
             counters.unpaired_responses.inc();
             return;
         };
+        if request.refused {
+            return;
+        }
         out.push(Exchange {
             method: request.method,
             target: request.target,
@@ -759,6 +639,7 @@ impl HttpConnection {
         if !matches!(self.request, ReaderState::Opaque) {
             self.request = ReaderState::Desync;
             self.response = ReaderState::Desync;
+            self.request_awaits_boundary = true;
         }
     }
 

@@ -1,0 +1,127 @@
+//! Message bodies, skipped by count: Content-Length, chunked (chunk-size
+//! lines must lie in copied bytes; chunk data need not), or until close.
+
+/// Longest chunk-size line (hex size plus extensions).
+const MAX_CHUNK_LINE: usize = 1024;
+
+/// A message body being skipped, by how it ends.
+#[derive(Debug)]
+pub enum Body {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// What skipping a body did with the bytes a segment has left.
+pub enum BodyStep {
+    /// Used all of them; the body goes on.
+    Continues(u64),
+    /// The body ended after this many of them.
+    Ended(u64),
+    /// A chunk-size line fell outside the copied bytes or was not one.
+    Lost,
+}
+
+impl Body {
+    /// Consumes bytes `[0, available)` of which `captured` are known.
+    pub fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
+        match self {
+            Body::Length(left) => {
+                let take = (*left).min(available);
+                *left -= take;
+                if *left == 0 {
+                    BodyStep::Ended(take)
+                } else {
+                    BodyStep::Continues(take)
+                }
+            }
+            Body::Chunked(chunked) => chunked.advance(available, captured),
+            Body::UntilClose => BodyStep::Continues(available),
+        }
+    }
+}
+
+/// Incremental chunked-encoding decoder that skips chunk data by count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chunked {
+    /// Reading a chunk-size line (bytes so far).
+    SizeLine(Vec<u8>),
+    /// Skipping chunk data, then its CRLF (`remaining` includes the 2 bytes).
+    Data { remaining: u64 },
+    /// After the last chunk: trailer lines until an empty line.
+    Trailer { line: Vec<u8> },
+}
+
+impl Chunked {
+    pub fn new() -> Self {
+        Chunked::SizeLine(Vec::new())
+    }
+
+    fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
+        let mut pos: u64 = 0;
+        while pos < available {
+            match self {
+                Chunked::Data { remaining } => {
+                    let take = (*remaining).min(available - pos);
+                    *remaining -= take;
+                    pos += take;
+                    if *remaining == 0 {
+                        *self = Chunked::SizeLine(Vec::new());
+                    }
+                }
+                Chunked::SizeLine(line) => {
+                    if !push_line_byte(line, captured, &mut pos) {
+                        return BodyStep::Lost;
+                    }
+                    if line.ends_with(b"\r\n") {
+                        let Some(size) = parse_chunk_size(&line[..line.len() - 2]) else {
+                            return BodyStep::Lost;
+                        };
+                        *self = if size == 0 {
+                            Chunked::Trailer { line: Vec::new() }
+                        } else {
+                            Chunked::Data {
+                                remaining: size + 2,
+                            }
+                        };
+                    }
+                }
+                Chunked::Trailer { line } => {
+                    if !push_line_byte(line, captured, &mut pos) {
+                        return BodyStep::Lost;
+                    }
+                    if line.ends_with(b"\r\n") {
+                        if line.len() == 2 {
+                            return BodyStep::Ended(pos);
+                        }
+                        line.clear();
+                    }
+                }
+            }
+        }
+        BodyStep::Continues(available)
+    }
+}
+
+/// Appends the byte at `pos` to a line being read; false when that byte was
+/// not copied or the line is too long to be a chunk line.
+fn push_line_byte(line: &mut Vec<u8>, captured: &[u8], pos: &mut u64) -> bool {
+    let Some(byte) = captured.get(*pos as usize).copied() else {
+        return false;
+    };
+    if line.len() >= MAX_CHUNK_LINE {
+        return false;
+    }
+    line.push(byte);
+    *pos += 1;
+    true
+}
+
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|&b| b == b';').next()?;
+    let digits = std::str::from_utf8(digits).ok()?.trim();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
+}
