@@ -68,6 +68,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub route_segment_cap: u32,
 
+    /// Address of the /debug/* pages. They name pods, processes and sample
+    /// paths, so they stay on loopback unless told otherwise
+    /// (`kubectl port-forward` reaches them).
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_DEBUG_LISTEN",
+        default_value = "127.0.0.1:9811"
+    )]
+    pub debug_listen: SocketAddr,
+
     /// Serve /debug/routes, /debug/pods and /debug/connections.
     #[arg(long, env = "FLASK_EBPF_EXPORTER_DEBUG_ENDPOINTS", default_value_t = true,
           action = clap::ArgAction::Set)]
@@ -228,6 +238,11 @@ mod tests {
         let config = Config::try_parse_from(["flask-ebpf-exporter"]).expect("defaults parse");
         assert_eq!(config.path_label, PathLabelMode::Route);
         assert_eq!(config.listen.port(), 9810);
+        assert!(
+            config.debug_listen.ip().is_loopback(),
+            "debug pages on loopback"
+        );
+        assert_eq!(config.debug_listen.port(), 9811);
         let config = Config::try_parse_from([
             "flask-ebpf-exporter",
             "--listen",

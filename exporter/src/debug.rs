@@ -276,7 +276,7 @@ fn page(title: &str, body: Markup) -> Markup {
                 style { "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:.95em}" }
             }
             body {
-                p { a href="/debug/routes?format=html" { "routes" } " · " a href="/debug/pods?format=html" { "pods" } " · " a href="/debug/connections?format=html" { "connections" } " · " a href="/metrics" { "metrics" } }
+                p { a href="/debug/routes?format=html" { "routes" } " · " a href="/debug/pods?format=html" { "pods" } " · " a href="/debug/connections?format=html" { "connections" } }
                 h1 { (title) }
                 (body)
             }

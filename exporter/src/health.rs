@@ -1,24 +1,81 @@
-//! Whether the agent works: readiness (programs attached, events flowing,
-//! and in Kubernetes mode the node's pods listed once) and the monotonic
-//! clock the kernel stamps events with. Written by the pipeline and the pod
-//! watch, read by `/readyz`.
+//! Whether the agent works, and the monotonic clock the kernel stamps
+//! events with. Written by the pipeline and the pod watch; read by
+//! `/readyz` (ready: programs attached, events flowing, in Kubernetes mode
+//! the node's pods listed once) and `/healthz` (alive: the pipeline turns,
+//! the kernel's heartbeats arrive, the pod watch runs), so that the kubelet
+//! restarts a wedged agent.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// A heartbeat older than this makes the agent unready.
 pub const HEARTBEAT_STALE_NS: u64 = 10 * 1_000_000_000;
+/// A heartbeat older than this makes the agent dead: the kernel side or
+/// the ring buffer stopped delivering.
+pub const HEARTBEAT_DEAD_NS: u64 = 60 * 1_000_000_000;
+/// A pipeline loop that has not turned for this long is wedged (it turns
+/// at least every 10 ms).
+pub const PIPELINE_STALL_NS: u64 = 30 * 1_000_000_000;
 
-/// Whether the BPF programs are attached and their events reach userspace
-/// and, in Kubernetes mode, whether this node's pods were listed once.
+/// What is wrong with an agent that is not alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stalled {
+    #[error("the pipeline thread has not turned for 30 s")]
+    Pipeline,
+    #[error("no heartbeat from the kernel programs for 60 s")]
+    Heartbeat,
+    #[error("the pod watch stopped")]
+    PodWatch,
+}
+
+/// Readiness and liveness, as the stages report them.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub struct Health {
     attached: AtomicBool,
+    attached_ns: AtomicU64,
     last_heartbeat_ns: AtomicU64,
     sync_required: AtomicBool,
     synced: AtomicBool,
+    pipeline_turned_ns: AtomicU64,
+    watch_stopped: AtomicBool,
 }
 
-impl Readiness {
+/// Marks the pod watch stopped when dropped: when its task ends, however
+/// it ends (a panic included).
+#[derive(Debug)]
+pub struct WatchRunning<'a>(pub &'a Health);
+
+impl Drop for WatchRunning<'_> {
+    fn drop(&mut self) {
+        self.0.watch_stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Health {
+    /// The pipeline loop turned at `now_ns`.
+    pub fn pipeline_turned(&self, now_ns: u64) {
+        self.pipeline_turned_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Why the agent is not alive, if it is not. Before the programs are
+    /// attached there is nothing to judge.
+    pub fn stalled(&self, now_ns: u64) -> Option<Stalled> {
+        if self.watch_stopped.load(Ordering::SeqCst) {
+            return Some(Stalled::PodWatch);
+        }
+        if !self.attached.load(Ordering::SeqCst) {
+            return None;
+        }
+        let turned = self.pipeline_turned_ns.load(Ordering::Relaxed);
+        if now_ns.saturating_sub(turned) >= PIPELINE_STALL_NS {
+            return Some(Stalled::Pipeline);
+        }
+        let last = self
+            .last_heartbeat_ns
+            .load(Ordering::SeqCst)
+            .max(self.attached_ns.load(Ordering::SeqCst));
+        (now_ns.saturating_sub(last) >= HEARTBEAT_DEAD_NS).then_some(Stalled::Heartbeat)
+    }
+
     /// Kubernetes mode: not ready before the first complete pod list.
     pub fn require_sync(&self) {
         self.sync_required.store(true, Ordering::SeqCst);
@@ -32,7 +89,10 @@ impl Readiness {
         self.synced.load(Ordering::SeqCst)
     }
 
-    pub fn set_attached(&self) {
+    /// The programs are attached; the pipeline starts at `now_ns`.
+    pub fn set_attached(&self, now_ns: u64) {
+        self.attached_ns.store(now_ns, Ordering::SeqCst);
+        self.pipeline_turned(now_ns);
         self.attached.store(true, Ordering::SeqCst);
     }
 
@@ -67,17 +127,47 @@ mod tests {
 
     #[test]
     fn ready_only_when_attached_and_heartbeat_is_fresh() {
-        let readiness = Readiness::default();
+        let health = Health::default();
         let now = 100 * 1_000_000_000;
-        assert!(!readiness.is_ready(now));
-        readiness.heartbeat(now - 1);
-        assert!(!readiness.is_ready(now));
-        readiness.set_attached();
-        assert!(readiness.is_ready(now));
-        assert!(!readiness.is_ready(now + HEARTBEAT_STALE_NS));
-        readiness.require_sync();
-        assert!(!readiness.is_ready(now));
-        readiness.set_synced();
-        assert!(readiness.is_ready(now));
+        assert!(!health.is_ready(now));
+        health.heartbeat(now - 1);
+        assert!(!health.is_ready(now));
+        health.set_attached(now - 1);
+        assert!(health.is_ready(now));
+        assert!(!health.is_ready(now + HEARTBEAT_STALE_NS));
+        health.require_sync();
+        assert!(!health.is_ready(now));
+        health.set_synced();
+        assert!(health.is_ready(now));
+    }
+
+    #[test]
+    fn alive_while_the_pipeline_turns_heartbeats_arrive_and_the_watch_runs() {
+        let health = Health::default();
+        let start = 1_000 * 1_000_000_000;
+        assert_eq!(
+            health.stalled(start),
+            None,
+            "nothing to judge before attaching"
+        );
+        health.set_attached(start);
+        assert_eq!(health.stalled(start + PIPELINE_STALL_NS / 2), None);
+        // Turning, but no heartbeat ever came.
+        health.pipeline_turned(start + HEARTBEAT_DEAD_NS);
+        assert_eq!(
+            health.stalled(start + HEARTBEAT_DEAD_NS),
+            Some(Stalled::Heartbeat)
+        );
+        health.heartbeat(start + HEARTBEAT_DEAD_NS);
+        assert_eq!(health.stalled(start + HEARTBEAT_DEAD_NS), None);
+        // The loop stops turning.
+        let later = start + HEARTBEAT_DEAD_NS + PIPELINE_STALL_NS;
+        health.heartbeat(later);
+        assert_eq!(health.stalled(later), Some(Stalled::Pipeline));
+        health.pipeline_turned(later);
+        assert_eq!(health.stalled(later), None);
+        // The watch's task ends.
+        drop(WatchRunning(&health));
+        assert_eq!(health.stalled(later), Some(Stalled::PodWatch));
     }
 }

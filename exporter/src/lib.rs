@@ -7,7 +7,7 @@
 //! it) → [`routes`] (path label) → [`metrics`] → [`server`] (endpoints).
 //! From the HTTP exchange on, stages hand each other the plain data of
 //! [`exchange`]. [`pipeline`] is the loop that drives them; [`config`] the
-//! command line; [`health`] readiness; [`procfs`] what is read of other
+//! command line; [`health`] health; [`procfs`] what is read of other
 //! processes; [`debug`] the `/debug/*` views of routes, identities and
 //! connections.
 

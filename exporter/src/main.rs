@@ -9,7 +9,7 @@ use flask_ebpf_exporter::{
     capture::{Capture, CaptureCounters, CaptureOptions},
     config::{Config, Mode, PodSelection},
     debug::DebugState,
-    health::Readiness,
+    health::Health,
     identity::{
         IdentityStage,
         attribution::{Attribution, AttributionCounters, HoldLimits},
@@ -49,7 +49,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let readiness = Arc::new(Readiness::default());
+    let health = Arc::new(Health::default());
     let registry = Registry::new();
     let mode = config.mode().map_err(anyhow::Error::msg)?;
     let (user_rules, rule_errors) =
@@ -57,7 +57,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(error) = rule_errors.first() {
         anyhow::bail!("{error} (in --route or --routes-file)");
     }
-    let identity = identity_stage(&config, &mode, &registry, &readiness).await?;
+    let debug_listener = match config.debug_endpoints {
+        true => Some(
+            tokio::net::TcpListener::bind(config.debug_listen)
+                .await
+                .with_context(|| format!("binding {} (--debug-listen)", config.debug_listen))?,
+        ),
+        false => None,
+    };
+    let identity = identity_stage(&config, &mode, &registry, &health).await?;
     let debug = config
         .debug_endpoints
         .then(|| Arc::new(DebugState::default()));
@@ -66,7 +74,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         user_rules,
         debug: debug.clone(),
     };
-    let pipeline = pipeline(&config, stages, &registry, &readiness)?;
+    let pipeline = pipeline(&config, stages, &registry, &health)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let pipeline_shutdown = shutdown.clone();
     let pipeline_thread = std::thread::Builder::new()
@@ -75,22 +83,50 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the pipeline thread")?;
 
     info!(listen = %config.listen, ?mode, path_label = ?config.path_label, "serving /metrics, /healthz, /readyz");
-    axum::serve(
-        listener,
-        server::router(ServerState {
-            registry,
-            readiness,
-            debug,
-        }),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving HTTP")?;
+    if debug_listener.is_some() {
+        info!(listen = %config.debug_listen, "serving /debug/routes, /debug/pods, /debug/connections");
+    }
+    let state = ServerState {
+        registry,
+        health,
+        debug,
+    };
+    serve(listener, debug_listener, state).await?;
     shutdown.store(true, Ordering::SeqCst);
     pipeline_thread
         .join()
         .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?;
     info!("stopped");
+    Ok(())
+}
+
+/// Serves the endpoints until SIGTERM or Ctrl-C: `/metrics`, `/healthz`
+/// and `/readyz` on `listener`, the debug pages on `debug_listener`.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    debug_listener: Option<tokio::net::TcpListener>,
+    state: ServerState,
+) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let debug_server = debug_listener.map(|listener| {
+        let mut stopped = stopped.clone();
+        let server = axum::serve(listener, server::debug_router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = stopped.changed().await;
+            });
+        tokio::spawn(async move { server.await })
+    });
+    axum::serve(listener, server::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    let _ = stop.send(());
+    if let Some(debug_server) = debug_server {
+        debug_server
+            .await
+            .context("debug server task")?
+            .context("serving the debug pages")?;
+    }
     Ok(())
 }
 
@@ -100,7 +136,7 @@ async fn identity_stage(
     config: &Config,
     mode: &Mode,
     registry: &Registry,
-    readiness: &Arc<Readiness>,
+    health: &Arc<Health>,
 ) -> anyhow::Result<IdentityStage> {
     let (kubeconfig, node_name) = match mode {
         Mode::Local => {
@@ -117,7 +153,7 @@ async fn identity_stage(
     };
     let client = kubernetes::client(kubeconfig.as_deref()).await?;
     let index = SharedPodIndex::default();
-    readiness.require_sync();
+    health.require_sync();
     let watch_metrics = WatchMetrics::register(registry).context("registering metrics")?;
     let pods_known = watch_metrics.pods.clone();
     let watch = PodWatch {
@@ -129,7 +165,7 @@ async fn identity_stage(
         },
         index: index.clone(),
         metrics: watch_metrics,
-        readiness: readiness.clone(),
+        health: health.clone(),
     };
     tokio::spawn(watch.run());
     Ok(IdentityStage::Pods(PodIdentity::new(index, pods_known)))
@@ -148,7 +184,7 @@ fn pipeline(
     config: &Config,
     stages: Stages,
     registry: &Registry,
-    readiness: &Arc<Readiness>,
+    health: &Arc<Health>,
 ) -> anyhow::Result<Pipeline> {
     let Stages {
         identity,
@@ -193,7 +229,7 @@ fn pipeline(
             RouteCounters::register(registry, &budgets).context(registering)?,
         ),
         metrics,
-        readiness: readiness.clone(),
+        health: health.clone(),
         debug,
     })
 }

@@ -24,7 +24,7 @@ use crate::{
     capture::Capture,
     debug::{ConnectionsReport, DebugSnapshot, DebugState, PodsReport, RoutesReport},
     exchange::{AttributedExchange, CapturedExchange},
-    health::{Readiness, monotonic_ns},
+    health::{Health, monotonic_ns},
     identity::{IdentityStage, attribution::Attribution},
     metrics::RequestMetrics,
     procfs,
@@ -38,6 +38,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 const REAP_EVERY: Duration = Duration::from_secs(5);
+/// Most events handled in one turn of the loop: under a sustained flood the
+/// loop still turns, so heartbeats, upkeep and liveness go on.
+const MAX_EVENTS_PER_TURN: usize = 16_384;
 
 pub struct Pipeline {
     pub capture: Capture,
@@ -48,7 +51,7 @@ pub struct Pipeline {
     pub deleted_pod_grace: Duration,
     pub labeler: RouteLabeler,
     pub metrics: RequestMetrics,
-    pub readiness: Arc<Readiness>,
+    pub health: Arc<Health>,
     /// Where `/debug/*` snapshots go; `None` when the endpoints are off.
     pub debug: Option<Arc<DebugState>>,
 }
@@ -69,18 +72,20 @@ struct HandOffs {
 
 impl Pipeline {
     pub fn run(mut self, shutdown: Arc<AtomicBool>) {
-        self.readiness.set_attached();
+        self.health.set_attached(monotonic_ns());
         let mut hand_offs = HandOffs::default();
         let mut last_heartbeat: Option<Instant> = None;
         let mut last_upkeep = Instant::now();
         let mut last_reap = Instant::now();
         while !shutdown.load(Ordering::SeqCst) {
+            self.health.pipeline_turned(monotonic_ns());
             if last_heartbeat.is_none_or(|at| at.elapsed() >= HEARTBEAT_EVERY) {
                 request_heartbeat();
                 last_heartbeat = Some(Instant::now());
             }
-            self.capture.wait(POLL_TIMEOUT);
-            self.drain_events(&mut hand_offs.captured);
+            if !self.drain_events(&mut hand_offs.captured) {
+                self.capture.wait(POLL_TIMEOUT);
+            }
             let upkeep = last_upkeep.elapsed() >= UPKEEP_EVERY;
             if upkeep && last_reap.elapsed() >= REAP_EVERY {
                 last_reap = Instant::now();
@@ -97,14 +102,18 @@ impl Pipeline {
         }
     }
 
-    /// capture → stream: every waiting event, to its connection.
-    fn drain_events(&mut self, captured: &mut Vec<CapturedExchange>) {
-        while let Some(item) = self.capture.next_event() {
+    /// capture → stream: waiting events, to their connections, at most
+    /// [`MAX_EVENTS_PER_TURN`]; returns whether events are left waiting.
+    fn drain_events(&mut self, captured: &mut Vec<CapturedExchange>) -> bool {
+        for _ in 0..MAX_EVENTS_PER_TURN {
+            let Some(item) = self.capture.next_event() else {
+                return false;
+            };
             let Some(event) = item.event() else {
                 continue;
             };
             if event.kind == EventKind::Heartbeat {
-                self.readiness.heartbeat(event.header.timestamp_ns);
+                self.health.heartbeat(event.header.timestamp_ns);
                 continue;
             }
             if let Handled::NewConnection(origin) = self.table.handle(&event, captured) {
@@ -112,6 +121,7 @@ impl Pipeline {
                 self.table.open(&event, served_by, captured);
             }
         }
+        true
     }
 
     /// attribution → routes → metrics, for the exchanges in `captured`

@@ -15,38 +15,52 @@ use prometheus::Registry;
 
 use crate::{
     debug::{self, DebugSnapshot, DebugState},
-    health::{Readiness, monotonic_ns},
+    health::{Health, monotonic_ns},
     metrics,
 };
 
 pub const METRICS_PATH: &str = "/metrics";
-/// Liveness: 200 while the process runs.
+/// Liveness: see [`Health::stalled`].
 pub const HEALTHZ_PATH: &str = "/healthz";
-/// Readiness: see [`Readiness`].
+/// Readiness: see [`Health::is_ready`].
 pub const READYZ_PATH: &str = "/readyz";
 
 #[derive(Clone)]
 pub struct ServerState {
     /// Every stage's series and counters.
     pub registry: Registry,
-    pub readiness: Arc<Readiness>,
+    pub health: Arc<Health>,
     /// `None`: the `/debug/*` endpoints are off.
     pub debug: Option<Arc<DebugState>>,
 }
 
+/// What Prometheus and the kubelet reach, on the node's address.
 pub fn router(state: ServerState) -> Router {
-    let router = Router::new()
+    Router::new()
         .route(METRICS_PATH, get(metrics_text))
-        .route(HEALTHZ_PATH, get(|| async { "ok\n" }))
-        .route(READYZ_PATH, get(readyz));
-    let router = match &state.debug {
-        Some(_) => router
-            .route("/debug/routes", get(debug_routes))
-            .route("/debug/pods", get(debug_pods))
-            .route("/debug/connections", get(debug_connections)),
-        None => router,
-    };
-    router.with_state(state)
+        .route(HEALTHZ_PATH, get(healthz))
+        .route(READYZ_PATH, get(readyz))
+        .with_state(state)
+}
+
+/// The `/debug/*` pages, on their own listener (loopback by default): they
+/// name pods, processes and sample paths.
+pub fn debug_router(state: ServerState) -> Router {
+    Router::new()
+        .route("/debug/routes", get(debug_routes))
+        .route("/debug/pods", get(debug_pods))
+        .route("/debug/connections", get(debug_connections))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<ServerState>) -> impl IntoResponse {
+    match state.health.stalled(monotonic_ns()) {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(stalled) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not alive: {stalled}\n"),
+        ),
+    }
 }
 
 /// HTML for `?format=html` or a browser's Accept header; JSON otherwise.
@@ -134,7 +148,7 @@ async fn metrics_text(State(state): State<ServerState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
-    if state.readiness.is_ready(monotonic_ns()) {
+    if state.health.is_ready(monotonic_ns()) {
         (StatusCode::OK, "ready\n")
     } else {
         (

@@ -27,7 +27,7 @@ fn refused_under_setpriv(setpriv_args: &[&str]) -> String {
         Command::new("setpriv")
             .args(setpriv_args)
             .arg(env!("CARGO_BIN_EXE_flask-ebpf-exporter"))
-            .args(["--listen", &listen]),
+            .args(["--listen", &listen, "--debug-listen", "127.0.0.1:0"]),
     );
     assert_ne!(code, 0);
     assert!(
@@ -67,7 +67,7 @@ fn without_tracefs_it_exits_saying_how_to_mount_it() {
     let listen = format!("127.0.0.1:{}", free_port());
     let script = format!(
         "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
-         umount /sys/kernel/debug 2>/dev/null; exec {} --listen {listen}",
+         umount /sys/kernel/debug 2>/dev/null; exec {} --listen {listen} --debug-listen 127.0.0.1:0",
         env!("CARGO_BIN_EXE_flask-ebpf-exporter")
     );
     let (code, stderr) = run_to_exit(Command::new("unshare").args([

@@ -13,7 +13,7 @@ use std::{
 
 use flask_ebpf_exporter::{
     exchange::IdentityLabels,
-    health::Readiness,
+    health::Health,
     identity::{
         cgroup::{ContainerRef, PodUid},
         kubernetes::{PodWatch, WatchMetrics, client},
@@ -29,7 +29,7 @@ const PODS: PodUids = PodUids(0xaaaa);
 struct Watching {
     index: SharedPodIndex,
     metrics: WatchMetrics,
-    readiness: Arc<Readiness>,
+    health: Arc<Health>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -45,7 +45,7 @@ async fn watch(api: &KubeApi, selection: Selection) -> Watching {
         .expect("client");
     let index = SharedPodIndex::default();
     let metrics = WatchMetrics::register(&prometheus::Registry::new()).expect("metrics");
-    let readiness = Arc::new(Readiness::default());
+    let health = Arc::new(Health::default());
     let task = tokio::spawn(
         PodWatch {
             client,
@@ -53,14 +53,14 @@ async fn watch(api: &KubeApi, selection: Selection) -> Watching {
             selection,
             index: index.clone(),
             metrics: metrics.clone(),
-            readiness: readiness.clone(),
+            health: health.clone(),
         }
         .run(),
     );
     Watching {
         index,
         metrics,
-        readiness,
+        health,
         task,
     }
 }
@@ -160,7 +160,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
     ));
 
     let watching = watch(&api, Selection::default()).await;
-    let synced = until("first sync", || watching.readiness_synced()).await;
+    let synced = until("first sync", || watching.health_synced()).await;
     eprintln!("first list applied after {synced:?}");
 
     let expect = |n: usize, want: [&str; 5]| {
@@ -335,7 +335,7 @@ async fn node_pods_are_listed_watched_and_resolved_to_workloads() {
 }
 
 impl Watching {
-    fn readiness_synced(&self) -> bool {
+    fn health_synced(&self) -> bool {
         self.metrics.synced.get() == 1
     }
 }
@@ -351,7 +351,7 @@ async fn unreachable_api_server_is_retried_until_it_answers() {
     assert!(watching.metrics.last_error.get() > 0.0);
     api.restart();
     let took = until("sync after the API server came up", || {
-        watching.readiness_synced()
+        watching.health_synced()
     })
     .await;
     eprintln!("synced {took:?} after the API server came up");
@@ -359,7 +359,7 @@ async fn unreachable_api_server_is_retried_until_it_answers() {
         lookup(&watching, &PODS.uid(1), Some(&container_id(1))),
         Lookup::Known(_)
     ));
-    assert!(watching.readiness.is_synced());
+    assert!(watching.health.is_synced());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,7 +385,7 @@ async fn annotations_and_namespaces_select_pods() {
         },
     )
     .await;
-    until("first sync", || watching.readiness_synced()).await;
+    until("first sync", || watching.health_synced()).await;
     assert_eq!(
         lookup(&watching, &PODS.uid(1), Some(&container_id(1))),
         Lookup::Excluded

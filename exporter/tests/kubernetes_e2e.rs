@@ -220,12 +220,9 @@ fn every_series_carries_the_pod_that_served_it() {
         BTreeSet::from(["/items/<int>".to_owned(), "None".to_owned()])
     );
     // /debug/pods shows the node's pods as the watch knows them.
-    let pods: serde_json::Value = serde_json::from_slice(
-        &http_get_at(exporter.address, "/debug/pods")
-            .expect("debug pods")
-            .body,
-    )
-    .expect("JSON");
+    let pods: serde_json::Value =
+        serde_json::from_slice(&exporter.debug_page("/debug/pods").expect("debug pods").body)
+            .expect("JSON");
     assert_eq!(pods["mode"], "kubernetes");
     let listed: BTreeSet<&str> = pods["pods"]
         .as_array()
@@ -344,10 +341,9 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
         "/healthz",
     );
     assert_eq!(exporter.status_of("/readyz"), 503);
-    assert_eq!(
-        exporter.status_of("/debug/routes"),
-        404,
-        "debug endpoints off"
+    assert!(
+        exporter.debug_page("/debug/routes").is_err(),
+        "debug endpoints off: nothing listens"
     );
     let unknown = "<unknown>/<unknown>/<unknown>/<unknown>/<unknown>".to_owned();
     let sent = send_traffic(pod_p.app.port);
@@ -455,7 +451,7 @@ fn request_series(samples: &[Sample]) -> Vec<&Sample> {
 
 /// The workload a pod has in `/debug/pods`.
 fn workload_shown(exporter: &Exporter, pod: &str) -> Option<String> {
-    let response = http_get_at(exporter.address, "/debug/pods").ok()?;
+    let response = exporter.debug_page("/debug/pods").ok()?;
     let pods: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
     pods["pods"]
         .as_array()?

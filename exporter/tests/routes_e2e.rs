@@ -66,8 +66,14 @@ fn scrape(port: u16) -> Vec<Sample> {
 }
 
 fn debug_page(exporter: &Exporter, path: &str) -> String {
-    let response = http_get_at(exporter.address, path).expect("debug endpoint");
+    let response = exporter.debug_page(path).expect("debug endpoint");
     assert_eq!(response.status, 200, "{path}");
+    // Only on the debug listener, never beside /metrics.
+    assert_eq!(
+        exporter.status_of(path),
+        404,
+        "{path} on the metrics listener"
+    );
     String::from_utf8_lossy(&response.body).into_owned()
 }
 

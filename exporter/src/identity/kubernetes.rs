@@ -32,7 +32,7 @@ use super::{
         lock_index, parse_routes_annotation, text_hash,
     },
 };
-use crate::health::Readiness;
+use crate::health::{Health, WatchRunning};
 
 /// How long an owner lookup may take before the name heuristic is used.
 const OWNER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -183,13 +183,15 @@ pub struct PodWatch {
     pub selection: Selection,
     pub index: SharedPodIndex,
     pub metrics: WatchMetrics,
-    pub readiness: Arc<Readiness>,
+    pub health: Arc<Health>,
 }
 
 impl PodWatch {
     /// Runs until the task is dropped. Errors are logged, counted and
     /// retried with backoff; a 410 Gone makes kube's watcher relist.
     pub async fn run(self) {
+        // `/healthz` fails once this task ends, however it ends.
+        let _running = WatchRunning(&self.health);
         let pods: Api<Pod> = Api::all(self.client.clone());
         let config =
             watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name));
@@ -239,7 +241,7 @@ impl PodWatch {
                         );
                     }
                     self.metrics.synced.set(1);
-                    self.readiness.set_synced();
+                    self.health.set_synced();
                 }
                 Event::Apply(pod) => {
                     self.metrics.events.with_label_values(&["apply"]).inc();

@@ -97,8 +97,11 @@ pub fn wait_for_port(port: u16, timeout: Duration) {
 /// The exporter under test.
 pub struct Exporter {
     pub process: Running,
+    /// `/metrics`, `/healthz`, `/readyz`.
     pub address: SocketAddr,
     pub port: u16,
+    /// The `/debug/*` pages (`--debug-listen`).
+    pub debug_address: SocketAddr,
 }
 
 impl Exporter {
@@ -116,9 +119,11 @@ impl Exporter {
     /// Starts the exporter listening on `address`; waits until `endpoint`
     /// answers 200.
     pub fn start_on(address: SocketAddr, extra_args: &[&str], endpoint: &str) -> Exporter {
+        let debug_address = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_flask-ebpf-exporter"));
         command
             .arg(format!("--listen={address}"))
+            .arg(format!("--debug-listen={debug_address}"))
             .args(extra_args)
             // E2E_EXPORTER_LOG raises the exporter's log level when debugging a test.
             .env(
@@ -130,6 +135,7 @@ impl Exporter {
             process,
             address,
             port: address.port(),
+            debug_address,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while exporter.status_of(endpoint) != 200 {
@@ -144,6 +150,11 @@ impl Exporter {
 
     pub fn status_of(&self, endpoint: &str) -> u16 {
         http_get_at(self.address, endpoint).map_or(0, |response| response.status)
+    }
+
+    /// A `/debug/*` page, from the debug listener.
+    pub fn debug_page(&self, path: &str) -> std::io::Result<Response> {
+        http_get_at(self.debug_address, path)
     }
 
     pub fn metrics(&self) -> Vec<Sample> {
