@@ -28,6 +28,10 @@ pub enum EventKind {
     Close = 4,
     /// The exporter's own heartbeat close() was seen.
     Heartbeat = 5,
+    /// A write to a client that went away failed (EPIPE, ECONNRESET; the
+    /// errno is `aux`). Nothing moved (`byte_count` is 0); the captured
+    /// bytes are the start of what the server tried to send.
+    WriteFailed = 6,
 }
 
 impl EventKind {
@@ -38,6 +42,7 @@ impl EventKind {
             3 => Self::Write,
             4 => Self::Close,
             5 => Self::Heartbeat,
+            6 => Self::WriteFailed,
             _ => return None,
         })
     }
@@ -63,7 +68,8 @@ pub struct EventHeader {
     pub byte_count: u64,
     /// Bytes copied after this header (≤ byte_count, ≤ MAX_CAPTURE_BYTES).
     pub captured_len: u32,
-    /// Kind-specific: the listening fd for `Accept`.
+    /// Kind-specific: the listening fd for `Accept`, the errno for
+    /// `WriteFailed`.
     pub aux: u32,
 }
 

@@ -16,7 +16,12 @@ use exporter_common::{
 /// from offset 16; the return value of a sys_exit_* record is at 16.
 const ARG0: usize = 16;
 const ARG1: usize = 24;
+const ARG2: usize = 32;
 const RET: usize = 16;
+
+/// errno values of a write to a peer that went away.
+const EPIPE: i64 = 32;
+const ECONNRESET: i64 = 104;
 
 /// bpf_ringbuf_output / bpf_ringbuf_query flags (uapi/linux/bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -84,6 +89,8 @@ struct IoArgs {
     shape: BufferShape,
     _pad: u32,
     buffer: u64,
+    /// Bytes asked for, for a flat buffer (read and write's count).
+    length: u64,
 }
 
 #[repr(C)]
@@ -214,12 +221,18 @@ fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32
             Err(_) => return 0,
         }
     };
+    let length = if shape == BufferShape::Flat {
+        unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0)
+    } else {
+        0
+    };
     let args = IoArgs {
         fd: key.fd,
         kind: kind as u32,
         shape,
         _pad: 0,
         buffer,
+        length,
     };
     let _ = IO_ARGS.insert(&id, &args, 0);
     0
@@ -265,7 +278,7 @@ pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
 /// The user address and length of the bytes a syscall transferred.
 fn user_buffer(args: &IoArgs) -> Option<(u64, u64)> {
     match args.shape {
-        BufferShape::Flat => Some((args.buffer, u64::MAX)),
+        BufferShape::Flat => Some((args.buffer, args.length)),
         BufferShape::Iovec => first_iovec(args.buffer),
         BufferShape::Msghdr => {
             let iov =
@@ -300,13 +313,16 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
         return 0;
     };
-    if ret <= 0 {
-        return 0;
-    }
     let key = ConnKey {
         tgid: (id >> 32) as u32,
         fd: args.fd,
     };
+    // A write the client never got: the server still meant its status.
+    let failed_write =
+        args.kind == EventKind::Write as u32 && (ret == -EPIPE || ret == -ECONNRESET);
+    if ret <= 0 && !failed_write {
+        return 0;
+    }
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
     let Some((conn_id, seq)) = next_in_connection(&key, &args, buffer, ret, now) else {
@@ -317,17 +333,24 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let scratch = unsafe { &mut (*scratch).bytes };
-    let copy_len = copy_prefix(scratch, buffer, ret as u64, &config);
+    // What moved, or for a failed write what the server tried to send.
+    let (kind, moved, attempted) = if failed_write {
+        let attempted = buffer.map_or(0, |(_, length)| length);
+        (EventKind::WriteFailed as u32, 0, attempted)
+    } else {
+        (args.kind, ret as u64, ret as u64)
+    };
+    let copy_len = copy_prefix(scratch, buffer, attempted, &config);
     let header = EventHeader {
-        kind: args.kind,
+        kind,
         tgid: key.tgid,
         fd: args.fd,
         seq,
         conn_id,
         timestamp_ns: now,
-        byte_count: ret as u64,
+        byte_count: moved,
         captured_len: copy_len as u32,
-        aux: 0,
+        aux: if failed_write { -ret as u32 } else { 0 },
     };
     unsafe { core::ptr::write_unaligned(scratch.as_mut_ptr() as *mut EventHeader, header) };
     let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {

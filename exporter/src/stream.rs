@@ -236,6 +236,11 @@ fn feed(
                 .http
                 .on_write(segment, &counters.http, &mut exchanges)
         }
+        EventKind::WriteFailed if monitored => {
+            connection
+                .http
+                .on_write_failed(segment, &counters.http, &mut exchanges)
+        }
         EventKind::Close => connection.http.on_close(&counters.http, &mut exchanges),
         _ => {}
     }

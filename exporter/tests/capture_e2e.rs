@@ -374,3 +374,61 @@ fn vectored_syscalls_are_captured() {
         drop(server);
     }
 }
+
+/// Closes a connection with a reset (SO_LINGER 0): the server's next write
+/// fails with ECONNRESET or EPIPE.
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the size given.
+    let done = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(done, 0, "SO_LINGER");
+    drop(stream);
+}
+
+#[test]
+fn a_client_gone_before_the_response_still_counts_with_its_status() {
+    let venv = require_prerequisites();
+    let app = App::start(&venv, Server::GunicornSync, false);
+    let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
+    for _ in 0..3 {
+        let mut impatient = connect(app.port);
+        impatient
+            .write_all(b"GET /slow?seconds=0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        std::thread::sleep(Duration::from_millis(50));
+        reset(impatient);
+    }
+    let slow = |samples: &Vec<Sample>| {
+        counts_by_route(samples, |s| {
+            s.labels.get("port") == Some(&app.port.to_string())
+        })
+        .get(&("GET".to_owned(), "/slow".to_owned(), "200".to_owned()))
+        .copied()
+    };
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| slow(samples) == Some(3),
+    );
+    assert_eq!(slow(&samples), Some(3), "counted with the status written");
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_client_gone_total"),
+        3.0
+    );
+    assert_eq!(
+        value(&samples, "flask_ebpf_exporter_abandoned_requests_total"),
+        0.0
+    );
+}

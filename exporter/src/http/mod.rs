@@ -51,6 +51,9 @@ pub struct HttpCounters {
     /// Requests whose framing a server must refuse (RFC 9112 §6.3): their
     /// connection is no longer followed.
     pub ambiguous_requests: IntCounter,
+    /// Exchanges whose client went away before the response was written
+    /// (counted, with the status the server wrote).
+    pub client_gone: IntCounter,
 }
 
 impl HttpCounters {
@@ -80,6 +83,11 @@ impl HttpCounters {
                 registry,
                 "flask_ebpf_exporter_ambiguous_requests_total",
                 "Requests with framing a server must refuse (RFC 9112 6.3); their connection is no longer followed",
+            )?,
+            client_gone: counter(
+                registry,
+                "flask_ebpf_exporter_client_gone_total",
+                "Exchanges whose client went away before the response was written, counted with the status the server wrote",
             )?,
         })
     }
@@ -419,6 +427,38 @@ impl HttpConnection {
         out: &mut Vec<Exchange>,
     ) {
         self.advance::<Responses>(segment, counters, out);
+    }
+
+    /// A write that failed because the client went away (EPIPE,
+    /// ECONNRESET); `attempted` holds what the server tried to send. The
+    /// exchange still counts, with the status the server wrote, as its
+    /// access log has it.
+    pub fn on_write_failed(
+        &mut self,
+        attempted: Segment<'_>,
+        counters: &HttpCounters,
+        out: &mut Vec<Exchange>,
+    ) {
+        let at_head =
+            matches!(&self.response, ReaderState::Head { buffer, .. } if buffer.is_empty());
+        if self.in_flight.is_none() && at_head {
+            // The response would have begun with this write.
+            match start_line(attempted.captured, parse_response_head) {
+                Some(head) if !(100..200).contains(&head.status) => {
+                    self.in_flight = Some(InFlightResponse {
+                        status: head.status,
+                        bytes: 0,
+                        last_write_ns: attempted.timestamp_ns,
+                    });
+                }
+                _ => return,
+            }
+        }
+        if let Some(response) = &mut self.in_flight {
+            response.last_write_ns = attempted.timestamp_ns;
+            counters.client_gone.inc();
+            self.finish_response(counters, out);
+        }
     }
 
     /// Reads one segment in direction `D`: heads, then bodies skipped by

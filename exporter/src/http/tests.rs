@@ -523,3 +523,40 @@ fn body_bytes_that_look_like_a_request_never_resynchronise() {
     );
     assert_eq!(harness.counters.truncated_captures.get(), 1);
 }
+
+#[test]
+fn a_response_whose_client_went_away_counts_with_the_status_written() {
+    let mut harness = Harness::new();
+    let failed = |harness: &mut Harness, bytes: &[u8]| {
+        harness.clock += 1;
+        let segment = Segment {
+            timestamp_ns: harness.clock,
+            byte_count: 0,
+            captured: bytes,
+        };
+        harness
+            .connection
+            .on_write_failed(segment, &harness.counters, &mut harness.out);
+        harness.clock
+    };
+    // The whole response failed to go.
+    harness.read(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n");
+    let gone = failed(
+        &mut harness,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    );
+    // The head went, the body did not.
+    harness.read(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n");
+    harness.write(b"HTTP/1.1 503 SERVICE UNAVAILABLE\r\nContent-Length: 100\r\n\r\n");
+    failed(&mut harness, &[b'x'; 100]);
+    assert_eq!(
+        exchanges(&harness),
+        [triple("GET", "/slow", 200), triple("GET", "/big", 503)]
+    );
+    assert_eq!(harness.out[0].finished_ns, gone);
+    assert_eq!(harness.counters.client_gone.get(), 2);
+    // Bytes that are no response make nothing.
+    harness.read(b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n");
+    failed(&mut harness, b"garbage");
+    assert_eq!(harness.out.len(), 2);
+}
