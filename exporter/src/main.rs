@@ -30,6 +30,8 @@ use tracing::info;
 /// Requests held while their pod is looked up, at most: about 10 s of a
 /// busy node's traffic; beyond it they are exported as unknown at once.
 const MAX_HELD_REQUESTS: usize = 100_000;
+/// Bytes of method and target held while pods are looked up, at most.
+const MAX_HELD_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -209,14 +211,17 @@ fn pipeline(
     )?;
     Ok(Pipeline {
         capture,
-        table: ConnectionTable::new(StreamCounters::register(registry).context(registering)?),
+        table: ConnectionTable::new(
+            StreamCounters::register(registry, &budgets).context(registering)?,
+        ),
         identity,
         attribution: Attribution::new(
             HoldLimits {
                 wait: config.pod_wait,
                 max_held: MAX_HELD_REQUESTS,
+                max_held_bytes: MAX_HELD_REQUEST_BYTES,
             },
-            AttributionCounters::register(registry).context(registering)?,
+            AttributionCounters::register(registry, &budgets).context(registering)?,
         ),
         deleted_pod_grace: config.deleted_pod_grace,
         labeler: RouteLabeler::new(

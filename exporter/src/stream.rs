@@ -2,7 +2,7 @@
 //! belongs to (keyed by tgid, fd and generation), notices lost events from
 //! sequence gaps, and hands bytes in order to the HTTP stage.
 
-use std::collections::{BTreeMap, HashMap, hash_map::Entry};
+use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
 
 use exporter_common::EventKind;
 use prometheus::{IntCounter, IntGauge, Registry};
@@ -12,8 +12,12 @@ use crate::{
     capture::RawEvent,
     exchange::{CapturedExchange, Exchange, Origin, ServedBy},
     http::{HttpConnection, HttpCounters, Segment},
-    metrics::{counter, gauge},
+    metrics::{Budgets, counter, gauge},
 };
+
+/// Bytes all connections together may hold of heads not complete yet;
+/// beyond it the oldest are given up first.
+pub const MAX_PARTIAL_HEAD_BYTES: usize = 16 * 1024 * 1024;
 
 /// A connection idle this long is forgotten (its close was lost).
 const IDLE_CONNECTION_NS: u64 = 15 * 60 * 1_000_000_000;
@@ -28,6 +32,9 @@ struct Connection {
     served_by: Option<ServedBy>,
     http: HttpConnection,
     last_event_ns: u64,
+    /// Its entry in the table's partial-head index, while it holds one:
+    /// (bytes, when the oldest began).
+    partial: Option<(usize, u64)>,
 }
 
 /// What this stage and the HTTP stage under it count. The stage owns these
@@ -37,12 +44,15 @@ pub struct StreamCounters {
     pub connections_opened: IntCounter,
     pub sequence_gaps: IntCounter,
     pub connections_tracked: IntGauge,
+    /// Partial heads given up to stay within [`MAX_PARTIAL_HEAD_BYTES`].
+    pub partial_head_budget: IntCounter,
     pub http: HttpCounters,
 }
 
 impl StreamCounters {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(StreamCounters {
+            partial_head_budget: budgets.counter("partial_head_bytes"),
             connections_opened: counter(
                 registry,
                 "flask_ebpf_exporter_connections_total",
@@ -72,17 +82,84 @@ pub enum Handled {
     NewConnection(Origin),
 }
 
+/// Connections holding partial heads, oldest first, and their bytes.
+#[derive(Debug, Default)]
+struct PartialHeads {
+    oldest: BTreeSet<(u64, (u32, u32))>,
+    bytes: usize,
+}
+
+impl PartialHeads {
+    /// Brings the index up to date with what `connection` holds now.
+    fn account(&mut self, key: (u32, u32), connection: &mut Connection) {
+        let now = connection.http.partial_heads();
+        if now == connection.partial {
+            return;
+        }
+        if let Some((bytes, since)) = connection.partial.take() {
+            self.oldest.remove(&(since, key));
+            self.bytes -= bytes;
+        }
+        if let Some((bytes, since)) = now {
+            self.oldest.insert((since, key));
+            self.bytes += bytes;
+        }
+        connection.partial = now;
+    }
+
+    fn forget(&mut self, key: (u32, u32), connection: &Connection) {
+        if let Some((bytes, since)) = connection.partial {
+            self.oldest.remove(&(since, key));
+            self.bytes -= bytes;
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ConnectionTable {
     connections: HashMap<(u32, u32), Connection>,
     counters: StreamCounters,
+    partial_heads: PartialHeads,
+    max_partial_head_bytes: usize,
 }
 
 impl ConnectionTable {
     pub fn new(counters: StreamCounters) -> Self {
+        Self::with_partial_head_budget(counters, MAX_PARTIAL_HEAD_BYTES)
+    }
+
+    /// A table whose connections hold at most `max_partial_head_bytes` of
+    /// heads not complete yet, all together.
+    pub fn with_partial_head_budget(
+        counters: StreamCounters,
+        max_partial_head_bytes: usize,
+    ) -> Self {
         ConnectionTable {
             connections: HashMap::new(),
             counters,
+            partial_heads: PartialHeads::default(),
+            max_partial_head_bytes,
+        }
+    }
+
+    /// Bytes of heads not complete yet, over all connections.
+    pub fn partial_head_bytes(&self) -> usize {
+        self.partial_heads.bytes
+    }
+
+    /// Gives up the oldest partial heads until the rest fit the budget.
+    fn enforce_partial_head_budget(&mut self) {
+        while self.partial_heads.bytes > self.max_partial_head_bytes {
+            let Some(&(since, key)) = self.partial_heads.oldest.first() else {
+                return;
+            };
+            let Some(connection) = self.connections.get_mut(&key) else {
+                self.partial_heads.oldest.remove(&(since, key));
+                continue;
+            };
+            connection.http.drop_partial_heads(&self.counters.http);
+            self.partial_heads.account(key, connection);
+            self.counters.partial_head_budget.inc();
         }
     }
 
@@ -117,13 +194,18 @@ impl ConnectionTable {
             if entry.get().conn_id == header.conn_id {
                 let closed = feed(entry.get_mut(), event, &self.counters, out);
                 if closed {
-                    entry.remove();
+                    let gone = entry.remove();
+                    self.partial_heads.forget(key, &gone);
                     self.counters.connections_tracked.dec();
+                } else {
+                    self.partial_heads.account(key, entry.get_mut());
+                    self.enforce_partial_head_budget();
                 }
                 return Handled::Done;
             }
             // The fd now belongs to a new connection: the old one's close was lost.
             let mut old = entry.remove();
+            self.partial_heads.forget(key, &old);
             self.counters.connections_tracked.dec();
             let mut exchanges = Vec::new();
             old.http.on_close(&self.counters.http, &mut exchanges);
@@ -156,11 +238,14 @@ impl ConnectionTable {
             served_by,
             http: HttpConnection::new(),
             last_event_ns: header.timestamp_ns,
+            partial: None,
         };
         if !feed(&mut connection, event, &self.counters, out) {
-            self.connections
-                .insert((header.tgid, header.fd), connection);
+            let key = (header.tgid, header.fd);
+            self.partial_heads.account(key, &mut connection);
+            self.connections.insert(key, connection);
             self.counters.connections_tracked.inc();
+            self.enforce_partial_head_budget();
         }
     }
 
@@ -174,7 +259,8 @@ impl ConnectionTable {
     ) {
         let mut alive: HashMap<u32, bool> = HashMap::new();
         let counters = &self.counters;
-        self.connections.retain(|&(tgid, _), connection| {
+        let partial_heads = &mut self.partial_heads;
+        self.connections.retain(|&key @ (tgid, _), connection| {
             let process_alive = *alive.entry(tgid).or_insert_with(|| process_alive(tgid));
             let mut exchanges = Vec::new();
             connection.http.expire_unframed(
@@ -187,6 +273,7 @@ impl ConnectionTable {
             let keep = process_alive && !idle;
             if !keep {
                 connection.http.on_close(&counters.http, &mut exchanges);
+                partial_heads.forget(key, connection);
             }
             tag(connection, exchanges, out);
             keep
@@ -314,8 +401,14 @@ mod tests {
         Some(server(&format!("listen{:?}", origin.listen_fd)))
     }
 
+    fn counters() -> StreamCounters {
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        StreamCounters::register(&registry, &budgets).expect("counters")
+    }
+
     fn table() -> ConnectionTable {
-        ConnectionTable::new(StreamCounters::register(&Registry::new()).expect("counters"))
+        ConnectionTable::new(counters())
     }
 
     #[test]
@@ -400,5 +493,79 @@ mod tests {
         assert!(table.is_empty());
         // The close-delimited response ended with the process.
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn partial_heads_stay_within_their_budget_oldest_given_up_first() {
+        let mut table = ConnectionTable::with_partial_head_budget(counters(), 1000);
+        let mut out = Vec::new();
+        let head_start = |n: u64| format!("GET /r{n} HTTP/1.1\r\nCookie: {}", "c".repeat(300));
+        for fd in 0..5u32 {
+            let data = head_start(u64::from(fd));
+            let event = RawEvent {
+                kind: EventKind::Read,
+                header: EventHeader {
+                    kind: EventKind::Read as u32,
+                    tgid: 200,
+                    fd,
+                    seq: 0,
+                    conn_id: 1,
+                    timestamp_ns: 10 + u64::from(fd),
+                    byte_count: data.len() as u64,
+                    captured_len: data.len() as u32,
+                    aux: 0,
+                },
+                data: data.as_bytes(),
+            };
+            if let Handled::NewConnection(origin) = table.handle(&event, &mut out) {
+                table.open(&event, labels(&origin), &mut out);
+            }
+            assert!(
+                table.partial_head_bytes() <= 1000,
+                "{}",
+                table.partial_head_bytes()
+            );
+        }
+        // Five heads of ~330 bytes: the two oldest were given up.
+        assert_eq!(table.counters().partial_head_budget.get(), 2);
+        assert_eq!(table.partial_head_bytes(), 3 * head_start(0).len());
+        // A given-up head keeps its request line: the exchange still pairs.
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let event = RawEvent {
+            kind: EventKind::Write,
+            header: EventHeader {
+                kind: EventKind::Write as u32,
+                tgid: 200,
+                fd: 0,
+                seq: 1,
+                conn_id: 1,
+                timestamp_ns: 20,
+                byte_count: response.len() as u64,
+                captured_len: response.len() as u32,
+                aux: 0,
+            },
+            data: response,
+        };
+        assert_eq!(table.handle(&event, &mut out), Handled::Done);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].exchange.target, "/r0");
+        // Closing the others releases what they held.
+        for fd in 1..5u32 {
+            let close = RawEvent {
+                kind: EventKind::Close,
+                header: EventHeader {
+                    kind: EventKind::Close as u32,
+                    tgid: 200,
+                    fd,
+                    seq: 1,
+                    conn_id: 1,
+                    timestamp_ns: 30,
+                    ..EventHeader::default()
+                },
+                data: b"",
+            };
+            table.handle(&close, &mut out);
+        }
+        assert_eq!(table.partial_head_bytes(), 0);
     }
 }

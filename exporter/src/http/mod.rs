@@ -413,6 +413,48 @@ impl HttpConnection {
         self.pending.len()
     }
 
+    /// Bytes held of heads not complete yet, and when the oldest began.
+    pub fn partial_heads(&self) -> Option<(usize, u64)> {
+        let held = |state: &ReaderState| match state {
+            ReaderState::Head { buffer, started_ns } if !buffer.is_empty() => {
+                Some((buffer.len(), *started_ns))
+            }
+            _ => None,
+        };
+        match (held(&self.request), held(&self.response)) {
+            (None, None) => None,
+            (one, other) => {
+                let (one, other) = (one.unwrap_or((0, u64::MAX)), other.unwrap_or((0, u64::MAX)));
+                Some((one.0 + other.0, one.1.min(other.1)))
+            }
+        }
+    }
+
+    /// Gives up the heads not complete yet, as if the capture had cut them
+    /// where they are: their start lines still count.
+    pub fn drop_partial_heads(&mut self, counters: &HttpCounters) {
+        self.cut_partial_head::<Requests>(counters);
+        self.cut_partial_head::<Responses>(counters);
+    }
+
+    fn cut_partial_head<D: Direction>(&mut self, counters: &HttpCounters) {
+        let ReaderState::Head { buffer, started_ns } = D::reader(self) else {
+            return;
+        };
+        if buffer.is_empty() {
+            return;
+        }
+        let copied = std::mem::take(buffer);
+        let started_ns = *started_ns;
+        *D::reader(self) = ReaderState::Desync;
+        let at = HeadAt {
+            bytes: copied.len() as u64,
+            started_ns,
+            timestamp_ns: started_ns,
+        };
+        D::head_cut(self, &copied, at, counters);
+    }
+
     /// Bytes the server read.
     pub fn on_read(&mut self, segment: Segment<'_>, counters: &HttpCounters) {
         // Reading requests completes no exchange.

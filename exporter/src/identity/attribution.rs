@@ -16,7 +16,7 @@ use tracing::warn;
 use super::pods::{Lookup, PodIndex, SharedPodIndex, lock_index};
 use crate::{
     exchange::{AttributedExchange, CapturedExchange, Identity, IdentityLabels, ServedBy},
-    metrics::{counter, gauge},
+    metrics::{Budgets, counter, gauge},
     routes::flask_rules::RuleSet,
 };
 
@@ -29,6 +29,8 @@ pub struct HoldLimits {
     /// Most exchanges held at once; beyond it they are exported as unknown
     /// at once.
     pub max_held: usize,
+    /// Most bytes of method and target held at once, likewise.
+    pub max_held_bytes: usize,
 }
 
 /// What the attribution stage counts. It owns these counters: `/metrics`
@@ -40,11 +42,15 @@ pub struct AttributionCounters {
     /// Dropped on purpose: their pod is selected out.
     pub excluded: IntCounter,
     pub held: IntGauge,
+    /// Exchanges exported as unknown at once because the held bytes were
+    /// at their bound.
+    pub held_bytes_budget: IntCounter,
 }
 
 impl AttributionCounters {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(AttributionCounters {
+            held_bytes_budget: budgets.counter("held_request_bytes"),
             unattributed: counter(
                 registry,
                 "flask_ebpf_exporter_unattributed_requests_total",
@@ -69,6 +75,8 @@ impl AttributionCounters {
 pub struct Attribution {
     limits: HoldLimits,
     held: VecDeque<(Instant, CapturedExchange)>,
+    /// Bytes of method and target in `held`.
+    held_bytes: usize,
     /// Index generation the held exchanges were last tried against.
     tried_generation: u64,
     unknown: Arc<Identity>,
@@ -80,6 +88,7 @@ impl Attribution {
         Attribution {
             limits,
             held: VecDeque::new(),
+            held_bytes: 0,
             tried_generation: 0,
             unknown: Arc::new(Identity::new(IdentityLabels::unknown_pod())),
             counters,
@@ -112,6 +121,7 @@ impl Attribution {
             .is_some_and(|(deadline, _)| *deadline <= now);
         if !self.held.is_empty() && (due || generation != self.tried_generation) {
             self.tried_generation = generation;
+            self.held_bytes = 0;
             for (deadline, exchange) in std::mem::take(&mut self.held) {
                 self.place(index.as_deref_mut(), exchange, deadline, now, out);
             }
@@ -138,7 +148,9 @@ impl Attribution {
             }
             ServedBy::Container(container) => container.clone(),
         };
-        let give_up = deadline <= now || self.held.len() >= self.limits.max_held;
+        let size = held_size(&captured);
+        let no_room_left = self.held_bytes + size > self.limits.max_held_bytes;
+        let give_up = deadline <= now || self.held.len() >= self.limits.max_held || no_room_left;
         let Some(index) = index else {
             self.counters.unattributed.inc();
             return out.push(attributed(self.unknown.clone(), None, captured));
@@ -150,6 +162,9 @@ impl Attribution {
             }
             Lookup::Excluded => self.counters.excluded.inc(),
             Lookup::Pending if give_up => {
+                if no_room_left && deadline > now {
+                    self.counters.held_bytes_budget.inc();
+                }
                 if self.counters.unattributed.get() == 0 {
                     warn!(pod_uid = %container.pod_uid, container_id = ?container.container_id,
                         "traffic of a pod this node's watch does not know: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)");
@@ -157,9 +172,17 @@ impl Attribution {
                 self.counters.unattributed.inc();
                 out.push(attributed(self.unknown.clone(), None, captured));
             }
-            Lookup::Pending => self.held.push_back((deadline, captured)),
+            Lookup::Pending => {
+                self.held_bytes += size;
+                self.held.push_back((deadline, captured));
+            }
         }
     }
+}
+
+/// What holding an exchange costs, in bytes of what a client chose.
+fn held_size(captured: &CapturedExchange) -> usize {
+    captured.exchange.method.len() + captured.exchange.target.len()
 }
 
 fn attributed(
@@ -223,8 +246,19 @@ mod tests {
     }
 
     fn attribution(wait: Duration, max_held: usize) -> Attribution {
-        let counters = AttributionCounters::register(&Registry::new()).expect("counters");
-        Attribution::new(HoldLimits { wait, max_held }, counters)
+        bounded_attribution(wait, max_held, usize::MAX)
+    }
+
+    fn bounded_attribution(wait: Duration, max_held: usize, max_held_bytes: usize) -> Attribution {
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        let counters = AttributionCounters::register(&registry, &budgets).expect("counters");
+        let limits = HoldLimits {
+            wait,
+            max_held,
+            max_held_bytes,
+        };
+        Attribution::new(limits, counters)
     }
 
     /// Runs one attribution pass and returns (pod label, target) attributed.
@@ -322,5 +356,34 @@ mod tests {
         assert!(pass(&mut attribution, &index, vec![captured("/4")], start).is_empty());
         assert_eq!(attribution.counters().excluded.get(), 1);
         assert_eq!(attribution.counters().held.get(), 0);
+    }
+
+    #[test]
+    fn held_traffic_is_bounded_in_bytes() {
+        let index = SharedPodIndex::default();
+        // Room for two exchanges of 3 + 2,003 bytes, not three.
+        let mut attribution = bounded_attribution(Duration::from_secs(5), 100, 4_100);
+        let long = format!("/{}", "x".repeat(2_002));
+        let start = Instant::now();
+        let now = pass(
+            &mut attribution,
+            &index,
+            vec![captured(&long), captured(&long), captured(&long)],
+            start,
+        );
+        assert_eq!(
+            now,
+            [(UNKNOWN.to_owned(), long.clone())],
+            "the third at once"
+        );
+        assert_eq!(attribution.counters().held.get(), 2);
+        assert_eq!(attribution.counters().held_bytes_budget.get(), 1);
+        // Once they leave, there is room again.
+        lock_index(&index).apply(pod_info(true), start);
+        assert_eq!(
+            pass(&mut attribution, &index, vec![captured("/a")], start).len(),
+            3
+        );
+        assert_eq!(attribution.held_bytes, 0);
     }
 }
