@@ -14,6 +14,17 @@ pub const MAX_CAPTURE_BYTES: usize = 16 * 1024;
 /// No process can have an fd this large (`fs.nr_open` caps fds far below it).
 pub const HEARTBEAT_FD: u32 = 999_999_937;
 
+/// Slots of the kernel's `MAP_INSERT_FAILURES` array: which map an insert
+/// failed in.
+pub const CONNS_MAP: u32 = 0;
+pub const SERVERS_MAP: u32 = 1;
+pub const ACCEPT_ARGS_MAP: u32 = 2;
+pub const IO_ARGS_MAP: u32 = 3;
+pub const MAP_SLOTS: u32 = 4;
+/// The maps by slot, as userspace names them.
+pub const MAP_NAMES: [&str; MAP_SLOTS as usize] =
+    ["connections", "servers", "accept_args", "io_args"];
+
 /// What a syscall did on a tracked connection.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

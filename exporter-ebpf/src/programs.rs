@@ -3,12 +3,12 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use exporter_common::{
-    CaptureConfig, ConnKey, ConnState, EVENT_HEADER_LEN, EventHeader, EventKind, HEARTBEAT_FD,
-    MAX_CAPTURE_BYTES,
+    ACCEPT_ARGS_MAP, CONNS_MAP, CaptureConfig, ConnKey, ConnState, EVENT_HEADER_LEN, EventHeader,
+    EventKind, HEARTBEAT_FD, IO_ARGS_MAP, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -42,13 +42,21 @@ static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65_5
 #[map]
 static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16_384, 0);
 
-/// accept(4) listening fd, from syscall entry to exit, by thread.
+/// accept(4) listening fd, from syscall entry to exit, by thread. LRU: a
+/// thread that never returns (killed in the call) cannot fill it, and
+/// many threads blocked at once push out the oldest, not the newest.
 #[map]
-static ACCEPT_ARGS: HashMap<u64, u32> = HashMap::with_max_entries(4_096, 0);
+static ACCEPT_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4_096, 0);
 
-/// read/write arguments, from syscall entry to exit, by thread.
+/// read/write arguments, from syscall entry to exit, by thread (LRU, as
+/// ACCEPT_ARGS). Userspace may resize it (`--in-flight-syscalls`).
 #[map]
-static IO_ARGS: HashMap<u64, IoArgs> = HashMap::with_max_entries(16_384, 0);
+static IO_ARGS: LruHashMap<u64, IoArgs> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Failed map inserts, per CPU, by map: [`CONNS_MAP`], [`SERVERS_MAP`],
+/// [`ACCEPT_ARGS_MAP`], [`IO_ARGS_MAP`].
+#[map]
+static MAP_INSERT_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP_SLOTS, 0);
 
 #[map]
 static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
@@ -110,6 +118,14 @@ fn config() -> CaptureConfig {
     }
 }
 
+/// Counts a failed insert into map number `map`.
+fn count_insert_failure(map: u32) {
+    if let Some(failures) = MAP_INSERT_FAILURES.get_ptr_mut(map) {
+        // Per-CPU slot: no other writer.
+        unsafe { *failures += 1 };
+    }
+}
+
 fn count_lost_event() {
     if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {
         // Per-CPU slot: no other writer.
@@ -148,7 +164,9 @@ pub fn accept_enter(ctx: TracePointContext) -> u32 {
     let Ok(listen_fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
         return 0;
     };
-    let _ = ACCEPT_ARGS.insert(&id, &(listen_fd as u32), 0);
+    if ACCEPT_ARGS.insert(&id, &(listen_fd as u32), 0).is_err() {
+        count_insert_failure(ACCEPT_ARGS_MAP);
+    }
     0
 }
 
@@ -176,8 +194,12 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         seq: 0,
         _pad: 0,
     };
-    let _ = CONNS.insert(&key, &state, 0);
-    let _ = SERVERS.insert(&tgid, &1, 0);
+    if CONNS.insert(&key, &state, 0).is_err() {
+        count_insert_failure(CONNS_MAP);
+    }
+    if SERVERS.insert(&tgid, &1, 0).is_err() {
+        count_insert_failure(SERVERS_MAP);
+    }
     emit_header(&EventHeader {
         kind: EventKind::Accept as u32,
         tgid,
@@ -234,7 +256,9 @@ fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32
         buffer,
         length,
     };
-    let _ = IO_ARGS.insert(&id, &args, 0);
+    if IO_ARGS.insert(&id, &args, 0).is_err() {
+        count_insert_failure(IO_ARGS_MAP);
+    }
     0
 }
 
@@ -395,7 +419,10 @@ fn next_in_connection(
         seq: 0,
         _pad: 0,
     };
-    CONNS.insert(key, &state, 0).ok()?;
+    if CONNS.insert(key, &state, 0).is_err() {
+        count_insert_failure(CONNS_MAP);
+        return None;
+    }
     Some((now, 0))
 }
 

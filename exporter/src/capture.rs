@@ -8,8 +8,10 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, ring_buf::RingBufItem},
     programs::TracePoint,
 };
-use exporter_common::{CaptureConfig, EVENT_HEADER_LEN, EventHeader, EventKind, MAX_CAPTURE_BYTES};
-use prometheus::{IntCounter, Registry};
+use exporter_common::{
+    CaptureConfig, EVENT_HEADER_LEN, EventHeader, EventKind, MAP_NAMES, MAX_CAPTURE_BYTES,
+};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tracing::{debug, info, warn};
 
 use crate::metrics::counter;
@@ -87,6 +89,9 @@ pub struct CaptureOptions {
     pub capture_bytes: u32,
     /// Ring buffer size; a power of two, a multiple of the page size.
     pub ring_buffer_bytes: u32,
+    /// Reads and writes in flight (between syscall entry and exit) the
+    /// kernel keeps arguments for; beyond it the oldest are forgotten.
+    pub in_flight_syscalls: u32,
 }
 
 /// One event as read from the ring buffer.
@@ -139,11 +144,26 @@ pub struct CaptureCounters {
     /// Mirrors the kernel's own count (the `LOST_EVENTS` map).
     pub events_lost: IntCounter,
     pub events_malformed: IntCounter,
+    /// Mirror the kernel's counts of failed map inserts, by map
+    /// ([`MAP_NAMES`] order).
+    pub map_insert_failures: Vec<IntCounter>,
 }
 
 impl CaptureCounters {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "flask_ebpf_exporter_kernel_map_insert_failures_total",
+                "Inserts into the kernel side's maps that failed, by map: what they would have followed is not seen",
+            ),
+            &["map"],
+        )?;
+        registry.register(Box::new(failures.clone()))?;
         Ok(CaptureCounters {
+            map_insert_failures: MAP_NAMES
+                .iter()
+                .map(|name| failures.with_label_values(&[*name]))
+                .collect(),
             events_read: counter(
                 registry,
                 "flask_ebpf_exporter_events_read_total",
@@ -169,6 +189,7 @@ pub struct Capture {
     _ebpf: Ebpf,
     events: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
+    map_insert_failures: PerCpuArray<MapData, u64>,
     counters: CaptureCounters,
     malformed_logged: bool,
 }
@@ -230,6 +251,7 @@ impl Capture {
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .map_max_entries("IO_ARGS", options.in_flight_syscalls)
             .load(EBPF_OBJECT)
             .map_err(|error| {
                 if permission_denied(&error) {
@@ -245,6 +267,9 @@ impl Capture {
             RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, "LOST_EVENTS")?)
             .map_err(map_error("LOST_EVENTS"))?;
+        let map_insert_failures =
+            PerCpuArray::try_from(take_map(&mut ebpf, "MAP_INSERT_FAILURES")?)
+                .map_err(map_error("MAP_INSERT_FAILURES"))?;
         info!(
             capture_bytes = options.capture_bytes,
             ring_buffer_bytes = options.ring_buffer_bytes,
@@ -254,6 +279,7 @@ impl Capture {
             _ebpf: ebpf,
             events,
             lost,
+            map_insert_failures,
             counters,
             malformed_logged: false,
         })
@@ -263,23 +289,31 @@ impl Capture {
         &self.counters
     }
 
-    /// Brings `events_lost` up to the kernel's count of events the ring
-    /// buffer had no room for, and says so when it grew.
-    pub fn sync_lost_events(&self) {
-        let lost: u64 = match self.lost.get(&0, 0) {
-            Ok(per_cpu) => per_cpu.iter().sum(),
-            Err(error) => {
-                warn!(%error, "could not read the lost-events counter");
-                return;
-            }
-        };
-        let counted = self.counters.events_lost.get();
-        if lost > counted {
+    /// Brings the counters the kernel keeps (events the ring buffer had no
+    /// room for, failed map inserts) up to date, and says so when they grew.
+    pub fn sync_kernel_counters(&self) {
+        let lost = per_cpu_sum(&self.lost, 0);
+        if mirror(&self.counters.events_lost, lost) {
             warn!(
                 lost_total = lost,
                 "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)"
             );
-            self.counters.events_lost.inc_by(lost - counted);
+        }
+        for (slot, (counter, map)) in self
+            .counters
+            .map_insert_failures
+            .iter()
+            .zip(MAP_NAMES)
+            .enumerate()
+        {
+            let failures = per_cpu_sum(&self.map_insert_failures, slot as u32);
+            if mirror(counter, failures) {
+                warn!(
+                    map,
+                    failures_total = failures,
+                    "inserts into a kernel map failed: some traffic is not followed"
+                );
+            }
         }
     }
 
@@ -369,6 +403,27 @@ fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
         }
     }
     Ok(())
+}
+
+/// Sums one slot of a per-CPU counter array (0 when unreadable, logged).
+fn per_cpu_sum(array: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
+    match array.get(&slot, 0) {
+        Ok(per_cpu) => per_cpu.iter().sum(),
+        Err(error) => {
+            warn!(%error, "could not read a kernel counter");
+            0
+        }
+    }
+}
+
+/// Brings a counter up to a total the kernel keeps; whether it grew.
+fn mirror(counter: &IntCounter, total: u64) -> bool {
+    let counted = counter.get();
+    if total <= counted {
+        return false;
+    }
+    counter.inc_by(total - counted);
+    true
 }
 
 fn map_mut<'a>(

@@ -151,7 +151,7 @@ impl Pipeline {
             self.metrics.release(&identity);
             self.labeler.forget(&identity);
         }
-        self.capture.sync_lost_events();
+        self.capture.sync_kernel_counters();
         if let Some(debug) = &self.debug {
             debug.publish(DebugSnapshot {
                 routes: RoutesReport::new(self.labeler.snapshot()),

@@ -432,3 +432,34 @@ fn a_client_gone_before_the_response_still_counts_with_its_status() {
         0.0
     );
 }
+
+#[test]
+fn threads_blocked_in_reads_never_hide_new_traffic() {
+    let venv = require_prerequisites();
+    // Werkzeug's threaded server: a thread blocked in a read per connection.
+    let app = App::start(&venv, Server::Werkzeug, false);
+    let port = app.port.to_string();
+    let exporter = Exporter::start(&[
+        "--path-label",
+        "raw",
+        "--port",
+        &port,
+        "--in-flight-syscalls",
+        "64",
+    ]);
+    // Three times as many idle connections as the kernel keeps reads for.
+    let idle: Vec<TcpStream> = (0..192).map(|_| connect(app.port)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut client = Client::new(app.port);
+    for _ in 0..5 {
+        client.send("GET", "/", "/", b"", false);
+    }
+    let sent = client.tally.clone();
+    let (_, exported) = eventually(
+        Duration::from_secs(10),
+        || exported_for(&exporter, app.port),
+        |(_, tally)| *tally == sent,
+    );
+    assert_eq!(exported, sent, "new traffic seen past the blocked reads");
+    drop(idle);
+}
