@@ -19,6 +19,16 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web
 /// Debian packages of the real components the tests and benchmark use.
 const TEST_PACKAGES: &[&str] = &["python3-venv", "wrk", "prometheus"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz targets under fuzz/fuzz_targets.
+const FUZZ_TARGETS: &[&str] = &[
+    "http_connection",
+    "event_decoding",
+    "flask_rules",
+    "routes_annotation",
+    "cgroup_paths",
+    "route_learner",
+];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -46,6 +56,10 @@ fn main() -> anyhow::Result<()> {
             setup(&root)?;
             test(&root, rest)
         }
+        "fuzz" => {
+            setup(&root)?;
+            fuzz(&root, rest)
+        }
         "bench" => {
             setup(&root)?;
             // exporter/benches/overhead.rs; arguments go to it.
@@ -63,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included\n  bench   setup, then the overhead benchmark"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark"
             );
             if task == "help" {
                 Ok(())
@@ -137,6 +151,20 @@ fn setup(root: &Path) -> anyhow::Result<()> {
         run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;
     }
 
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if !has_cargo_fuzz {
+        run(Command::new("cargo").args([
+            "+stable",
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]))?;
+    }
+
     let venv = root.join(".venv");
     let python = venv.join("bin/python");
     let requirements = root.join("tests/fixtures/requirements.txt");
@@ -199,6 +227,39 @@ fn debian_llvm_major() -> anyhow::Result<String> {
         .context("no LLVM version in /usr/bin/rustc -vV")
 }
 
+/// Runs every fuzz target (cargo-fuzz, libFuzzer with AddressSanitizer, on
+/// the nightly toolchain) for `--seconds N` each; `--dev` builds them
+/// unoptimized, which is quicker to build and slower to run. A crash fails
+/// the run and leaves its input under fuzz/artifacts/<target>/.
+fn fuzz(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut seconds = "60".to_owned();
+    let mut dev = false;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => seconds = args.next().context("--seconds N")?.clone(),
+            "--dev" => dev = true,
+            other => bail!("unknown fuzz option {other}"),
+        }
+    }
+    for target in FUZZ_TARGETS {
+        let mut command = Command::new("cargo");
+        command.args(["+nightly", "fuzz", "run"]);
+        if dev {
+            command.arg("--dev");
+        }
+        run(command
+            .arg(target)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-print_final_stats=1",
+            ])
+            .current_dir(root))?;
+    }
+    Ok(())
+}
+
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .args(["fmt", "--all", "--check"])
@@ -218,5 +279,10 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--all-targets"])
         .args(extra)
         .env("FLASK_EBPF_VENV", root.join(".venv"))
-        .current_dir(root))
+        .current_dir(root))?;
+    // A smoke run of each fuzz target: it builds and finds nothing quickly.
+    fuzz(
+        root,
+        &["--seconds".to_owned(), "5".to_owned(), "--dev".to_owned()],
+    )
 }

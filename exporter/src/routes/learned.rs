@@ -135,8 +135,10 @@ struct Node {
 }
 
 impl Node {
+    /// Nodes in this subtree, each tracked `<path>` suffix counted as one.
     fn size(&self) -> usize {
-        1 + self.literals.values().map(Node::size).sum::<usize>()
+        1 + self.path_suffixes.len()
+            + self.literals.values().map(Node::size).sum::<usize>()
             + self
                 .params
                 .iter()
