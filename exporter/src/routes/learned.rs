@@ -374,6 +374,11 @@ fn choose(
     retired: &mut Vec<String>,
 ) -> Descend {
     if let Some(param) = classify(segment) {
+        if param == Param::String && !node.has_param(param) && !node.literals.is_empty() {
+            // A value too long to be a literal: this position holds values,
+            // and its literals collapse as they would at the cap.
+            return collapse_position(node, cap, walk, retired);
+        }
         if !node.has_param(param) {
             if !limits.can_grow(walk) {
                 return Descend::NoRoom;
@@ -407,6 +412,17 @@ fn choose(
         walk.created += 1;
         return Descend::NewLiteral;
     }
+    collapse_position(node, cap, walk, retired)
+}
+
+/// Makes the position at `node` a parameter: its literals merge into it,
+/// but for hot ones (static siblings), and their templates are retired.
+fn collapse_position(
+    node: &mut Node,
+    cap: usize,
+    walk: &mut Walk,
+    retired: &mut Vec<String>,
+) -> Descend {
     node.hits += 1;
     let (became, merged) = collapse(node, cap);
     walk.collapsed = true;
@@ -677,6 +693,12 @@ mod tests {
     #[test]
     fn long_segments_are_values_and_path_suffixes_are_bounded() {
         let mut learner = RouteLearner::new(4, 10_000);
+        for _ in 0..20 {
+            learn(&mut learner, "/catalog/tags/featured");
+        }
+        for tag in ["rust", "go", "zig"] {
+            learn(&mut learner, &format!("/catalog/tags/{tag}"));
+        }
         let slug = "a".repeat(2000);
         assert_eq!(
             learn(&mut learner, &format!("/catalog/tags/{slug}")),
@@ -688,6 +710,22 @@ mod tests {
                 .map(|f| f.0)
                 .as_deref(),
             Some("/catalog/tags/<string>")
+        );
+        // The long value made the position a parameter: its literals were
+        // retired, but for the hot static sibling.
+        let mut retired = learner.take_retired();
+        retired.sort();
+        assert_eq!(
+            retired,
+            [
+                "/catalog/tags/go",
+                "/catalog/tags/rust",
+                "/catalog/tags/zig"
+            ]
+        );
+        assert_eq!(
+            learn(&mut learner, "/catalog/tags/featured").0,
+            "/catalog/tags/featured"
         );
         // A `<path>` under /files, then many distinct last segments.
         for file in ["a.txt", "b/c.txt", "d/e/f.txt", "g.txt", "h/i.txt"] {

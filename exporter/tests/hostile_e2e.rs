@@ -1,0 +1,351 @@
+//! An adversary's traffic against real Flask apps, on the real kernel, for
+//! 30 s: pipelined requests with invented methods, deep typed paths, 2 KiB
+//! segments and slugs on routes that answer 200 for any value, smuggling
+//! shapes, TLS, HTTP/2 and binary bytes against gunicorn, and 300 slow
+//! heads of ~60 KiB against Werkzeug. The agent must stay small, keep
+//! /metrics small, learn nothing the app does not serve, stay alive, and
+//! afterwards count legitimate requests exactly.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    io::Write,
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use support::*;
+
+const ATTACK: Duration = Duration::from_secs(32);
+const SLOW_HEADS: usize = 300;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn letters(rng: &mut StdRng, n: usize) -> String {
+    (0..n)
+        .map(|_| rng.random_range(b'a'..=b'z') as char)
+        .collect()
+}
+
+fn uuid(rng: &mut StdRng) -> String {
+    let hex = |rng: &mut StdRng, n: usize| -> String {
+        (0..n)
+            .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
+            .collect()
+    };
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex(rng, 8),
+        hex(rng, 4),
+        hex(rng, 4),
+        hex(rng, 4),
+        hex(rng, 12)
+    )
+}
+
+/// One hostile request line: (method, target).
+fn hostile_request(rng: &mut StdRng) -> (String, String) {
+    match rng.random_range(0..8) {
+        // Invented methods, on known paths and not.
+        0 => {
+            let length = rng.random_range(3..10);
+            (
+                letters(rng, length).to_uppercase(),
+                format!("/items/{}", rng.random_range(0..100)),
+            )
+        }
+        // Deep paths of random typed segments: 404.
+        1 => {
+            let depth = rng.random_range(3..12);
+            let segments: Vec<String> = (0..depth)
+                .map(|_| match rng.random_range(0..5) {
+                    0 => format!("{}.{}", rng.random_range(0..999), rng.random_range(0..99)),
+                    1 => format!(
+                        "20{:02}-0{}-1{}",
+                        rng.random_range(0..99),
+                        rng.random_range(1..9),
+                        rng.random_range(0..9)
+                    ),
+                    2 => format!("{:016x}", rng.random::<u64>()),
+                    3 => uuid(rng),
+                    _ => letters(rng, 8),
+                })
+                .collect();
+            ("GET".to_owned(), format!("/{}", segments.join("/")))
+        }
+        // 2 KiB slugs on routes that answer 200 for any value.
+        2 => ("GET".to_owned(), format!("/tags/{}", letters(rng, 2048))),
+        3 => (
+            "GET".to_owned(),
+            format!("/blog/2026/{}", letters(rng, 2048)),
+        ),
+        // Many short values, and deep varied file paths: 200.
+        4 => ("GET".to_owned(), format!("/tags/{}", letters(rng, 8))),
+        5 => {
+            let depth = rng.random_range(1..6);
+            let parts: Vec<String> = (0..depth).map(|_| letters(rng, 6)).collect();
+            ("GET".to_owned(), format!("/files/{}.bin", parts.join("/")))
+        }
+        6 => ("GET".to_owned(), format!("/users/{}", uuid(rng))),
+        // A 2 KiB segment the app does not serve: 404.
+        _ => ("GET".to_owned(), format!("/{}/x", letters(rng, 2048))),
+    }
+}
+
+/// Pipelines batches of hostile requests on keep-alive connections until
+/// `stop`; counts the responses read.
+fn pipeline_attack(port: u16, seed: u64, stop: Arc<AtomicBool>, answered: Arc<AtomicU64>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut buffer = Vec::new();
+        'connection: while !stop.load(Ordering::Relaxed) {
+            let batch: Vec<(String, String)> = (0..20).map(|_| hostile_request(&mut rng)).collect();
+            let wire: String = batch
+                .iter()
+                .map(|(method, target)| format!("{method} {target} HTTP/1.1\r\nHost: h\r\n\r\n"))
+                .collect();
+            if stream.write_all(wire.as_bytes()).is_err() {
+                break;
+            }
+            for (method, _) in &batch {
+                match read_response(&mut stream, &mut buffer, method) {
+                    Ok(response) => {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        if response.close {
+                            break 'connection;
+                        }
+                    }
+                    Err(_) => break 'connection,
+                }
+            }
+        }
+    }
+}
+
+/// Requests a server must refuse, and bytes that are not HTTP/1.x at all.
+fn garbage_attack(port: u16, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    let shapes: [&[u8]; 7] = [
+        b"POST /items HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST /items HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello",
+        b"POST /items HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /items HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\xde\xad\xbe\xef\x00\x00\x00",
+        b"\x00\xff\x13\x37GET / HTTP/1.1\r\n\r\n\x7f\x80",
+    ];
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = stream.write_all(shapes[n % shapes.len()]);
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 4096]);
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+        n += 1;
+    }
+}
+
+/// Opens slow heads of ~60 KiB, written a line at a time, never finished.
+fn slow_heads(port: u16, stop: Arc<AtomicBool>) -> Vec<TcpStream> {
+    let mut streams: Vec<TcpStream> = (0..SLOW_HEADS)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    for stream in &mut streams {
+        let _ = stream.write_all(b"GET /items/1 HTTP/1.1\r\nHost: h\r\n");
+    }
+    for line in 0..60 {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        for stream in &mut streams {
+            let _ = stream.write_all(format!("X-Pad-{line}: {}\r\n", "p".repeat(1000)).as_bytes());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    streams
+}
+
+/// Requests the app serves, and the path label each must get.
+fn legitimate() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("/items/7", "/items/<int>"),
+        ("/items/42/reviews", "/items/<int>/reviews"),
+        ("/users/me", "/users/me"),
+        ("/health", "/health"),
+        ("/prices/9.99", "/prices/<float>"),
+    ]
+}
+
+fn duration_count(samples: &[Sample], port: &str, path: &str) -> u64 {
+    samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+        .filter(|s| s.labels.get("port").map(String::as_str) == Some(port))
+        .filter(|s| s.labels.get("path").map(String::as_str) == Some(path))
+        .filter(|s| s.labels.get("status").map(String::as_str) == Some("200"))
+        .map(|s| s.value as u64)
+        .sum()
+}
+
+/// Literal segments of the app's routes (and the labels with no route).
+const SERVED_LITERALS: [&str; 18] = [
+    "items", "featured", "reviews", "users", "me", "orders", "files", "meta", "prices", "tags",
+    "related", "blog", "docs", "search", "lang", "reports", "boom", "health",
+];
+
+#[test]
+fn an_adversary_cannot_grow_blind_or_fool_the_agent() {
+    let venv = require_prerequisites();
+    let app = App::start_fixture(&venv, "routes_app", Server::GunicornGthread, false, &[]);
+    let slow_target = App::start_fixture(&venv, "routes_app", Server::Werkzeug, false, &[]);
+    let port = app.port.to_string();
+    let exporter = Exporter::start(&[]);
+    let pid = exporter.process.child.id();
+
+    // The app's own traffic first, so its routes are known.
+    for round in 0..20 {
+        for (target, _) in legitimate() {
+            let target = target.replace("/7", &format!("/{}", 7 + round));
+            assert_eq!(http_get(app.port, &target).expect("request").status, 200);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_before = rss_kib(pid);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let garbage = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    for seed in 0..4 {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        attackers.push(std::thread::spawn(move || {
+            pipeline_attack(app.port, seed, stop, answered)
+        }));
+    }
+    {
+        let (stop, garbage) = (stop.clone(), garbage.clone());
+        attackers.push(std::thread::spawn(move || {
+            garbage_attack(app.port, stop, garbage)
+        }));
+    }
+    let slow = {
+        let stop = stop.clone();
+        let port = slow_target.port;
+        std::thread::spawn(move || slow_heads(port, stop))
+    };
+    let mut healthy_throughout = true;
+    while started.elapsed() < ATTACK {
+        std::thread::sleep(Duration::from_secs(2));
+        healthy_throughout &= exporter.status_of("/healthz") == 200;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.join().expect("attacker");
+    }
+    let slow_streams = slow.join().expect("slow heads");
+    let attack_time = started.elapsed();
+    let hostile = answered.load(Ordering::Relaxed) + garbage.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = rss_kib(pid);
+    drop(slow_streams);
+
+    let response = http_get_at(exporter.address, "/metrics").expect("metrics");
+    let text = String::from_utf8_lossy(&response.body).into_owned();
+    let samples = parse_exposition(&text);
+    let longest_label = samples
+        .iter()
+        .flat_map(|s| s.labels.values())
+        .map(String::len)
+        .max()
+        .unwrap_or(0);
+    let paths: BTreeSet<String> = samples
+        .iter()
+        .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+        .filter(|s| s.labels.get("port") == Some(&port))
+        .filter_map(|s| s.labels.get("path").cloned())
+        .collect();
+    let series = samples
+        .iter()
+        .filter(|s| s.name.starts_with("flask_http_request"))
+        .count();
+    let budgets: Vec<String> = samples
+        .iter()
+        .filter(|s| s.name == "flask_ebpf_exporter_budget_exhausted_total" && s.value > 0.0)
+        .map(|s| format!("{}={}", s.labels["budget"], s.value))
+        .collect();
+    eprintln!(
+        "hostile run: {hostile} requests and connections in {attack_time:?}; exporter RSS {rss_before} KiB before, {rss_after} KiB after; /metrics {} bytes, {series} request series, longest label {longest_label} bytes; budgets hit: {budgets:?}; paths {paths:?}",
+        text.len()
+    );
+
+    assert!(attack_time >= Duration::from_secs(30));
+    assert!(hostile >= 20_000, "only {hostile} hostile requests");
+    assert!(healthy_throughout, "/healthz failed during the attack");
+    assert_eq!(exporter.status_of("/healthz"), 200);
+    assert!(
+        rss_after.saturating_sub(rss_before) <= 32 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    assert!(
+        text.len() <= 1024 * 1024,
+        "/metrics is {} bytes",
+        text.len()
+    );
+    assert!(longest_label <= 1024, "a label of {longest_label} bytes");
+    for path in &paths {
+        let attacker_only: Vec<&str> = path
+            .split('/')
+            .filter(|segment| !segment.is_empty() && !segment.starts_with('<'))
+            .filter(|segment| *segment != "None" && !SERVED_LITERALS.contains(segment))
+            .collect();
+        assert!(
+            attacker_only.is_empty(),
+            "{path} is made of segments only the attacker sent"
+        );
+    }
+
+    // Legitimate requests afterwards count exactly, under their templates.
+    let before: Vec<u64> = legitimate()
+        .iter()
+        .map(|(_, label)| duration_count(&samples, &port, label))
+        .collect();
+    for (target, _) in legitimate() {
+        for _ in 0..10 {
+            assert_eq!(http_get(app.port, target).expect("request").status, 200);
+        }
+    }
+    let expected: Vec<u64> = before.iter().map(|count| count + 10).collect();
+    let counted = |samples: &Vec<Sample>| -> Vec<u64> {
+        legitimate()
+            .iter()
+            .map(|(_, label)| duration_count(samples, &port, label))
+            .collect()
+    };
+    let after = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |s| counted(s) == expected,
+    );
+    assert_eq!(counted(&after), expected, "{:?}", legitimate());
+}
