@@ -31,18 +31,6 @@ const NAMESPACE: &str = "churn";
 /// Pods alive at once.
 const OVERLAP: usize = 4;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 struct ChurnPod {
     n: usize,
     // Before the cgroups: the process exits before they are removed.

@@ -495,6 +495,25 @@ mod tests {
         assert_eq!(out.len(), 1);
     }
 
+    /// An event of connection 1 on `fd` of tgid 200.
+    fn event_on(fd: u32, kind: EventKind, seq: u32, data: &[u8]) -> RawEvent<'_> {
+        RawEvent {
+            kind,
+            header: EventHeader {
+                kind: kind as u32,
+                tgid: 200,
+                fd,
+                seq,
+                conn_id: 1,
+                timestamp_ns: 10 + u64::from(fd) + u64::from(seq),
+                byte_count: data.len() as u64,
+                captured_len: data.len() as u32,
+                aux: 0,
+            },
+            data,
+        }
+    }
+
     #[test]
     fn partial_heads_stay_within_their_budget_oldest_given_up_first() {
         let mut table = ConnectionTable::with_partial_head_budget(counters(), 1000);
@@ -502,21 +521,7 @@ mod tests {
         let head_start = |n: u64| format!("GET /r{n} HTTP/1.1\r\nCookie: {}", "c".repeat(300));
         for fd in 0..5u32 {
             let data = head_start(u64::from(fd));
-            let event = RawEvent {
-                kind: EventKind::Read,
-                header: EventHeader {
-                    kind: EventKind::Read as u32,
-                    tgid: 200,
-                    fd,
-                    seq: 0,
-                    conn_id: 1,
-                    timestamp_ns: 10 + u64::from(fd),
-                    byte_count: data.len() as u64,
-                    captured_len: data.len() as u32,
-                    aux: 0,
-                },
-                data: data.as_bytes(),
-            };
+            let event = event_on(fd, EventKind::Read, 0, data.as_bytes());
             if let Handled::NewConnection(origin) = table.handle(&event, &mut out) {
                 table.open(&event, labels(&origin), &mut out);
             }
@@ -530,41 +535,13 @@ mod tests {
         assert_eq!(table.counters().partial_head_budget.get(), 2);
         assert_eq!(table.partial_head_bytes(), 3 * head_start(0).len());
         // A given-up head keeps its request line: the exchange still pairs.
-        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        let event = RawEvent {
-            kind: EventKind::Write,
-            header: EventHeader {
-                kind: EventKind::Write as u32,
-                tgid: 200,
-                fd: 0,
-                seq: 1,
-                conn_id: 1,
-                timestamp_ns: 20,
-                byte_count: response.len() as u64,
-                captured_len: response.len() as u32,
-                aux: 0,
-            },
-            data: response,
-        };
+        let event = event_on(0, EventKind::Write, 1, OK_EMPTY);
         assert_eq!(table.handle(&event, &mut out), Handled::Done);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].exchange.target, "/r0");
         // Closing the others releases what they held.
         for fd in 1..5u32 {
-            let close = RawEvent {
-                kind: EventKind::Close,
-                header: EventHeader {
-                    kind: EventKind::Close as u32,
-                    tgid: 200,
-                    fd,
-                    seq: 1,
-                    conn_id: 1,
-                    timestamp_ns: 30,
-                    ..EventHeader::default()
-                },
-                data: b"",
-            };
-            table.handle(&close, &mut out);
+            table.handle(&event_on(fd, EventKind::Close, 1, b""), &mut out);
         }
         assert_eq!(table.partial_head_bytes(), 0);
     }

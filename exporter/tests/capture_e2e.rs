@@ -455,11 +455,18 @@ fn threads_blocked_in_reads_never_hide_new_traffic() {
         client.send("GET", "/", "/", b"", false);
     }
     let sent = client.tally.clone();
-    let (_, exported) = eventually(
+    let (samples, exported) = eventually(
         Duration::from_secs(10),
         || exported_for(&exporter, app.port),
         |(_, tally)| *tally == sent,
     );
     assert_eq!(exported, sent, "new traffic seen past the blocked reads");
+    // Inserts that fail in the kernel would be counted, map by map.
+    let maps: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.name == "flask_ebpf_exporter_kernel_map_insert_failures_total")
+        .filter_map(|s| s.labels.get("map").map(String::as_str))
+        .collect();
+    assert_eq!(maps.len(), 4, "{maps:?}");
     drop(idle);
 }

@@ -20,43 +20,15 @@ use std::{
 };
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use support::*;
+use support::{routes_traffic::uuid, *};
 
 const ATTACK: Duration = Duration::from_secs(32);
 const SLOW_HEADS: usize = 300;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn letters(rng: &mut StdRng, n: usize) -> String {
     (0..n)
         .map(|_| rng.random_range(b'a'..=b'z') as char)
         .collect()
-}
-
-fn uuid(rng: &mut StdRng) -> String {
-    let hex = |rng: &mut StdRng, n: usize| -> String {
-        (0..n)
-            .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
-            .collect()
-    };
-    format!(
-        "{}-{}-{}-{}-{}",
-        hex(rng, 8),
-        hex(rng, 4),
-        hex(rng, 4),
-        hex(rng, 4),
-        hex(rng, 12)
-    )
 }
 
 /// One hostile request line: (method, target).

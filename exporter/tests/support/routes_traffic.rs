@@ -26,7 +26,8 @@ fn word(rng: &mut StdRng) -> String {
         .collect()
 }
 
-fn uuid(rng: &mut StdRng) -> String {
+/// A random UUID in its canonical text form.
+pub fn uuid(rng: &mut StdRng) -> String {
     let hex = |rng: &mut StdRng, n: usize| -> String {
         (0..n)
             .map(|_| char::from_digit(rng.random_range(0..16), 16).unwrap_or('0'))
