@@ -434,6 +434,32 @@ fn a_client_gone_before_the_response_still_counts_with_its_status() {
 }
 
 #[test]
+fn a_response_head_past_the_capture_keeps_its_status_and_the_pairing() {
+    let venv = require_prerequisites();
+    // gthread keeps the connection alive: every request below shares it.
+    let app = App::start(&venv, Server::GunicornGthread, false);
+    let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
+    let mut client = Client::new(app.port);
+    for _ in 0..3 {
+        // A 5 KiB Set-Cookie: the head is longer than the 4 KiB copied.
+        assert_eq!(client.send("GET", "/cookie", "/cookie", b"", false), 201);
+        assert_eq!(client.send("GET", "/items/2", "/items/2", b"", false), 200);
+        assert_eq!(
+            client.send("GET", "/status/418", "/status/418", b"", false),
+            418
+        );
+    }
+    assert!(client.connection.is_some(), "one kept-alive connection");
+    let sent = client.tally.clone();
+    let (_, exported) = eventually(
+        Duration::from_secs(10),
+        || exported_for(&exporter, app.port),
+        |(_, tally)| *tally == sent,
+    );
+    assert_eq!(exported, sent);
+}
+
+#[test]
 fn threads_blocked_in_reads_never_hide_new_traffic() {
     let venv = require_prerequisites();
     // Werkzeug's threaded server: a thread blocked in a read per connection.

@@ -189,6 +189,8 @@ fn with_user_rules_path_is_flasks_url_rule_for_every_request() {
         for secret in ["secret", "hunter2", "token=", "session=", "shop.example"] {
             assert!(!body.contains(secret), "{page} shows {secret:?}");
         }
+        // Only on the debug listener: the node address carries /metrics alone.
+        assert_eq!(exporter.status_of(page), 404, "{page} beside /metrics");
     }
     let html = debug_page(&exporter, "/debug/routes?format=html");
     assert!(
