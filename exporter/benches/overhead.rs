@@ -2,7 +2,12 @@
 //! wrk, in three variants run alternately in one invocation: bare; bare with
 //! flask-ebpf-exporter attached; and instrumented with
 //! prometheus-flask-exporter (multiprocess mode, as several workers need).
-//! Prints throughput and CPU per request (app and exporter) and their ratios.
+//! Prints throughput and CPU per request (app and exporter) and their ratios,
+//! the kernel programs' run time per request (`BPF_ENABLE_STATS`, program by
+//! program), and the events and bytes the kernel handed over per request.
+//! Then a non-HTTP neighbour: redis-server under redis-benchmark, bare and
+//! with the agent attached (default flags, as a user runs it), alternated:
+//! its throughput ratio and the events the agent read per Redis operation.
 //!
 //! `cargo xtask bench` (or `cargo bench -p flask-ebpf-exporter --bench
 //! overhead -- [--rounds N] [--seconds S]`) runs 3 rounds of 5 s; under
@@ -14,6 +19,7 @@
 mod support;
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     process::{Command, Stdio},
     time::Duration,
@@ -44,6 +50,89 @@ struct Measurement {
     exporter_cpu_us_per_request: f64,
     /// Requests the exporter counted minus requests wrk completed.
     counted_minus_completed: Option<f64>,
+    /// What the agent's kernel side and ring buffer cost per request.
+    kernel: Option<KernelCost>,
+}
+
+/// The agent's kernel-side work per unit of load (request or operation).
+#[derive(Default)]
+struct KernelCost {
+    /// Program name → (runs, run time in ns) per unit.
+    programs: BTreeMap<String, (f64, f64)>,
+    events: f64,
+    bytes: f64,
+}
+
+impl KernelCost {
+    fn bpf_ns(&self) -> f64 {
+        self.programs.values().map(|(_, ns)| ns).sum()
+    }
+}
+
+/// Run count and run time (ns) of each BPF program a process holds, by
+/// name. Run time is kept only while BPF stats are enabled.
+fn bpf_program_stats(pid: u32) -> BTreeMap<String, (u64, u64)> {
+    // A process's programs are the `prog_id:` lines of its fds' fdinfo.
+    let mut ids = BTreeSet::new();
+    if let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+        for entry in entries.flatten() {
+            let text = fs::read_to_string(entry.path()).unwrap_or_default();
+            ids.extend(text.lines().find_map(|line| {
+                line.strip_prefix("prog_id:")
+                    .and_then(|id| id.trim().parse::<u32>().ok())
+            }));
+        }
+    }
+    let mut stats = BTreeMap::new();
+    for program in aya::programs::loaded_programs().flatten() {
+        if ids.contains(&program.id()) {
+            let name = program.name_as_str().unwrap_or("?").to_owned();
+            let entry: &mut (u64, u64) = stats.entry(name).or_default();
+            entry.0 += program.run_count();
+            entry.1 += program.run_time().as_nanos() as u64;
+        }
+    }
+    stats
+}
+
+/// A snapshot of the agent's counters of kernel-side work.
+struct KernelSnapshot {
+    programs: BTreeMap<String, (u64, u64)>,
+    events: f64,
+    bytes: f64,
+}
+
+impl KernelSnapshot {
+    fn take(exporter: &Exporter) -> KernelSnapshot {
+        let samples = exporter.metrics();
+        KernelSnapshot {
+            programs: bpf_program_stats(exporter.process.child.id()),
+            events: value(&samples, "flask_ebpf_exporter_events_read_total"),
+            bytes: value(&samples, "flask_ebpf_exporter_event_bytes_read_total"),
+        }
+    }
+
+    /// What happened since `before`, per unit of `load`.
+    fn since(&self, before: &KernelSnapshot, load: f64) -> KernelCost {
+        let programs = self
+            .programs
+            .iter()
+            .map(|(name, (runs, ns))| {
+                let (runs_before, ns_before) =
+                    before.programs.get(name).copied().unwrap_or_default();
+                let per_unit = |now: u64, then: u64| now.saturating_sub(then) as f64 / load;
+                (
+                    name.clone(),
+                    (per_unit(*runs, runs_before), per_unit(*ns, ns_before)),
+                )
+            })
+            .collect();
+        KernelCost {
+            programs,
+            events: (self.events - before.events) / load,
+            bytes: (self.bytes - before.bytes) / load,
+        }
+    }
 }
 
 /// User + system CPU seconds of a process and all its descendants.
@@ -134,6 +223,7 @@ fn measure(venv: &std::path::Path, variant: Variant, seconds: u64) -> Measuremen
     let app_cpu_before = tree_cpu_seconds(app.child.id());
     let exporter_cpu = |e: &Exporter| tree_cpu_seconds(e.process.child.id());
     let exporter_cpu_before = exporter.as_ref().map_or(0.0, exporter_cpu);
+    let kernel_before = exporter.as_ref().map(KernelSnapshot::take);
     let (requests, requests_per_second) = wrk(port, seconds);
     let app_cpu = tree_cpu_seconds(app.child.id()) - app_cpu_before;
     let exporter_cpu_used = exporter
@@ -142,12 +232,71 @@ fn measure(venv: &std::path::Path, variant: Variant, seconds: u64) -> Measuremen
     let counted_minus_completed = exporter
         .as_ref()
         .map(|e| settled(e) - warm_count - requests);
+    let kernel = exporter
+        .as_ref()
+        .zip(kernel_before)
+        .map(|(e, before)| KernelSnapshot::take(e).since(&before, requests));
     Measurement {
         requests_per_second,
         app_cpu_us_per_request: app_cpu / requests * 1e6,
         exporter_cpu_us_per_request: exporter_cpu_used / requests * 1e6,
         counted_minus_completed,
+        kernel,
     }
+}
+
+/// (operations completed, operations per second) of a redis-benchmark run
+/// of GET and SET with 20 clients.
+fn redis_benchmark(port: u16, operations: u64) -> (f64, f64) {
+    let output = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-t", "get,set", "-c", "20", "-q"])
+        .args(["-n", &operations.to_string()])
+        .output()
+        .expect("redis-benchmark (cargo xtask setup installs redis-tools)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // Lines such as "SET: 81037.28 requests per second, p50=0.135 msec";
+    // progress updates before them end in a carriage return.
+    let rates: Vec<f64> = text
+        .split(['\r', '\n'])
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(": ")?;
+            rest.split_once(" requests per second")?
+                .0
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(rates.len(), 2, "redis-benchmark printed:\n{text}");
+    // Both tests run `operations` each; the rate of the two together is the
+    // harmonic combination of theirs.
+    let seconds: f64 = rates.iter().map(|rate| operations as f64 / rate).sum();
+    let total = 2.0 * operations as f64;
+    (total, total / seconds)
+}
+
+/// Redis, a neighbour that is no HTTP server, bare or beside the agent.
+fn measure_redis(with_agent: bool, operations: u64) -> (f64, Option<KernelCost>) {
+    let port = free_port();
+    let mut redis = Command::new("redis-server");
+    redis
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _redis = spawn_process("redis-server", &mut redis);
+    wait_for_port(port, Duration::from_secs(10));
+    // Default flags: the agent follows the whole node, as a user runs it.
+    let exporter = with_agent.then(|| Exporter::start(&[]));
+    // Warm up: the agent sees the listener's first connections.
+    redis_benchmark(port, operations / 10);
+    let before = exporter.as_ref().map(KernelSnapshot::take);
+    let (completed, per_second) = redis_benchmark(port, operations);
+    let cost = exporter
+        .as_ref()
+        .zip(before)
+        .map(|(e, before)| KernelSnapshot::take(e).since(&before, completed));
+    (per_second, cost)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -172,6 +321,10 @@ fn main() {
     // SAFETY: set before any thread starts; the exporters' info lines would
     // drown the table.
     unsafe { std::env::set_var("E2E_EXPORTER_LOG", "warn") };
+    // The kernel keeps programs' run time while this fd is open (it adds
+    // ≈ 20 ns to each run of the agent's programs, and nothing elsewhere).
+    let _bpf_stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (root)");
 
     let variants = [Variant::Bare, Variant::Ebpf, Variant::Pfe];
     let mut results: Vec<Vec<Measurement>> = variants.iter().map(|_| Vec::new()).collect();
@@ -224,6 +377,72 @@ fn main() {
             app / bare_app,
             exporter,
             (app + exporter) / bare_app
+        );
+    }
+    let ebpf_runs: Vec<&KernelCost> = results[1]
+        .iter()
+        .filter_map(|m| m.kernel.as_ref())
+        .collect();
+    print_kernel_cost("per Flask request", &ebpf_runs);
+
+    // The neighbour: as many operations per round as take about `seconds`.
+    let operations = if full { 40_000 * seconds } else { 10_000 };
+    println!(
+        "\nredis-server, redis-benchmark -t get,set -c 20 -n {operations}, {rounds} rounds, bare and agent alternate"
+    );
+    let mut bare_ops = Vec::new();
+    let mut agent_ops = Vec::new();
+    let mut agent_costs = Vec::new();
+    for round in 0..rounds {
+        let (bare, _) = measure_redis(false, operations);
+        let (agent, cost) = measure_redis(true, operations);
+        println!(
+            "  round {} bare {bare:>8.0} ops/s  agent {agent:>8.0} ops/s  ({:.3}×)",
+            round + 1,
+            agent / bare
+        );
+        bare_ops.push(bare);
+        agent_ops.push(agent);
+        agent_costs.extend(cost);
+    }
+    let (bare, agent) = (median(&mut bare_ops), median(&mut agent_ops));
+    println!(
+        "medians: bare {bare:.0} ops/s, agent {agent:.0} ops/s, {:.3}× of bare",
+        agent / bare
+    );
+    print_kernel_cost(
+        "per Redis operation",
+        &agent_costs.iter().collect::<Vec<_>>(),
+    );
+}
+
+/// Medians over rounds of the agent's kernel-side work per unit of load,
+/// program by program.
+fn print_kernel_cost(unit: &str, runs: &[&KernelCost]) {
+    if runs.is_empty() {
+        return;
+    }
+    let median_of = |f: &dyn Fn(&KernelCost) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(|cost| f(cost)).collect();
+        median(&mut values)
+    };
+    println!(
+        "\nagent's kernel side {unit} (medians): BPF {:.0} ns, {:.2} events, {:.0} event bytes",
+        median_of(&KernelCost::bpf_ns),
+        median_of(&|cost| cost.events),
+        median_of(&|cost| cost.bytes)
+    );
+    println!("  program               runs  ns/run   ns");
+    let names: BTreeSet<&String> = runs.iter().flat_map(|cost| cost.programs.keys()).collect();
+    for name in names {
+        let runs_per_unit = median_of(&|cost| cost.programs.get(name).map_or(0.0, |p| p.0));
+        let ns_per_unit = median_of(&|cost| cost.programs.get(name).map_or(0.0, |p| p.1));
+        if runs_per_unit == 0.0 {
+            continue;
+        }
+        println!(
+            "  {name:<18} {runs_per_unit:>7.2}  {:>6.0}  {ns_per_unit:>5.0}",
+            ns_per_unit / runs_per_unit
         );
     }
 }

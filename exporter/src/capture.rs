@@ -141,6 +141,8 @@ pub fn decode_event(bytes: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
 #[derive(Clone, Debug)]
 pub struct CaptureCounters {
     pub events_read: IntCounter,
+    /// Bytes of those events: what the kernel copied for userspace.
+    pub event_bytes_read: IntCounter,
     /// Mirrors the kernel's own count (the `LOST_EVENTS` map).
     pub events_lost: IntCounter,
     pub events_malformed: IntCounter,
@@ -168,6 +170,11 @@ impl CaptureCounters {
                 registry,
                 "flask_ebpf_exporter_events_read_total",
                 "Events read from the BPF ring buffer",
+            )?,
+            event_bytes_read: counter(
+                registry,
+                "flask_ebpf_exporter_event_bytes_read_total",
+                "Bytes of the events read from the BPF ring buffer (headers and copied payload)",
             )?,
             events_lost: counter(
                 registry,
@@ -338,6 +345,7 @@ impl Capture {
     pub fn next_event(&mut self) -> Option<EventItem<'_>> {
         let item = self.events.next()?;
         self.counters.events_read.inc();
+        self.counters.event_bytes_read.inc_by(item.len() as u64);
         let decoded = match decode_event(&item) {
             Ok(event) => Some((event.kind, event.header)),
             Err(error) => {

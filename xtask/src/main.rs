@@ -17,7 +17,13 @@ use anyhow::{Context as _, bail};
 /// so it is added after.
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
 /// Debian packages of the real components the tests and benchmark use.
-const TEST_PACKAGES: &[&str] = &["python3-venv", "wrk", "prometheus"];
+const TEST_PACKAGES: &[&str] = &[
+    "python3-venv",
+    "wrk",
+    "prometheus",
+    "redis-server",
+    "redis-tools",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The fuzz targets under fuzz/fuzz_targets.
