@@ -14,6 +14,58 @@ pub const MAX_CAPTURE_BYTES: usize = 16 * 1024;
 /// No process can have an fd this large (`fs.nr_open` caps fds far below it).
 pub const HEARTBEAT_FD: u32 = 999_999_937;
 
+/// The fd the exporter writes a [`ControlRequest`] to, so that its own
+/// kernel programs act on a connection in place (a map update from
+/// userspace could land on a newer connection that reused the fd). The
+/// write fails with EBADF after the tracepoint has run.
+pub const CONTROL_FD: u32 = HEARTBEAT_FD - 2;
+
+/// [`ControlRequest::op`]: stop following the connection (no more read or
+/// write events; its close is still reported).
+pub const CONTROL_IGNORE_CONNECTION: u32 = 1;
+
+/// What the exporter asks of its kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ControlRequest {
+    pub op: u32,
+    pub tgid: u32,
+    pub fd: u32,
+    pub _pad: u32,
+    /// Acts only if the connection at (tgid, fd) is still this one.
+    pub conn_id: u64,
+}
+
+/// [`ConnState::flags`]: no read or write events for this connection.
+pub const CONN_IGNORED: u32 = 1;
+/// [`ConnState::flags`]: userspace never heard of this connection (ignored
+/// at accept), so its close is not reported either.
+pub const CONN_UNSEEN: u32 = 2;
+
+/// [`ListenerState::verdict`]: connections accepted on this listening
+/// socket are not followed, but for one in [`LISTENER_RECHECK_EVERY`],
+/// which userspace uses to notice a change.
+pub const LISTENER_IGNORED: u32 = 1;
+pub const LISTENER_RECHECK_EVERY: u32 = 64;
+
+/// Value of the kernel's listener map, keyed by (tgid, listening fd) as a
+/// [`ConnKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerState {
+    pub verdict: u32,
+    /// Connections accepted since the verdict (the kernel's count).
+    pub accepts: u32,
+}
+
+/// Slots of the kernel's `FILTERED` array: connections the kernel stopped
+/// following, by how.
+pub const FILTERED_AT_ACCEPT: u32 = 0;
+pub const FILTERED_ON_REQUEST: u32 = 1;
+pub const FILTERED_SLOTS: u32 = 2;
+/// The slots, as userspace names them.
+pub const FILTERED_NAMES: [&str; FILTERED_SLOTS as usize] = ["listener", "connection"];
+
 /// Slots of the kernel's `MAP_INSERT_FAILURES` array: which map an insert
 /// failed in.
 pub const CONNS_MAP: u32 = 0;
@@ -100,7 +152,8 @@ pub struct ConnKey {
 pub struct ConnState {
     pub conn_id: u64,
     pub seq: u32,
-    pub _pad: u32,
+    /// [`CONN_IGNORED`], [`CONN_UNSEEN`].
+    pub flags: u32,
 }
 
 /// Settings userspace writes into the `CONFIG` array before attaching.
@@ -122,5 +175,6 @@ mod user {
     // matter to the kernel (padding is explicit).
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::ListenerState {}
     unsafe impl aya::Pod for super::CaptureConfig {}
 }

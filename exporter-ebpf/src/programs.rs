@@ -7,8 +7,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use exporter_common::{
-    ACCEPT_ARGS_MAP, CONNS_MAP, CaptureConfig, ConnKey, ConnState, EVENT_HEADER_LEN, EventHeader,
-    EventKind, HEARTBEAT_FD, IO_ARGS_MAP, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVERS_MAP,
+    ACCEPT_ARGS_MAP, CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_IGNORE_CONNECTION,
+    CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind,
+    FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, IO_ARGS_MAP,
+    LISTENER_IGNORED, LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES,
+    SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -35,6 +38,18 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Server-side connections being followed, by (tgid, fd).
 #[map]
 static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Listening sockets, by (tgid, listening fd), whose connections userspace
+/// found not worth following (not HTTP, or not monitored). Written by
+/// userspace; LRU, so a node with many listeners forgets the oldest verdict
+/// (its connections are followed again, then ignored again).
+#[map]
+static LISTENERS: LruHashMap<ConnKey, ListenerState> = LruHashMap::with_max_entries(4_096, 0);
+
+/// Connections the kernel stopped following, per CPU, by how:
+/// [`FILTERED_AT_ACCEPT`], [`FILTERED_ON_REQUEST`].
+#[map]
+static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(FILTERED_SLOTS, 0);
 
 /// Processes that accept connections. Reads of unknown fds in these processes
 /// are checked for an HTTP request start, so connections accepted before the
@@ -126,6 +141,13 @@ fn count_insert_failure(map: u32) {
     }
 }
 
+fn count_filtered(slot: u32) {
+    if let Some(filtered) = FILTERED.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer.
+        unsafe { *filtered += 1 };
+    }
+}
+
 fn count_lost_event() {
     if let Some(lost) = LOST_EVENTS.get_ptr_mut(0) {
         // Per-CPU slot: no other writer.
@@ -189,13 +211,25 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         tgid,
         fd: ret as u32,
     };
+    let ignored = listener_ignored(&ConnKey {
+        tgid,
+        fd: listen_fd,
+    });
     let state = ConnState {
         conn_id: now,
         seq: 0,
-        _pad: 0,
+        flags: if ignored {
+            CONN_IGNORED | CONN_UNSEEN
+        } else {
+            0
+        },
     };
     if CONNS.insert(&key, &state, 0).is_err() {
         count_insert_failure(CONNS_MAP);
+    }
+    if ignored {
+        count_filtered(FILTERED_AT_ACCEPT);
+        return 0;
     }
     if SERVERS.insert(&tgid, &1, 0).is_err() {
         count_insert_failure(SERVERS_MAP);
@@ -214,6 +248,55 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Whether a connection just accepted on `listener` is left unfollowed:
+/// its listener was found not worth following, and this is not one of the
+/// connections still followed so that userspace notices a change.
+#[inline(always)]
+fn listener_ignored(listener: &ConnKey) -> bool {
+    let Some(state) = LISTENERS.get_ptr_mut(listener) else {
+        return false;
+    };
+    // A plain increment: a lost race only shifts which connection is rechecked.
+    let accepts = unsafe {
+        (*state).accepts = (*state).accepts.wrapping_add(1);
+        (*state).accepts
+    };
+    let verdict = unsafe { (*state).verdict };
+    verdict == LISTENER_IGNORED && accepts % LISTENER_RECHECK_EVERY != 0
+}
+
+// ---------------------------------------------------------------- control
+
+/// A [`ControlRequest`] the exporter wrote to [`CONTROL_FD`]. The
+/// connection's state is changed in place, and only if it is still the
+/// connection userspace meant: a newer one on the same fd is a new map
+/// element, which this does not touch.
+fn control(ctx: &TracePointContext, tgid: u32) -> u32 {
+    if tgid != config().self_tgid {
+        return 0;
+    }
+    let Ok(pointer) = (unsafe { ctx.read_at::<u64>(ARG1) }) else {
+        return 0;
+    };
+    let Ok(request) = (unsafe { bpf_probe_read_user(pointer as *const ControlRequest) }) else {
+        return 0;
+    };
+    if request.op != CONTROL_IGNORE_CONNECTION {
+        return 0;
+    }
+    let key = ConnKey {
+        tgid: request.tgid,
+        fd: request.fd,
+    };
+    if let Some(state) = CONNS.get_ptr_mut(&key)
+        && unsafe { (*state).conn_id } == request.conn_id
+    {
+        unsafe { (*state).flags |= CONN_IGNORED };
+        count_filtered(FILTERED_ON_REQUEST);
+    }
+    0
+}
+
 // ---------------------------------------------------------------- read / write
 
 fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 {
@@ -222,13 +305,21 @@ fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32
     let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
         return 0;
     };
+    if fd == CONTROL_FD as u64 && kind == EventKind::Write {
+        return control(ctx, tgid);
+    }
     let key = ConnKey {
         tgid,
         fd: fd as u32,
     };
+    let tracked = match unsafe { CONNS.get(&key) } {
+        Some(state) if state.flags & CONN_IGNORED != 0 => return 0,
+        Some(_) => true,
+        None => false,
+    };
     // black_box keeps LLVM from OR-ing the two lookup results as pointers
     // ("pointer |= pointer prohibited" in the verifier).
-    let tracked = core::hint::black_box(unsafe { CONNS.get(&key) }.is_some());
+    let tracked = core::hint::black_box(tracked);
     // Reads of untracked fds are followed only in server processes, to spot
     // requests on connections accepted before the exporter started.
     let candidate = kind == EventKind::Read && unsafe { SERVERS.get(&tgid) }.is_some();
@@ -417,7 +508,7 @@ fn next_in_connection(
     let state = ConnState {
         conn_id: now,
         seq: 0,
-        _pad: 0,
+        flags: 0,
     };
     if CONNS.insert(key, &state, 0).is_err() {
         count_insert_failure(CONNS_MAP);
@@ -483,6 +574,9 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = CONNS.remove(&key);
+    if state.flags & CONN_UNSEEN != 0 {
+        return 0;
+    }
     emit_header(&EventHeader {
         kind: EventKind::Close as u32,
         tgid,

@@ -1,7 +1,7 @@
 //! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
 //! set of server processes, and reads events from the BPF ring buffer.
 
-use std::{os::fd::AsRawFd, path::Path, time::Duration};
+use std::{collections::HashSet, os::fd::AsRawFd, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -9,12 +9,58 @@ use aya::{
     programs::TracePoint,
 };
 use exporter_common::{
-    CaptureConfig, EVENT_HEADER_LEN, EventHeader, EventKind, MAP_NAMES, MAX_CAPTURE_BYTES,
+    CONTROL_FD, CONTROL_IGNORE_CONNECTION, CaptureConfig, ConnKey, ControlRequest,
+    EVENT_HEADER_LEN, EventHeader, EventKind, FILTERED_NAMES, LISTENER_IGNORED, ListenerState,
+    MAP_NAMES, MAX_CAPTURE_BYTES,
 };
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
-use crate::metrics::counter;
+use crate::metrics::{counter, gauge};
+
+/// What the kernel side should stop (or resume) following, decided from
+/// what a connection showed. Plain data: the stream stage decides,
+/// this stage applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFilter {
+    /// No more read and write events for this connection (its close still
+    /// comes).
+    IgnoreConnection {
+        tgid: u32,
+        fd: u32,
+        conn_id: u64,
+        reason: IgnoreReason,
+    },
+    /// Whether connections accepted on this listening socket are worth
+    /// following. `Some(reason)`: not (but for the few the kernel still
+    /// follows, so a change is noticed).
+    Listener {
+        tgid: u32,
+        listen_fd: u32,
+        ignore: Option<IgnoreReason>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IgnoreReason {
+    /// Not HTTP/1.x: TLS, another protocol, or upgraded (WebSocket).
+    NotHttp,
+    /// Not a server this agent monitors (`--port`, `--pid`, outside any pod).
+    Unmonitored,
+}
+
+impl IgnoreReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoreReason::NotHttp => "not_http",
+            IgnoreReason::Unmonitored => "unmonitored",
+        }
+    }
+}
+
+/// Listening sockets this side remembers as ignored (the kernel's own map
+/// holds as many, LRU).
+const MAX_IGNORED_LISTENERS: usize = 4_096;
 
 /// The compiled kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
@@ -149,6 +195,11 @@ pub struct CaptureCounters {
     /// Mirror the kernel's counts of failed map inserts, by map
     /// ([`MAP_NAMES`] order).
     pub map_insert_failures: Vec<IntCounter>,
+    /// Mirror the kernel's counts of connections it stopped following, by
+    /// how ([`FILTERED_NAMES`] order).
+    pub connections_ignored: Vec<IntCounter>,
+    /// Listening sockets whose connections the kernel does not follow.
+    pub listeners_ignored: IntGauge,
 }
 
 impl CaptureCounters {
@@ -161,7 +212,24 @@ impl CaptureCounters {
             &["map"],
         )?;
         registry.register(Box::new(failures.clone()))?;
+        let ignored = IntCounterVec::new(
+            Opts::new(
+                "flask_ebpf_exporter_connections_ignored_total",
+                "Connections the kernel side stopped following, by how: at accept, because their listener is not HTTP or not monitored (listener), or once the connection showed it (connection)",
+            ),
+            &["by"],
+        )?;
+        registry.register(Box::new(ignored.clone()))?;
         Ok(CaptureCounters {
+            connections_ignored: FILTERED_NAMES
+                .iter()
+                .map(|name| ignored.with_label_values(&[*name]))
+                .collect(),
+            listeners_ignored: gauge(
+                registry,
+                "flask_ebpf_exporter_listeners_ignored",
+                "Listening sockets whose connections are not followed (not HTTP, or not monitored); one in 64 of their connections still is, so that a change is noticed",
+            )?,
             map_insert_failures: MAP_NAMES
                 .iter()
                 .map(|name| failures.with_label_values(&[*name]))
@@ -197,6 +265,10 @@ pub struct Capture {
     events: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     map_insert_failures: PerCpuArray<MapData, u64>,
+    filtered: PerCpuArray<MapData, u64>,
+    listeners: BpfHashMap<MapData, ConnKey, ListenerState>,
+    /// The listeners this side told the kernel to ignore.
+    ignored_listeners: HashSet<ConnKey>,
     counters: CaptureCounters,
     malformed_logged: bool,
 }
@@ -277,6 +349,10 @@ impl Capture {
         let map_insert_failures =
             PerCpuArray::try_from(take_map(&mut ebpf, "MAP_INSERT_FAILURES")?)
                 .map_err(map_error("MAP_INSERT_FAILURES"))?;
+        let filtered = PerCpuArray::try_from(take_map(&mut ebpf, "FILTERED")?)
+            .map_err(map_error("FILTERED"))?;
+        let listeners = BpfHashMap::try_from(take_map(&mut ebpf, "LISTENERS")?)
+            .map_err(map_error("LISTENERS"))?;
         info!(
             capture_bytes = options.capture_bytes,
             ring_buffer_bytes = options.ring_buffer_bytes,
@@ -287,9 +363,88 @@ impl Capture {
             events,
             lost,
             map_insert_failures,
+            filtered,
+            listeners,
+            ignored_listeners: HashSet::new(),
             counters,
             malformed_logged: false,
         })
+    }
+
+    /// Tells the kernel side what to stop or resume following.
+    pub fn apply(&mut self, filter: KernelFilter) {
+        match filter {
+            KernelFilter::IgnoreConnection {
+                tgid, fd, conn_id, ..
+            } => ignore_connection(tgid, fd, conn_id),
+            KernelFilter::Listener {
+                tgid,
+                listen_fd,
+                ignore,
+            } => self.judge_listener(
+                ConnKey {
+                    tgid,
+                    fd: listen_fd,
+                },
+                ignore,
+            ),
+        }
+    }
+
+    fn judge_listener(&mut self, listener: ConnKey, ignore: Option<IgnoreReason>) {
+        let known = self.ignored_listeners.contains(&listener);
+        match ignore {
+            Some(reason) => {
+                let state = ListenerState {
+                    verdict: LISTENER_IGNORED,
+                    accepts: 0,
+                };
+                if let Err(error) = self.listeners.insert(listener, state, 0) {
+                    warn!(%error, "could not write a listener verdict to the kernel");
+                    return;
+                }
+                if !known && self.ignored_listeners.len() < MAX_IGNORED_LISTENERS {
+                    info!(
+                        tgid = listener.tgid,
+                        listen_fd = listener.fd,
+                        reason = reason.as_str(),
+                        "connections on this listening socket are no longer followed"
+                    );
+                    self.ignored_listeners.insert(listener);
+                }
+            }
+            None if known => {
+                // The server now speaks HTTP there: follow every connection.
+                let _ = self.listeners.remove(&listener);
+                self.ignored_listeners.remove(&listener);
+                info!(
+                    tgid = listener.tgid,
+                    listen_fd = listener.fd,
+                    "listening socket speaks HTTP: its connections are followed again"
+                );
+            }
+            None => {}
+        }
+        self.counters
+            .listeners_ignored
+            .set(self.ignored_listeners.len() as i64);
+    }
+
+    /// Forgets the listener verdicts of processes that exited.
+    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
+        let gone: Vec<ConnKey> = self
+            .ignored_listeners
+            .iter()
+            .filter(|listener| !alive(listener.tgid))
+            .copied()
+            .collect();
+        for listener in gone {
+            let _ = self.listeners.remove(&listener);
+            self.ignored_listeners.remove(&listener);
+        }
+        self.counters
+            .listeners_ignored
+            .set(self.ignored_listeners.len() as i64);
     }
 
     pub fn counters(&self) -> &CaptureCounters {
@@ -305,6 +460,9 @@ impl Capture {
                 lost_total = lost,
                 "the kernel dropped events: ring buffer full (raise --ring-buffer-bytes)"
             );
+        }
+        for (slot, counter) in self.counters.connections_ignored.iter().enumerate() {
+            mirror(counter, per_cpu_sum(&self.filtered, slot as u32));
         }
         for (slot, (counter, map)) in self
             .counters
@@ -414,6 +572,27 @@ fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
 }
 
 /// Sums one slot of a per-CPU counter array (0 when unreadable, logged).
+/// Asks the kernel side to stop following a connection: a write of the
+/// request to [`CONTROL_FD`], which the agent's own write tracepoint reads.
+fn ignore_connection(tgid: u32, fd: u32, conn_id: u64) {
+    let request = ControlRequest {
+        op: CONTROL_IGNORE_CONNECTION,
+        tgid,
+        fd,
+        _pad: 0,
+        conn_id,
+    };
+    // SAFETY: a valid buffer of the request's size; the fd is one no
+    // process can hold, so the write only returns EBADF.
+    unsafe {
+        libc::write(
+            CONTROL_FD as i32,
+            (&raw const request).cast(),
+            std::mem::size_of::<ControlRequest>(),
+        )
+    };
+}
+
 fn per_cpu_sum(array: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     match array.get(&slot, 0) {
         Ok(per_cpu) => per_cpu.iter().sum(),

@@ -4,6 +4,7 @@
 //! ```text
 //! capture → stream (+ identity.resolve for a new connection) → CapturedExchange
 //!         → attribution → AttributedExchange → routes → Route → metrics
+//!           stream → KernelFilter (what is not HTTP or not monitored) → capture
 //! ```
 //!
 //! Once a second it also retires what the stages dropped (routes a learned
@@ -93,6 +94,7 @@ impl Pipeline {
                 self.table
                     .reap(monotonic_ns(), &procfs::is_running, &mut hand_offs.captured);
                 self.identity.forget_exited(&procfs::is_running);
+                self.capture.forget_exited(&procfs::is_running);
             }
             self.record(&mut hand_offs);
             if upkeep {
@@ -119,6 +121,11 @@ impl Pipeline {
             if let Handled::NewConnection(origin) = self.table.handle(&event, captured) {
                 let served_by = self.identity.resolve(&origin);
                 self.table.open(&event, served_by, captured);
+            }
+            drop(item);
+            // What the connections showed: what the kernel need not follow.
+            for filter in self.table.take_kernel_filters() {
+                self.capture.apply(filter);
             }
         }
         true

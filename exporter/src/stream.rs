@@ -9,7 +9,7 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use tracing::debug;
 
 use crate::{
-    capture::RawEvent,
+    capture::{IgnoreReason, KernelFilter, RawEvent},
     exchange::{CapturedExchange, Exchange, Origin, ServedBy},
     http::{HttpConnection, HttpCounters, Segment},
     metrics::{Budgets, counter, gauge},
@@ -23,6 +23,15 @@ pub const MAX_PARTIAL_HEAD_BYTES: usize = 16 * 1024 * 1024;
 const IDLE_CONNECTION_NS: u64 = 15 * 60 * 1_000_000_000;
 /// A response whose framing was lost ends after this long without writes.
 const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
+/// A connection that is not HTTP is followed until the server has written
+/// (what it writes classifies the listener), or for this many events.
+const EVENTS_TO_HEAR_THE_SERVER: u32 = 8;
+
+/// Whether the first bytes a server wrote can start an HTTP/1.x response.
+fn starts_like_response(bytes: &[u8]) -> bool {
+    const START: &[u8] = b"HTTP/";
+    bytes.starts_with(START) || START.starts_with(bytes)
+}
 
 #[derive(Debug)]
 struct Connection {
@@ -35,6 +44,16 @@ struct Connection {
     /// Its entry in the table's partial-head index, while it holds one:
     /// (bytes, when the oldest began).
     partial: Option<(usize, u64)>,
+    /// The listening fd it was accepted on; `None` when picked up mid-stream.
+    listener: Option<u32>,
+    /// Every event since the accept arrived (no sequence gap): the first
+    /// write seen is then the server's first write.
+    complete: bool,
+    /// The server has written on it.
+    server_spoke: bool,
+    events: u32,
+    /// The kernel was asked to stop following it.
+    ignored: bool,
 }
 
 /// What this stage and the HTTP stage under it count. The stage owns these
@@ -121,6 +140,8 @@ pub struct ConnectionTable {
     counters: StreamCounters,
     partial_heads: PartialHeads,
     max_partial_head_bytes: usize,
+    /// Decisions for the kernel side, until the pipeline takes them.
+    kernel_filters: Vec<KernelFilter>,
 }
 
 impl ConnectionTable {
@@ -139,7 +160,14 @@ impl ConnectionTable {
             counters,
             partial_heads: PartialHeads::default(),
             max_partial_head_bytes,
+            kernel_filters: Vec::new(),
         }
+    }
+
+    /// What the kernel side should stop or resume following, decided since
+    /// the last call.
+    pub fn take_kernel_filters(&mut self) -> std::vec::Drain<'_, KernelFilter> {
+        self.kernel_filters.drain(..)
     }
 
     /// Bytes of heads not complete yet, over all connections.
@@ -193,6 +221,7 @@ impl ConnectionTable {
         if let Entry::Occupied(mut entry) = self.connections.entry(key) {
             if entry.get().conn_id == header.conn_id {
                 let closed = feed(entry.get_mut(), event, &self.counters, out);
+                decide_kernel_filter(key, entry.get_mut(), event, &mut self.kernel_filters);
                 if closed {
                     let gone = entry.remove();
                     self.partial_heads.forget(key, &gone);
@@ -239,9 +268,16 @@ impl ConnectionTable {
             http: HttpConnection::new(),
             last_event_ns: header.timestamp_ns,
             partial: None,
+            listener: (event.kind == EventKind::Accept).then_some(header.aux),
+            complete: event.kind == EventKind::Accept,
+            server_spoke: false,
+            events: 0,
+            ignored: false,
         };
-        if !feed(&mut connection, event, &self.counters, out) {
-            let key = (header.tgid, header.fd);
+        let closed = feed(&mut connection, event, &self.counters, out);
+        let key = (header.tgid, header.fd);
+        decide_kernel_filter(key, &mut connection, event, &mut self.kernel_filters);
+        if !closed {
             self.partial_heads.account(key, &mut connection);
             self.connections.insert(key, connection);
             self.counters.connections_tracked.inc();
@@ -297,6 +333,7 @@ fn feed(
     // A repeated seq is two threads racing on one counter, not a loss.
     if header.seq != expected && header.seq != connection.last_seq {
         counters.sequence_gaps.inc();
+        connection.complete = false;
         debug!(
             tgid = header.tgid,
             fd = header.fd,
@@ -333,6 +370,73 @@ fn feed(
     }
     tag(connection, exchanges, out);
     event.kind == EventKind::Close
+}
+
+/// Whether the kernel side should stop following `connection` or the
+/// connections of its listener, after `event`. A listener is judged by what
+/// its server writes, never by what a client sends: a Flask server answers
+/// a client's garbage with `HTTP/1.1 400`, Redis with `-ERR`.
+fn decide_kernel_filter(
+    (tgid, fd): (u32, u32),
+    connection: &mut Connection,
+    event: &RawEvent<'_>,
+    out: &mut Vec<KernelFilter>,
+) {
+    if connection.ignored {
+        return;
+    }
+    connection.events = connection.events.saturating_add(1);
+    let ignore = if connection.served_by.is_none() {
+        if let Some(listen_fd) = connection.listener {
+            out.push(KernelFilter::Listener {
+                tgid,
+                listen_fd,
+                ignore: Some(IgnoreReason::Unmonitored),
+            });
+        }
+        Some(IgnoreReason::Unmonitored)
+    } else {
+        hear_the_server(tgid, connection, event, out)
+    };
+    if let Some(reason) = ignore {
+        connection.ignored = true;
+        out.push(KernelFilter::IgnoreConnection {
+            tgid,
+            fd,
+            conn_id: connection.conn_id,
+            reason,
+        });
+    }
+}
+
+/// Judges the listener by the server's first bytes on a connection whose
+/// every event arrived; whether the connection is not HTTP.
+fn hear_the_server(
+    tgid: u32,
+    connection: &mut Connection,
+    event: &RawEvent<'_>,
+    out: &mut Vec<KernelFilter>,
+) -> Option<IgnoreReason> {
+    let wrote = matches!(event.kind, EventKind::Write | EventKind::WriteFailed);
+    if wrote && !connection.server_spoke && !event.data.is_empty() {
+        connection.server_spoke = true;
+        // Only the server's very first bytes say what it speaks.
+        if connection.complete {
+            let http = starts_like_response(event.data);
+            if let Some(listen_fd) = connection.listener {
+                out.push(KernelFilter::Listener {
+                    tgid,
+                    listen_fd,
+                    ignore: (!http).then_some(IgnoreReason::NotHttp),
+                });
+            }
+            if !http {
+                return Some(IgnoreReason::NotHttp);
+            }
+        }
+    }
+    let heard = connection.server_spoke || connection.events >= EVENTS_TO_HEAR_THE_SERVER;
+    (connection.http.is_not_http() && heard).then_some(IgnoreReason::NotHttp)
 }
 
 /// Moves a connection's exchanges to `out` with whom it is served by.
@@ -464,6 +568,129 @@ mod tests {
             &mut out,
         );
         assert!(out.is_empty());
+    }
+
+    /// What the table decided for the kernel while fed `steps`.
+    fn kernel_filters(
+        resolve: &dyn Fn(&Origin) -> Option<ServedBy>,
+        steps: &[Step<'_>],
+    ) -> Vec<KernelFilter> {
+        let mut table = table();
+        feed(&mut table, resolve, steps, &mut Vec::new());
+        table.take_kernel_filters().collect()
+    }
+
+    const LISTENER: u32 = 3;
+
+    fn ignore_connection(conn_id: u64, reason: IgnoreReason) -> KernelFilter {
+        KernelFilter::IgnoreConnection {
+            tgid: 100,
+            fd: 7,
+            conn_id,
+            reason,
+        }
+    }
+
+    fn listener(ignore: Option<IgnoreReason>) -> KernelFilter {
+        KernelFilter::Listener {
+            tgid: 100,
+            listen_fd: LISTENER,
+            ignore,
+        }
+    }
+
+    #[test]
+    fn a_listener_is_judged_by_what_its_server_writes() {
+        // Redis: the client's bytes are not HTTP, nor is the answer.
+        let redis = kernel_filters(
+            &labels,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"*1\r\n$4\r\nPING\r\n"),
+                (EventKind::Write, 1, 2, b"+PONG\r\n"),
+                (EventKind::Read, 1, 3, b"*1\r\n$4\r\nPING\r\n"),
+            ],
+        );
+        assert_eq!(
+            redis,
+            [
+                listener(Some(IgnoreReason::NotHttp)),
+                ignore_connection(1, IgnoreReason::NotHttp)
+            ]
+        );
+        // A Flask server answers a client's garbage with HTTP: the listener
+        // stays followed; only that connection is not HTTP.
+        let flask = kernel_filters(
+            &labels,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"\x16\x03\x01\x02\x00\x01\x00\r\n"),
+                (EventKind::Write, 1, 2, b"HTTP/1.1 400 Bad Request\r\n\r\n"),
+            ],
+        );
+        assert_eq!(
+            flask,
+            [listener(None), ignore_connection(1, IgnoreReason::NotHttp)]
+        );
+        // HTTP both ways: nothing to ignore, the listener speaks HTTP.
+        let http = kernel_filters(
+            &labels,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+                (EventKind::Write, 1, 2, OK_EMPTY),
+            ],
+        );
+        assert_eq!(http, [listener(None)]);
+    }
+
+    #[test]
+    fn only_a_complete_connection_judges_its_listener() {
+        // Events were lost before the first write seen: it may be a body.
+        let after_gap = kernel_filters(
+            &labels,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+                (EventKind::Write, 1, 5, b"binary body bytes"),
+            ],
+        );
+        assert!(after_gap.is_empty(), "{after_gap:?}");
+        // Picked up mid-stream: no listener known, nothing judged.
+        let mid_stream = kernel_filters(
+            &labels,
+            &[
+                (EventKind::Read, 1, 4, b"GET /a HTTP/1.1\r\n\r\n"),
+                (EventKind::Write, 1, 5, OK_EMPTY),
+            ],
+        );
+        assert!(mid_stream.is_empty(), "{mid_stream:?}");
+        // A client whose server never answers is followed for a while.
+        let garbage: Vec<Step<'_>> = std::iter::once((EventKind::Accept, 1, 0, &b""[..]))
+            .chain((1..=8).map(|seq| (EventKind::Read, 1, seq, &b"\x00\x01garbage"[..])))
+            .collect();
+        assert_eq!(
+            kernel_filters(&labels, &garbage),
+            [ignore_connection(1, IgnoreReason::NotHttp)]
+        );
+    }
+
+    #[test]
+    fn unmonitored_connections_and_their_listener_are_ignored_at_once() {
+        let filters = kernel_filters(
+            &|_| None,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+            ],
+        );
+        assert_eq!(
+            filters,
+            [
+                listener(Some(IgnoreReason::Unmonitored)),
+                ignore_connection(1, IgnoreReason::Unmonitored)
+            ]
+        );
     }
 
     #[test]

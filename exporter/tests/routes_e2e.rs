@@ -206,8 +206,12 @@ fn with_user_rules_path_is_flasks_url_rule_for_every_request() {
             .any(|s| s["identity"]["port"].as_str() == Some(app.port.to_string().as_str()))),
         "{pods}"
     );
-    let connections: serde_json::Value =
-        serde_json::from_str(&debug_page(&exporter, "/debug/connections")).expect("JSON");
+    // The debug pages are a snapshot taken once a second.
+    let connections: serde_json::Value = eventually(
+        Duration::from_secs(5),
+        || serde_json::from_str(&debug_page(&exporter, "/debug/connections")).expect("JSON"),
+        |connections: &serde_json::Value| connections["opened_total"].as_u64().unwrap_or(0) >= sent,
+    );
     assert!(
         connections["opened_total"].as_u64().unwrap_or(0) >= sent,
         "{connections}"

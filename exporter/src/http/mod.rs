@@ -408,6 +408,12 @@ impl HttpConnection {
         matches!(self.request, ReaderState::Opaque)
     }
 
+    /// Neither direction will be read as HTTP again: bytes that were not
+    /// HTTP before any request, or an upgrade (101, e.g. WebSocket).
+    pub fn is_not_http(&self) -> bool {
+        matches!(self.request, ReaderState::Opaque) && matches!(self.response, ReaderState::Opaque)
+    }
+
     /// Requests read but not yet answered.
     pub fn pending_requests(&self) -> usize {
         self.pending.len()
