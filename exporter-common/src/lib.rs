@@ -70,12 +70,9 @@ pub const FILTERED_NAMES: [&str; FILTERED_SLOTS as usize] = ["listener", "connec
 /// failed in.
 pub const CONNS_MAP: u32 = 0;
 pub const SERVERS_MAP: u32 = 1;
-pub const ACCEPT_ARGS_MAP: u32 = 2;
-pub const IO_ARGS_MAP: u32 = 3;
-pub const MAP_SLOTS: u32 = 4;
+pub const MAP_SLOTS: u32 = 2;
 /// The maps by slot, as userspace names them.
-pub const MAP_NAMES: [&str; MAP_SLOTS as usize] =
-    ["connections", "servers", "accept_args", "io_args"];
+pub const MAP_NAMES: [&str; MAP_SLOTS as usize] = ["connections", "servers"];
 
 /// What a syscall did on a tracked connection.
 #[repr(u32)]

@@ -1,25 +1,24 @@
 use aya_ebpf::{
+    bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
     macros::{map, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use exporter_common::{
-    ACCEPT_ARGS_MAP, CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_IGNORE_CONNECTION,
-    CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind,
-    FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, IO_ARGS_MAP,
-    LISTENER_IGNORED, LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES,
-    SERVERS_MAP,
+    CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_IGNORE_CONNECTION, CaptureConfig,
+    ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind,
+    FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, LISTENER_IGNORED,
+    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
 /// /sys/kernel/tracing/events/syscalls/*/format): arguments are 8 bytes each
 /// from offset 16; the return value of a sys_exit_* record is at 16.
 const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
 const RET: usize = 16;
 
 /// errno values of a write to a peer that went away.
@@ -57,19 +56,9 @@ static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(FILTERED_SLOTS
 #[map]
 static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16_384, 0);
 
-/// accept(4) listening fd, from syscall entry to exit, by thread. LRU: a
-/// thread that never returns (killed in the call) cannot fill it, and
-/// many threads blocked at once push out the oldest, not the newest.
-#[map]
-static ACCEPT_ARGS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4_096, 0);
-
-/// read/write arguments, from syscall entry to exit, by thread (LRU, as
-/// ACCEPT_ARGS). Userspace may resize it (`--in-flight-syscalls`).
-#[map]
-static IO_ARGS: LruHashMap<u64, IoArgs> = LruHashMap::with_max_entries(16_384, 0);
-
 /// Failed map inserts, per CPU, by map: [`CONNS_MAP`], [`SERVERS_MAP`],
-/// [`ACCEPT_ARGS_MAP`], [`IO_ARGS_MAP`].
+/// (the syscall arguments are read at exit from the task's registers, so
+/// no map holds them between entry and exit).
 #[map]
 static MAP_INSERT_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP_SLOTS, 0);
 
@@ -178,27 +167,15 @@ fn emit_header(header: &EventHeader) {
 // ---------------------------------------------------------------- accept
 
 #[tracepoint]
-pub fn accept_enter(ctx: TracePointContext) -> u32 {
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     if (id >> 32) as u32 == config().self_tgid {
         return 0;
     }
-    let Ok(listen_fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
+    let Some([listen_fd, _, _]) = syscall_args() else {
         return 0;
     };
-    if ACCEPT_ARGS.insert(&id, &(listen_fd as u32), 0).is_err() {
-        count_insert_failure(ACCEPT_ARGS_MAP);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn accept_exit(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let Some(listen_fd) = (unsafe { ACCEPT_ARGS.get(&id) }).copied() else {
-        return 0;
-    };
-    let _ = ACCEPT_ARGS.remove(&id);
+    let listen_fd = listen_fd as u32;
     let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
         return 0;
     };
@@ -271,13 +248,7 @@ fn listener_ignored(listener: &ConnKey) -> bool {
 /// connection's state is changed in place, and only if it is still the
 /// connection userspace meant: a newer one on the same fd is a new map
 /// element, which this does not touch.
-fn control(ctx: &TracePointContext, tgid: u32) -> u32 {
-    if tgid != config().self_tgid {
-        return 0;
-    }
-    let Ok(pointer) = (unsafe { ctx.read_at::<u64>(ARG1) }) else {
-        return 0;
-    };
+fn control(pointer: u64) -> u32 {
     let Ok(request) = (unsafe { bpf_probe_read_user(pointer as *const ControlRequest) }) else {
         return 0;
     };
@@ -299,115 +270,98 @@ fn control(ctx: &TracePointContext, tgid: u32) -> u32 {
 
 // ---------------------------------------------------------------- read / write
 
-fn io_enter(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let tgid = (id >> 32) as u32;
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
-        return 0;
-    };
-    if fd == CONTROL_FD as u64 && kind == EventKind::Write {
-        return control(ctx, tgid);
-    }
-    let key = ConnKey {
-        tgid,
-        fd: fd as u32,
-    };
-    let tracked = match unsafe { CONNS.get(&key) } {
-        Some(state) if state.flags & CONN_IGNORED != 0 => return 0,
-        Some(_) => true,
-        None => false,
-    };
-    // black_box keeps LLVM from OR-ing the two lookup results as pointers
-    // ("pointer |= pointer prohibited" in the verifier).
-    let tracked = core::hint::black_box(tracked);
-    // Reads of untracked fds are followed only in server processes, to spot
-    // requests on connections accepted before the exporter started.
-    let candidate = kind == EventKind::Read && unsafe { SERVERS.get(&tgid) }.is_some();
-    if !tracked && !candidate {
-        return 0;
-    }
-    let buffer = if shape == BufferShape::None {
-        0
-    } else {
-        match unsafe { ctx.read_at::<u64>(ARG1) } {
-            Ok(pointer) => pointer,
-            Err(_) => return 0,
-        }
-    };
-    let length = if shape == BufferShape::Flat {
-        unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0)
-    } else {
-        0
-    };
-    let args = IoArgs {
-        fd: key.fd,
-        kind: kind as u32,
-        shape,
-        _pad: 0,
-        buffer,
-        length,
-    };
-    if IO_ARGS.insert(&id, &args, 0).is_err() {
-        count_insert_failure(IO_ARGS_MAP);
-    }
-    0
+/// The syscall's first three arguments, read at its exit from the registers
+/// the task entered the kernel with (x86_64: rdi, rsi, rdx; the kernel
+/// leaves them as they were). This spares an enter program and a map entry
+/// per syscall.
+#[inline(always)]
+fn syscall_args() -> Option<[u64; 3]> {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // rdx, rsi and rdi sit next to each other in pt_regs.
+    let [rdx, rsi, rdi] =
+        unsafe { bpf_probe_read_kernel(core::ptr::addr_of!((*regs).rdx) as *const [u64; 3]) }
+            .ok()?;
+    Some([rdi, rsi, rdx])
 }
 
 #[tracepoint]
-pub fn read_enter_flat(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Read, BufferShape::Flat)
+pub fn read_exit_flat(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Read, BufferShape::Flat)
 }
 
 #[tracepoint]
-pub fn read_enter_iovec(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Read, BufferShape::Iovec)
+pub fn read_exit_iovec(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Read, BufferShape::Iovec)
 }
 
 #[tracepoint]
-pub fn read_enter_msghdr(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Read, BufferShape::Msghdr)
+pub fn read_exit_msghdr(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Read, BufferShape::Msghdr)
 }
 
 #[tracepoint]
-pub fn write_enter_flat(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Write, BufferShape::Flat)
+pub fn write_exit_flat(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Write, BufferShape::Flat)
 }
 
 #[tracepoint]
-pub fn write_enter_iovec(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Write, BufferShape::Iovec)
+pub fn write_exit_iovec(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Write, BufferShape::Iovec)
 }
 
 #[tracepoint]
-pub fn write_enter_msghdr(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Write, BufferShape::Msghdr)
+pub fn write_exit_msghdr(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Write, BufferShape::Msghdr)
 }
 
 /// sendfile(out_fd, in_fd, ...): file bytes are not in user memory, so only
 /// the count is reported.
 #[tracepoint]
-pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
-    io_enter(&ctx, EventKind::Write, BufferShape::None)
+pub fn sendfile_exit(ctx: TracePointContext) -> u32 {
+    io_exit(&ctx, EventKind::Write, BufferShape::None)
 }
 
-/// The user address and length of the bytes a syscall transferred.
-fn user_buffer(args: &IoArgs) -> Option<(u64, u64)> {
+/// Where the bytes a syscall transferred are in user memory.
+#[derive(Clone, Copy)]
+struct UserBuffer {
+    /// 0: none known (sendfile, or an unreadable iovec).
+    address: u64,
+    length: u64,
+}
+
+const NO_BUFFER: UserBuffer = UserBuffer {
+    address: 0,
+    length: 0,
+};
+
+/// The user address and length of the bytes a syscall transferred. A plain
+/// struct, not an `Option`: LLVM leaves a `None`'s payload undefined, and
+/// the verifier refuses a program that copies an undefined register.
+fn user_buffer(args: &IoArgs) -> UserBuffer {
     match args.shape {
-        BufferShape::Flat => Some((args.buffer, args.length)),
+        BufferShape::Flat => UserBuffer {
+            address: args.buffer,
+            length: args.length,
+        },
         BufferShape::Iovec => first_iovec(args.buffer),
         BufferShape::Msghdr => {
-            let iov =
-                unsafe { bpf_probe_read_user((args.buffer + MSGHDR_IOV_OFFSET) as *const u64) }
-                    .ok()?;
-            first_iovec(iov)
+            match unsafe { bpf_probe_read_user((args.buffer + MSGHDR_IOV_OFFSET) as *const u64) } {
+                Ok(iov) => first_iovec(iov),
+                Err(_) => NO_BUFFER,
+            }
         }
-        BufferShape::None => None,
+        BufferShape::None => NO_BUFFER,
     }
 }
 
-fn first_iovec(pointer: u64) -> Option<(u64, u64)> {
-    let iov = unsafe { bpf_probe_read_user(pointer as *const Iovec) }.ok()?;
-    Some((iov.base, iov.len))
+fn first_iovec(pointer: u64) -> UserBuffer {
+    match unsafe { bpf_probe_read_user(pointer as *const Iovec) } {
+        Ok(iov) => UserBuffer {
+            address: iov.base,
+            length: iov.len,
+        },
+        Err(_) => NO_BUFFER,
+    }
 }
 
 /// First four bytes of an HTTP/1.x request line, for the methods servers see.
@@ -418,19 +372,57 @@ fn starts_like_request(prefix: [u8; 4]) -> bool {
     )
 }
 
-#[tracepoint]
-pub fn io_exit(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { IO_ARGS.get(&id) }).copied() else {
+    let tgid = (id >> 32) as u32;
+    // Only processes that accept connections have connections to follow
+    // (and the agent itself, for its control requests).
+    if unsafe { SERVERS.get(&tgid) }.is_none() {
+        if kind == EventKind::Write
+            && tgid == config().self_tgid
+            && let Some([fd, buffer, _]) = syscall_args()
+            && fd == CONTROL_FD as u64
+        {
+            return control(buffer);
+        }
         return 0;
-    };
-    let _ = IO_ARGS.remove(&id);
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+    }
+    let Some([fd, buffer, length]) = syscall_args() else {
         return 0;
     };
     let key = ConnKey {
-        tgid: (id >> 32) as u32,
-        fd: args.fd,
+        tgid,
+        fd: fd as u32,
+    };
+    let tracked = match unsafe { CONNS.get(&key) } {
+        Some(state) if state.flags & CONN_IGNORED != 0 => return 0,
+        Some(_) => true,
+        None => false,
+    };
+    // Reads of untracked fds of server processes are checked for a request
+    // start, to pick up connections accepted before the exporter started.
+    if !tracked && kind != EventKind::Read {
+        return 0;
+    }
+    let args = IoArgs {
+        fd: key.fd,
+        kind: kind as u32,
+        shape,
+        _pad: 0,
+        buffer: if shape == BufferShape::None {
+            0
+        } else {
+            buffer
+        },
+        length: if shape == BufferShape::Flat {
+            length
+        } else {
+            0
+        },
+    };
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return 0;
     };
     // A write the client never got: the server still meant its status.
     let failed_write =
@@ -450,7 +442,7 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
     let scratch = unsafe { &mut (*scratch).bytes };
     // What moved, or for a failed write what the server tried to send.
     let (kind, moved, attempted) = if failed_write {
-        let attempted = buffer.map_or(0, |(_, length)| length);
+        let attempted = buffer.length;
         (EventKind::WriteFailed as u32, 0, attempted)
     } else {
         (args.kind, ret as u64, ret as u64)
@@ -484,7 +476,7 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
 fn next_in_connection(
     key: &ConnKey,
     args: &IoArgs,
-    buffer: Option<(u64, u64)>,
+    buffer: UserBuffer,
     ret: i64,
     now: u64,
 ) -> Option<(u64, u32)> {
@@ -497,11 +489,13 @@ fn next_in_connection(
             ((*state).conn_id, (*state).seq)
         });
     }
-    let (address, _) = buffer?;
+    if buffer.address == 0 {
+        return None;
+    }
     if args.kind != EventKind::Read as u32 || ret < 4 {
         return None;
     }
-    let prefix = unsafe { bpf_probe_read_user(address as *const [u8; 4]) }.ok()?;
+    let prefix = unsafe { bpf_probe_read_user(buffer.address as *const [u8; 4]) }.ok()?;
     if !starts_like_request(prefix) {
         return None;
     }
@@ -522,13 +516,14 @@ fn next_in_connection(
 #[inline(always)]
 fn copy_prefix(
     scratch: &mut [u8; EVENT_HEADER_LEN + MAX_CAPTURE_BYTES],
-    buffer: Option<(u64, u64)>,
+    buffer: UserBuffer,
     moved: u64,
     config: &CaptureConfig,
 ) -> usize {
-    let Some((address, length)) = buffer else {
+    let UserBuffer { address, length } = buffer;
+    if address == 0 {
         return 0;
-    };
+    }
     let mut limit = config.capture_bytes as u64;
     if limit > moved {
         limit = moved;

@@ -71,31 +71,20 @@ pub const TRACEFS_SYSCALLS: [&str; 2] = [
     "/sys/kernel/debug/tracing/events/syscalls",
 ];
 
+/// The kernel's own type information, which `bpf_get_current_task_btf` and
+/// `bpf_task_pt_regs` need.
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
 /// Each program and the syscall tracepoints it is attached to.
 const ATTACHMENTS: &[(&str, &[&str])] = &[
-    ("accept_enter", &["sys_enter_accept", "sys_enter_accept4"]),
     ("accept_exit", &["sys_exit_accept", "sys_exit_accept4"]),
-    ("read_enter_flat", &["sys_enter_read", "sys_enter_recvfrom"]),
-    ("read_enter_iovec", &["sys_enter_readv"]),
-    ("read_enter_msghdr", &["sys_enter_recvmsg"]),
-    ("write_enter_flat", &["sys_enter_write", "sys_enter_sendto"]),
-    ("write_enter_iovec", &["sys_enter_writev"]),
-    ("write_enter_msghdr", &["sys_enter_sendmsg"]),
-    ("sendfile_enter", &["sys_enter_sendfile64"]),
-    (
-        "io_exit",
-        &[
-            "sys_exit_read",
-            "sys_exit_recvfrom",
-            "sys_exit_readv",
-            "sys_exit_recvmsg",
-            "sys_exit_write",
-            "sys_exit_sendto",
-            "sys_exit_writev",
-            "sys_exit_sendmsg",
-            "sys_exit_sendfile64",
-        ],
-    ),
+    ("read_exit_flat", &["sys_exit_read", "sys_exit_recvfrom"]),
+    ("read_exit_iovec", &["sys_exit_readv"]),
+    ("read_exit_msghdr", &["sys_exit_recvmsg"]),
+    ("write_exit_flat", &["sys_exit_write", "sys_exit_sendto"]),
+    ("write_exit_iovec", &["sys_exit_writev"]),
+    ("write_exit_msghdr", &["sys_exit_sendmsg"]),
+    ("sendfile_exit", &["sys_exit_sendfile64"]),
     ("close_enter", &["sys_enter_close"]),
 ];
 
@@ -106,6 +95,12 @@ pub enum CaptureError {
          /sys/kernel/debug/tracing); mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
     )]
     TracefsMissing,
+    #[error(
+        "the kernel has no BTF ({KERNEL_BTF} is missing): the programs read a syscall's arguments \
+         from the task's registers at its exit, which needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF (Linux 5.15 or later; distribution kernels have it)"
+    )]
+    NoKernelBtf,
     #[error(
         "not permitted to load BPF programs: run as root, or with CAP_BPF, CAP_PERFMON and \
          CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH to read other processes' /proc entries): {0}"
@@ -135,9 +130,6 @@ pub struct CaptureOptions {
     pub capture_bytes: u32,
     /// Ring buffer size; a power of two, a multiple of the page size.
     pub ring_buffer_bytes: u32,
-    /// Reads and writes in flight (between syscall entry and exit) the
-    /// kernel keeps arguments for; beyond it the oldest are forgotten.
-    pub in_flight_syscalls: u32,
 }
 
 /// One event as read from the ring buffer.
@@ -327,10 +319,12 @@ impl Capture {
             }
             Tracefs::Missing => return Err(CaptureError::TracefsMissing),
         }
+        if !Path::new(KERNEL_BTF).exists() {
+            return Err(CaptureError::NoKernelBtf);
+        }
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
-            .map_max_entries("IO_ARGS", options.in_flight_syscalls)
             .load(EBPF_OBJECT)
             .map_err(|error| {
                 if permission_denied(&error) {

@@ -93,13 +93,6 @@ pub struct Config {
           value_parser = parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
 
-    /// Reads and writes in flight (threads between syscall entry and exit)
-    /// whose arguments the kernel side keeps; beyond it the oldest are
-    /// forgotten, so blocked threads can never hide new traffic.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_IN_FLIGHT_SYSCALLS", default_value_t = 16_384,
-          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
-    pub in_flight_syscalls: u32,
-
     /// Watch only these processes (or the process groups they lead). Repeat or comma-separate.
     #[arg(long = "pid", env = "FLASK_EBPF_EXPORTER_PIDS", value_delimiter = ',')]
     pub pids: Vec<u32>,

@@ -206,7 +206,6 @@ fn pipeline(
         CaptureOptions {
             capture_bytes: config.capture_bytes,
             ring_buffer_bytes: config.ring_buffer_bytes,
-            in_flight_syscalls: config.in_flight_syscalls,
         },
         CaptureCounters::register(registry).context(registering)?,
     )?;
