@@ -16,7 +16,7 @@ use exporter_common::{
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{counter, gauge};
+use crate::metrics::{Budgets, counter, gauge};
 
 /// What the kernel side should stop (or resume) following, decided from
 /// what a connection showed. Plain data: the stream stage decides,
@@ -59,8 +59,70 @@ impl IgnoreReason {
 }
 
 /// Listening sockets this side remembers as ignored (the kernel's own map
-/// holds as many, LRU).
+/// holds as many, LRU). Processes in any pod can open listeners.
 const MAX_IGNORED_LISTENERS: usize = 4_096;
+
+/// The listening sockets this side told the kernel to ignore, within a
+/// budget of entries. Past it a verdict still reaches the kernel but is not
+/// remembered here (counted); from then on a listener found speaking HTTP
+/// is cleared in the kernel even when it is not remembered.
+#[derive(Debug)]
+struct IgnoredListeners {
+    listeners: HashSet<ConnKey>,
+    max: usize,
+    /// Some verdict went unremembered: the kernel may hold ones not here.
+    unremembered: bool,
+    budget: IntCounter,
+}
+
+impl IgnoredListeners {
+    fn new(max: usize, budget: IntCounter) -> Self {
+        IgnoredListeners {
+            listeners: HashSet::new(),
+            max,
+            unremembered: false,
+            budget,
+        }
+    }
+
+    /// Remembers a listener told to be ignored; whether it is new here.
+    fn remember(&mut self, listener: ConnKey) -> bool {
+        if self.listeners.contains(&listener) {
+            return false;
+        }
+        if self.listeners.len() >= self.max {
+            self.unremembered = true;
+            self.budget.inc();
+            return false;
+        }
+        self.listeners.insert(listener)
+    }
+
+    /// Forgets a listener found speaking HTTP: (whether it was remembered,
+    /// whether the kernel may hold a verdict for it).
+    fn forget(&mut self, listener: &ConnKey) -> (bool, bool) {
+        let remembered = self.listeners.remove(listener);
+        (remembered, remembered || self.unremembered)
+    }
+
+    /// Forgets the listeners of processes that exited; returns them.
+    fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) -> Vec<ConnKey> {
+        let gone: Vec<ConnKey> = self
+            .listeners
+            .iter()
+            .filter(|listener| !alive(listener.tgid))
+            .copied()
+            .collect();
+        for listener in &gone {
+            self.listeners.remove(listener);
+        }
+        gone
+    }
+
+    fn len(&self) -> usize {
+        self.listeners.len()
+    }
+}
 
 /// The compiled kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
@@ -192,10 +254,12 @@ pub struct CaptureCounters {
     pub connections_ignored: Vec<IntCounter>,
     /// Listening sockets whose connections the kernel does not follow.
     pub listeners_ignored: IntGauge,
+    /// Listener verdicts past what this side remembers.
+    pub ignored_listeners_budget: IntCounter,
 }
 
 impl CaptureCounters {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         let failures = IntCounterVec::new(
             Opts::new(
                 "flask_ebpf_exporter_kernel_map_insert_failures_total",
@@ -213,6 +277,7 @@ impl CaptureCounters {
         )?;
         registry.register(Box::new(ignored.clone()))?;
         Ok(CaptureCounters {
+            ignored_listeners_budget: budgets.counter("ignored_listeners"),
             connections_ignored: FILTERED_NAMES
                 .iter()
                 .map(|name| ignored.with_label_values(&[*name]))
@@ -259,8 +324,7 @@ pub struct Capture {
     map_insert_failures: PerCpuArray<MapData, u64>,
     filtered: PerCpuArray<MapData, u64>,
     listeners: BpfHashMap<MapData, ConnKey, ListenerState>,
-    /// The listeners this side told the kernel to ignore.
-    ignored_listeners: HashSet<ConnKey>,
+    ignored_listeners: IgnoredListeners,
     counters: CaptureCounters,
     malformed_logged: bool,
 }
@@ -359,7 +423,10 @@ impl Capture {
             map_insert_failures,
             filtered,
             listeners,
-            ignored_listeners: HashSet::new(),
+            ignored_listeners: IgnoredListeners::new(
+                MAX_IGNORED_LISTENERS,
+                counters.ignored_listeners_budget.clone(),
+            ),
             counters,
             malformed_logged: false,
         })
@@ -386,7 +453,6 @@ impl Capture {
     }
 
     fn judge_listener(&mut self, listener: ConnKey, ignore: Option<IgnoreReason>) {
-        let known = self.ignored_listeners.contains(&listener);
         match ignore {
             Some(reason) => {
                 let state = ListenerState {
@@ -397,27 +463,29 @@ impl Capture {
                     warn!(%error, "could not write a listener verdict to the kernel");
                     return;
                 }
-                if !known && self.ignored_listeners.len() < MAX_IGNORED_LISTENERS {
+                if self.ignored_listeners.remember(listener) {
                     info!(
                         tgid = listener.tgid,
                         listen_fd = listener.fd,
                         reason = reason.as_str(),
                         "connections on this listening socket are no longer followed"
                     );
-                    self.ignored_listeners.insert(listener);
                 }
             }
-            None if known => {
-                // The server now speaks HTTP there: follow every connection.
-                let _ = self.listeners.remove(&listener);
-                self.ignored_listeners.remove(&listener);
-                info!(
-                    tgid = listener.tgid,
-                    listen_fd = listener.fd,
-                    "listening socket speaks HTTP: its connections are followed again"
-                );
+            None => {
+                let (remembered, in_kernel) = self.ignored_listeners.forget(&listener);
+                if in_kernel {
+                    // The server speaks HTTP there: follow every connection.
+                    let _ = self.listeners.remove(&listener);
+                }
+                if remembered {
+                    info!(
+                        tgid = listener.tgid,
+                        listen_fd = listener.fd,
+                        "listening socket speaks HTTP: its connections are followed again"
+                    );
+                }
             }
-            None => {}
         }
         self.counters
             .listeners_ignored
@@ -426,15 +494,8 @@ impl Capture {
 
     /// Forgets the listener verdicts of processes that exited.
     pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
-        let gone: Vec<ConnKey> = self
-            .ignored_listeners
-            .iter()
-            .filter(|listener| !alive(listener.tgid))
-            .copied()
-            .collect();
-        for listener in gone {
+        for listener in self.ignored_listeners.forget_exited(alive) {
             let _ = self.listeners.remove(&listener);
-            self.ignored_listeners.remove(&listener);
         }
         self.counters
             .listeners_ignored
@@ -664,6 +725,34 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ignored_listeners_stay_within_their_budget_and_still_clear() {
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        let budget = budgets.counter("ignored_listeners");
+        let mut ignored = IgnoredListeners::new(2, budget.clone());
+        let listener = |fd| ConnKey { tgid: 100, fd };
+        assert!(ignored.remember(listener(3)));
+        assert!(!ignored.remember(listener(3)), "already remembered");
+        assert!(ignored.remember(listener(4)));
+        // Past the budget: not remembered, counted.
+        assert!(!ignored.remember(listener(5)));
+        assert_eq!(ignored.len(), 2);
+        assert_eq!(budget.get(), 1);
+        // A remembered listener found speaking HTTP is cleared; so is one
+        // that went unremembered, which the kernel may still hold.
+        assert_eq!(ignored.forget(&listener(3)), (true, true));
+        assert_eq!(ignored.forget(&listener(5)), (false, true));
+        // Listeners of exited processes are let go.
+        assert!(ignored.remember(listener(6)));
+        let gone = ignored.forget_exited(&|tgid| tgid != 100);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(ignored.len(), 0);
+        // Within budget, nothing unknown is cleared in the kernel.
+        let mut within = IgnoredListeners::new(2, budget);
+        assert_eq!(within.forget(&listener(9)), (false, false));
+    }
 
     fn event_bytes(header: EventHeader, data: &[u8]) -> Vec<u8> {
         // SAFETY: EventHeader is plain old data.

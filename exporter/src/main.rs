@@ -207,7 +207,7 @@ fn pipeline(
             capture_bytes: config.capture_bytes,
             ring_buffer_bytes: config.ring_buffer_bytes,
         },
-        CaptureCounters::register(registry).context(registering)?,
+        CaptureCounters::register(registry, &budgets).context(registering)?,
     )?;
     Ok(Pipeline {
         capture,
