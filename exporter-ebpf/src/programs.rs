@@ -208,7 +208,9 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         count_filtered(FILTERED_AT_ACCEPT);
         return 0;
     }
-    if SERVERS.insert(&tgid, &1, 0).is_err() {
+    // A lookup is much cheaper than an update, and the process is almost
+    // always known already.
+    if unsafe { SERVERS.get(&tgid) }.is_none() && SERVERS.insert(&tgid, &1, 0).is_err() {
         count_insert_failure(SERVERS_MAP);
     }
     emit_header(&EventHeader {
@@ -395,15 +397,15 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
         tgid,
         fd: fd as u32,
     };
-    let tracked = match unsafe { CONNS.get(&key) } {
-        Some(state) if state.flags & CONN_IGNORED != 0 => return 0,
-        Some(_) => true,
-        None => false,
-    };
-    // Reads of untracked fds of server processes are checked for a request
-    // start, to pick up connections accepted before the exporter started.
-    if !tracked && kind != EventKind::Read {
-        return 0;
+    let state = CONNS.get_ptr_mut(&key);
+    match state {
+        Some(state) if unsafe { (*state).flags } & CONN_IGNORED != 0 => return 0,
+        Some(_) => {}
+        // Reads of untracked fds of server processes are checked for a
+        // request start, to pick up connections accepted before the
+        // exporter started.
+        None if kind != EventKind::Read => return 0,
+        None => {}
     }
     let args = IoArgs {
         fd: key.fd,
@@ -432,7 +434,7 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     }
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some((conn_id, seq)) = next_in_connection(&key, &args, buffer, ret, now) else {
+    let Some((conn_id, seq)) = next_in_connection(state, &key, &args, buffer, ret, now) else {
         return 0;
     };
     let config = config();
@@ -469,18 +471,20 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     0
 }
 
-/// The connection's generation and this event's sequence number. An
-/// untracked fd of a server process starts being followed only when a read
-/// begins with a request line; `None`: not followed.
+/// The connection's generation and this event's sequence number, from its
+/// entry in CONNS (`state`, looked up once by the caller). An untracked fd
+/// of a server process starts being followed only when a read begins with a
+/// request line; `None`: not followed.
 #[inline(always)]
 fn next_in_connection(
+    state: Option<*mut ConnState>,
     key: &ConnKey,
     args: &IoArgs,
     buffer: UserBuffer,
     ret: i64,
     now: u64,
 ) -> Option<(u64, u32)> {
-    if let Some(state) = CONNS.get_ptr_mut(key) {
+    if let Some(state) = state {
         // Plain increment: two threads of one process rarely use one
         // connection at once, and userspace treats a repeated seq as
         // harmless (only a jump means lost events).
@@ -553,13 +557,12 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let fd = fd as u32;
-    let now = unsafe { bpf_ktime_get_ns() };
     if fd == HEARTBEAT_FD && tgid == config().self_tgid {
         emit_header(&EventHeader {
             kind: EventKind::Heartbeat as u32,
             tgid,
             fd,
-            timestamp_ns: now,
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
             ..EventHeader::default()
         });
         return 0;
@@ -578,7 +581,7 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
         fd,
         seq: state.seq.wrapping_add(1),
         conn_id: state.conn_id,
-        timestamp_ns: now,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
         ..EventHeader::default()
     });
     0
