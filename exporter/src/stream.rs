@@ -418,10 +418,11 @@ fn hear_the_server(
     out: &mut Vec<KernelFilter>,
 ) -> Option<IgnoreReason> {
     let wrote = matches!(event.kind, EventKind::Write | EventKind::WriteFailed);
-    if wrote && !connection.server_spoke && !event.data.is_empty() {
+    if wrote && !connection.server_spoke {
         connection.server_spoke = true;
-        // Only the server's very first bytes say what it speaks.
-        if connection.complete {
+        // Only the server's very first bytes say what it speaks, and only
+        // when the kernel could copy them.
+        if connection.complete && !event.data.is_empty() {
             let http = starts_like_response(event.data);
             if let Some(listen_fd) = connection.listener {
                 out.push(KernelFilter::Listener {
@@ -665,6 +666,18 @@ mod tests {
             ],
         );
         assert!(mid_stream.is_empty(), "{mid_stream:?}");
+        // The first write's bytes could not be copied: the next write may
+        // be a body, so nothing is judged.
+        let uncopied = kernel_filters(
+            &labels,
+            &[
+                (EventKind::Accept, 1, 0, b""),
+                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
+                (EventKind::Write, 1, 2, b""),
+                (EventKind::Write, 1, 3, b"binary body bytes"),
+            ],
+        );
+        assert!(uncopied.is_empty(), "{uncopied:?}");
         // A client whose server never answers is followed for a while.
         let garbage: Vec<Step<'_>> = std::iter::once((EventKind::Accept, 1, 0, &b""[..]))
             .chain((1..=8).map(|seq| (EventKind::Read, 1, seq, &b"\x00\x01garbage"[..])))
