@@ -164,6 +164,14 @@ fn node_role_scrape_config_collects_per_pod_series() {
             .stderr(std::process::Stdio::null()),
     );
     wait_for_port(prometheus_port, Duration::from_secs(20));
+    // It listens before its storage is open, answering "Service
+    // Unavailable" as text until then.
+    let ready = eventually(
+        Duration::from_secs(20),
+        || http_get(prometheus_port, "/-/ready").map_or(0, |r| r.status),
+        |&status| status == 200,
+    );
+    assert_eq!(ready, 200, "Prometheus never became ready");
 
     let mut sent = 0;
     for n in 0..5 {
