@@ -382,7 +382,8 @@ fn decide_kernel_filter(
     event: &RawEvent<'_>,
     out: &mut Vec<KernelFilter>,
 ) {
-    if connection.ignored {
+    // A closing connection needs no request: the kernel forgets it itself.
+    if connection.ignored || event.kind == EventKind::Close {
         return;
     }
     connection.events = connection.events.saturating_add(1);
