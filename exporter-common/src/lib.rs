@@ -135,6 +135,16 @@ pub struct EventHeader {
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
+impl EventHeader {
+    /// The header as the kernel writes it into the ring buffer (native
+    /// byte order), for tests and the replay benchmark.
+    pub fn to_bytes(&self) -> [u8; EVENT_HEADER_LEN] {
+        // SAFETY: `#[repr(C)]` of u32s and u64s in an order with no padding,
+        // so every byte is initialised.
+        unsafe { core::mem::transmute_copy(self) }
+    }
+}
+
 /// A tracked connection: key of the kernel's connection map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

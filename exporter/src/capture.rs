@@ -755,14 +755,7 @@ mod tests {
     }
 
     fn event_bytes(header: EventHeader, data: &[u8]) -> Vec<u8> {
-        // SAFETY: EventHeader is plain old data.
-        let head = unsafe {
-            std::slice::from_raw_parts(
-                (&header as *const EventHeader).cast::<u8>(),
-                EVENT_HEADER_LEN,
-            )
-        };
-        [head, data].concat()
+        [&header.to_bytes()[..], data].concat()
     }
 
     #[test]

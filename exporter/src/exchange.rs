@@ -23,7 +23,7 @@ use crate::{identity::cgroup::ContainerRef, routes::flask_rules::RuleSet};
 /// One request and the final response to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {
-    pub method: String,
+    pub method: http::Method,
     /// The request target as sent, query string included (the routes stage
     /// removes it).
     pub target: String,

@@ -12,26 +12,18 @@ use flask_ebpf_exporter::{
     health::Health,
     identity::{
         IdentityStage,
-        attribution::{Attribution, AttributionCounters, HoldLimits},
         containers::PodIdentity,
         kubernetes::{self, PodWatch, WatchMetrics},
         local::{LocalIdentity, ProcessFilter},
         pods::{Selection, SharedPodIndex},
     },
-    metrics::{Budgets, RequestMetrics},
-    pipeline::Pipeline,
-    routes::{RouteCounters, RouteLabeler, RouteOptions, flask_rules::RuleSet},
+    metrics::Budgets,
+    pipeline::{Pipeline, Stages as PipelineStages},
+    routes::flask_rules::RuleSet,
     server::{self, ServerState},
-    stream::{ConnectionTable, StreamCounters},
 };
 use prometheus::Registry;
 use tracing::info;
-
-/// Requests held while their pod is looked up, at most: about 10 s of a
-/// busy node's traffic; beyond it they are exported as unknown at once.
-const MAX_HELD_REQUESTS: usize = 100_000;
-/// Bytes of method and target held while pods are looked up, at most.
-const MAX_HELD_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
@@ -195,13 +187,8 @@ fn pipeline(
     } = stages;
     let registering = "registering metrics";
     let budgets = Budgets::register(registry).context(registering)?;
-    let metrics = RequestMetrics::register(
-        registry,
-        identity.label_names(),
-        &budgets,
-        config.max_series_per_workload,
-    )
-    .context(registering)?;
+    let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
+        .context(registering)?;
     let capture = Capture::load(
         CaptureOptions {
             capture_bytes: config.capture_bytes,
@@ -211,29 +198,7 @@ fn pipeline(
     )?;
     Ok(Pipeline {
         capture,
-        table: ConnectionTable::new(
-            StreamCounters::register(registry, &budgets).context(registering)?,
-        ),
-        identity,
-        attribution: Attribution::new(
-            HoldLimits {
-                wait: config.pod_wait,
-                max_held: MAX_HELD_REQUESTS,
-                max_held_bytes: MAX_HELD_REQUEST_BYTES,
-            },
-            AttributionCounters::register(registry, &budgets).context(registering)?,
-        ),
-        deleted_pod_grace: config.deleted_pod_grace,
-        labeler: RouteLabeler::new(
-            RouteOptions {
-                mode: config.path_label,
-                max_paths_per_workload: config.max_paths_per_workload,
-                segment_cap: config.route_segment_cap as usize,
-                user_rules: Arc::new(user_rules),
-            },
-            RouteCounters::register(registry, &budgets).context(registering)?,
-        ),
-        metrics,
+        stages,
         health: health.clone(),
         debug,
     })

@@ -313,7 +313,7 @@ impl RequestMetrics {
     pub fn observe(&mut self, attributed: &AttributedExchange, route: &Route) {
         let identity = &attributed.identity;
         let exchange = &attributed.exchange;
-        let method = exported_method(&exchange.method);
+        let method = exported_method(exchange.method.as_str());
         let status = exchange.status;
         if !self.series.contains_key(identity) {
             self.series
@@ -408,7 +408,7 @@ mod tests {
             identity: identity.clone(),
             rules: None,
             exchange: Exchange {
-                method: method.to_owned(),
+                method: method.parse().expect("a method"),
                 target: "/".to_owned(),
                 status,
                 started_ns: 0,

@@ -20,17 +20,22 @@ use std::{
 };
 
 use exporter_common::{EventKind, HEARTBEAT_FD};
+use prometheus::Registry;
 
 use crate::{
-    capture::Capture,
+    capture::{Capture, RawEvent},
+    config::Config,
     debug::{ConnectionsReport, DebugSnapshot, DebugState, PodsReport, RoutesReport},
     exchange::{AttributedExchange, CapturedExchange},
     health::{Health, monotonic_ns},
-    identity::{IdentityStage, attribution::Attribution},
-    metrics::RequestMetrics,
+    identity::{
+        IdentityStage,
+        attribution::{Attribution, AttributionCounters, HoldLimits},
+    },
+    metrics::{Budgets, RequestMetrics},
     procfs,
-    routes::RouteLabeler,
-    stream::{ConnectionTable, Handled},
+    routes::{RouteCounters, RouteLabeler, RouteOptions, flask_rules::RuleSet},
+    stream::{ConnectionTable, Handled, StreamCounters},
 };
 
 /// How often the ring buffer is drained: the kernel wakes the reader only
@@ -42,9 +47,23 @@ const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Most events handled in one turn of the loop: under a sustained flood the
 /// loop still turns, so heartbeats, upkeep and liveness go on.
 const MAX_EVENTS_PER_TURN: usize = 16_384;
+/// Requests held while their pod is looked up, at most: about 10 s of a
+/// busy node's traffic; beyond it they are exported as unknown at once.
+const MAX_HELD_REQUESTS: usize = 100_000;
+/// Bytes of method and target held while pods are looked up, at most.
+const MAX_HELD_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
 pub struct Pipeline {
     pub capture: Capture,
+    pub stages: Stages,
+    pub health: Arc<Health>,
+    /// Where `/debug/*` snapshots go; `None` when the endpoints are off.
+    pub debug: Option<Arc<DebugState>>,
+}
+
+/// The stages after capture, which take decoded events: the part of the
+/// pipeline that needs no kernel (the replay benchmark drives it alone).
+pub struct Stages {
     pub table: ConnectionTable,
     pub identity: IdentityStage,
     pub attribution: Attribution,
@@ -52,9 +71,6 @@ pub struct Pipeline {
     pub deleted_pod_grace: Duration,
     pub labeler: RouteLabeler,
     pub metrics: RequestMetrics,
-    pub health: Arc<Health>,
-    /// Where `/debug/*` snapshots go; `None` when the endpoints are off.
-    pub debug: Option<Arc<DebugState>>,
 }
 
 /// Asks the kernel side for a heartbeat event: it watches for the exporter
@@ -66,9 +82,9 @@ fn request_heartbeat() {
 
 /// Exchanges between stages, kept to reuse their buffers.
 #[derive(Default)]
-struct HandOffs {
-    captured: Vec<CapturedExchange>,
-    attributed: Vec<AttributedExchange>,
+pub struct HandOffs {
+    pub captured: Vec<CapturedExchange>,
+    pub attributed: Vec<AttributedExchange>,
 }
 
 impl Pipeline {
@@ -91,12 +107,15 @@ impl Pipeline {
             if upkeep && last_reap.elapsed() >= REAP_EVERY {
                 last_reap = Instant::now();
                 // Exchanges ended by the reap are recorded with the rest.
-                self.table
-                    .reap(monotonic_ns(), &procfs::is_running, &mut hand_offs.captured);
-                self.identity.forget_exited(&procfs::is_running);
+                self.stages.table.reap(
+                    monotonic_ns(),
+                    &procfs::is_running,
+                    &mut hand_offs.captured,
+                );
+                self.stages.identity.forget_exited(&procfs::is_running);
                 self.capture.forget_exited(&procfs::is_running);
             }
-            self.record(&mut hand_offs);
+            self.stages.record(&mut hand_offs);
             if upkeep {
                 last_upkeep = Instant::now();
                 self.upkeep();
@@ -118,22 +137,91 @@ impl Pipeline {
                 self.health.heartbeat(event.header.timestamp_ns);
                 continue;
             }
-            if let Handled::NewConnection(origin) = self.table.handle(&event, captured) {
-                let served_by = self.identity.resolve(&origin);
-                self.table.open(&event, served_by, captured);
-            }
+            self.stages.handle(&event, captured);
             drop(item);
             // What the connections showed: what the kernel need not follow.
-            for filter in self.table.take_kernel_filters() {
+            for filter in self.stages.table.take_kernel_filters() {
                 self.capture.apply(filter);
             }
         }
         true
     }
 
+    /// Once a second: identities gone past their grace period leave the
+    /// metrics and routes; the kernel's loss count; the debug snapshot.
+    fn upkeep(&mut self) {
+        let stages = &mut self.stages;
+        for identity in stages
+            .identity
+            .purge(Instant::now(), stages.deleted_pod_grace)
+        {
+            stages.metrics.release(&identity);
+            stages.labeler.forget(&identity);
+        }
+        self.capture.sync_kernel_counters();
+        if let Some(debug) = &self.debug {
+            debug.publish(DebugSnapshot {
+                routes: RoutesReport::new(stages.labeler.snapshot()),
+                pods: PodsReport::new(&stages.identity, Instant::now()),
+                connections: ConnectionsReport::new(&stages.table, &stages.attribution),
+                ..DebugSnapshot::default()
+            });
+        }
+    }
+}
+
+impl Stages {
+    /// Every stage after capture, each registering its own counters in
+    /// `registry`.
+    pub fn new(
+        config: &Config,
+        identity: IdentityStage,
+        user_rules: RuleSet,
+        registry: &Registry,
+        budgets: &Budgets,
+    ) -> Result<Self, prometheus::Error> {
+        Ok(Stages {
+            table: ConnectionTable::new(StreamCounters::register(registry, budgets)?),
+            metrics: RequestMetrics::register(
+                registry,
+                identity.label_names(),
+                budgets,
+                config.max_series_per_workload,
+            )?,
+            identity,
+            attribution: Attribution::new(
+                HoldLimits {
+                    wait: config.pod_wait,
+                    max_held: MAX_HELD_REQUESTS,
+                    max_held_bytes: MAX_HELD_REQUEST_BYTES,
+                },
+                AttributionCounters::register(registry, budgets)?,
+            ),
+            deleted_pod_grace: config.deleted_pod_grace,
+            labeler: RouteLabeler::new(
+                RouteOptions {
+                    mode: config.path_label,
+                    max_paths_per_workload: config.max_paths_per_workload,
+                    segment_cap: config.route_segment_cap as usize,
+                    user_rules: Arc::new(user_rules),
+                },
+                RouteCounters::register(registry, budgets)?,
+            ),
+        })
+    }
+
+    /// stream (+ identity for a new connection): one event to its
+    /// connection; finished exchanges are appended to `captured`.
+    pub fn handle(&mut self, event: &RawEvent<'_>, captured: &mut Vec<CapturedExchange>) {
+        if let Handled::NewConnection(origin) = self.table.handle(event, captured) {
+            let served_by = self.identity.resolve(&origin);
+            self.table.open(event, served_by, captured);
+        }
+    }
+
     /// attribution → routes → metrics, for the exchanges in `captured`
     /// (some may wait in attribution for their pod).
-    fn record(&mut self, hand_offs: &mut HandOffs) {
+    pub fn record(&mut self, hand_offs: &mut HandOffs) {
         self.attribution.attribute(
             self.identity.pod_index(),
             &mut hand_offs.captured,
@@ -148,24 +236,6 @@ impl Pipeline {
         // requests now count under the template.
         for (workload, path) in self.labeler.take_retired() {
             self.metrics.retire_route(&workload, &path);
-        }
-    }
-
-    /// Once a second: identities gone past their grace period leave the
-    /// metrics and routes; the kernel's loss count; the debug snapshot.
-    fn upkeep(&mut self) {
-        for identity in self.identity.purge(Instant::now(), self.deleted_pod_grace) {
-            self.metrics.release(&identity);
-            self.labeler.forget(&identity);
-        }
-        self.capture.sync_kernel_counters();
-        if let Some(debug) = &self.debug {
-            debug.publish(DebugSnapshot {
-                routes: RoutesReport::new(self.labeler.snapshot()),
-                pods: PodsReport::new(&self.identity, Instant::now()),
-                connections: ConnectionsReport::new(&self.table, &self.attribution),
-                ..DebugSnapshot::default()
-            });
         }
     }
 }

@@ -142,6 +142,9 @@ pub struct ConnectionTable {
     max_partial_head_bytes: usize,
     /// Decisions for the kernel side, until the pipeline takes them.
     kernel_filters: Vec<KernelFilter>,
+    /// Exchanges one event finished, before they are tagged (kept so that
+    /// handling an event allocates nothing).
+    finished: Vec<Exchange>,
 }
 
 impl ConnectionTable {
@@ -161,6 +164,7 @@ impl ConnectionTable {
             partial_heads: PartialHeads::default(),
             max_partial_head_bytes,
             kernel_filters: Vec::new(),
+            finished: Vec::new(),
         }
     }
 
@@ -220,7 +224,13 @@ impl ConnectionTable {
         let key = (header.tgid, header.fd);
         if let Entry::Occupied(mut entry) = self.connections.entry(key) {
             if entry.get().conn_id == header.conn_id {
-                let closed = feed(entry.get_mut(), event, &self.counters, out);
+                let closed = feed(
+                    entry.get_mut(),
+                    event,
+                    &self.counters,
+                    &mut self.finished,
+                    out,
+                );
                 decide_kernel_filter(key, entry.get_mut(), event, &mut self.kernel_filters);
                 if closed {
                     let gone = entry.remove();
@@ -236,9 +246,8 @@ impl ConnectionTable {
             let mut old = entry.remove();
             self.partial_heads.forget(key, &old);
             self.counters.connections_tracked.dec();
-            let mut exchanges = Vec::new();
-            old.http.on_close(&self.counters.http, &mut exchanges);
-            tag(&old, exchanges, out);
+            old.http.on_close(&self.counters.http, &mut self.finished);
+            tag(&old, &mut self.finished, out);
         }
         if event.kind == EventKind::Close {
             return Handled::Done;
@@ -274,7 +283,13 @@ impl ConnectionTable {
             events: 0,
             ignored: false,
         };
-        let closed = feed(&mut connection, event, &self.counters, out);
+        let closed = feed(
+            &mut connection,
+            event,
+            &self.counters,
+            &mut self.finished,
+            out,
+        );
         let key = (header.tgid, header.fd);
         decide_kernel_filter(key, &mut connection, event, &mut self.kernel_filters);
         if !closed {
@@ -311,7 +326,7 @@ impl ConnectionTable {
                 connection.http.on_close(&counters.http, &mut exchanges);
                 partial_heads.forget(key, connection);
             }
-            tag(connection, exchanges, out);
+            tag(connection, &mut exchanges, out);
             keep
         });
         self.counters
@@ -326,6 +341,7 @@ fn feed(
     connection: &mut Connection,
     event: &RawEvent<'_>,
     counters: &StreamCounters,
+    exchanges: &mut Vec<Exchange>,
     out: &mut Vec<CapturedExchange>,
 ) -> bool {
     let header = &event.header;
@@ -351,21 +367,18 @@ fn feed(
         byte_count: header.byte_count,
         captured: event.data,
     };
-    let mut exchanges = Vec::new();
     let monitored = connection.served_by.is_some();
     match event.kind {
         EventKind::Read if monitored => connection.http.on_read(segment, &counters.http),
         EventKind::Write if monitored => {
-            connection
-                .http
-                .on_write(segment, &counters.http, &mut exchanges)
+            connection.http.on_write(segment, &counters.http, exchanges)
         }
         EventKind::WriteFailed if monitored => {
             connection
                 .http
-                .on_write_failed(segment, &counters.http, &mut exchanges)
+                .on_write_failed(segment, &counters.http, exchanges)
         }
-        EventKind::Close => connection.http.on_close(&counters.http, &mut exchanges),
+        EventKind::Close => connection.http.on_close(&counters.http, exchanges),
         _ => {}
     }
     tag(connection, exchanges, out);
@@ -442,12 +455,13 @@ fn hear_the_server(
 }
 
 /// Moves a connection's exchanges to `out` with whom it is served by.
-fn tag(connection: &Connection, exchanges: Vec<Exchange>, out: &mut Vec<CapturedExchange>) {
-    if let Some(served_by) = &connection.served_by {
-        out.extend(exchanges.into_iter().map(|exchange| CapturedExchange {
+fn tag(connection: &Connection, exchanges: &mut Vec<Exchange>, out: &mut Vec<CapturedExchange>) {
+    match &connection.served_by {
+        Some(served_by) => out.extend(exchanges.drain(..).map(|exchange| CapturedExchange {
             served_by: served_by.clone(),
             exchange,
-        }));
+        })),
+        None => exchanges.clear(),
     }
 }
 

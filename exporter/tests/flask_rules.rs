@@ -47,11 +47,17 @@ fn matches_as_werkzeug_does() {
     let mut requests: Vec<(String, String)> = Vec::new();
     for _ in 0..4000 {
         let request = traffic.next_request();
-        requests.push((request.method.to_owned(), request_path(&request.target)));
+        requests.push((
+            request.method.to_owned(),
+            request_path(&request.target).into_owned(),
+        ));
     }
     for _ in 0..500 {
         let request = traffic.random_url();
-        requests.push((request.method.to_owned(), request_path(&request.target)));
+        requests.push((
+            request.method.to_owned(),
+            request_path(&request.target).into_owned(),
+        ));
     }
     let input: String = requests
         .iter()

@@ -68,7 +68,8 @@ fn main() -> anyhow::Result<()> {
         }
         "bench" => {
             setup(&root)?;
-            // exporter/benches/overhead.rs; arguments go to it.
+            // exporter/benches/overhead.rs (arguments go to it), then the
+            // userspace replay, exporter/benches/replay.rs.
             run(Command::new("cargo")
                 .args([
                     "bench",
@@ -79,11 +80,14 @@ fn main() -> anyhow::Result<()> {
                     "--",
                 ])
                 .args(rest)
+                .current_dir(&root))?;
+            run(Command::new("cargo")
+                .args(["bench", "-p", "flask-ebpf-exporter", "--bench", "replay"])
                 .current_dir(&root))
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark and the userspace replay"
             );
             if task == "help" {
                 Ok(())

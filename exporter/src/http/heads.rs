@@ -1,6 +1,8 @@
 //! Request and response heads, parsed with httparse, and what their headers
 //! say about the body, as RFC 9112 §6.3 and gunicorn read them.
 
+use smallvec::SmallVec;
+
 use super::body::{Body, Chunked};
 
 /// Longest request or response head accepted; longer is treated as garbage.
@@ -15,7 +17,7 @@ pub enum HeadParse<T> {
 }
 
 pub struct RequestHead {
-    pub method: String,
+    pub method: http::Method,
     pub target: String,
     pub framing: Framing,
 }
@@ -68,33 +70,35 @@ impl Framing {
     }
 }
 
-/// Content-Length values and transfer codings, as sent.
+/// Content-Length values and transfer codings, as sent (inline: a head
+/// has one or two of them, and parsing one allocates nothing).
 struct FramingHeaders<'a> {
-    lengths: Vec<&'a [u8]>,
-    /// Lower-cased codings of every Transfer-Encoding header, in order.
-    codings: Option<Vec<String>>,
+    lengths: SmallVec<[&'a [u8]; 2]>,
+    /// The codings of every Transfer-Encoding header, in order, without
+    /// the whitespace around them (compared ignoring case).
+    codings: Option<SmallVec<[&'a [u8]; 2]>>,
 }
 
 impl<'a> FramingHeaders<'a> {
     fn read(headers: &[httparse::Header<'a>]) -> Self {
-        let mut lengths = Vec::new();
-        let mut codings: Option<Vec<String>> = None;
+        let mut lengths = SmallVec::new();
+        let mut codings: Option<SmallVec<[&'a [u8]; 2]>> = None;
         for header in headers {
             if header.name.eq_ignore_ascii_case("content-length") {
                 lengths.push(header.value);
             } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                let list = codings.get_or_insert_with(Vec::new);
-                let value = String::from_utf8_lossy(header.value).to_ascii_lowercase();
-                list.extend(value.split(',').map(|coding| coding.trim().to_owned()));
+                let list = codings.get_or_insert_with(SmallVec::new);
+                list.extend(header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii));
             }
         }
         FramingHeaders { lengths, codings }
     }
 
     /// Whether the codings end in exactly one chunked.
-    fn chunked_last(codings: &[String]) -> bool {
-        codings.last().is_some_and(|last| last == "chunked")
-            && codings.iter().filter(|coding| *coding == "chunked").count() == 1
+    fn chunked_last(codings: &[&[u8]]) -> bool {
+        let chunked = |coding: &[u8]| coding.eq_ignore_ascii_case(b"chunked");
+        codings.last().is_some_and(|last| chunked(last))
+            && codings.iter().filter(|coding| chunked(coding)).count() == 1
     }
 }
 
@@ -113,10 +117,15 @@ fn request_framing(headers: &[httparse::Header<'_>], http_1_0: bool) -> Framing 
     let framing = FramingHeaders::read(headers);
     if let Some(codings) = &framing.codings {
         let known = codings.iter().all(|coding| {
-            matches!(
-                coding.as_str(),
-                "chunked" | "gzip" | "deflate" | "compress" | "identity"
-            )
+            [
+                &b"chunked"[..],
+                b"gzip",
+                b"deflate",
+                b"compress",
+                b"identity",
+            ]
+            .iter()
+            .any(|name| coding.eq_ignore_ascii_case(name))
         });
         // Chunked once and last (so nothing after it), nothing unknown, no
         // Content-Length beside it, not on HTTP/1.0.
@@ -166,10 +175,15 @@ pub fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
             let (Some(method), Some(target)) = (request.method, request.path) else {
                 return HeadParse::Invalid;
             };
+            // A token httparse accepted; standard methods and short
+            // extensions are held without allocating.
+            let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+                return HeadParse::Invalid;
+            };
             let framing = request_framing(request.headers, request.version == Some(0));
             HeadParse::Complete {
                 head: RequestHead {
-                    method: method.to_owned(),
+                    method,
                     target: target.to_owned(),
                     framing,
                 },

@@ -98,7 +98,7 @@ const MAX_PENDING_REQUESTS: usize = 256;
 
 #[derive(Debug)]
 struct PendingRequest {
-    method: String,
+    method: http::Method,
     target: String,
     started_ns: u64,
     bytes: u64,
@@ -664,7 +664,7 @@ impl HttpConnection {
         let request_is_head = self
             .pending
             .front()
-            .is_some_and(|request| request.method.eq_ignore_ascii_case("HEAD"));
+            .is_some_and(|request| request.method.as_str().eq_ignore_ascii_case("HEAD"));
         self.in_flight = Some(InFlightResponse {
             status,
             bytes: at.bytes,

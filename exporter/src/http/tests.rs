@@ -232,7 +232,7 @@ proptest! {
             expected.push((exchange.method.to_owned(), exchange.target.clone(), exchange.status,
                 started.unwrap_or(0), finished, exchange.request.len() as u64));
         }
-        let got: Vec<_> = harness.out.iter().map(|e| (e.method.clone(), e.target.clone(), e.status,
+        let got: Vec<_> = harness.out.iter().map(|e| (e.method.to_string(), e.target.clone(), e.status,
             e.started_ns, e.finished_ns, e.request_bytes)).collect();
         prop_assert_eq!(got, expected);
         let final_responses: Vec<u64> = exchanges.iter().map(|e| {
@@ -426,7 +426,7 @@ fn exchanges(harness: &Harness) -> Vec<(String, String, u16)> {
     harness
         .out
         .iter()
-        .map(|e| (e.method.clone(), e.target.clone(), e.status))
+        .map(|e| (e.method.to_string(), e.target.clone(), e.status))
         .collect()
 }
 

@@ -182,7 +182,7 @@ impl Attribution {
 
 /// What holding an exchange costs, in bytes of what a client chose.
 fn held_size(captured: &CapturedExchange) -> usize {
-    captured.exchange.method.len() + captured.exchange.target.len()
+    captured.exchange.method.as_str().len() + captured.exchange.target.len()
 }
 
 fn attributed(
@@ -218,7 +218,7 @@ mod tests {
                 container_id: Some(ID.to_owned()),
             })),
             exchange: Exchange {
-                method: "GET".to_owned(),
+                method: http::Method::GET,
                 target: target.to_owned(),
                 status: 200,
                 started_ns: 1,

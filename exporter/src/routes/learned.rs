@@ -14,6 +14,8 @@
 
 use std::collections::HashMap;
 
+use smallvec::SmallVec;
+
 /// A learned parameter's type, and its text in templates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Param {
@@ -89,13 +91,17 @@ pub fn classify(segment: &str) -> Option<Param> {
     None
 }
 
+/// 8-4-4-4-12 hex digits.
 fn is_uuid(segment: &str) -> bool {
-    let groups: Vec<&str> = segment.split('-').collect();
-    groups.len() == 5
-        && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
-        && groups
-            .iter()
-            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+    const DASHES: [usize; 4] = [8, 13, 18, 23];
+    segment.len() == 36
+        && segment.bytes().enumerate().all(|(i, b)| {
+            if DASHES.contains(&i) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        })
 }
 
 fn is_date(bytes: &[u8]) -> bool {
@@ -234,13 +240,22 @@ impl RouteLearner {
     /// Learns from a served path and returns its template; `None` when the
     /// path needs new nodes and the node budget is spent (nothing learned).
     pub fn learn(&mut self, path: &str) -> Option<(String, Learned)> {
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        let mut template = String::new();
+        let learned = self.learn_into(path, &mut template)?;
+        Some((template, learned))
+    }
+
+    /// [`Self::learn`], writing the template into `template` (cleared
+    /// first), so that a caller reusing one buffer allocates nothing.
+    pub fn learn_into(&mut self, path: &str, template: &mut String) -> Option<Learned> {
+        let segments: Segments = path.split('/').skip(1).collect();
         let limits = Limits {
             segment_cap: self.segment_cap,
             room: self.max_nodes.saturating_sub(self.nodes),
         };
+        template.clear();
         let mut walk = Walk {
-            template: String::with_capacity(path.len()),
+            template,
             learned: Learned::Heuristic,
             created: 0,
             collapsed: false,
@@ -253,7 +268,7 @@ impl RouteLearner {
             if index >= MAX_DEPTH || node.has_param(Param::Path) {
                 learn_path_tail(node, &segments[index..], &limits, &mut walk);
                 self.count_nodes(walk.created, walk.collapsed);
-                return Some((walk.template, walk.learned));
+                return Some(walk.learned);
             }
             node = match choose(
                 node,
@@ -281,16 +296,22 @@ impl RouteLearner {
         node.hits += 1;
         node.terminal = true;
         self.count_nodes(walk.created, walk.collapsed);
-        Some((walk.template, walk.learned))
+        Some(walk.learned)
     }
 
     /// The template of a path, without learning it; `None` if it does not
     /// end where a learned route ends.
     pub fn fit(&self, path: &str) -> Option<(String, Learned)> {
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
         let mut template = String::new();
-        let learned = fit_node(&self.root, &segments, &mut template)?;
+        let learned = self.fit_into(path, &mut template)?;
         Some((template, learned))
+    }
+
+    /// [`Self::fit`], writing the template into `template` (cleared first).
+    pub fn fit_into(&self, path: &str, template: &mut String) -> Option<Learned> {
+        let segments: Segments = path.split('/').skip(1).collect();
+        template.clear();
+        fit_node(&self.root, &segments, template)
     }
 
     /// Prefixes of templates a collapse made obsolete (`/tags/rust`: that
@@ -339,9 +360,12 @@ impl Limits {
     }
 }
 
+/// A path's segments, inline for all but unusually deep paths.
+type Segments<'a> = SmallVec<[&'a str; 16]>;
+
 /// The template of the path being learned, so far.
-struct Walk {
-    template: String,
+struct Walk<'t> {
+    template: &'t mut String,
     learned: Learned,
     /// Nodes added.
     created: usize,

@@ -18,6 +18,7 @@ pub mod learned;
 pub mod stats;
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     sync::Arc,
     time::SystemTime,
@@ -57,7 +58,9 @@ const MAX_LEARNER_NODES: usize = 20_000;
 /// What Werkzeug makes `request.path` from a request target: no query or
 /// fragment, percent-decoded as UTF-8 (invalid bytes replaced), one leading
 /// slash.
-pub fn request_path(target: &str) -> String {
+/// Borrows from `target` when it is already that (the usual case), so
+/// labelling a request allocates nothing.
+pub fn request_path(target: &str) -> Cow<'_, str> {
     // Absolute-form targets ("http://host/path") carry scheme and authority.
     let target = match target.split_once("://") {
         Some((scheme, rest)) if !scheme.contains('/') => {
@@ -66,8 +69,12 @@ pub fn request_path(target: &str) -> String {
         _ => target,
     };
     let end = target.find(['?', '#']).unwrap_or(target.len());
-    let decoded = percent_decode_str(&target[..end]).decode_utf8_lossy();
-    format!("/{}", decoded.trim_start_matches('/'))
+    match percent_decode_str(&target[..end]).decode_utf8_lossy() {
+        Cow::Borrowed(path) if path.starts_with('/') && !path.starts_with("//") => {
+            Cow::Borrowed(path)
+        }
+        decoded => Cow::Owned(format!("/{}", decoded.trim_start_matches('/'))),
+    }
 }
 
 /// A copy of one workload's routes, for `/debug/routes`.
@@ -141,6 +148,9 @@ pub struct RouteLabeler {
     /// the metrics stage to remove.
     retired: Vec<(WorkloadKey, Arc<str>)>,
     counters: RouteCounters,
+    /// Where each request's label is written (kept: no allocation per
+    /// request once its route is known).
+    label: String,
 }
 
 impl RouteLabeler {
@@ -151,6 +161,7 @@ impl RouteLabeler {
             identities: HashSet::new(),
             retired: Vec::new(),
             counters,
+            label: String::new(),
         }
     }
 
@@ -194,12 +205,15 @@ impl RouteLabeler {
         let exchange = &attributed.exchange;
         let path = request_path(&exchange.target);
         let rules = attributed.rules.as_deref();
-        let (mut label, mut source) = name_route(&self.options, rules, routes, &path, exchange);
+        let label = &mut self.label;
+        let mut source = name_route(&self.options, rules, routes, &path, exchange, label);
         if source == RouteSource::Overflow {
             self.counters.learner_budget.inc();
         } else if label.len() > MAX_PATH_LABEL_BYTES {
             self.counters.label_budget.inc();
-            (label, source) = (OVERFLOW_PATH.to_owned(), RouteSource::Overflow);
+            label.clear();
+            label.push_str(OVERFLOW_PATH);
+            source = RouteSource::Overflow;
         }
         for prefix in routes.learner.take_retired() {
             retire(routes, &prefix, workload, &mut self.retired);
@@ -213,13 +227,19 @@ impl RouteLabeler {
                 self.counters.path_overflow.inc();
                 (Arc::from(OVERFLOW_PATH), RouteSource::Overflow)
             }
-            None => (Arc::from(label), source),
+            None => (Arc::from(label.as_str()), source),
         };
         routes
             .routes
             .entry(label.clone())
             .or_insert_with(|| RouteStats::new(source, now))
-            .record(&exchange.method, &path, exchange.status, seconds, now);
+            .record(
+                exchange.method.as_str(),
+                &path,
+                exchange.status,
+                seconds,
+                now,
+            );
         Route {
             path: label,
             source,
@@ -322,36 +342,42 @@ fn name_route(
     routes: &mut WorkloadRoutes,
     path: &str,
     exchange: &Exchange,
-) -> (String, RouteSource) {
+    label: &mut String,
+) -> RouteSource {
+    fn named(label: &mut String, text: &str, source: RouteSource) -> RouteSource {
+        label.clear();
+        label.push_str(text);
+        source
+    }
     if options.mode == PathLabelMode::Raw {
-        return (path.to_owned(), RouteSource::Raw);
+        return named(label, path, RouteSource::Raw);
     }
     let rule_sets = rules.into_iter().chain(Some(options.user_rules.as_ref()));
     let mut have_rules = false;
     for set in rule_sets.filter(|set| !set.is_empty()) {
         have_rules = true;
-        if let RuleMatch::Rule(rule) = set.match_path(path, &exchange.method) {
-            return (rule.to_owned(), RouteSource::UserRule);
+        if let RuleMatch::Rule(rule) = set.match_path(path, exchange.method.as_str()) {
+            return named(label, rule, RouteSource::UserRule);
         }
     }
     // Flask's router answers what no rule takes with 404, 405 (another
     // method) or 308 (a missing trailing slash): no url_rule.
     let router_answer = matches!(exchange.status, 404 | 405 | 308);
     if have_rules && router_answer {
-        return (NO_RULE.to_owned(), RouteSource::Unmatched);
+        return named(label, NO_RULE, RouteSource::Unmatched);
     }
     let fitted = if teaches_routes(exchange.status) {
-        match routes.learner.learn(path) {
+        match routes.learner.learn_into(path, label) {
             Some(learned) => Some(learned),
-            None => return (OVERFLOW_PATH.to_owned(), RouteSource::Overflow),
+            None => return named(label, OVERFLOW_PATH, RouteSource::Overflow),
         }
     } else {
-        routes.learner.fit(path)
+        routes.learner.fit_into(path, label)
     };
     match fitted {
-        Some((template, Learned::Learned)) => (template, RouteSource::Learned),
-        Some((template, Learned::Heuristic)) => (template, RouteSource::Heuristic),
-        None => (NO_RULE.to_owned(), RouteSource::Unmatched),
+        Some(Learned::Learned) => RouteSource::Learned,
+        Some(Learned::Heuristic) => RouteSource::Heuristic,
+        None => named(label, NO_RULE, RouteSource::Unmatched),
     }
 }
 
@@ -375,7 +401,7 @@ mod tests {
 
     fn exchange(method: &str, target: &str, status: u16, seconds: f64) -> Exchange {
         Exchange {
-            method: method.to_owned(),
+            method: method.parse().expect("a method"),
             target: target.to_owned(),
             status,
             started_ns: 0,
