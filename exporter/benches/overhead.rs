@@ -5,6 +5,10 @@
 //! Prints throughput and CPU per request (app and exporter) and their ratios,
 //! the kernel programs' run time per request (`BPF_ENABLE_STATS`, program by
 //! program), and the events and bytes the kernel handed over per request.
+//! Two more variants put a floor under the kernel side: do-nothing
+//! programs attached where the agent's are, and on raw `sys_enter`/
+//! `sys_exit` (the raw-tracepoint alternative): what any program on those
+//! hooks costs, before it does anything.
 //! Then a non-HTTP neighbour: redis-server under redis-benchmark, bare and
 //! with the agent attached (default flags, as a user runs it), alternated:
 //! its throughput ratio and the events the agent read per Redis operation.
@@ -32,6 +36,10 @@ enum Variant {
     Bare,
     Ebpf,
     Pfe,
+    /// Bare, with do-nothing programs on the agent's tracepoints.
+    FloorTracepoints,
+    /// Bare, with a do-nothing program on raw sys_enter and sys_exit.
+    FloorRaw,
 }
 
 impl Variant {
@@ -40,8 +48,47 @@ impl Variant {
             Variant::Bare => "bare",
             Variant::Ebpf => "flask-ebpf-exporter",
             Variant::Pfe => "prometheus-flask-exporter",
+            Variant::FloorTracepoints => "empty progs, agent's hooks",
+            Variant::FloorRaw => "empty prog, raw sys_*",
         }
     }
+}
+
+/// The benchmark's do-nothing programs (exporter-ebpf/src/floor.rs).
+static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+
+/// Loads and attaches the do-nothing program of a floor variant; it stays
+/// attached while the returned object lives.
+fn attach_floor(variant: Variant) -> Option<aya::Ebpf> {
+    use aya::programs::{RawTracePoint, TracePoint};
+    let mut ebpf = match variant {
+        Variant::FloorTracepoints | Variant::FloorRaw => {
+            aya::Ebpf::load(FLOOR_OBJECT).expect("loading the floor programs")
+        }
+        _ => return None,
+    };
+    if variant == Variant::FloorTracepoints {
+        let program: &mut TracePoint = ebpf
+            .program_mut("empty_tracepoint")
+            .and_then(|program| program.try_into().ok())
+            .expect("empty_tracepoint");
+        program.load().expect("loading empty_tracepoint");
+        for (_, tracepoints) in flask_ebpf_exporter::capture::ATTACHMENTS {
+            for tracepoint in *tracepoints {
+                program.attach("syscalls", tracepoint).expect("attaching");
+            }
+        }
+    } else {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut("empty_raw_tracepoint")
+            .and_then(|program| program.try_into().ok())
+            .expect("empty_raw_tracepoint");
+        program.load().expect("loading empty_raw_tracepoint");
+        for tracepoint in ["sys_enter", "sys_exit"] {
+            program.attach(tracepoint).expect("attaching");
+        }
+    }
+    Some(ebpf)
 }
 
 struct Measurement {
@@ -109,6 +156,16 @@ impl KernelSnapshot {
             programs: bpf_program_stats(exporter.process.child.id()),
             events: value(&samples, "flask_ebpf_exporter_events_read_total"),
             bytes: value(&samples, "flask_ebpf_exporter_event_bytes_read_total"),
+        }
+    }
+
+    /// The programs this process holds (the floor variants'), which read
+    /// no events.
+    fn take_own() -> KernelSnapshot {
+        KernelSnapshot {
+            programs: bpf_program_stats(std::process::id()),
+            events: 0.0,
+            bytes: 0.0,
         }
     }
 
@@ -212,6 +269,7 @@ fn measure(venv: &std::path::Path, variant: Variant, seconds: u64) -> Measuremen
     wait_for_port(port, Duration::from_secs(30));
     let exporter = (variant == Variant::Ebpf)
         .then(|| Exporter::start(&["--path-label", "raw", "--port", &port.to_string()]));
+    let floor = attach_floor(variant);
 
     // Warm up, then measure (after the exporter has counted the warm-up).
     wrk(port, 1);
@@ -223,7 +281,12 @@ fn measure(venv: &std::path::Path, variant: Variant, seconds: u64) -> Measuremen
     let app_cpu_before = tree_cpu_seconds(app.child.id());
     let exporter_cpu = |e: &Exporter| tree_cpu_seconds(e.process.child.id());
     let exporter_cpu_before = exporter.as_ref().map_or(0.0, exporter_cpu);
-    let kernel_before = exporter.as_ref().map(KernelSnapshot::take);
+    let snapshot = || match (&exporter, &floor) {
+        (Some(exporter), _) => Some(KernelSnapshot::take(exporter)),
+        (None, Some(_)) => Some(KernelSnapshot::take_own()),
+        (None, None) => None,
+    };
+    let kernel_before = snapshot();
     let (requests, requests_per_second) = wrk(port, seconds);
     let app_cpu = tree_cpu_seconds(app.child.id()) - app_cpu_before;
     let exporter_cpu_used = exporter
@@ -232,10 +295,10 @@ fn measure(venv: &std::path::Path, variant: Variant, seconds: u64) -> Measuremen
     let counted_minus_completed = exporter
         .as_ref()
         .map(|e| settled(e) - warm_count - requests);
-    let kernel = exporter
-        .as_ref()
+    let kernel = snapshot()
         .zip(kernel_before)
-        .map(|(e, before)| KernelSnapshot::take(e).since(&before, requests));
+        .map(|(after, before)| after.since(&before, requests));
+    drop(floor);
     Measurement {
         requests_per_second,
         app_cpu_us_per_request: app_cpu / requests * 1e6,
@@ -326,7 +389,13 @@ fn main() {
     let _bpf_stats =
         aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (root)");
 
-    let variants = [Variant::Bare, Variant::Ebpf, Variant::Pfe];
+    let variants = [
+        Variant::Bare,
+        Variant::Ebpf,
+        Variant::Pfe,
+        Variant::FloorTracepoints,
+        Variant::FloorRaw,
+    ];
     let mut results: Vec<Vec<Measurement>> = variants.iter().map(|_| Vec::new()).collect();
     println!(
         "gunicorn -k sync -w 2, wrk -t2 -c8 GET /items/1, {rounds} rounds x {seconds} s, variants alternate"
@@ -379,11 +448,10 @@ fn main() {
             (app + exporter) / bare_app
         );
     }
-    let ebpf_runs: Vec<&KernelCost> = results[1]
-        .iter()
-        .filter_map(|m| m.kernel.as_ref())
-        .collect();
-    print_kernel_cost("per Flask request", &ebpf_runs);
+    for (variant, runs) in variants.iter().zip(&results) {
+        let costs: Vec<&KernelCost> = runs.iter().filter_map(|m| m.kernel.as_ref()).collect();
+        print_kernel_cost(variant.name(), "per Flask request", &costs);
+    }
 
     // The neighbour: as many operations per round as take about `seconds`.
     let operations = if full { 40_000 * seconds } else { 10_000 };
@@ -411,6 +479,7 @@ fn main() {
         agent / bare
     );
     print_kernel_cost(
+        Variant::Ebpf.name(),
         "per Redis operation",
         &agent_costs.iter().collect::<Vec<_>>(),
     );
@@ -418,7 +487,7 @@ fn main() {
 
 /// Medians over rounds of the agent's kernel-side work per unit of load,
 /// program by program.
-fn print_kernel_cost(unit: &str, runs: &[&KernelCost]) {
+fn print_kernel_cost(who: &str, unit: &str, runs: &[&KernelCost]) {
     if runs.is_empty() {
         return;
     }
@@ -427,7 +496,7 @@ fn print_kernel_cost(unit: &str, runs: &[&KernelCost]) {
         median(&mut values)
     };
     println!(
-        "\nagent's kernel side {unit} (medians): BPF {:.0} ns, {:.2} events, {:.0} event bytes",
+        "\n{who}: kernel side {unit} (medians): BPF {:.0} ns, {:.2} events, {:.0} event bytes",
         median_of(&KernelCost::bpf_ns),
         median_of(&|cost| cost.events),
         median_of(&|cost| cost.bytes)

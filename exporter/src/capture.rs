@@ -138,7 +138,7 @@ pub const TRACEFS_SYSCALLS: [&str; 2] = [
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Each program and the syscall tracepoints it is attached to.
-const ATTACHMENTS: &[(&str, &[&str])] = &[
+pub const ATTACHMENTS: &[(&str, &[&str])] = &[
     ("accept_exit", &["sys_exit_accept", "sys_exit_accept4"]),
     ("read_exit_flat", &["sys_exit_read", "sys_exit_recvfrom"]),
     ("read_exit_iovec", &["sys_exit_readv"]),

@@ -44,9 +44,13 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 const REAP_EVERY: Duration = Duration::from_secs(5);
-/// Most events handled in one turn of the loop: under a sustained flood the
-/// loop still turns, so heartbeats, upkeep and liveness go on.
+/// Most events handled in one turn of the loop, and longest turn: under a
+/// sustained flood the loop still turns, so heartbeats, upkeep and liveness
+/// go on, even when the agent's CPU is throttled (a limit, a busy node).
 const MAX_EVENTS_PER_TURN: usize = 16_384;
+const MAX_TURN: Duration = Duration::from_millis(50);
+/// Events between two looks at the clock within a turn.
+const EVENTS_PER_CLOCK_CHECK: usize = 256;
 /// Requests held while their pod is looked up, at most: about 10 s of a
 /// busy node's traffic; beyond it they are exported as unknown at once.
 const MAX_HELD_REQUESTS: usize = 100_000;
@@ -124,9 +128,16 @@ impl Pipeline {
     }
 
     /// capture → stream: waiting events, to their connections, at most
-    /// [`MAX_EVENTS_PER_TURN`]; returns whether events are left waiting.
+    /// [`MAX_EVENTS_PER_TURN`] or for [`MAX_TURN`]; returns whether events
+    /// may be left waiting.
     fn drain_events(&mut self, captured: &mut Vec<CapturedExchange>) -> bool {
-        for _ in 0..MAX_EVENTS_PER_TURN {
+        let started = Instant::now();
+        for handled in 0..MAX_EVENTS_PER_TURN {
+            if handled % EVENTS_PER_CLOCK_CHECK == EVENTS_PER_CLOCK_CHECK - 1
+                && started.elapsed() >= MAX_TURN
+            {
+                return true;
+            }
             let Some(item) = self.capture.next_event() else {
                 return false;
             };
