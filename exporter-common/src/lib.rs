@@ -24,6 +24,17 @@ pub const CONTROL_FD: u32 = HEARTBEAT_FD - 2;
 /// write events; its close is still reported).
 pub const CONTROL_IGNORE_CONNECTION: u32 = 1;
 
+/// [`ControlRequest::op`]: the process `tgid` is no server to follow (it
+/// exited, or every listening socket it holds is ignored); its syscalls
+/// stop at the first check. Its next followed accept makes it one again.
+pub const CONTROL_FORGET_SERVER: u32 = 2;
+
+/// Pids below this have a bit in the kernel's set of server processes:
+/// the kernel's own limit on 64-bit (PID_MAX_LIMIT, 4 Mi).
+pub const PID_LIMIT: u32 = 4 * 1024 * 1024;
+/// Words of 64 pids in that set (512 KiB of kernel memory).
+pub const SERVER_PID_WORDS: u32 = PID_LIMIT / 64;
+
 /// What the exporter asks of its kernel programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,7 +78,8 @@ pub const FILTERED_SLOTS: u32 = 2;
 pub const FILTERED_NAMES: [&str; FILTERED_SLOTS as usize] = ["listener", "connection"];
 
 /// Slots of the kernel's `MAP_INSERT_FAILURES` array: which map an insert
-/// failed in.
+/// failed in (`servers`: a pid past [`PID_LIMIT`], which no kernel hands
+/// out).
 pub const CONNS_MAP: u32 = 0;
 pub const SERVERS_MAP: u32 = 1;
 pub const MAP_SLOTS: u32 = 2;

@@ -9,10 +9,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use exporter_common::{
-    CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_IGNORE_CONNECTION, CaptureConfig,
-    ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind,
-    FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, LISTENER_IGNORED,
-    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVERS_MAP,
+    CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_FORGET_SERVER,
+    CONTROL_IGNORE_CONNECTION, CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN,
+    EventHeader, EventKind, FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD,
+    LISTENER_IGNORED, LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES,
+    SERVER_PID_WORDS, SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -50,11 +51,15 @@ static LISTENERS: LruHashMap<ConnKey, ListenerState> = LruHashMap::with_max_entr
 #[map]
 static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(FILTERED_SLOTS, 0);
 
-/// Processes that accept connections. Reads of unknown fds in these processes
-/// are checked for an HTTP request start, so connections accepted before the
-/// exporter started are picked up at their next request.
+/// Processes that accept connections, one bit per pid: the first check of
+/// every read and write of every process on the node, so it is an array
+/// (one cache line touched) rather than a hash map (several). Reads of
+/// unknown fds in these processes are checked for an HTTP request start,
+/// so connections accepted before the exporter started are picked up at
+/// their next request. Set at a followed accept and by userspace at start;
+/// cleared on userspace's request ([`CONTROL_FORGET_SERVER`]).
 #[map]
-static SERVERS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16_384, 0);
+static SERVER_PIDS: Array<u64> = Array::with_max_entries(SERVER_PID_WORDS, 0);
 
 /// Failed map inserts, per CPU, by map: [`CONNS_MAP`], [`SERVERS_MAP`],
 /// (the syscall arguments are read at exit from the task's registers, so
@@ -164,6 +169,34 @@ fn emit_header(header: &EventHeader) {
     }
 }
 
+// ---------------------------------------------------------------- servers
+
+#[inline(always)]
+fn is_server(tgid: u32) -> bool {
+    match SERVER_PIDS.get(tgid / 64) {
+        Some(word) => *word & (1 << (tgid % 64)) != 0,
+        None => false,
+    }
+}
+
+/// Sets or clears a server's bit. Atomic: other CPUs change other bits of
+/// the same word.
+#[inline(always)]
+fn mark_server(tgid: u32, server: bool) {
+    let Some(word) = SERVER_PIDS.get_ptr_mut(tgid / 64) else {
+        count_insert_failure(SERVERS_MAP);
+        return;
+    };
+    let bit = 1u64 << (tgid % 64);
+    unsafe {
+        if server {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- accept
 
 #[tracepoint]
@@ -192,6 +225,12 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         tgid,
         fd: listen_fd,
     });
+    // A process that is no server is not followed at all: no entry is
+    // needed to mark the connection ignored.
+    if ignored && !is_server(tgid) {
+        count_filtered(FILTERED_AT_ACCEPT);
+        return 0;
+    }
     let state = ConnState {
         conn_id: now,
         seq: 0,
@@ -208,10 +247,10 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         count_filtered(FILTERED_AT_ACCEPT);
         return 0;
     }
-    // A lookup is much cheaper than an update, and the process is almost
-    // always known already.
-    if unsafe { SERVERS.get(&tgid) }.is_none() && SERVERS.insert(&tgid, &1, 0).is_err() {
-        count_insert_failure(SERVERS_MAP);
+    // A read is much cheaper than an atomic update, and the process is
+    // almost always known already.
+    if !is_server(tgid) {
+        mark_server(tgid, true);
     }
     emit_header(&EventHeader {
         kind: EventKind::Accept as u32,
@@ -254,6 +293,10 @@ fn control(pointer: u64) -> u32 {
     let Ok(request) = (unsafe { bpf_probe_read_user(pointer as *const ControlRequest) }) else {
         return 0;
     };
+    if request.op == CONTROL_FORGET_SERVER {
+        mark_server(request.tgid, false);
+        return 0;
+    }
     if request.op != CONTROL_IGNORE_CONNECTION {
         return 0;
     }
@@ -380,7 +423,7 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     let tgid = (id >> 32) as u32;
     // Only processes that accept connections have connections to follow
     // (and the agent itself, for its control requests).
-    if unsafe { SERVERS.get(&tgid) }.is_none() {
+    if !is_server(tgid) {
         if kind == EventKind::Write
             && tgid == config().self_tgid
             && let Some([fd, buffer, _]) = syscall_args()
@@ -565,6 +608,11 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
             timestamp_ns: unsafe { bpf_ktime_get_ns() },
             ..EventHeader::default()
         });
+        return 0;
+    }
+    // Followed connections belong to servers. (An entry left by a process
+    // since found to be none ages out of the LRU map.)
+    if !is_server(tgid) {
         return 0;
     }
     let key = ConnKey { tgid, fd };

@@ -1,7 +1,12 @@
 //! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
 //! set of server processes, and reads events from the BPF ring buffer.
 
-use std::{collections::HashSet, os::fd::AsRawFd, path::Path, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::AsRawFd,
+    path::Path,
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -9,14 +14,17 @@ use aya::{
     programs::TracePoint,
 };
 use exporter_common::{
-    CONTROL_FD, CONTROL_IGNORE_CONNECTION, CaptureConfig, ConnKey, ControlRequest,
-    EVENT_HEADER_LEN, EventHeader, EventKind, FILTERED_NAMES, LISTENER_IGNORED, ListenerState,
-    MAP_NAMES, MAX_CAPTURE_BYTES,
+    CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CaptureConfig, ConnKey,
+    ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind, FILTERED_NAMES, LISTENER_IGNORED,
+    ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{Budgets, counter, gauge};
+use crate::{
+    metrics::{Budgets, counter, gauge},
+    procfs,
+};
 
 /// What the kernel side should stop (or resume) following, decided from
 /// what a connection showed. Plain data: the stream stage decides,
@@ -103,6 +111,14 @@ impl IgnoredListeners {
     fn forget(&mut self, listener: &ConnKey) -> (bool, bool) {
         let remembered = self.listeners.remove(listener);
         (remembered, remembered || self.unremembered)
+    }
+
+    /// The listening fds of `tgid` told to be ignored.
+    fn fds_of(&self, tgid: u32) -> impl Iterator<Item = u32> + '_ {
+        self.listeners
+            .iter()
+            .filter(move |listener| listener.tgid == tgid)
+            .map(|listener| listener.fd)
     }
 
     /// Forgets the listeners of processes that exited; returns them.
@@ -256,6 +272,9 @@ pub struct CaptureCounters {
     pub listeners_ignored: IntGauge,
     /// Listener verdicts past what this side remembers.
     pub ignored_listeners_budget: IntCounter,
+    /// Processes whose every listening socket is ignored: the kernel no
+    /// longer looks past their pid.
+    pub processes_ignored: IntCounter,
 }
 
 impl CaptureCounters {
@@ -278,6 +297,11 @@ impl CaptureCounters {
         registry.register(Box::new(ignored.clone()))?;
         Ok(CaptureCounters {
             ignored_listeners_budget: budgets.counter("ignored_listeners"),
+            processes_ignored: counter(
+                registry,
+                "flask_ebpf_exporter_processes_ignored_total",
+                "Times a process was found to serve nothing to follow on any listening socket it holds (not HTTP, or not monitored): the kernel then stops at its pid, until one of its connections is followed again",
+            )?,
             connections_ignored: FILTERED_NAMES
                 .iter()
                 .map(|name| ignored.with_label_values(&[*name]))
@@ -325,6 +349,9 @@ pub struct Capture {
     filtered: PerCpuArray<MapData, u64>,
     listeners: BpfHashMap<MapData, ConnKey, ListenerState>,
     ignored_listeners: IgnoredListeners,
+    /// Pids the kernel may hold as servers (seeded, or seen accepting), so
+    /// that their bits are cleared when they exit.
+    servers: HashSet<u32>,
     counters: CaptureCounters,
     malformed_logged: bool,
 }
@@ -398,7 +425,7 @@ impl Capture {
                 }
             })?;
         configure(&mut ebpf, options)?;
-        seed_servers(&mut ebpf)?;
+        let servers = seed_servers(&mut ebpf)?;
         attach(&mut ebpf)?;
         let events =
             RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
@@ -427,6 +454,7 @@ impl Capture {
                 MAX_IGNORED_LISTENERS,
                 counters.ignored_listeners_budget.clone(),
             ),
+            servers,
             counters,
             malformed_logged: false,
         })
@@ -471,6 +499,7 @@ impl Capture {
                         "connections on this listening socket are no longer followed"
                     );
                 }
+                self.forget_server_if_all_ignored(listener);
             }
             None => {
                 let (remembered, in_kernel) = self.ignored_listeners.forget(&listener);
@@ -492,11 +521,44 @@ impl Capture {
             .set(self.ignored_listeners.len() as i64);
     }
 
-    /// Forgets the listener verdicts of processes that exited.
+    /// A process whose every listening socket is ignored is no server to
+    /// the kernel: its reads and writes stop at the first check, and its
+    /// later connections leave no entry. (`listener` counts as ignored even
+    /// when past the remembered budget.)
+    fn forget_server_if_all_ignored(&mut self, listener: ConnKey) {
+        let tgid = listener.tgid;
+        let held = procfs::listening_sockets_held(tgid);
+        let ignored: HashSet<u64> = self
+            .ignored_listeners
+            .fds_of(tgid)
+            .chain([listener.fd])
+            .filter_map(|fd| procfs::socket_inode(tgid, fd))
+            .collect();
+        if held.is_empty() || !held.is_subset(&ignored) {
+            return;
+        }
+        forget_server(tgid);
+        self.servers.remove(&tgid);
+        self.counters.processes_ignored.inc();
+        debug!(
+            tgid,
+            "every listening socket of this process is ignored: the kernel stops at its pid"
+        );
+    }
+
+    /// Forgets the listener verdicts and server marks of processes that
+    /// exited.
     pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
         for listener in self.ignored_listeners.forget_exited(alive) {
             let _ = self.listeners.remove(&listener);
         }
+        self.servers.retain(|&tgid| {
+            let running = alive(tgid);
+            if !running {
+                forget_server(tgid);
+            }
+            running
+        });
         self.counters
             .listeners_ignored
             .set(self.ignored_listeners.len() as i64);
@@ -560,7 +622,12 @@ impl Capture {
         self.counters.events_read.inc();
         self.counters.event_bytes_read.inc_by(item.len() as u64);
         let decoded = match decode_event(&item) {
-            Ok(event) => Some((event.kind, event.header)),
+            Ok(event) => {
+                if event.kind == EventKind::Accept {
+                    self.servers.insert(event.header.tgid);
+                }
+                Some((event.kind, event.header))
+            }
             Err(error) => {
                 self.counters.events_malformed.inc();
                 if !self.malformed_logged {
@@ -588,22 +655,30 @@ fn configure(ebpf: &mut Ebpf, options: CaptureOptions) -> Result<(), CaptureErro
 
 /// Marks the processes that already hold a listening socket as servers, so
 /// connections they accepted before the agent started are picked up at
-/// their next request.
-fn seed_servers(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    let mut servers: BpfHashMap<_, u32, u8> =
-        BpfHashMap::try_from(map_mut(ebpf, "SERVERS")?).map_err(map_error("SERVERS"))?;
+/// their next request. Before the programs are attached, so no kernel
+/// write races these; returns the pids marked.
+fn seed_servers(ebpf: &mut Ebpf) -> Result<HashSet<u32>, CaptureError> {
+    let mut server_pids: Array<_, u64> =
+        Array::try_from(map_mut(ebpf, "SERVER_PIDS")?).map_err(map_error("SERVER_PIDS"))?;
     let self_tgid = std::process::id();
-    let seeded = crate::procfs::listening_processes();
-    for tgid in seeded.iter().filter(|&&tgid| tgid != self_tgid) {
-        if let Err(error) = servers.insert(tgid, 1, 0) {
-            warn!(tgid, %error, "could not seed server process");
+    let seeded: HashSet<u32> = crate::procfs::listening_processes()
+        .into_iter()
+        .filter(|&tgid| tgid != self_tgid && tgid < PID_LIMIT)
+        .collect();
+    let mut words: HashMap<u32, u64> = HashMap::new();
+    for tgid in &seeded {
+        *words.entry(tgid / 64).or_default() |= 1 << (tgid % 64);
+    }
+    for (index, word) in words {
+        if let Err(error) = server_pids.set(index, word, 0) {
+            warn!(%error, "could not seed server processes");
         }
     }
     info!(
         processes = seeded.len(),
         "seeded processes that hold listening TCP sockets"
     );
-    Ok(())
+    Ok(seeded)
 }
 
 /// Loads every program and attaches it to its syscall tracepoints.
@@ -627,16 +702,29 @@ fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
 }
 
 /// Sums one slot of a per-CPU counter array (0 when unreadable, logged).
-/// Asks the kernel side to stop following a connection: a write of the
-/// request to [`CONTROL_FD`], which the agent's own write tracepoint reads.
+/// Asks the kernel side to stop following a connection.
 fn ignore_connection(tgid: u32, fd: u32, conn_id: u64) {
-    let request = ControlRequest {
+    control(ControlRequest {
         op: CONTROL_IGNORE_CONNECTION,
         tgid,
         fd,
         _pad: 0,
         conn_id,
-    };
+    });
+}
+
+/// Asks the kernel side to stop treating `tgid` as a server.
+fn forget_server(tgid: u32) {
+    control(ControlRequest {
+        op: CONTROL_FORGET_SERVER,
+        tgid,
+        ..ControlRequest::default()
+    });
+}
+
+/// A write of `request` to [`CONTROL_FD`], which the agent's own write
+/// tracepoint reads.
+fn control(request: ControlRequest) {
     // SAFETY: a valid buffer of the request's size; the fd is one no
     // process can hold, so the write only returns EBADF.
     unsafe {

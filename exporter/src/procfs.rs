@@ -114,6 +114,15 @@ pub fn tcp_sockets(tgid: u32) -> Vec<TcpSocket> {
         .collect()
 }
 
+/// Inodes of the listening TCP sockets `tgid` holds.
+pub fn listening_sockets_held(tgid: u32) -> HashSet<u64> {
+    let listening = listening_inodes(tgid);
+    socket_inodes(tgid)
+        .into_iter()
+        .filter(|inode| listening.contains(inode))
+        .collect()
+}
+
 /// Inodes of listening TCP sockets in the network namespace of `tgid`.
 pub fn listening_inodes(tgid: u32) -> HashSet<u64> {
     tcp_sockets(tgid)

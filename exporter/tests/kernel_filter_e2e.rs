@@ -92,11 +92,21 @@ fn a_non_http_neighbour_costs_no_events_once_heard() {
     let heard = eventually(
         Duration::from_secs(10),
         || exporter.metrics(),
-        |s| listeners_ignored(s) >= 1.0 && ignored_by(s, "connection") >= 1.0,
+        |s| {
+            listeners_ignored(s) >= 1.0
+                && ignored_by(s, "connection") >= 1.0
+                && value(s, "flask_ebpf_exporter_processes_ignored_total") >= 1.0
+        },
     );
     assert!(
         listeners_ignored(&heard) >= 1.0,
         "Redis's listener is judged by its +PONG"
+    );
+    // Its only listener ignored, redis-server is no server to the kernel:
+    // its reads and writes stop at the first check.
+    assert!(
+        value(&heard, "flask_ebpf_exporter_processes_ignored_total") >= 1.0,
+        "redis-server is forgotten as a server"
     );
     assert!(
         ignored_by(&heard, "connection") >= 1.0,
