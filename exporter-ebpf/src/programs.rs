@@ -1,3 +1,5 @@
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
+
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
@@ -179,8 +181,10 @@ fn is_server(tgid: u32) -> bool {
     }
 }
 
-/// Sets or clears a server's bit. Atomic: other CPUs change other bits of
-/// the same word.
+/// Sets or clears a server's bit. Atomic (BPF's `lock |=` and `&=`), as
+/// other CPUs and userspace's control requests change other bits of the
+/// same word; through intrinsics because the BPF target has no
+/// compare-and-swap, so `AtomicU64` offers no read-modify-write there.
 #[inline(always)]
 fn mark_server(tgid: u32, server: bool) {
     let Some(word) = SERVER_PIDS.get_ptr_mut(tgid / 64) else {
@@ -188,11 +192,12 @@ fn mark_server(tgid: u32, server: bool) {
         return;
     };
     let bit = 1u64 << (tgid % 64);
+    // SAFETY: a valid, aligned u64 of the array.
     unsafe {
         if server {
-            *word |= bit;
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, bit);
         } else {
-            *word &= !bit;
+            atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(word, !bit);
         }
     }
 }
