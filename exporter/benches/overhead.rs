@@ -338,8 +338,9 @@ fn redis_benchmark(port: u16, operations: u64) -> (f64, f64) {
     (total, total / seconds)
 }
 
-/// Redis, a neighbour that is no HTTP server, bare or beside the agent.
-fn measure_redis(with_agent: bool, operations: u64) -> (f64, Option<KernelCost>) {
+/// Redis, a neighbour that is no HTTP server: bare, beside the agent, or
+/// beside the do-nothing programs on the agent's tracepoints.
+fn measure_redis(variant: Variant, operations: u64) -> (f64, Option<KernelCost>) {
     let port = free_port();
     let mut redis = Command::new("redis-server");
     redis
@@ -350,15 +351,20 @@ fn measure_redis(with_agent: bool, operations: u64) -> (f64, Option<KernelCost>)
     let _redis = spawn_process("redis-server", &mut redis);
     wait_for_port(port, Duration::from_secs(10));
     // Default flags: the agent follows the whole node, as a user runs it.
-    let exporter = with_agent.then(|| Exporter::start(&[]));
+    let exporter = (variant == Variant::Ebpf).then(|| Exporter::start(&[]));
+    let floor = attach_floor(variant);
+    let snapshot = || match (&exporter, &floor) {
+        (Some(exporter), _) => Some(KernelSnapshot::take(exporter)),
+        (None, Some(_)) => Some(KernelSnapshot::take_own()),
+        (None, None) => None,
+    };
     // Warm up: the agent sees the listener's first connections.
     redis_benchmark(port, operations / 10);
-    let before = exporter.as_ref().map(KernelSnapshot::take);
+    let before = snapshot();
     let (completed, per_second) = redis_benchmark(port, operations);
-    let cost = exporter
-        .as_ref()
+    let cost = snapshot()
         .zip(before)
-        .map(|(e, before)| KernelSnapshot::take(e).since(&before, completed));
+        .map(|(after, before)| after.since(&before, completed));
     (per_second, cost)
 }
 
@@ -456,33 +462,36 @@ fn main() {
     // The neighbour: as many operations per round as take about `seconds`.
     let operations = if full { 40_000 * seconds } else { 10_000 };
     println!(
-        "\nredis-server, redis-benchmark -t get,set -c 20 -n {operations}, {rounds} rounds, bare and agent alternate"
+        "\nredis-server, redis-benchmark -t get,set -c 20 -n {operations}, {rounds} rounds, variants alternate"
     );
-    let mut bare_ops = Vec::new();
-    let mut agent_ops = Vec::new();
-    let mut agent_costs = Vec::new();
+    let redis_variants = [Variant::Bare, Variant::Ebpf, Variant::FloorTracepoints];
+    let mut ops: Vec<Vec<f64>> = redis_variants.iter().map(|_| Vec::new()).collect();
+    let mut costs: Vec<Vec<KernelCost>> = redis_variants.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        let (bare, _) = measure_redis(false, operations);
-        let (agent, cost) = measure_redis(true, operations);
-        println!(
-            "  round {} bare {bare:>8.0} ops/s  agent {agent:>8.0} ops/s  ({:.3}×)",
-            round + 1,
-            agent / bare
-        );
-        bare_ops.push(bare);
-        agent_ops.push(agent);
-        agent_costs.extend(cost);
+        let mut line = format!("  round {}", round + 1);
+        for (index, &variant) in redis_variants.iter().enumerate() {
+            let (per_second, cost) = measure_redis(variant, operations);
+            line += &format!("  {} {per_second:>8.0} ops/s", variant.name());
+            ops[index].push(per_second);
+            costs[index].extend(cost);
+        }
+        println!("{line}");
     }
-    let (bare, agent) = (median(&mut bare_ops), median(&mut agent_ops));
-    println!(
-        "medians: bare {bare:.0} ops/s, agent {agent:.0} ops/s, {:.3}× of bare",
-        agent / bare
-    );
-    print_kernel_cost(
-        Variant::Ebpf.name(),
-        "per Redis operation",
-        &agent_costs.iter().collect::<Vec<_>>(),
-    );
+    let medians: Vec<f64> = ops.iter_mut().map(|runs| median(runs)).collect();
+    for (variant, per_second) in redis_variants.iter().zip(&medians) {
+        println!(
+            "median {:<27} {per_second:>8.0} ops/s  {:.3}× of bare",
+            variant.name(),
+            per_second / medians[0]
+        );
+    }
+    for (variant, runs) in redis_variants.iter().zip(&costs) {
+        print_kernel_cost(
+            variant.name(),
+            "per Redis operation",
+            &runs.iter().collect::<Vec<_>>(),
+        );
+    }
 }
 
 /// Medians over rounds of the agent's kernel-side work per unit of load,
