@@ -29,6 +29,10 @@ pub const CONTROL_IGNORE_CONNECTION: u32 = 1;
 /// stop at the first check. Its next followed accept makes it one again.
 pub const CONTROL_FORGET_SERVER: u32 = 2;
 
+/// [`ControlRequest::op`]: the process `tgid` is a server to follow again
+/// (what is monitored changed).
+pub const CONTROL_MARK_SERVER: u32 = 3;
+
 /// Pids below this have a bit in the kernel's set of server processes:
 /// the kernel's own limit on 64-bit (PID_MAX_LIMIT, 4 Mi).
 pub const PID_LIMIT: u32 = 4 * 1024 * 1024;

@@ -12,10 +12,10 @@ use aya_ebpf::{
 };
 use exporter_common::{
     CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_FORGET_SERVER,
-    CONTROL_IGNORE_CONNECTION, CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN,
-    EventHeader, EventKind, FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD,
-    LISTENER_IGNORED, LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES,
-    SERVER_PID_WORDS, SERVERS_MAP,
+    CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER, CaptureConfig, ConnKey, ConnState,
+    ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind, FILTERED_AT_ACCEPT,
+    FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, LISTENER_IGNORED, LISTENER_RECHECK_EVERY,
+    ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS, SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -298,8 +298,8 @@ fn control(pointer: u64) -> u32 {
     let Ok(request) = (unsafe { bpf_probe_read_user(pointer as *const ControlRequest) }) else {
         return 0;
     };
-    if request.op == CONTROL_FORGET_SERVER {
-        mark_server(request.tgid, false);
+    if request.op == CONTROL_FORGET_SERVER || request.op == CONTROL_MARK_SERVER {
+        mark_server(request.tgid, request.op == CONTROL_MARK_SERVER);
         return 0;
     }
     if request.op != CONTROL_IGNORE_CONNECTION {

@@ -14,9 +14,9 @@ use aya::{
     programs::TracePoint,
 };
 use exporter_common::{
-    CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CaptureConfig, ConnKey,
-    ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind, FILTERED_NAMES, LISTENER_IGNORED,
-    ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT,
+    CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER,
+    CaptureConfig, ConnKey, ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind,
+    FILTERED_NAMES, LISTENER_IGNORED, ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
@@ -76,7 +76,7 @@ const MAX_IGNORED_LISTENERS: usize = 4_096;
 /// is cleared in the kernel even when it is not remembered.
 #[derive(Debug)]
 struct IgnoredListeners {
-    listeners: HashSet<ConnKey>,
+    listeners: HashMap<ConnKey, IgnoreReason>,
     max: usize,
     /// Some verdict went unremembered: the kernel may hold ones not here.
     unremembered: bool,
@@ -86,16 +86,18 @@ struct IgnoredListeners {
 impl IgnoredListeners {
     fn new(max: usize, budget: IntCounter) -> Self {
         IgnoredListeners {
-            listeners: HashSet::new(),
+            listeners: HashMap::new(),
             max,
             unremembered: false,
             budget,
         }
     }
 
-    /// Remembers a listener told to be ignored; whether it is new here.
-    fn remember(&mut self, listener: ConnKey) -> bool {
-        if self.listeners.contains(&listener) {
+    /// Remembers a listener told to be ignored, and why; whether it is new
+    /// here.
+    fn remember(&mut self, listener: ConnKey, reason: IgnoreReason) -> bool {
+        if let Some(known) = self.listeners.get_mut(&listener) {
+            *known = reason;
             return false;
         }
         if self.listeners.len() >= self.max {
@@ -103,20 +105,34 @@ impl IgnoredListeners {
             self.budget.inc();
             return false;
         }
-        self.listeners.insert(listener)
+        self.listeners.insert(listener, reason).is_none()
+    }
+
+    /// Forgets the listeners ignored for `reason`; returns them.
+    fn forget_ignored_for(&mut self, reason: IgnoreReason) -> Vec<ConnKey> {
+        let forgotten: Vec<ConnKey> = self
+            .listeners
+            .iter()
+            .filter(|(_, why)| **why == reason)
+            .map(|(listener, _)| *listener)
+            .collect();
+        for listener in &forgotten {
+            self.listeners.remove(listener);
+        }
+        forgotten
     }
 
     /// Forgets a listener found speaking HTTP: (whether it was remembered,
     /// whether the kernel may hold a verdict for it).
     fn forget(&mut self, listener: &ConnKey) -> (bool, bool) {
-        let remembered = self.listeners.remove(listener);
+        let remembered = self.listeners.remove(listener).is_some();
         (remembered, remembered || self.unremembered)
     }
 
     /// The listening fds of `tgid` told to be ignored.
     fn fds_of(&self, tgid: u32) -> impl Iterator<Item = u32> + '_ {
         self.listeners
-            .iter()
+            .keys()
             .filter(move |listener| listener.tgid == tgid)
             .map(|listener| listener.fd)
     }
@@ -125,7 +141,7 @@ impl IgnoredListeners {
     fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) -> Vec<ConnKey> {
         let gone: Vec<ConnKey> = self
             .listeners
-            .iter()
+            .keys()
             .filter(|listener| !alive(listener.tgid))
             .copied()
             .collect();
@@ -491,7 +507,7 @@ impl Capture {
                     warn!(%error, "could not write a listener verdict to the kernel");
                     return;
                 }
-                if self.ignored_listeners.remember(listener) {
+                if self.ignored_listeners.remember(listener, reason) {
                     info!(
                         tgid = listener.tgid,
                         listen_fd = listener.fd,
@@ -544,6 +560,30 @@ impl Capture {
             tgid,
             "every listening socket of this process is ignored: the kernel stops at its pid"
         );
+    }
+
+    /// Follows again every listener ignored as not monitored, and marks
+    /// their processes as servers again: what is monitored changed (a pod
+    /// became selected). Each is judged anew at its next connection.
+    /// Connections already ignored stay so until they close.
+    pub fn follow_unmonitored_again(&mut self) {
+        let listeners = self
+            .ignored_listeners
+            .forget_ignored_for(IgnoreReason::Unmonitored);
+        for listener in &listeners {
+            let _ = self.listeners.remove(listener);
+            mark_server(listener.tgid);
+            self.servers.insert(listener.tgid);
+        }
+        if !listeners.is_empty() {
+            info!(
+                listeners = listeners.len(),
+                "what is monitored changed: listening sockets not monitored are followed again"
+            );
+        }
+        self.counters
+            .listeners_ignored
+            .set(self.ignored_listeners.len() as i64);
     }
 
     /// Forgets the listener verdicts and server marks of processes that
@@ -722,6 +762,15 @@ fn forget_server(tgid: u32) {
     });
 }
 
+/// Asks the kernel side to treat `tgid` as a server again.
+fn mark_server(tgid: u32) {
+    control(ControlRequest {
+        op: CONTROL_MARK_SERVER,
+        tgid,
+        ..ControlRequest::default()
+    });
+}
+
 /// A write of `request` to [`CONTROL_FD`], which the agent's own write
 /// tracepoint reads.
 fn control(request: ControlRequest) {
@@ -821,11 +870,14 @@ mod tests {
         let budget = budgets.counter("ignored_listeners");
         let mut ignored = IgnoredListeners::new(2, budget.clone());
         let listener = |fd| ConnKey { tgid: 100, fd };
-        assert!(ignored.remember(listener(3)));
-        assert!(!ignored.remember(listener(3)), "already remembered");
-        assert!(ignored.remember(listener(4)));
+        assert!(ignored.remember(listener(3), IgnoreReason::NotHttp));
+        assert!(
+            !ignored.remember(listener(3), IgnoreReason::NotHttp),
+            "already remembered"
+        );
+        assert!(ignored.remember(listener(4), IgnoreReason::NotHttp));
         // Past the budget: not remembered, counted.
-        assert!(!ignored.remember(listener(5)));
+        assert!(!ignored.remember(listener(5), IgnoreReason::NotHttp));
         assert_eq!(ignored.len(), 2);
         assert_eq!(budget.get(), 1);
         // A remembered listener found speaking HTTP is cleared; so is one
@@ -833,7 +885,7 @@ mod tests {
         assert_eq!(ignored.forget(&listener(3)), (true, true));
         assert_eq!(ignored.forget(&listener(5)), (false, true));
         // Listeners of exited processes are let go.
-        assert!(ignored.remember(listener(6)));
+        assert!(ignored.remember(listener(6), IgnoreReason::NotHttp));
         let gone = ignored.forget_exited(&|tgid| tgid != 100);
         assert_eq!(gone.len(), 2);
         assert_eq!(ignored.len(), 0);

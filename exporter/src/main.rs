@@ -198,6 +198,7 @@ fn pipeline(
     )?;
     Ok(Pipeline {
         capture,
+        selections_seen: stages.identity.selections(),
         stages,
         health: health.clone(),
         debug,

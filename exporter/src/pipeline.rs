@@ -63,6 +63,8 @@ pub struct Pipeline {
     pub health: Arc<Health>,
     /// Where `/debug/*` snapshots go; `None` when the endpoints are off.
     pub debug: Option<Arc<DebugState>>,
+    /// [`IdentityStage::selections`] when last seen.
+    pub selections_seen: u64,
 }
 
 /// The stages after capture, which take decoded events: the part of the
@@ -168,6 +170,13 @@ impl Pipeline {
         {
             stages.metrics.release(&identity);
             stages.labeler.forget(&identity);
+        }
+        // A pod became selected: listeners judged not monitored are
+        // followed again, to be judged anew.
+        let selections = stages.identity.selections();
+        if selections != self.selections_seen {
+            self.selections_seen = selections;
+            self.capture.follow_unmonitored_again();
         }
         self.capture.sync_kernel_counters();
         if let Some(debug) = &self.debug {

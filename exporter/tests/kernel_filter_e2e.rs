@@ -20,14 +20,6 @@ use support::*;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn labelled(samples: &[Sample], name: &str, label: &str, wanted: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name && s.labels.get(label).map(String::as_str) == Some(wanted))
-        .map(|s| s.value)
-        .sum()
-}
-
 fn ignored_by(samples: &[Sample], by: &str) -> f64 {
     labelled(
         samples,

@@ -47,9 +47,24 @@ impl PodIdentity {
         &self.processes
     }
 
-    /// The container a process runs in; `None` when it is in no pod or
-    /// already gone.
+    /// The container a new connection's process runs in; `None` when it is
+    /// in no pod, already gone, or its pod is known to be selected out (so
+    /// that the kernel stops following its listener).
     pub fn resolve(&mut self, tgid: u32) -> Option<Arc<ContainerRef>> {
+        let container = self.container_of(tgid)?;
+        if lock_index(&self.index).selected_out(&container) {
+            return None;
+        }
+        Some(container)
+    }
+
+    /// Changes by which a pod selected out became selected.
+    pub fn selections(&self) -> u64 {
+        lock_index(&self.index).selections()
+    }
+
+    /// The container a process runs in, cached per process.
+    fn container_of(&mut self, tgid: u32) -> Option<Arc<ContainerRef>> {
         if let Some(entry) = self.processes.get(&tgid) {
             return entry.container.clone();
         }

@@ -43,6 +43,15 @@ impl IdentityStage {
         }
     }
 
+    /// Grows when a pod selected out becomes selected (Kubernetes mode):
+    /// what was judged not monitored must be followed again.
+    pub fn selections(&self) -> u64 {
+        match self {
+            IdentityStage::Local(_) => 0,
+            IdentityStage::Pods(pods) => pods.selections(),
+        }
+    }
+
     /// Label names added to every `flask_*` series.
     pub fn label_names(&self) -> &'static [&'static str] {
         match self {

@@ -264,11 +264,19 @@ pub struct PodIndex {
     /// Bumped on every change, so held traffic is retried only when it may
     /// resolve differently.
     generation: u64,
+    /// Bumped when a known pod that was selected out becomes selected: what
+    /// was judged not monitored must be followed again.
+    selections: u64,
 }
 
 impl PodIndex {
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Changes by which a pod known to be selected out became selected.
+    pub fn selections(&self) -> u64 {
+        self.selections
     }
 
     /// Pods known, including deleted ones still in their grace period.
@@ -291,6 +299,9 @@ impl PodIndex {
         // dropped some, and the ones it keeps are added back below.
         if let Some(previous) = self.pods.get(&info.uid).map(|entry| entry.info.clone()) {
             self.forget_container_ids(&previous);
+            if !previous.selected && info.selected {
+                self.selections += 1;
+            }
         }
         for (_, id) in &info.container_ids {
             self.by_container_id.insert(id.clone(), info.uid.clone());
@@ -423,6 +434,26 @@ impl PodIndex {
             .cloned()
     }
 
+    /// Whether the container's pod is known and selected out: its traffic
+    /// need not be captured at all. (A pod not known yet is followed: it
+    /// may turn out selected.)
+    pub fn selected_out(&self, container: &ContainerRef) -> bool {
+        self.pods
+            .get(&self.pod_uid(container))
+            .is_some_and(|entry| !entry.info.selected)
+    }
+
+    /// The pod of a container: by its container ID when the pod status
+    /// lists it, else the UID its cgroup path names.
+    fn pod_uid(&self, container: &ContainerRef) -> PodUid {
+        container
+            .container_id
+            .as_ref()
+            .and_then(|id| self.by_container_id.get(id))
+            .unwrap_or(&container.pod_uid)
+            .clone()
+    }
+
     /// The identity of a container. With `give_up`, a pod whose container
     /// cannot be told apart is exported with an unknown container name
     /// instead of waiting.
@@ -431,10 +462,7 @@ impl PodIndex {
             .container_id
             .as_ref()
             .and_then(|id| Some((id, self.by_container_id.get(id)?.clone())));
-        let uid = by_id
-            .as_ref()
-            .map_or(&container.pod_uid, |(_, uid)| uid)
-            .clone();
+        let uid = self.pod_uid(container);
         let Some(entry) = self.pods.get_mut(&uid) else {
             return Lookup::Pending;
         };
@@ -661,6 +689,33 @@ mod tests {
         assert!(index.is_empty());
         assert!(index.by_container_id.is_empty());
         assert_eq!(index.lookup(&reference(Some(ID_A)), false), Lookup::Pending);
+    }
+
+    #[test]
+    fn a_pod_selected_out_is_known_as_such_until_it_is_selected() {
+        let selection = Selection::default();
+        let info = |annotations| {
+            let pod = pod_json(annotations, serde_json::json!([status("web", ID_A)]));
+            PodInfo::from_pod(&pod, workload(), &selection).expect("info")
+        };
+        let mut index = PodIndex::default();
+        // Not known yet: followed, as it may be selected.
+        assert!(!index.selected_out(&reference(Some(ID_A))));
+        index.apply(
+            info(serde_json::json!({MONITOR_ANNOTATION: "false"})),
+            Instant::now(),
+        );
+        assert!(index.selected_out(&reference(Some(ID_A))));
+        assert!(
+            index.selected_out(&reference(None)),
+            "by the cgroup's pod UID"
+        );
+        assert_eq!(index.selections(), 0);
+        index.apply(info(serde_json::json!({})), Instant::now());
+        assert!(!index.selected_out(&reference(Some(ID_A))));
+        assert_eq!(index.selections(), 1, "selected out, then selected");
+        index.apply(info(serde_json::json!({})), Instant::now());
+        assert_eq!(index.selections(), 1, "no change of selection");
     }
 
     #[test]

@@ -514,6 +514,15 @@ pub fn value(samples: &[Sample], name: &str) -> f64 {
         .sum()
 }
 
+/// The sum of the samples of `name` whose `label` is `wanted`.
+pub fn labelled(samples: &[Sample], name: &str, label: &str, wanted: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && s.labels.get(label).map(String::as_str) == Some(wanted))
+        .map(|s| s.value)
+        .sum()
+}
+
 /// Polls until `check` holds or the timeout passes; returns the last value.
 pub fn eventually<T>(
     timeout: Duration,
