@@ -90,12 +90,12 @@ pub const MAP_SLOTS: u32 = 2;
 /// The maps by slot, as userspace names them.
 pub const MAP_NAMES: [&str; MAP_SLOTS as usize] = ["connections", "servers"];
 
-/// What a syscall did on a tracked connection.
+/// What a syscall did on a tracked connection. (An accept makes no event
+/// of its own: the connection's first read or write says where it was
+/// accepted, see [`EventHeader::aux`].)
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// `accept`/`accept4` returned a new connection; `aux` is the listening fd.
-    Accept = 1,
     /// Bytes the server received (read, readv, recvfrom, recvmsg).
     Read = 2,
     /// Bytes the server sent (write, writev, sendto, sendmsg, sendfile).
@@ -113,7 +113,6 @@ pub enum EventKind {
 impl EventKind {
     pub fn from_u32(value: u32) -> Option<Self> {
         Some(match value {
-            1 => Self::Accept,
             2 => Self::Read,
             3 => Self::Write,
             4 => Self::Close,
@@ -144,8 +143,9 @@ pub struct EventHeader {
     pub byte_count: u64,
     /// Bytes copied after this header (≤ byte_count, ≤ MAX_CAPTURE_BYTES).
     pub captured_len: u32,
-    /// Kind-specific: the listening fd for `Accept`, the errno for
-    /// `WriteFailed`.
+    /// Kind-specific. `Read`, `Write`: on the first event of a connection
+    /// whose accept the kernel saw, the listening fd + 1 (0 otherwise).
+    /// `WriteFailed`: the errno.
     pub aux: u32,
 }
 
@@ -173,10 +173,14 @@ pub struct ConnKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
+    /// When tracking began: the accept's time, for an accepted connection.
     pub conn_id: u64,
     pub seq: u32,
     /// [`CONN_IGNORED`], [`CONN_UNSEEN`].
     pub flags: u32,
+    /// The listening fd + 1 it was accepted on; 0 when picked up mid-stream.
+    pub listener: u32,
+    pub _pad: u32,
 }
 
 /// Settings userspace writes into the `CONFIG` array before attaching.

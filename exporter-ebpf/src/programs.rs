@@ -244,6 +244,8 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         } else {
             0
         },
+        listener: listen_fd.wrapping_add(1),
+        _pad: 0,
     };
     if CONNS.insert(&key, &state, 0).is_err() {
         count_insert_failure(CONNS_MAP);
@@ -257,17 +259,8 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     if !is_server(tgid) {
         mark_server(tgid, true);
     }
-    emit_header(&EventHeader {
-        kind: EventKind::Accept as u32,
-        tgid,
-        fd: key.fd,
-        seq: 0,
-        conn_id: now,
-        timestamp_ns: now,
-        byte_count: 0,
-        captured_len: 0,
-        aux: listen_fd,
-    });
+    // No event: the connection's first read or write carries the listener
+    // (one ring-buffer output fewer per connection).
     0
 }
 
@@ -482,7 +475,8 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     }
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some((conn_id, seq)) = next_in_connection(state, &key, &args, buffer, ret, now) else {
+    let Some((conn_id, seq, listener)) = next_in_connection(state, &key, &args, buffer, ret, now)
+    else {
         return 0;
     };
     let config = config();
@@ -507,7 +501,14 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
         timestamp_ns: now,
         byte_count: moved,
         captured_len: copy_len as u32,
-        aux: if failed_write { -ret as u32 } else { 0 },
+        aux: if failed_write {
+            -ret as u32
+        } else if seq == 1 {
+            // The first event after the accept: where it was accepted.
+            listener
+        } else {
+            0
+        },
     };
     unsafe { core::ptr::write_unaligned(scratch.as_mut_ptr() as *mut EventHeader, header) };
     let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {
@@ -519,8 +520,9 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     0
 }
 
-/// The connection's generation and this event's sequence number, from its
-/// entry in CONNS (`state`, looked up once by the caller). An untracked fd
+/// The connection's generation, this event's sequence number and its
+/// listener (fd + 1, 0 if unknown), from its entry in CONNS (`state`,
+/// looked up once by the caller). An untracked fd
 /// of a server process starts being followed only when a read begins with a
 /// request line; `None`: not followed.
 #[inline(always)]
@@ -531,14 +533,14 @@ fn next_in_connection(
     buffer: UserBuffer,
     ret: i64,
     now: u64,
-) -> Option<(u64, u32)> {
+) -> Option<(u64, u32, u32)> {
     if let Some(state) = state {
         // Plain increment: two threads of one process rarely use one
         // connection at once, and userspace treats a repeated seq as
         // harmless (only a jump means lost events).
         return Some(unsafe {
             (*state).seq = (*state).seq.wrapping_add(1);
-            ((*state).conn_id, (*state).seq)
+            ((*state).conn_id, (*state).seq, (*state).listener)
         });
     }
     if buffer.address == 0 {
@@ -555,12 +557,14 @@ fn next_in_connection(
         conn_id: now,
         seq: 0,
         flags: 0,
+        listener: 0,
+        _pad: 0,
     };
     if CONNS.insert(key, &state, 0).is_err() {
         count_insert_failure(CONNS_MAP);
         return None;
     }
-    Some((now, 0))
+    Some((now, 0, 0))
 }
 
 /// Copies the first bytes the syscall moved (at most the configured

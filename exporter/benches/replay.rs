@@ -9,7 +9,7 @@
 //! - `keep-alive`: 8 connections, each request one read, the response a
 //!   head write and a body write (gunicorn sync under wrk);
 //! - `pipelined`: 4 requests per read, their responses one write each;
-//! - `churn`: a connection per request (accept, read, 2 writes, close);
+//! - `churn`: a connection per request (read, 2 writes, close);
 //! - `large bodies`: 1 MiB uploads and downloads in 64 KiB syscalls, of
 //!   which the kernel copies the first 4 KiB each.
 //!
@@ -94,11 +94,17 @@ struct Conn {
     fd: u32,
     conn_id: u64,
     seq: u32,
+    /// The listening fd + 1, which the kernel puts in the first event.
+    listener: u32,
 }
 
 impl Recorder<'_> {
-    fn event(&mut self, kind: EventKind, conn: &mut Conn, moved: usize, data: &[u8], aux: u32) {
+    fn event(&mut self, kind: EventKind, conn: &mut Conn, moved: usize, data: &[u8]) {
         self.clock_ns += 20_000;
+        let aux = match kind {
+            EventKind::Read | EventKind::Write if conn.seq == 1 => conn.listener,
+            _ => 0,
+        };
         let captured = &data[..data.len().min(CAPTURE_BYTES)];
         let header = EventHeader {
             kind: kind as u32,
@@ -121,32 +127,33 @@ impl Recorder<'_> {
         self.stream.moved += moved as u64;
     }
 
+    /// The kernel makes no event of an accept: the first read or write
+    /// carries its listener.
     fn accept(&mut self, fd: u32, listen_fd: u32) -> Conn {
         self.clock_ns += 1_000;
-        let mut conn = Conn {
+        Conn {
             fd,
             conn_id: self.clock_ns,
-            seq: 0,
-        };
-        self.event(EventKind::Accept, &mut conn, 0, &[], listen_fd);
-        conn
+            seq: 1,
+            listener: listen_fd + 1,
+        }
     }
 
     fn read(&mut self, conn: &mut Conn, data: &[u8]) {
-        self.event(EventKind::Read, conn, data.len(), data, 0);
+        self.event(EventKind::Read, conn, data.len(), data);
     }
 
     fn write(&mut self, conn: &mut Conn, data: &[u8]) {
-        self.event(EventKind::Write, conn, data.len(), data, 0);
+        self.event(EventKind::Write, conn, data.len(), data);
     }
 
     /// A syscall that moved `moved` bytes starting with `data`.
     fn io_of(&mut self, kind: EventKind, conn: &mut Conn, moved: usize, data: &[u8]) {
-        self.event(kind, conn, moved, data, 0);
+        self.event(kind, conn, moved, data);
     }
 
     fn close(&mut self, conn: &mut Conn) {
-        self.event(EventKind::Close, conn, 0, &[], 0);
+        self.event(EventKind::Close, conn, 0, &[]);
     }
 }
 

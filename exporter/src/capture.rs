@@ -235,6 +235,21 @@ pub struct RawEvent<'a> {
     pub data: &'a [u8],
 }
 
+impl RawEvent<'_> {
+    /// The listening fd the connection was accepted on, when this is its
+    /// first event and the kernel saw the accept.
+    pub fn accepted_on(&self) -> Option<u32> {
+        accepted_on(self.kind, &self.header)
+    }
+}
+
+fn accepted_on(kind: EventKind, header: &EventHeader) -> Option<u32> {
+    match kind {
+        EventKind::Read | EventKind::Write if header.aux > 0 => Some(header.aux - 1),
+        _ => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("event of {0} bytes is shorter than its header")]
@@ -663,7 +678,7 @@ impl Capture {
         self.counters.event_bytes_read.inc_by(item.len() as u64);
         let decoded = match decode_event(&item) {
             Ok(event) => {
-                if event.kind == EventKind::Accept {
+                if event.accepted_on().is_some() {
                     self.servers.insert(event.header.tgid);
                 }
                 Some((event.kind, event.header))

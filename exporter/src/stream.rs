@@ -255,7 +255,7 @@ impl ConnectionTable {
         Handled::NewConnection(Origin {
             tgid: header.tgid,
             fd: header.fd,
-            listen_fd: (event.kind == EventKind::Accept).then_some(header.aux),
+            listen_fd: event.accepted_on(),
         })
     }
 
@@ -277,8 +277,8 @@ impl ConnectionTable {
             http: HttpConnection::new(),
             last_event_ns: header.timestamp_ns,
             partial: None,
-            listener: (event.kind == EventKind::Accept).then_some(header.aux),
-            complete: event.kind == EventKind::Accept,
+            listener: event.accepted_on(),
+            complete: event.accepted_on().is_some(),
             server_spoke: false,
             events: 0,
             ignored: false,
@@ -499,7 +499,9 @@ mod tests {
                     timestamp_ns: conn_id * 1000 + u64::from(seq),
                     byte_count: data.len() as u64,
                     captured_len: data.len() as u32,
-                    aux: 3,
+                    // seq 1: the first event after an accept, which says
+                    // where (LISTENER, + 1); others say nothing.
+                    aux: if seq == 1 { LISTENER + 1 } else { 0 },
                 },
                 data,
             };
@@ -539,7 +541,6 @@ mod tests {
             &mut table,
             &labels,
             &[
-                (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"GET /a HTTP/1.0\r\n\r\n"),
                 // The old connection's close was lost; fd 7 is reused by
                 // connection 2, picked up mid-stream (no accept seen).
@@ -621,7 +622,6 @@ mod tests {
         let redis = kernel_filters(
             &labels,
             &[
-                (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"*1\r\n$4\r\nPING\r\n"),
                 (EventKind::Write, 1, 2, b"+PONG\r\n"),
                 (EventKind::Read, 1, 3, b"*1\r\n$4\r\nPING\r\n"),
@@ -639,7 +639,6 @@ mod tests {
         let flask = kernel_filters(
             &labels,
             &[
-                (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"\x16\x03\x01\x02\x00\x01\x00\r\n"),
                 (EventKind::Write, 1, 2, b"HTTP/1.1 400 Bad Request\r\n\r\n"),
             ],
@@ -652,7 +651,6 @@ mod tests {
         let http = kernel_filters(
             &labels,
             &[
-                (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
                 (EventKind::Write, 1, 2, OK_EMPTY),
             ],
@@ -666,7 +664,6 @@ mod tests {
         let after_gap = kernel_filters(
             &labels,
             &[
-                (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
                 (EventKind::Write, 1, 5, b"binary body bytes"),
             ],
@@ -686,7 +683,6 @@ mod tests {
         let uncopied = kernel_filters(
             &labels,
             &[
-                (EventKind::Accept, 1, 0, b""),
                 (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
                 (EventKind::Write, 1, 2, b""),
                 (EventKind::Write, 1, 3, b"binary body bytes"),
@@ -694,8 +690,8 @@ mod tests {
         );
         assert!(uncopied.is_empty(), "{uncopied:?}");
         // A client whose server never answers is followed for a while.
-        let garbage: Vec<Step<'_>> = std::iter::once((EventKind::Accept, 1, 0, &b""[..]))
-            .chain((1..=8).map(|seq| (EventKind::Read, 1, seq, &b"\x00\x01garbage"[..])))
+        let garbage: Vec<Step<'_>> = (1..=8)
+            .map(|seq| (EventKind::Read, 1, seq, &b"\x00\x01garbage"[..]))
             .collect();
         assert_eq!(
             kernel_filters(&labels, &garbage),
@@ -707,10 +703,7 @@ mod tests {
     fn unmonitored_connections_and_their_listener_are_ignored_at_once() {
         let filters = kernel_filters(
             &|_| None,
-            &[
-                (EventKind::Accept, 1, 0, b""),
-                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
-            ],
+            &[(EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n")],
         );
         assert_eq!(
             filters,
