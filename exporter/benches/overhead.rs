@@ -9,7 +9,7 @@
 //! programs attached where the agent's are, and on raw `sys_enter`/
 //! `sys_exit` (the raw-tracepoint alternative): what any program on those
 //! hooks costs, before it does anything.
-//! Then a non-HTTP neighbour: redis-server under redis-benchmark, bare and
+//! Then a non-HTTP neighbour (its throughput and its own CPU per operation): redis-server under redis-benchmark, bare and
 //! with the agent attached (default flags, as a user runs it), alternated:
 //! its throughput ratio and the events the agent read per Redis operation.
 //!
@@ -340,7 +340,9 @@ fn redis_benchmark(port: u16, operations: u64) -> (f64, f64) {
 
 /// Redis, a neighbour that is no HTTP server: bare, beside the agent, or
 /// beside the do-nothing programs on the agent's tracepoints.
-fn measure_redis(variant: Variant, operations: u64) -> (f64, Option<KernelCost>) {
+/// Returns (operations per second, redis-server's CPU µs per operation,
+/// the kernel side's cost).
+fn measure_redis(variant: Variant, operations: u64) -> (f64, f64, Option<KernelCost>) {
     let port = free_port();
     let mut redis = Command::new("redis-server");
     redis
@@ -348,7 +350,7 @@ fn measure_redis(variant: Variant, operations: u64) -> (f64, Option<KernelCost>)
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let _redis = spawn_process("redis-server", &mut redis);
+    let redis = spawn_process("redis-server", &mut redis);
     wait_for_port(port, Duration::from_secs(10));
     // Default flags: the agent follows the whole node, as a user runs it.
     let exporter = (variant == Variant::Ebpf).then(|| Exporter::start(&[]));
@@ -361,11 +363,13 @@ fn measure_redis(variant: Variant, operations: u64) -> (f64, Option<KernelCost>)
     // Warm up: the agent sees the listener's first connections.
     redis_benchmark(port, operations / 10);
     let before = snapshot();
+    let cpu_before = tree_cpu_seconds(redis.child.id());
     let (completed, per_second) = redis_benchmark(port, operations);
+    let cpu = tree_cpu_seconds(redis.child.id()) - cpu_before;
     let cost = snapshot()
         .zip(before)
         .map(|(after, before)| after.since(&before, completed));
-    (per_second, cost)
+    (per_second, cpu / completed * 1e6, cost)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -466,23 +470,31 @@ fn main() {
     );
     let redis_variants = [Variant::Bare, Variant::Ebpf, Variant::FloorTracepoints];
     let mut ops: Vec<Vec<f64>> = redis_variants.iter().map(|_| Vec::new()).collect();
+    let mut cpu: Vec<Vec<f64>> = redis_variants.iter().map(|_| Vec::new()).collect();
     let mut costs: Vec<Vec<KernelCost>> = redis_variants.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         let mut line = format!("  round {}", round + 1);
         for (index, &variant) in redis_variants.iter().enumerate() {
-            let (per_second, cost) = measure_redis(variant, operations);
-            line += &format!("  {} {per_second:>8.0} ops/s", variant.name());
+            let (per_second, cpu_per_op, cost) = measure_redis(variant, operations);
+            line += &format!(
+                "  {} {per_second:>6.0} ops/s {cpu_per_op:>5.2} µs CPU/op",
+                variant.name()
+            );
             ops[index].push(per_second);
+            cpu[index].push(cpu_per_op);
             costs[index].extend(cost);
         }
         println!("{line}");
     }
     let medians: Vec<f64> = ops.iter_mut().map(|runs| median(runs)).collect();
-    for (variant, per_second) in redis_variants.iter().zip(&medians) {
+    let cpu_medians: Vec<f64> = cpu.iter_mut().map(|runs| median(runs)).collect();
+    for ((variant, per_second), cpu_per_op) in redis_variants.iter().zip(&medians).zip(&cpu_medians)
+    {
         println!(
-            "median {:<27} {per_second:>8.0} ops/s  {:.3}× of bare",
+            "median {:<27} {per_second:>8.0} ops/s  {:.3}× of bare   redis-server {cpu_per_op:.2} µs CPU/op  {:.3}× of bare",
             variant.name(),
-            per_second / medians[0]
+            per_second / medians[0],
+            cpu_per_op / cpu_medians[0]
         );
     }
     for (variant, runs) in redis_variants.iter().zip(&costs) {
