@@ -22,17 +22,10 @@ mod programs {
     pub fn empty_raw_tracepoint(_ctx: RawTracePointContext) -> i32 {
         0
     }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        // SAFETY: nothing above panics.
-        unsafe { core::hint::unreachable_unchecked() }
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
 }
+
+#[cfg(target_arch = "bpf")]
+mod object;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -10,6 +10,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod object;
+#[cfg(target_arch = "bpf")]
 mod programs;
 
 // On the host this crate builds as an empty binary so that workspace-wide

@@ -643,13 +643,3 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
     });
     0
 }
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // SAFETY: no code path above panics; the verifier rejects any that could.
-    unsafe { core::hint::unreachable_unchecked() }
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -9,9 +9,10 @@
 //! programs attached where the agent's are, and on raw `sys_enter`/
 //! `sys_exit` (the raw-tracepoint alternative): what any program on those
 //! hooks costs, before it does anything.
-//! Then a non-HTTP neighbour (its throughput and its own CPU per operation): redis-server under redis-benchmark, bare and
-//! with the agent attached (default flags, as a user runs it), alternated:
-//! its throughput ratio and the events the agent read per Redis operation.
+//! Then a non-HTTP neighbour: redis-server under redis-benchmark, bare,
+//! with the agent attached (default flags, as a user runs it), and beside
+//! the do-nothing programs, alternated: its throughput, its own CPU per
+//! operation, and what the kernel side ran and read per operation.
 //!
 //! `cargo xtask bench` (or `cargo bench -p flask-ebpf-exporter --bench
 //! overhead -- [--rounds N] [--seconds S]`) runs 3 rounds of 5 s; under

@@ -49,6 +49,21 @@ fn requests_by_pod(samples: &[Sample]) -> BTreeMap<String, u64> {
     counts
 }
 
+/// Scrapes until `identity` (as [`requests_by_pod`] names it) has counted
+/// `expected` requests, or `timeout` passes; returns the last scrape.
+fn until_counted(
+    exporter: &Exporter,
+    identity: &str,
+    expected: u64,
+    timeout: Duration,
+) -> Vec<Sample> {
+    eventually(
+        timeout,
+        || exporter.metrics(),
+        |samples| requests_by_pod(samples).get(identity) == Some(&expected),
+    )
+}
+
 /// Six found and two missing pages.
 fn send_traffic(port: u16) -> u64 {
     for n in 0..6 {
@@ -257,11 +272,7 @@ fn every_series_carries_the_pod_that_served_it() {
     api.put_pod(pod(&spec("fresh", &uid_f, None, &[("web", Some(&id_f))])));
     assert_eq!(http_get(pod_f.app.port, "/").expect("request").status, 200);
     let fresh = "shop/fresh/web/fresh/Pod".to_owned();
-    let samples = eventually(
-        Duration::from_secs(10),
-        || exporter.metrics(),
-        |samples| requests_by_pod(samples).get(&fresh) == Some(&1),
-    );
+    let samples = until_counted(&exporter, &fresh, 1, Duration::from_secs(10));
     assert_eq!(requests_by_pod(&samples).get(&fresh), Some(&1));
     eprintln!(
         "new pod attributed {:?} after its Pod object was created",
@@ -379,11 +390,7 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     std::thread::sleep(Duration::from_millis(2500));
     let name = "shop/quiet/web/quiet/Pod".to_owned();
     let sent = send_traffic(serving.app.port);
-    let samples = eventually(
-        Duration::from_secs(5),
-        || exporter.metrics(),
-        |samples| requests_by_pod(samples).get(&name) == Some(&sent),
-    );
+    let samples = until_counted(&exporter, &name, sent, Duration::from_secs(5));
     assert_eq!(
         requests_by_pod(&samples).get(&name),
         Some(&sent),
@@ -416,11 +423,7 @@ fn exports_while_the_api_server_is_down_and_catches_up() {
     );
     let unknown = "<unknown>/<unknown>/<unknown>/<unknown>/<unknown>".to_owned();
     let sent = send_traffic(pod_p.app.port);
-    let samples = eventually(
-        Duration::from_secs(15),
-        || exporter.metrics(),
-        |samples| requests_by_pod(samples).get(&unknown) == Some(&sent),
-    );
+    let samples = until_counted(&exporter, &unknown, sent, Duration::from_secs(15));
     assert_eq!(
         requests_by_pod(&samples).get(&unknown),
         Some(&sent),
