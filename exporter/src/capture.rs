@@ -306,6 +306,8 @@ pub struct CaptureCounters {
     /// Processes whose every listening socket is ignored: the kernel no
     /// longer looks past their pid.
     pub processes_ignored: IntCounter,
+    /// Processes the kernel side treats as servers.
+    pub server_processes: IntGauge,
 }
 
 impl CaptureCounters {
@@ -328,6 +330,11 @@ impl CaptureCounters {
         registry.register(Box::new(ignored.clone()))?;
         Ok(CaptureCounters {
             ignored_listeners_budget: budgets.counter("ignored_listeners"),
+            server_processes: gauge(
+                registry,
+                "flask_ebpf_exporter_server_processes",
+                "Processes the kernel side looks at past its first check: those that held a listening socket when the agent started or accepted a followed connection since, until they exit or are found to serve nothing to follow",
+            )?,
             processes_ignored: counter(
                 registry,
                 "flask_ebpf_exporter_processes_ignored_total",
@@ -626,6 +633,9 @@ impl Capture {
     /// Brings the counters the kernel keeps (events the ring buffer had no
     /// room for, failed map inserts) up to date, and says so when they grew.
     pub fn sync_kernel_counters(&self) {
+        self.counters
+            .server_processes
+            .set(self.servers.len() as i64);
         let lost = per_cpu_sum(&self.lost, 0);
         if mirror(&self.counters.events_lost, lost) {
             warn!(

@@ -259,6 +259,45 @@ fn a_listener_that_starts_speaking_http_is_followed_again() {
 }
 
 #[test]
+fn a_server_that_exits_is_forgotten_by_the_kernel_side() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = require_prerequisites();
+    let exporter = Exporter::start(&[]);
+    let servers = |samples: &[Sample]| value(samples, "flask_ebpf_exporter_server_processes");
+    // The gauge is brought up to date once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let at_start = servers(&exporter.metrics());
+    // Started after the agent: its workers become servers at their accepts.
+    let app = App::start(&venv, Server::GunicornSync, false);
+    let with_app = eventually(
+        Duration::from_secs(10),
+        || {
+            assert_eq!(http_get(app.port, "/").expect("get").status, 200);
+            exporter.metrics()
+        },
+        |s| servers(s) >= at_start + 2.0,
+    );
+    assert!(
+        servers(&with_app) >= at_start + 2.0,
+        "gunicorn's two workers: {} then {}",
+        at_start,
+        servers(&with_app)
+    );
+    // Gone: forgotten at the next upkeep (every 5 s).
+    drop(app);
+    let after = eventually(
+        Duration::from_secs(12),
+        || exporter.metrics(),
+        |s| servers(s) <= at_start,
+    );
+    assert!(
+        servers(&after) <= at_start,
+        "{} server processes after the app exited, {at_start} before it",
+        servers(&after)
+    );
+}
+
+#[test]
 fn servers_the_agent_does_not_monitor_are_not_followed() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let venv = require_prerequisites();
