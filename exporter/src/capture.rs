@@ -110,16 +110,15 @@ impl IgnoredListeners {
 
     /// Forgets the listeners ignored for `reason`; returns them.
     fn forget_ignored_for(&mut self, reason: IgnoreReason) -> Vec<ConnKey> {
-        let forgotten: Vec<ConnKey> = self
-            .listeners
-            .iter()
-            .filter(|(_, why)| **why == reason)
-            .map(|(listener, _)| *listener)
-            .collect();
-        for listener in &forgotten {
-            self.listeners.remove(listener);
-        }
-        forgotten
+        self.forget_where(|_, why| why == reason)
+    }
+
+    /// Forgets the listeners `pick` names; returns them.
+    fn forget_where(&mut self, pick: impl Fn(&ConnKey, IgnoreReason) -> bool) -> Vec<ConnKey> {
+        self.listeners
+            .extract_if(|listener, why| pick(listener, *why))
+            .map(|(listener, _)| listener)
+            .collect()
     }
 
     /// Forgets a listener found speaking HTTP: (whether it was remembered,
@@ -139,16 +138,7 @@ impl IgnoredListeners {
 
     /// Forgets the listeners of processes that exited; returns them.
     fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) -> Vec<ConnKey> {
-        let gone: Vec<ConnKey> = self
-            .listeners
-            .keys()
-            .filter(|listener| !alive(listener.tgid))
-            .copied()
-            .collect();
-        for listener in &gone {
-            self.listeners.remove(listener);
-        }
-        gone
+        self.forget_where(|listener, _| !alive(listener.tgid))
     }
 
     fn len(&self) -> usize {
@@ -239,14 +229,10 @@ impl RawEvent<'_> {
     /// The listening fd the connection was accepted on, when this is its
     /// first event and the kernel saw the accept.
     pub fn accepted_on(&self) -> Option<u32> {
-        accepted_on(self.kind, &self.header)
-    }
-}
-
-fn accepted_on(kind: EventKind, header: &EventHeader) -> Option<u32> {
-    match kind {
-        EventKind::Read | EventKind::Write if header.aux > 0 => Some(header.aux - 1),
-        _ => None,
+        match self.kind {
+            EventKind::Read | EventKind::Write if self.header.aux > 0 => Some(self.header.aux - 1),
+            _ => None,
+        }
     }
 }
 
@@ -766,7 +752,6 @@ fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// Sums one slot of a per-CPU counter array (0 when unreadable, logged).
 /// Asks the kernel side to stop following a connection.
 fn ignore_connection(tgid: u32, fd: u32, conn_id: u64) {
     control(ControlRequest {
@@ -810,6 +795,7 @@ fn control(request: ControlRequest) {
     };
 }
 
+/// Sums one slot of a per-CPU counter array (0 when unreadable, logged).
 fn per_cpu_sum(array: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     match array.get(&slot, 0) {
         Ok(per_cpu) => per_cpu.iter().sum(),

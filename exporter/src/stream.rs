@@ -269,6 +269,7 @@ impl ConnectionTable {
     ) {
         let header = &event.header;
         self.counters.connections_opened.inc();
+        let accepted_on = event.accepted_on();
         let mut connection = Connection {
             conn_id: header.conn_id,
             // So that the first event is never taken for a gap.
@@ -277,8 +278,8 @@ impl ConnectionTable {
             http: HttpConnection::new(),
             last_event_ns: header.timestamp_ns,
             partial: None,
-            listener: event.accepted_on(),
-            complete: event.accepted_on().is_some(),
+            listener: accepted_on,
+            complete: accepted_on.is_some(),
             server_spoke: false,
             events: 0,
             ignored: false,

@@ -49,6 +49,15 @@ fn requests_by_pod(samples: &[Sample]) -> BTreeMap<String, u64> {
     counts
 }
 
+/// Puts pod `n` of this file, named `name`, with one container, `web`.
+fn put_web_pod(api: &KubeApi, n: usize, name: &str, annotations: &[(&str, &str)]) {
+    let (uid, id) = (PODS.uid(n), container_id(n));
+    let containers = [("web", Some(id.as_str()))];
+    let mut web = spec(name, &uid, None, &containers);
+    web.annotations = annotations;
+    api.put_pod(pod(&web));
+}
+
 /// Scrapes until `identity` (as [`requests_by_pod`] names it) has counted
 /// `expected` requests, or `timeout` passes; returns the last scrape.
 fn until_counted(
@@ -338,11 +347,12 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     let _turn = one_at_a_time();
     let venv = require_prerequisites();
     let mut api = KubeApi::start();
-    let (uid, id) = (PODS.uid(13), container_id(13));
-    let containers = [("web", Some(id.as_str()))];
-    let mut quiet = spec("quiet", &uid, None, &containers);
-    quiet.annotations = &[("flask-ebpf-exporter.io/monitor", "false")];
-    api.put_pod(pod(&quiet));
+    put_web_pod(
+        &api,
+        13,
+        "quiet",
+        &[("flask-ebpf-exporter.io/monitor", "false")],
+    );
     let serving = start_pod(&venv, Server::GunicornSync, Driver::Systemd, 13);
     let exporter = Exporter::start(&api.exporter_args(NODE, &[]));
 
@@ -385,8 +395,7 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     // upkeep, its listeners are followed again, so every request of the
     // next 8 connections counts (were they left to the one-in-64 recheck,
     // none would).
-    quiet.annotations = &[];
-    api.put_pod(pod(&quiet));
+    put_web_pod(&api, 13, "quiet", &[]);
     std::thread::sleep(Duration::from_millis(2500));
     let name = "shop/quiet/web/quiet/Pod".to_owned();
     let sent = send_traffic(serving.app.port);
@@ -637,17 +646,14 @@ fn hostile_routes_annotations_are_refused_and_other_pods_keep_flowing() {
             ],
         ),
     ] {
-        let (uid, id) = (PODS.uid(n), container_id(n));
-        let containers = [("web", Some(id.as_str()))];
-        let mut hostile = spec(name, &uid, None, &containers);
-        hostile.annotations = &annotations;
-        api.put_pod(pod(&hostile));
+        put_web_pod(&api, n, name, &annotations);
     }
-    let (uid_s, id_s) = (PODS.uid(34), container_id(34));
-    let containers = [("web", Some(id_s.as_str()))];
-    let mut annotated = spec("steady", &uid_s, None, &containers);
-    annotated.annotations = &[("flask-ebpf-exporter.io/routes", "GET /items/<int:item_id>")];
-    api.put_pod(pod(&annotated));
+    put_web_pod(
+        &api,
+        34,
+        "steady",
+        &[("flask-ebpf-exporter.io/routes", "GET /items/<int:item_id>")],
+    );
     let serving = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 34);
     let exporter = Exporter::start(&api.exporter_args(NODE, &[]));
     let sent = send_traffic(serving.app.port);

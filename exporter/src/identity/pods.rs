@@ -439,19 +439,18 @@ impl PodIndex {
     /// may turn out selected.)
     pub fn selected_out(&self, container: &ContainerRef) -> bool {
         self.pods
-            .get(&self.pod_uid(container))
+            .get(self.pod_uid(container))
             .is_some_and(|entry| !entry.info.selected)
     }
 
     /// The pod of a container: by its container ID when the pod status
     /// lists it, else the UID its cgroup path names.
-    fn pod_uid(&self, container: &ContainerRef) -> PodUid {
+    fn pod_uid<'a>(&'a self, container: &'a ContainerRef) -> &'a PodUid {
         container
             .container_id
             .as_ref()
             .and_then(|id| self.by_container_id.get(id))
             .unwrap_or(&container.pod_uid)
-            .clone()
     }
 
     /// The identity of a container. With `give_up`, a pod whose container
@@ -462,7 +461,7 @@ impl PodIndex {
             .container_id
             .as_ref()
             .and_then(|id| Some((id, self.by_container_id.get(id)?.clone())));
-        let uid = self.pod_uid(container);
+        let uid = self.pod_uid(container).clone();
         let Some(entry) = self.pods.get_mut(&uid) else {
             return Lookup::Pending;
         };
