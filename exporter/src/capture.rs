@@ -146,6 +146,55 @@ impl IgnoredListeners {
     }
 }
 
+/// Server processes this side remembers, at most. Pods can start processes.
+const MAX_SERVER_PROCESSES: usize = 65_536;
+
+/// The pids this side marked, or saw the kernel mark, as servers, so that
+/// their bits are cleared when they exit; within a budget of entries. Past
+/// it a pid is not remembered (counted): if it exits, its bit stays set, so
+/// the kernel looks a little further into whatever process reuses the pid.
+/// That costs time, never an exchange.
+#[derive(Debug)]
+struct ServerProcesses {
+    pids: HashSet<u32>,
+    max: usize,
+    budget: IntCounter,
+}
+
+impl ServerProcesses {
+    fn new(max: usize, budget: IntCounter) -> Self {
+        ServerProcesses {
+            pids: HashSet::new(),
+            max,
+            budget,
+        }
+    }
+
+    fn remember(&mut self, tgid: u32) {
+        if self.pids.contains(&tgid) {
+            return;
+        }
+        if self.pids.len() >= self.max {
+            self.budget.inc();
+            return;
+        }
+        self.pids.insert(tgid);
+    }
+
+    fn forget(&mut self, tgid: u32) {
+        self.pids.remove(&tgid);
+    }
+
+    /// Forgets the pids of processes that exited; returns them.
+    fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) -> Vec<u32> {
+        self.pids.extract_if(|&tgid| !alive(tgid)).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.pids.len()
+    }
+}
+
 /// The compiled kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
 
@@ -294,6 +343,8 @@ pub struct CaptureCounters {
     pub processes_ignored: IntCounter,
     /// Processes the kernel side treats as servers.
     pub server_processes: IntGauge,
+    /// Server processes past what this side remembers.
+    pub server_processes_budget: IntCounter,
 }
 
 impl CaptureCounters {
@@ -316,6 +367,7 @@ impl CaptureCounters {
         registry.register(Box::new(ignored.clone()))?;
         Ok(CaptureCounters {
             ignored_listeners_budget: budgets.counter("ignored_listeners"),
+            server_processes_budget: budgets.counter("server_processes"),
             server_processes: gauge(
                 registry,
                 "flask_ebpf_exporter_server_processes",
@@ -373,9 +425,8 @@ pub struct Capture {
     filtered: PerCpuArray<MapData, u64>,
     listeners: BpfHashMap<MapData, ConnKey, ListenerState>,
     ignored_listeners: IgnoredListeners,
-    /// Pids the kernel may hold as servers (seeded, or seen accepting), so
-    /// that their bits are cleared when they exit.
-    servers: HashSet<u32>,
+    /// Pids the kernel may hold as servers (seeded, or seen accepting).
+    servers: ServerProcesses,
     counters: CaptureCounters,
     malformed_logged: bool,
 }
@@ -449,7 +500,13 @@ impl Capture {
                 }
             })?;
         configure(&mut ebpf, options)?;
-        let servers = seed_servers(&mut ebpf)?;
+        let mut servers = ServerProcesses::new(
+            MAX_SERVER_PROCESSES,
+            counters.server_processes_budget.clone(),
+        );
+        for tgid in seed_servers(&mut ebpf)? {
+            servers.remember(tgid);
+        }
         attach(&mut ebpf)?;
         let events =
             RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
@@ -562,7 +619,7 @@ impl Capture {
             return;
         }
         forget_server(tgid);
-        self.servers.remove(&tgid);
+        self.servers.forget(tgid);
         self.counters.processes_ignored.inc();
         debug!(
             tgid,
@@ -581,7 +638,7 @@ impl Capture {
         for listener in &listeners {
             let _ = self.listeners.remove(listener);
             mark_server(listener.tgid);
-            self.servers.insert(listener.tgid);
+            self.servers.remember(listener.tgid);
         }
         if !listeners.is_empty() {
             info!(
@@ -600,13 +657,9 @@ impl Capture {
         for listener in self.ignored_listeners.forget_exited(alive) {
             let _ = self.listeners.remove(&listener);
         }
-        self.servers.retain(|&tgid| {
-            let running = alive(tgid);
-            if !running {
-                forget_server(tgid);
-            }
-            running
-        });
+        for tgid in self.servers.forget_exited(alive) {
+            forget_server(tgid);
+        }
         self.counters
             .listeners_ignored
             .set(self.ignored_listeners.len() as i64);
@@ -675,7 +728,7 @@ impl Capture {
         let decoded = match decode_event(&item) {
             Ok(event) => {
                 if event.accepted_on().is_some() {
-                    self.servers.insert(event.header.tgid);
+                    self.servers.remember(event.header.tgid);
                 }
                 Some((event.kind, event.header))
             }
@@ -903,6 +956,29 @@ mod tests {
         // Within budget, nothing unknown is cleared in the kernel.
         let mut within = IgnoredListeners::new(2, budget);
         assert_eq!(within.forget(&listener(9)), (false, false));
+    }
+
+    #[test]
+    fn server_processes_stay_within_their_budget() {
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        let budget = budgets.counter("server_processes");
+        let mut servers = ServerProcesses::new(2, budget.clone());
+        servers.remember(10);
+        servers.remember(10);
+        servers.remember(11);
+        assert_eq!(budget.get(), 0, "a pid remembered twice is one entry");
+        // Past the budget: not remembered, counted.
+        servers.remember(12);
+        assert_eq!(servers.len(), 2);
+        assert_eq!(budget.get(), 1);
+        // Exited processes are let go, which makes room.
+        assert_eq!(servers.forget_exited(&|tgid| tgid != 10), vec![10]);
+        servers.remember(12);
+        assert_eq!(servers.len(), 2);
+        servers.forget(11);
+        assert_eq!(servers.forget_exited(&|_| false), vec![12]);
+        assert_eq!(budget.get(), 1);
     }
 
     fn event_bytes(header: EventHeader, data: &[u8]) -> Vec<u8> {
