@@ -507,6 +507,7 @@ impl Capture {
         for tgid in seed_servers(&mut ebpf)? {
             servers.remember(tgid);
         }
+        counters.server_processes.set(servers.len() as i64);
         attach(&mut ebpf)?;
         let events =
             RingBuf::try_from(take_map(&mut ebpf, "EVENTS")?).map_err(map_error("EVENTS"))?;
