@@ -39,6 +39,18 @@ pub const PID_LIMIT: u32 = 4 * 1024 * 1024;
 /// Words of 64 pids in that set (512 KiB of kernel memory).
 pub const SERVER_PID_WORDS: u32 = PID_LIMIT / 64;
 
+/// [`ControlRequest::op`]: the bytes the connection moves in
+/// [`ControlRequest::direction`] up to stream offset
+/// [`ControlRequest::skip_until`] are body bytes userspace skips by count:
+/// the kernel counts them without copying or reporting them, but for the
+/// syscall that reaches the offset (see [`EventHeader::offset`]).
+pub const CONTROL_SKIP_BODY: u32 = 4;
+
+/// [`ControlRequest::direction`]: bytes the server read.
+pub const DIRECTION_READ: u32 = 0;
+/// [`ControlRequest::direction`]: bytes the server wrote.
+pub const DIRECTION_WRITE: u32 = 1;
+
 /// What the exporter asks of its kernel programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,9 +58,14 @@ pub struct ControlRequest {
     pub op: u32,
     pub tgid: u32,
     pub fd: u32,
-    pub _pad: u32,
+    /// [`DIRECTION_READ`] or [`DIRECTION_WRITE`] ([`CONTROL_SKIP_BODY`]).
+    pub direction: u32,
     /// Acts only if the connection at (tgid, fd) is still this one.
     pub conn_id: u64,
+    /// [`CONTROL_SKIP_BODY`]: the stream offset (wrapping, as
+    /// [`EventHeader::offset`]) where the bytes to skip end.
+    pub skip_until: u32,
+    pub _pad: u32,
 }
 
 /// [`ConnState::flags`]: no read or write events for this connection.
@@ -138,9 +155,18 @@ pub struct EventHeader {
     pub conn_id: u64,
     /// `bpf_ktime_get_ns()` at syscall exit (CLOCK_MONOTONIC).
     pub timestamp_ns: u64,
-    /// Bytes the syscall actually transferred (its return value), even when
-    /// only a prefix of them was copied.
-    pub byte_count: u64,
+    /// Bytes the syscall transferred from [`Self::offset`] on (its return
+    /// value, less a skipped start), even when only a prefix of them was
+    /// copied. (One syscall moves less than 2 GiB.)
+    pub byte_count: u32,
+    /// `Read`, `Write`, `WriteFailed`: where in the connection's stream in
+    /// this direction (bytes since the kernel began following it, modulo
+    /// 2^32) the reported bytes begin. Bytes between the end of the
+    /// previous event in this direction and this offset were moved by
+    /// syscalls the kernel did not report, or by the start of this one:
+    /// body bytes userspace asked it to skip ([`CONTROL_SKIP_BODY`]),
+    /// unless events were lost in between (a `seq` gap).
+    pub offset: u32,
     /// Bytes copied after this header (≤ byte_count, ≤ MAX_CAPTURE_BYTES).
     pub captured_len: u32,
     /// Kind-specific. `Read`, `Write`: on the first event of a connection
@@ -180,6 +206,14 @@ pub struct ConnState {
     pub flags: u32,
     /// The listening fd + 1 it was accepted on; 0 when picked up mid-stream.
     pub listener: u32,
+    /// Bytes moved so far, per direction (wrapping): see
+    /// [`EventHeader::offset`].
+    pub read_offset: u32,
+    pub write_offset: u32,
+    /// Body bytes still to be counted without being reported, per direction
+    /// ([`CONTROL_SKIP_BODY`]).
+    pub read_skip: u32,
+    pub write_skip: u32,
     pub _pad: u32,
 }
 

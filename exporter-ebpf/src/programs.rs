@@ -12,10 +12,11 @@ use aya_ebpf::{
 };
 use exporter_common::{
     CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_FORGET_SERVER,
-    CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER, CaptureConfig, ConnKey, ConnState,
-    ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind, FILTERED_AT_ACCEPT,
-    FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, LISTENER_IGNORED, LISTENER_RECHECK_EVERY,
-    ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS, SERVERS_MAP,
+    CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER, CONTROL_SKIP_BODY, CaptureConfig, ConnKey,
+    ConnState, ControlRequest, DIRECTION_WRITE, EVENT_HEADER_LEN, EventHeader, EventKind,
+    FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, LISTENER_IGNORED,
+    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS,
+    SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -245,7 +246,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
             0
         },
         listener: listen_fd.wrapping_add(1),
-        _pad: 0,
+        ..ConnState::default()
     };
     if CONNS.insert(&key, &state, 0).is_err() {
         count_insert_failure(CONNS_MAP);
@@ -295,18 +296,32 @@ fn control(pointer: u64) -> u32 {
         mark_server(request.tgid, request.op == CONTROL_MARK_SERVER);
         return 0;
     }
-    if request.op != CONTROL_IGNORE_CONNECTION {
-        return 0;
-    }
     let key = ConnKey {
         tgid: request.tgid,
         fd: request.fd,
     };
-    if let Some(state) = CONNS.get_ptr_mut(&key)
-        && unsafe { (*state).conn_id } == request.conn_id
-    {
+    let Some(state) = CONNS.get_ptr_mut(&key) else {
+        return 0;
+    };
+    if unsafe { (*state).conn_id } != request.conn_id {
+        return 0;
+    }
+    if request.op == CONTROL_IGNORE_CONNECTION {
         unsafe { (*state).flags |= CONN_IGNORED };
         count_filtered(FILTERED_ON_REQUEST);
+    } else if request.op == CONTROL_SKIP_BODY {
+        // SAFETY: a valid entry of CONNS.
+        let (offset, skip) = unsafe {
+            if request.direction == DIRECTION_WRITE {
+                ((*state).write_offset, &mut (*state).write_skip)
+            } else {
+                ((*state).read_offset, &mut (*state).read_skip)
+            }
+        };
+        // Userspace counts from the events it has read; the connection may
+        // have moved on since, even past the end.
+        let ahead = request.skip_until.wrapping_sub(offset) as i32;
+        *skip = if ahead > 0 { ahead as u32 } else { 0 };
     }
     0
 }
@@ -473,10 +488,11 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     if ret <= 0 && !failed_write {
         return 0;
     }
+    // What moved, or for a failed write nothing.
+    let moved = if failed_write { 0 } else { ret as u32 };
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some((conn_id, seq, listener)) = next_in_connection(state, &key, &args, buffer, ret, now)
-    else {
+    let Some(at) = next_in_connection(state, &key, &args, buffer, moved, now) else {
         return 0;
     };
     let config = config();
@@ -484,28 +500,31 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
         return 0;
     };
     let scratch = unsafe { &mut (*scratch).bytes };
-    // What moved, or for a failed write what the server tried to send.
-    let (kind, moved, attempted) = if failed_write {
+    let (kind, copy_len) = if failed_write {
+        // What the server tried to send.
         let attempted = buffer.length;
-        (EventKind::WriteFailed as u32, 0, attempted)
+        let copy_len = copy_prefix(scratch, buffer, attempted, &config);
+        (EventKind::WriteFailed as u32, copy_len)
     } else {
-        (args.kind, ret as u64, ret as u64)
+        let reported = moved - at.skipped;
+        let copy_len = copy_prefix(scratch, past(buffer, at.skipped), reported as u64, &config);
+        (args.kind, copy_len)
     };
-    let copy_len = copy_prefix(scratch, buffer, attempted, &config);
     let header = EventHeader {
         kind,
         tgid: key.tgid,
         fd: args.fd,
-        seq,
-        conn_id,
+        seq: at.seq,
+        conn_id: at.conn_id,
         timestamp_ns: now,
-        byte_count: moved,
+        byte_count: moved - at.skipped,
+        offset: at.offset,
         captured_len: copy_len as u32,
         aux: if failed_write {
             -ret as u32
-        } else if seq == 1 {
+        } else if at.seq == 1 {
             // The first event after the accept: where it was accepted.
-            listener
+            at.listener
         } else {
             0
         },
@@ -520,33 +539,72 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     0
 }
 
-/// The connection's generation, this event's sequence number and its
-/// listener (fd + 1, 0 if unknown), from its entry in CONNS (`state`,
-/// looked up once by the caller). An untracked fd
-/// of a server process starts being followed only when a read begins with a
-/// request line; `None`: not followed.
+/// Where a syscall's bytes fall in its connection.
+struct Position {
+    conn_id: u64,
+    seq: u32,
+    /// The listening fd + 1, 0 if unknown.
+    listener: u32,
+    /// Stream offset of the first byte reported.
+    offset: u32,
+    /// Bytes at the start of the syscall's that were skipped (a body's
+    /// end); the rest are reported.
+    skipped: u32,
+}
+
+/// Where this syscall's `moved` bytes fall in the connection, from its
+/// entry in CONNS (`state`, looked up once by the caller), and the
+/// connection's counts moved on. An untracked fd of a server process
+/// starts being followed only when a read begins with a request line.
+/// `None`: nothing to report (not followed, or all body bytes to skip).
 #[inline(always)]
 fn next_in_connection(
     state: Option<*mut ConnState>,
     key: &ConnKey,
     args: &IoArgs,
     buffer: UserBuffer,
-    ret: i64,
+    moved: u32,
     now: u64,
-) -> Option<(u64, u32, u32)> {
+) -> Option<Position> {
     if let Some(state) = state {
-        // Plain increment: two threads of one process rarely use one
-        // connection at once, and userspace treats a repeated seq as
-        // harmless (only a jump means lost events).
+        // SAFETY: a valid entry of CONNS. Plain updates: two threads of one
+        // process rarely use one connection at once, and userspace treats a
+        // repeated seq as harmless (only a jump means lost events).
+        let (offset, skip) = unsafe {
+            if args.kind == EventKind::Write as u32 {
+                (&mut (*state).write_offset, &mut (*state).write_skip)
+            } else {
+                (&mut (*state).read_offset, &mut (*state).read_skip)
+            }
+        };
+        let start = *offset;
+        *offset = start.wrapping_add(moved);
+        let skipped = if *skip == 0 || moved == 0 {
+            0
+        } else if moved < *skip {
+            // Inside a body userspace skips: counted by the offset alone.
+            *skip -= moved;
+            return None;
+        } else {
+            // The body ends in this syscall: reported, for its time and
+            // for what follows the body.
+            core::mem::replace(skip, 0)
+        };
         return Some(unsafe {
             (*state).seq = (*state).seq.wrapping_add(1);
-            ((*state).conn_id, (*state).seq, (*state).listener)
+            Position {
+                conn_id: (*state).conn_id,
+                seq: (*state).seq,
+                listener: (*state).listener,
+                offset: start.wrapping_add(skipped),
+                skipped,
+            }
         });
     }
     if buffer.address == 0 {
         return None;
     }
-    if args.kind != EventKind::Read as u32 || ret < 4 {
+    if args.kind != EventKind::Read as u32 || moved < 4 {
         return None;
     }
     let prefix = unsafe { bpf_probe_read_user(buffer.address as *const [u8; 4]) }.ok()?;
@@ -555,16 +613,34 @@ fn next_in_connection(
     }
     let state = ConnState {
         conn_id: now,
-        seq: 0,
-        flags: 0,
-        listener: 0,
-        _pad: 0,
+        read_offset: moved,
+        ..ConnState::default()
     };
     if CONNS.insert(key, &state, 0).is_err() {
         count_insert_failure(CONNS_MAP);
         return None;
     }
-    Some((now, 0, 0))
+    Some(Position {
+        conn_id: now,
+        seq: 0,
+        listener: 0,
+        offset: 0,
+        skipped: 0,
+    })
+}
+
+/// The part of `buffer` after its first `skipped` bytes (none when they
+/// cover the buffer, or it is not a flat one the kernel knows).
+#[inline(always)]
+fn past(buffer: UserBuffer, skipped: u32) -> UserBuffer {
+    let skipped = skipped as u64;
+    if buffer.address == 0 || skipped >= buffer.length {
+        return NO_BUFFER;
+    }
+    UserBuffer {
+        address: buffer.address + skipped,
+        length: buffer.length - skipped,
+    }
 }
 
 /// Copies the first bytes the syscall moved (at most the configured

@@ -96,6 +96,8 @@ struct Conn {
     seq: u32,
     /// The listening fd + 1, which the kernel puts in the first event.
     listener: u32,
+    /// Bytes moved so far, read and written (the events' offsets).
+    offsets: [u32; 2],
 }
 
 impl Recorder<'_> {
@@ -106,6 +108,7 @@ impl Recorder<'_> {
             _ => 0,
         };
         let captured = &data[..data.len().min(CAPTURE_BYTES)];
+        let offset = &mut conn.offsets[usize::from(kind != EventKind::Read)];
         let header = EventHeader {
             kind: kind as u32,
             tgid: self.tgid,
@@ -113,10 +116,12 @@ impl Recorder<'_> {
             seq: conn.seq,
             conn_id: conn.conn_id,
             timestamp_ns: self.clock_ns,
-            byte_count: moved as u64,
+            byte_count: moved as u32,
+            offset: *offset,
             captured_len: captured.len() as u32,
             aux,
         };
+        *offset = offset.wrapping_add(moved as u32);
         conn.seq = conn.seq.wrapping_add(1);
         let start = self.stream.bytes.len();
         self.stream.bytes.extend_from_slice(&header.to_bytes());
@@ -136,6 +141,7 @@ impl Recorder<'_> {
             conn_id: self.clock_ns,
             seq: 1,
             listener: listen_fd + 1,
+            offsets: [0; 2],
         }
     }
 

@@ -15,8 +15,9 @@ use aya::{
 };
 use exporter_common::{
     CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER,
-    CaptureConfig, ConnKey, ControlRequest, EVENT_HEADER_LEN, EventHeader, EventKind,
-    FILTERED_NAMES, LISTENER_IGNORED, ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT,
+    CONTROL_SKIP_BODY, CaptureConfig, ConnKey, ControlRequest, EVENT_HEADER_LEN, EventHeader,
+    EventKind, FILTERED_NAMES, LISTENER_IGNORED, ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES,
+    PID_LIMIT,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
@@ -26,11 +27,21 @@ use crate::{
     procfs,
 };
 
-/// What the kernel side should stop (or resume) following, decided from
-/// what a connection showed. Plain data: the stream stage decides,
-/// this stage applies.
+/// What the kernel side should stop (or resume) following or copying,
+/// decided from what a connection showed. Plain data: the stream stage
+/// decides, this stage applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFilter {
+    /// The connection's bytes in `direction` ([`DIRECTION_READ`],
+    /// [`DIRECTION_WRITE`]) up to stream offset `until` are body bytes,
+    /// skipped by count: the kernel need not copy or report them.
+    SkipBody {
+        tgid: u32,
+        fd: u32,
+        conn_id: u64,
+        direction: u32,
+        until: u32,
+    },
     /// No more read and write events for this connection (its close still
     /// comes).
     IgnoreConnection {
@@ -548,6 +559,21 @@ impl Capture {
             KernelFilter::IgnoreConnection {
                 tgid, fd, conn_id, ..
             } => ignore_connection(tgid, fd, conn_id),
+            KernelFilter::SkipBody {
+                tgid,
+                fd,
+                conn_id,
+                direction,
+                until,
+            } => control(ControlRequest {
+                op: CONTROL_SKIP_BODY,
+                tgid,
+                fd,
+                direction,
+                conn_id,
+                skip_until: until,
+                ..ControlRequest::default()
+            }),
             KernelFilter::Listener {
                 tgid,
                 listen_fd,
@@ -812,8 +838,8 @@ fn ignore_connection(tgid: u32, fd: u32, conn_id: u64) {
         op: CONTROL_IGNORE_CONNECTION,
         tgid,
         fd,
-        _pad: 0,
         conn_id,
+        ..ControlRequest::default()
     });
 }
 
@@ -996,6 +1022,7 @@ mod tests {
             conn_id: 11,
             timestamp_ns: 13,
             byte_count: 1000,
+            offset: 17,
             captured_len: 5,
             aux: 0,
         };

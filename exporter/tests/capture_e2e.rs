@@ -459,6 +459,67 @@ fn a_response_head_past_the_capture_keeps_its_status_and_the_pairing() {
     assert_eq!(exported, sent);
 }
 
+/// An upload of `pieces` × 16 KiB, one piece every 5 ms, to /echo; the
+/// response's status.
+fn slow_upload(port: u16, pieces: usize) -> u16 {
+    let piece = vec![b'u'; 16 * 1024];
+    let mut stream = connect(port);
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        pieces * piece.len()
+    );
+    stream.write_all(head.as_bytes()).expect("write head");
+    for _ in 0..pieces {
+        std::thread::sleep(Duration::from_millis(5));
+        stream.write_all(&piece).expect("write piece");
+    }
+    read_response(&mut stream, &mut Vec::new(), "POST")
+        .expect("response")
+        .status
+}
+
+/// Bodies that take longer than the agent takes to read their head (a
+/// streamed download, a slow upload) are counted by the kernel instead of
+/// being copied syscall by syscall, and their exchanges count as before.
+#[test]
+fn long_bodies_are_counted_in_the_kernel_not_copied() {
+    let venv = require_prerequisites();
+    let app = App::start(&venv, Server::GunicornSync, false);
+    let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
+    let before = exporter.metrics();
+    const PIECES: usize = 64;
+    let mut client = Client::new(app.port);
+    for _ in 0..2 {
+        // 64 writes of 16 KiB, 5 ms apart, after a head with Content-Length.
+        let target = format!("/download?pieces={PIECES}");
+        assert_eq!(client.send("GET", &target, "/download", b"", false), 200);
+        assert_eq!(slow_upload(app.port, PIECES), 201);
+        client.record("POST", "/echo", 201);
+    }
+    let sent = client.tally.clone();
+    let (samples, exported) = eventually(
+        Duration::from_secs(10),
+        || exported_for(&exporter, app.port),
+        |(_, tally)| *tally == sent,
+    );
+    assert_eq!(exported, sent);
+    let delta = |name: &str| value(&samples, name) - value(&before, name);
+    let body_bytes = (4 * PIECES * 16 * 1024) as f64;
+    let skipped = delta("flask_ebpf_exporter_body_bytes_skipped_total");
+    let events = delta("flask_ebpf_exporter_events_read_total");
+    let event_bytes = delta("flask_ebpf_exporter_event_bytes_read_total");
+    println!(
+        "4 exchanges with 1 MiB bodies: {events} events, {event_bytes} bytes read, \
+         {skipped} of {body_bytes} body bytes counted in the kernel"
+    );
+    // The agent asks within a turn of the head (10 ms here, of a 320 ms
+    // body): most of each body goes by uncopied.
+    assert!(skipped >= body_bytes / 2.0, "skipped {skipped}");
+    // Copied, each download alone would be 65 write events of 4 KiB.
+    assert!(events <= 4.0 * 20.0, "{events} events");
+    assert!(event_bytes <= 4.0 * 20.0 * 4144.0, "{event_bytes} bytes");
+}
+
 #[test]
 fn threads_blocked_in_reads_never_hide_new_traffic() {
     let venv = require_prerequisites();

@@ -23,6 +23,17 @@ pub enum BodyStep {
 }
 
 impl Body {
+    /// Bytes that are body for certain from here: the rest of a body of
+    /// known length, or of a chunk's data (and its CRLF). Nothing after
+    /// them need be copied: the next chunk-size line or head follows.
+    pub fn known_left(&self) -> Option<u64> {
+        match self {
+            Body::Length(left) => Some(*left),
+            Body::Chunked(Chunked::Data { remaining }) => Some(*remaining),
+            Body::Chunked(_) | Body::UntilClose => None,
+        }
+    }
+
     /// Consumes bytes `[0, available)` of which `captured` are known.
     pub fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
         match self {

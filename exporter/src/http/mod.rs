@@ -414,6 +414,15 @@ impl HttpConnection {
         matches!(self.request, ReaderState::Opaque) && matches!(self.response, ReaderState::Opaque)
     }
 
+    /// Body bytes certain to come next from the client (`read`) or the
+    /// server: see [`Body::known_left`].
+    pub fn body_left(&self, read: bool) -> Option<u64> {
+        match if read { &self.request } else { &self.response } {
+            ReaderState::Body(body) => body.known_left(),
+            _ => None,
+        }
+    }
+
     /// Requests read but not yet answered.
     pub fn pending_requests(&self) -> usize {
         self.pending.len()

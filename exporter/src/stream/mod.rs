@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
 
-use exporter_common::EventKind;
+use exporter_common::{DIRECTION_READ, DIRECTION_WRITE, EventKind};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tracing::debug;
 
@@ -23,6 +23,12 @@ pub const MAX_PARTIAL_HEAD_BYTES: usize = 16 * 1024 * 1024;
 const IDLE_CONNECTION_NS: u64 = 15 * 60 * 1_000_000_000;
 /// A response whose framing was lost ends after this long without writes.
 const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
+/// A body with at least this many bytes still to come is skipped in the
+/// kernel (one control write), rather than copied syscall by syscall.
+const MIN_BODY_SKIP_BYTES: u64 = 32 * 1024;
+/// Most body bytes one skip request covers (the kernel's offsets are 32-bit).
+const MAX_BODY_SKIP_BYTES: u64 = 1 << 30;
+
 /// A connection that is not HTTP is followed until the server has written
 /// (what it writes classifies the listener), or for this many events.
 const EVENTS_TO_HEAR_THE_SERVER: u32 = 8;
@@ -54,6 +60,10 @@ struct Connection {
     events: u32,
     /// The kernel was asked to stop following it.
     ignored: bool,
+    /// Per direction (read, write): the stream offset where the next
+    /// reported bytes are expected, and the end of the last body skip asked.
+    next_offset: [u32; 2],
+    skip_asked: [Option<u32>; 2],
 }
 
 /// What this stage and the HTTP stage under it count. The stage owns these
@@ -63,6 +73,8 @@ pub struct StreamCounters {
     pub connections_opened: IntCounter,
     pub sequence_gaps: IntCounter,
     pub connections_tracked: IntGauge,
+    /// Body bytes the kernel counted without copying or reporting them.
+    pub body_bytes_skipped: IntCounter,
     /// Partial heads given up to stay within [`MAX_PARTIAL_HEAD_BYTES`].
     pub partial_head_budget: IntCounter,
     pub http: HttpCounters,
@@ -81,6 +93,11 @@ impl StreamCounters {
                 registry,
                 "flask_ebpf_exporter_sequence_gaps_total",
                 "Connections on which events went missing",
+            )?,
+            body_bytes_skipped: counter(
+                registry,
+                "flask_ebpf_exporter_body_bytes_skipped_total",
+                "Request and response body bytes the kernel side counted without copying them, at the agent's request",
             )?,
             connections_tracked: gauge(
                 registry,
@@ -231,7 +248,7 @@ impl ConnectionTable {
                     &mut self.finished,
                     out,
                 );
-                decide_kernel_filter(key, entry.get_mut(), event, &mut self.kernel_filters);
+                decide_kernel_side(key, entry.get_mut(), event, &mut self.kernel_filters);
                 if closed {
                     let gone = entry.remove();
                     self.partial_heads.forget(key, &gone);
@@ -283,6 +300,8 @@ impl ConnectionTable {
             server_spoke: false,
             events: 0,
             ignored: false,
+            next_offset: [0; 2],
+            skip_asked: [None; 2],
         };
         let closed = feed(
             &mut connection,
@@ -292,7 +311,7 @@ impl ConnectionTable {
             out,
         );
         let key = (header.tgid, header.fd);
-        decide_kernel_filter(key, &mut connection, event, &mut self.kernel_filters);
+        decide_kernel_side(key, &mut connection, event, &mut self.kernel_filters);
         if !closed {
             self.partial_heads.account(key, &mut connection);
             self.connections.insert(key, connection);
@@ -348,7 +367,8 @@ fn feed(
     let header = &event.header;
     let expected = connection.last_seq.wrapping_add(1);
     // A repeated seq is two threads racing on one counter, not a loss.
-    if header.seq != expected && header.seq != connection.last_seq {
+    let lost = header.seq != expected && header.seq != connection.last_seq;
+    if lost {
         counters.sequence_gaps.inc();
         connection.complete = false;
         debug!(
@@ -363,12 +383,36 @@ fn feed(
     connection.last_seq = header.seq;
     connection.last_event_ns = header.timestamp_ns;
 
+    let monitored = connection.served_by.is_some();
+    let read = event.kind == EventKind::Read;
+    if let Some(direction) = direction_of(event.kind) {
+        // Bytes between the last event in this direction and this one were
+        // moved without being reported: body bytes the kernel was asked to
+        // skip (or, after lost events, anything).
+        let next_offset = &mut connection.next_offset[direction as usize];
+        let unreported = header.offset.wrapping_sub(*next_offset);
+        *next_offset = header.offset.wrapping_add(header.byte_count);
+        if unreported > 0 {
+            if !lost {
+                counters.body_bytes_skipped.inc_by(u64::from(unreported));
+            }
+            let skipped = Segment {
+                timestamp_ns: header.timestamp_ns,
+                byte_count: u64::from(unreported),
+                captured: &[],
+            };
+            if monitored && read {
+                connection.http.on_read(skipped, &counters.http);
+            } else if monitored {
+                connection.http.on_write(skipped, &counters.http, exchanges);
+            }
+        }
+    }
     let segment = Segment {
         timestamp_ns: header.timestamp_ns,
-        byte_count: header.byte_count,
+        byte_count: u64::from(header.byte_count),
         captured: event.data,
     };
-    let monitored = connection.served_by.is_some();
     match event.kind {
         EventKind::Read if monitored => connection.http.on_read(segment, &counters.http),
         EventKind::Write if monitored => {
@@ -384,6 +428,64 @@ fn feed(
     }
     tag(connection, exchanges, out);
     event.kind == EventKind::Close
+}
+
+/// The stream direction of an event's bytes ([`DIRECTION_READ`],
+/// [`DIRECTION_WRITE`]); `None` for a close.
+fn direction_of(kind: EventKind) -> Option<u32> {
+    match kind {
+        EventKind::Read => Some(DIRECTION_READ),
+        EventKind::Write | EventKind::WriteFailed => Some(DIRECTION_WRITE),
+        EventKind::Close | EventKind::Heartbeat => None,
+    }
+}
+
+/// What the kernel side should do differently for `connection` after
+/// `event`: stop following it or its listener, or skip a body.
+fn decide_kernel_side(
+    key: (u32, u32),
+    connection: &mut Connection,
+    event: &RawEvent<'_>,
+    out: &mut Vec<KernelFilter>,
+) {
+    decide_kernel_filter(key, connection, event, out);
+    ask_to_skip_body(key, connection, event, out);
+}
+
+/// Asks the kernel to count, not copy, the rest of a long body in the
+/// event's direction (a slow upload, a streamed download): only the byte
+/// counts matter, and the head or chunk-size line after it is copied.
+fn ask_to_skip_body(
+    (tgid, fd): (u32, u32),
+    connection: &mut Connection,
+    event: &RawEvent<'_>,
+    out: &mut Vec<KernelFilter>,
+) {
+    let Some(direction) = direction_of(event.kind) else {
+        return;
+    };
+    if connection.ignored || connection.served_by.is_none() {
+        return;
+    }
+    let Some(left) = connection.http.body_left(direction == DIRECTION_READ) else {
+        return;
+    };
+    if left < MIN_BODY_SKIP_BYTES {
+        return;
+    }
+    let slot = direction as usize;
+    let until = connection.next_offset[slot].wrapping_add(left.min(MAX_BODY_SKIP_BYTES) as u32);
+    if connection.skip_asked[slot] == Some(until) {
+        return;
+    }
+    connection.skip_asked[slot] = Some(until);
+    out.push(KernelFilter::SkipBody {
+        tgid,
+        fd,
+        conn_id: connection.conn_id,
+        direction,
+        until,
+    });
 }
 
 /// Whether the kernel side should stop following `connection` or the
@@ -467,331 +569,4 @@ fn tag(connection: &Connection, exchanges: &mut Vec<Exchange>, out: &mut Vec<Cap
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use exporter_common::EventHeader;
-
-    use super::*;
-    use crate::exchange::{Identity, IdentityLabels};
-
-    const OK_EMPTY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-
-    /// An event on fd 7 of tgid 100: (kind, connection generation, seq, bytes).
-    type Step<'a> = (EventKind, u64, u32, &'a [u8]);
-
-    /// Feeds the events as the pipeline does, with `resolve` naming whom
-    /// each new connection is served by.
-    fn feed(
-        table: &mut ConnectionTable,
-        resolve: &dyn Fn(&Origin) -> Option<ServedBy>,
-        steps: &[Step<'_>],
-        out: &mut Vec<CapturedExchange>,
-    ) {
-        for &(kind, conn_id, seq, data) in steps {
-            let event = RawEvent {
-                kind,
-                header: EventHeader {
-                    kind: kind as u32,
-                    tgid: 100,
-                    fd: 7,
-                    seq,
-                    conn_id,
-                    timestamp_ns: conn_id * 1000 + u64::from(seq),
-                    byte_count: data.len() as u64,
-                    captured_len: data.len() as u32,
-                    // seq 1: the first event after an accept, which says
-                    // where (LISTENER, + 1); others say nothing.
-                    aux: if seq == 1 { LISTENER + 1 } else { 0 },
-                },
-                data,
-            };
-            if let Handled::NewConnection(origin) = table.handle(&event, out) {
-                table.open(&event, resolve(&origin), out);
-            }
-        }
-    }
-
-    fn server(port: &str) -> ServedBy {
-        ServedBy::Server(Arc::new(Identity::new(IdentityLabels::Server {
-            process: "python".to_owned(),
-            port: port.to_owned(),
-        })))
-    }
-
-    /// Names the server after the listening fd the connection came from.
-    fn labels(origin: &Origin) -> Option<ServedBy> {
-        Some(server(&format!("listen{:?}", origin.listen_fd)))
-    }
-
-    fn counters() -> StreamCounters {
-        let registry = Registry::new();
-        let budgets = Budgets::register(&registry).expect("budgets");
-        StreamCounters::register(&registry, &budgets).expect("counters")
-    }
-
-    fn table() -> ConnectionTable {
-        ConnectionTable::new(counters())
-    }
-
-    #[test]
-    fn reused_fd_is_a_new_connection_and_gaps_are_noticed() {
-        let mut table = table();
-        let mut out = Vec::new();
-        feed(
-            &mut table,
-            &labels,
-            &[
-                (EventKind::Read, 1, 1, b"GET /a HTTP/1.0\r\n\r\n"),
-                // The old connection's close was lost; fd 7 is reused by
-                // connection 2, picked up mid-stream (no accept seen).
-                (EventKind::Read, 2, 0, b"GET /b HTTP/1.1\r\n\r\n"),
-                (EventKind::Write, 2, 1, OK_EMPTY),
-            ],
-            &mut out,
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].exchange.target, "/b");
-        assert_eq!(out[0].served_by, server("listenNone"));
-        assert_eq!(table.counters().http.abandoned_requests.get(), 1);
-        // seq 5 after 1: events 2..4 were lost.
-        feed(
-            &mut table,
-            &labels,
-            &[(EventKind::Read, 2, 5, b"GET /c HTTP/1.1\r\n\r\n")],
-            &mut out,
-        );
-        assert_eq!(table.counters().sequence_gaps.get(), 1);
-        feed(
-            &mut table,
-            &labels,
-            &[(EventKind::Close, 2, 6, b"")],
-            &mut out,
-        );
-        assert!(table.is_empty());
-        assert_eq!(table.counters().connections_opened.get(), 2);
-    }
-
-    #[test]
-    fn excluded_connections_produce_nothing() {
-        let mut table = table();
-        let mut out = Vec::new();
-        feed(
-            &mut table,
-            &|_| None,
-            &[
-                (EventKind::Read, 1, 0, b"GET /a HTTP/1.1\r\n\r\n"),
-                (EventKind::Write, 1, 1, OK_EMPTY),
-            ],
-            &mut out,
-        );
-        assert!(out.is_empty());
-    }
-
-    /// What the table decided for the kernel while fed `steps`.
-    fn kernel_filters(
-        resolve: &dyn Fn(&Origin) -> Option<ServedBy>,
-        steps: &[Step<'_>],
-    ) -> Vec<KernelFilter> {
-        let mut table = table();
-        feed(&mut table, resolve, steps, &mut Vec::new());
-        table.take_kernel_filters().collect()
-    }
-
-    const LISTENER: u32 = 3;
-
-    fn ignore_connection(conn_id: u64, reason: IgnoreReason) -> KernelFilter {
-        KernelFilter::IgnoreConnection {
-            tgid: 100,
-            fd: 7,
-            conn_id,
-            reason,
-        }
-    }
-
-    fn listener(ignore: Option<IgnoreReason>) -> KernelFilter {
-        KernelFilter::Listener {
-            tgid: 100,
-            listen_fd: LISTENER,
-            ignore,
-        }
-    }
-
-    #[test]
-    fn a_listener_is_judged_by_what_its_server_writes() {
-        // Redis: the client's bytes are not HTTP, nor is the answer.
-        let redis = kernel_filters(
-            &labels,
-            &[
-                (EventKind::Read, 1, 1, b"*1\r\n$4\r\nPING\r\n"),
-                (EventKind::Write, 1, 2, b"+PONG\r\n"),
-                (EventKind::Read, 1, 3, b"*1\r\n$4\r\nPING\r\n"),
-            ],
-        );
-        assert_eq!(
-            redis,
-            [
-                listener(Some(IgnoreReason::NotHttp)),
-                ignore_connection(1, IgnoreReason::NotHttp)
-            ]
-        );
-        // A Flask server answers a client's garbage with HTTP: the listener
-        // stays followed; only that connection is not HTTP.
-        let flask = kernel_filters(
-            &labels,
-            &[
-                (EventKind::Read, 1, 1, b"\x16\x03\x01\x02\x00\x01\x00\r\n"),
-                (EventKind::Write, 1, 2, b"HTTP/1.1 400 Bad Request\r\n\r\n"),
-            ],
-        );
-        assert_eq!(
-            flask,
-            [listener(None), ignore_connection(1, IgnoreReason::NotHttp)]
-        );
-        // HTTP both ways: nothing to ignore, the listener speaks HTTP.
-        let http = kernel_filters(
-            &labels,
-            &[
-                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
-                (EventKind::Write, 1, 2, OK_EMPTY),
-            ],
-        );
-        assert_eq!(http, [listener(None)]);
-    }
-
-    #[test]
-    fn only_a_complete_connection_judges_its_listener() {
-        // Events were lost before the first write seen: it may be a body.
-        let after_gap = kernel_filters(
-            &labels,
-            &[
-                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
-                (EventKind::Write, 1, 5, b"binary body bytes"),
-            ],
-        );
-        assert!(after_gap.is_empty(), "{after_gap:?}");
-        // Picked up mid-stream: no listener known, nothing judged.
-        let mid_stream = kernel_filters(
-            &labels,
-            &[
-                (EventKind::Read, 1, 4, b"GET /a HTTP/1.1\r\n\r\n"),
-                (EventKind::Write, 1, 5, OK_EMPTY),
-            ],
-        );
-        assert!(mid_stream.is_empty(), "{mid_stream:?}");
-        // The first write's bytes could not be copied: the next write may
-        // be a body, so nothing is judged.
-        let uncopied = kernel_filters(
-            &labels,
-            &[
-                (EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n"),
-                (EventKind::Write, 1, 2, b""),
-                (EventKind::Write, 1, 3, b"binary body bytes"),
-            ],
-        );
-        assert!(uncopied.is_empty(), "{uncopied:?}");
-        // A client whose server never answers is followed for a while.
-        let garbage: Vec<Step<'_>> = (1..=8)
-            .map(|seq| (EventKind::Read, 1, seq, &b"\x00\x01garbage"[..]))
-            .collect();
-        assert_eq!(
-            kernel_filters(&labels, &garbage),
-            [ignore_connection(1, IgnoreReason::NotHttp)]
-        );
-    }
-
-    #[test]
-    fn unmonitored_connections_and_their_listener_are_ignored_at_once() {
-        let filters = kernel_filters(
-            &|_| None,
-            &[(EventKind::Read, 1, 1, b"GET /a HTTP/1.1\r\n\r\n")],
-        );
-        assert_eq!(
-            filters,
-            [
-                listener(Some(IgnoreReason::Unmonitored)),
-                ignore_connection(1, IgnoreReason::Unmonitored)
-            ]
-        );
-    }
-
-    #[test]
-    fn connections_of_exited_processes_are_reaped() {
-        let mut table = table();
-        let mut out = Vec::new();
-        feed(
-            &mut table,
-            &labels,
-            &[
-                (EventKind::Read, 1, 0, b"GET /a HTTP/1.0\r\n\r\n"),
-                (EventKind::Write, 1, 1, b"HTTP/1.0 200 OK\r\n\r\nbody"),
-            ],
-            &mut out,
-        );
-        let asked = std::cell::RefCell::new(Vec::new());
-        table.reap(
-            3_000,
-            &|tgid| {
-                asked.borrow_mut().push(tgid);
-                false
-            },
-            &mut out,
-        );
-        // One liveness check for the process, whose connection is gone.
-        assert_eq!(asked.into_inner(), vec![100]);
-        assert!(table.is_empty());
-        // The close-delimited response ended with the process.
-        assert_eq!(out.len(), 1);
-    }
-
-    /// An event of connection 1 on `fd` of tgid 200.
-    fn event_on(fd: u32, kind: EventKind, seq: u32, data: &[u8]) -> RawEvent<'_> {
-        RawEvent {
-            kind,
-            header: EventHeader {
-                kind: kind as u32,
-                tgid: 200,
-                fd,
-                seq,
-                conn_id: 1,
-                timestamp_ns: 10 + u64::from(fd) + u64::from(seq),
-                byte_count: data.len() as u64,
-                captured_len: data.len() as u32,
-                aux: 0,
-            },
-            data,
-        }
-    }
-
-    #[test]
-    fn partial_heads_stay_within_their_budget_oldest_given_up_first() {
-        let mut table = ConnectionTable::with_partial_head_budget(counters(), 1000);
-        let mut out = Vec::new();
-        let head_start = |n: u64| format!("GET /r{n} HTTP/1.1\r\nCookie: {}", "c".repeat(300));
-        for fd in 0..5u32 {
-            let data = head_start(u64::from(fd));
-            let event = event_on(fd, EventKind::Read, 0, data.as_bytes());
-            if let Handled::NewConnection(origin) = table.handle(&event, &mut out) {
-                table.open(&event, labels(&origin), &mut out);
-            }
-            assert!(
-                table.partial_head_bytes() <= 1000,
-                "{}",
-                table.partial_head_bytes()
-            );
-        }
-        // Five heads of ~330 bytes: the two oldest were given up.
-        assert_eq!(table.counters().partial_head_budget.get(), 2);
-        assert_eq!(table.partial_head_bytes(), 3 * head_start(0).len());
-        // A given-up head keeps its request line: the exchange still pairs.
-        let event = event_on(0, EventKind::Write, 1, OK_EMPTY);
-        assert_eq!(table.handle(&event, &mut out), Handled::Done);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].exchange.target, "/r0");
-        // Closing the others releases what they held.
-        for fd in 1..5u32 {
-            table.handle(&event_on(fd, EventKind::Close, 1, b""), &mut out);
-        }
-        assert_eq!(table.partial_head_bytes(), 0);
-    }
-}
+mod tests;
