@@ -20,6 +20,65 @@ use serde::Serialize;
 
 use crate::{identity::cgroup::ContainerRef, routes::flask_rules::RuleSet};
 
+/// Spare request-target strings. A target is copied into one when its
+/// request is read and handed back once its exchange is recorded, so the
+/// steady path allocates none. One pool per thread: the pipeline is one
+/// thread, and nothing else needs locking for it. Bounded in strings and in
+/// the capacity each may keep, since targets come from any client.
+pub mod targets {
+    use std::cell::RefCell;
+
+    const MAX_SPARE: usize = 1024;
+    /// Longer strings are dropped rather than kept: at most 512 KiB spare.
+    const MAX_KEPT_CAPACITY: usize = 512;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `text` in a string of the pool (a new one when none is spare).
+    pub fn take(text: &str) -> String {
+        let mut target = SPARE.with_borrow_mut(Vec::pop).unwrap_or_default();
+        target.push_str(text);
+        target
+    }
+
+    /// Keeps `target`'s buffer for a later [`take`].
+    pub fn give_back(mut target: String) {
+        if target.capacity() > MAX_KEPT_CAPACITY {
+            return;
+        }
+        target.clear();
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < MAX_SPARE {
+                spare.push(target);
+            }
+        });
+    }
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn buffers_are_reused_within_bounds() {
+            let first = take("/items/1");
+            let buffer = first.as_ptr();
+            give_back(first);
+            let second = take("/items/2");
+            assert_eq!(second, "/items/2");
+            assert_eq!(second.as_ptr(), buffer, "the same buffer");
+            // A long target's buffer is not kept.
+            give_back(take(&"x".repeat(MAX_KEPT_CAPACITY + 1)));
+            assert_eq!(SPARE.with_borrow(Vec::len), 0);
+            // Nor more than MAX_SPARE of them.
+            for _ in 0..MAX_SPARE + 10 {
+                give_back(String::with_capacity(8));
+            }
+            assert_eq!(SPARE.with_borrow(Vec::len), MAX_SPARE);
+        }
+    }
+}
+
 /// One request and the final response to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exchange {

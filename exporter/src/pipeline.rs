@@ -26,7 +26,7 @@ use crate::{
     capture::{Capture, RawEvent},
     config::Config,
     debug::{ConnectionsReport, DebugSnapshot, DebugState, PodsReport, RoutesReport},
-    exchange::{AttributedExchange, CapturedExchange},
+    exchange::{AttributedExchange, CapturedExchange, targets},
     health::{Health, monotonic_ns},
     identity::{
         IdentityStage,
@@ -251,6 +251,7 @@ impl Stages {
         for attributed in hand_offs.attributed.drain(..) {
             let route = self.labeler.route(&attributed);
             self.metrics.observe(&attributed, &route);
+            targets::give_back(attributed.exchange.target);
         }
         // Routes a learned parameter replaced: their series go, their
         // requests now count under the template.

@@ -184,7 +184,7 @@ pub fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
             HeadParse::Complete {
                 head: RequestHead {
                     method,
-                    target: target.to_owned(),
+                    target: crate::exchange::targets::take(target),
                     framing,
                 },
                 consumed,

@@ -403,6 +403,22 @@ impl HttpConnection {
         }
     }
 
+    /// A connection's state, for another connection: as [`Self::new`],
+    /// keeping the request queue's buffer when it is small (so that a new
+    /// connection allocates nothing).
+    pub fn recycle(mut self) -> Self {
+        const KEPT_QUEUE: usize = 8;
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.clear();
+        if pending.capacity() > KEPT_QUEUE {
+            pending = VecDeque::new();
+        }
+        HttpConnection {
+            pending,
+            ..HttpConnection::new()
+        }
+    }
+
     /// Whether the connection turned out not to speak HTTP/1.x.
     pub fn is_opaque(&self) -> bool {
         matches!(self.request, ReaderState::Opaque)

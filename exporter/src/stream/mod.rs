@@ -19,6 +19,9 @@ use crate::{
 /// beyond it the oldest are given up first.
 pub const MAX_PARTIAL_HEAD_BYTES: usize = 16 * 1024 * 1024;
 
+/// HTTP states of closed connections kept for new ones, at most.
+const MAX_SPARE_CONNECTIONS: usize = 256;
+
 /// A connection idle this long is forgotten (its close was lost).
 const IDLE_CONNECTION_NS: u64 = 15 * 60 * 1_000_000_000;
 /// A response whose framing was lost ends after this long without writes.
@@ -162,6 +165,8 @@ pub struct ConnectionTable {
     /// Exchanges one event finished, before they are tagged (kept so that
     /// handling an event allocates nothing).
     finished: Vec<Exchange>,
+    /// HTTP states of closed connections, for new ones (likewise).
+    spare: Vec<HttpConnection>,
 }
 
 impl ConnectionTable {
@@ -182,6 +187,7 @@ impl ConnectionTable {
             max_partial_head_bytes,
             kernel_filters: Vec::new(),
             finished: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -253,6 +259,7 @@ impl ConnectionTable {
                     let gone = entry.remove();
                     self.partial_heads.forget(key, &gone);
                     self.counters.connections_tracked.dec();
+                    self.keep_spare(gone.http);
                 } else {
                     self.partial_heads.account(key, entry.get_mut());
                     self.enforce_partial_head_budget();
@@ -265,6 +272,7 @@ impl ConnectionTable {
             self.counters.connections_tracked.dec();
             old.http.on_close(&self.counters.http, &mut self.finished);
             tag(&old, &mut self.finished, out);
+            self.keep_spare(old.http);
         }
         if event.kind == EventKind::Close {
             return Handled::Done;
@@ -292,7 +300,7 @@ impl ConnectionTable {
             // So that the first event is never taken for a gap.
             last_seq: header.seq.wrapping_sub(1),
             served_by,
-            http: HttpConnection::new(),
+            http: self.spare.pop().unwrap_or_default(),
             last_event_ns: header.timestamp_ns,
             partial: None,
             listener: accepted_on,
@@ -317,6 +325,12 @@ impl ConnectionTable {
             self.connections.insert(key, connection);
             self.counters.connections_tracked.inc();
             self.enforce_partial_head_budget();
+        }
+    }
+
+    fn keep_spare(&mut self, http: HttpConnection) {
+        if self.spare.len() < MAX_SPARE_CONNECTIONS {
+            self.spare.push(http.recycle());
         }
     }
 
