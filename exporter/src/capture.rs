@@ -15,9 +15,9 @@ use aya::{
 };
 use exporter_common::{
     CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER,
-    CONTROL_SKIP_BODY, CaptureConfig, ConnKey, ControlRequest, EVENT_HEADER_LEN, EventHeader,
-    EventKind, FILTERED_NAMES, LISTENER_IGNORED, ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES,
-    PID_LIMIT,
+    CONTROL_SKIP_BODY, CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN,
+    EventHeader, EventKind, FILTERED_NAMES, LISTENER_IGNORED, ListenerState, MAP_NAMES,
+    MAX_CAPTURE_BYTES, PID_LIMIT,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
@@ -274,6 +274,8 @@ pub struct CaptureOptions {
     pub capture_bytes: u32,
     /// Ring buffer size; a power of two, a multiple of the page size.
     pub ring_buffer_bytes: u32,
+    /// Entries of the kernel's connection map.
+    pub kernel_connections: u32,
 }
 
 /// One event as read from the ring buffer.
@@ -435,6 +437,7 @@ pub struct Capture {
     map_insert_failures: PerCpuArray<MapData, u64>,
     filtered: PerCpuArray<MapData, u64>,
     listeners: BpfHashMap<MapData, ConnKey, ListenerState>,
+    connections: BpfHashMap<MapData, ConnKey, ConnState>,
     ignored_listeners: IgnoredListeners,
     /// Pids the kernel may hold as servers (seeded, or seen accepting).
     servers: ServerProcesses,
@@ -502,6 +505,7 @@ impl Capture {
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
+            .map_max_entries("CONNS", options.kernel_connections)
             .load(EBPF_OBJECT)
             .map_err(|error| {
                 if permission_denied(&error) {
@@ -531,9 +535,12 @@ impl Capture {
             .map_err(map_error("FILTERED"))?;
         let listeners = BpfHashMap::try_from(take_map(&mut ebpf, "LISTENERS")?)
             .map_err(map_error("LISTENERS"))?;
+        let connections =
+            BpfHashMap::try_from(take_map(&mut ebpf, "CONNS")?).map_err(map_error("CONNS"))?;
         info!(
             capture_bytes = options.capture_bytes,
             ring_buffer_bytes = options.ring_buffer_bytes,
+            kernel_connections = options.kernel_connections,
             "BPF programs attached to syscall tracepoints"
         );
         Ok(Capture {
@@ -543,6 +550,7 @@ impl Capture {
             map_insert_failures,
             filtered,
             listeners,
+            connections,
             ignored_listeners: IgnoredListeners::new(
                 MAX_IGNORED_LISTENERS,
                 counters.ignored_listeners_budget.clone(),
@@ -551,6 +559,21 @@ impl Capture {
             counters,
             malformed_logged: false,
         })
+    }
+
+    /// Whether the kernel side still follows the connection `conn_id` on
+    /// (tgid, fd): `false` when its connection map no longer holds it
+    /// (evicted, or closed with the close event lost). A failed lookup
+    /// counts as followed: nothing is given up on a doubt.
+    pub fn follows(&self, tgid: u32, fd: u32, conn_id: u64) -> bool {
+        match self.connections.get(&ConnKey { tgid, fd }, 0) {
+            Ok(state) => state.conn_id == conn_id,
+            Err(aya::maps::MapError::KeyNotFound) => false,
+            Err(error) => {
+                debug!(%error, "could not look up a connection in the kernel");
+                true
+            }
+        }
     }
 
     /// Tells the kernel side what to stop or resume following.

@@ -93,6 +93,13 @@ pub struct Config {
           value_parser = parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
 
+    /// Connections the kernel side follows at once, at most (its connection map, ≈ 100 bytes
+    /// each). Past it the least recently used is forgotten (counted in
+    /// flask_ebpf_exporter_connections_evicted_total).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_KERNEL_CONNECTIONS", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
+    pub kernel_connections: u32,
+
     /// Watch only these processes (or the process groups they lead). Repeat or comma-separate.
     #[arg(long = "pid", env = "FLASK_EBPF_EXPORTER_PIDS", value_delimiter = ',')]
     pub pids: Vec<u32>,

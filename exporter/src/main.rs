@@ -193,6 +193,7 @@ fn pipeline(
         CaptureOptions {
             capture_bytes: config.capture_bytes,
             ring_buffer_bytes: config.ring_buffer_bytes,
+            kernel_connections: config.kernel_connections,
         },
         CaptureCounters::register(registry, &budgets).context(registering)?,
     )?;

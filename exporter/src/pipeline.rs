@@ -113,9 +113,11 @@ impl Pipeline {
             if upkeep && last_reap.elapsed() >= REAP_EVERY {
                 last_reap = Instant::now();
                 // Exchanges ended by the reap are recorded with the rest.
+                let capture = &self.capture;
                 self.stages.table.reap(
                     monotonic_ns(),
                     &procfs::is_running,
+                    &|tgid, fd, conn_id| capture.follows(tgid, fd, conn_id),
                     &mut hand_offs.captured,
                 );
                 self.stages.identity.forget_exited(&procfs::is_running);

@@ -338,3 +338,47 @@ fn servers_the_agent_does_not_monitor_are_not_followed() {
     assert!(ignored >= 0.95 * sent, "{ignored} of {sent}");
     assert_eq!(value(&samples, "flask_http_request_total"), 0.0);
 }
+
+/// More connections than the kernel's connection map holds: the ones it
+/// evicted make no close event, so this side finds them gone at its reap,
+/// counts them and lets them go; nothing stays held, and new traffic counts.
+#[test]
+fn connections_the_kernel_map_evicted_are_counted_and_let_go() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = require_prerequisites();
+    // gthread keeps idle connections open (2 s of keep-alive).
+    let app = App::start(&venv, Server::GunicornGthread, false);
+    let port = app.port.to_string();
+    let exporter = Exporter::start(&["--port", &port, "--kernel-connections", "16"]);
+    let mut connections: Vec<_> = (0..64).map(|_| connect(app.port)).collect();
+    for stream in &mut connections {
+        stream
+            .write_all(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let response = read_response(stream, &mut Vec::new(), "GET").expect("response");
+        assert_eq!(response.status, 200);
+    }
+    // The server closes them after its keep-alive; this side looks for
+    // the ones the kernel forgot once they are 5 s idle (reaped every 5 s).
+    let evicted = |s: &[Sample]| value(s, "flask_ebpf_exporter_connections_evicted_total");
+    let tracked = |s: &[Sample]| value(s, "flask_ebpf_exporter_connections_tracked");
+    let samples = eventually(
+        Duration::from_secs(20),
+        || exporter.metrics(),
+        |s| evicted(s) > 0.0 && tracked(s) == 0.0,
+    );
+    assert!(evicted(&samples) > 0.0, "evictions counted");
+    assert_eq!(tracked(&samples), 0.0, "no connection held after its end");
+    drop(connections);
+    // The agent goes on counting what it can follow.
+    let before = counted_on(&exporter, app.port);
+    for _ in 0..8 {
+        assert_eq!(http_get(app.port, "/").expect("get").status, 200);
+    }
+    let after = eventually(
+        Duration::from_secs(10),
+        || counted_on(&exporter, app.port),
+        |&n| n >= before + 8.0,
+    );
+    assert_eq!(after, before + 8.0);
+}

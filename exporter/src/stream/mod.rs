@@ -24,6 +24,13 @@ const MAX_SPARE_CONNECTIONS: usize = 256;
 
 /// A connection idle this long is forgotten (its close was lost).
 const IDLE_CONNECTION_NS: u64 = 15 * 60 * 1_000_000_000;
+/// A connection idle this long is checked against the kernel's connection
+/// map at the reap: an entry evicted there makes no more events, not even
+/// its close.
+const EVICTION_CHECK_IDLE_NS: u64 = 5 * 1_000_000_000;
+/// Most connections checked so at one reap (one map lookup each); the
+/// rest are checked at the next.
+const MAX_EVICTION_CHECKS: usize = 4_096;
 /// A response whose framing was lost ends after this long without writes.
 const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
 /// A body with at least this many bytes still to come is skipped in the
@@ -78,6 +85,8 @@ pub struct StreamCounters {
     pub connections_tracked: IntGauge,
     /// Body bytes the kernel counted without copying or reporting them.
     pub body_bytes_skipped: IntCounter,
+    /// Connections the kernel forgot while this side followed them.
+    pub connections_evicted: IntCounter,
     /// Partial heads given up to stay within [`MAX_PARTIAL_HEAD_BYTES`].
     pub partial_head_budget: IntCounter,
     pub http: HttpCounters,
@@ -101,6 +110,11 @@ impl StreamCounters {
                 registry,
                 "flask_ebpf_exporter_body_bytes_skipped_total",
                 "Request and response body bytes the kernel side counted without copying them, at the agent's request",
+            )?,
+            connections_evicted: counter(
+                registry,
+                "flask_ebpf_exporter_connections_evicted_total",
+                "Connections whose end this side never saw because the kernel side forgot them: evicted from its connection map when more than --kernel-connections were followed at once (or, rarely, their close event was lost to a full ring buffer, which events_lost_total also counts)",
             )?,
             connections_tracked: gauge(
                 registry,
@@ -266,7 +280,9 @@ impl ConnectionTable {
                 }
                 return Handled::Done;
             }
-            // The fd now belongs to a new connection: the old one's close was lost.
+            // The fd now belongs to a new connection: the kernel forgot the
+            // old one (its close was never reported).
+            self.counters.connections_evicted.inc();
             let mut old = entry.remove();
             self.partial_heads.forget(key, &old);
             self.counters.connections_tracked.dec();
@@ -335,17 +351,20 @@ impl ConnectionTable {
     }
 
     /// Periodic upkeep: ends responses whose framing was lost, forgets
-    /// connections of exited processes and long-idle ones.
+    /// connections of exited processes, long-idle ones, and idle ones the
+    /// kernel no longer follows (`kernel_follows(tgid, fd, conn_id)`).
     pub fn reap(
         &mut self,
         now_ns: u64,
         process_alive: &dyn Fn(u32) -> bool,
+        kernel_follows: &dyn Fn(u32, u32, u64) -> bool,
         out: &mut Vec<CapturedExchange>,
     ) {
         let mut alive: HashMap<u32, bool> = HashMap::new();
         let counters = &self.counters;
         let partial_heads = &mut self.partial_heads;
-        self.connections.retain(|&key @ (tgid, _), connection| {
+        let mut eviction_checks = 0;
+        self.connections.retain(|&key @ (tgid, fd), connection| {
             let process_alive = *alive.entry(tgid).or_insert_with(|| process_alive(tgid));
             let mut exchanges = Vec::new();
             connection.http.expire_unframed(
@@ -354,8 +373,19 @@ impl ConnectionTable {
                 &counters.http,
                 &mut exchanges,
             );
-            let idle = now_ns.saturating_sub(connection.last_event_ns) >= IDLE_CONNECTION_NS;
-            let keep = process_alive && !idle;
+            let idle_ns = now_ns.saturating_sub(connection.last_event_ns);
+            let evicted = process_alive
+                && idle_ns >= EVICTION_CHECK_IDLE_NS
+                && eviction_checks < MAX_EVICTION_CHECKS
+                && {
+                    eviction_checks += 1;
+                    !kernel_follows(tgid, fd, connection.conn_id)
+                };
+            if evicted {
+                counters.connections_evicted.inc();
+                debug!(tgid, fd, "the kernel no longer follows this connection");
+            }
+            let keep = process_alive && idle_ns < IDLE_CONNECTION_NS && !evicted;
             if !keep {
                 connection.http.on_close(&counters.http, &mut exchanges);
                 partial_heads.forget(key, connection);

@@ -112,6 +112,7 @@ fn reused_fd_is_a_new_connection_and_gaps_are_noticed() {
     assert_eq!(out[0].exchange.target, "/b");
     assert_eq!(out[0].served_by, server("listenNone"));
     assert_eq!(table.counters().http.abandoned_requests.get(), 1);
+    assert_eq!(table.counters().connections_evicted.get(), 1);
     // seq 5 after 1: events 2..4 were lost.
     feed(
         &mut table,
@@ -293,6 +294,7 @@ fn connections_of_exited_processes_are_reaped() {
             asked.borrow_mut().push(tgid);
             false
         },
+        &|_, _, _| panic!("an exited process's connections need no kernel lookup"),
         &mut out,
     );
     // One liveness check for the process, whose connection is gone.
@@ -300,6 +302,38 @@ fn connections_of_exited_processes_are_reaped() {
     assert!(table.is_empty());
     // The close-delimited response ended with the process.
     assert_eq!(out.len(), 1);
+}
+
+#[test]
+fn idle_connections_the_kernel_lost_are_counted_and_let_go() {
+    let mut table = table();
+    let mut out = Vec::new();
+    for fd in [7, 8] {
+        let event = event_on(fd, EventKind::Read, 1, b"GET /a HTTP/1.1\r\n\r\n");
+        handle(&mut table, &labels, &event, &mut out);
+    }
+    let second = 1_000_000_000;
+    // Active a moment ago: not looked up.
+    table.reap(second, &|_| true, &|_, _, _| panic!("looked up"), &mut out);
+    assert_eq!(table.len(), 2);
+    // Idle 6 s: looked up; the kernel still holds fd 8's only.
+    let looked_up = std::cell::RefCell::new(Vec::new());
+    table.reap(
+        6 * second,
+        &|_| true,
+        &|tgid, fd, conn_id| {
+            looked_up.borrow_mut().push((tgid, fd, conn_id));
+            fd == 8
+        },
+        &mut out,
+    );
+    let mut looked_up = looked_up.into_inner();
+    looked_up.sort_unstable();
+    assert_eq!(looked_up, vec![(200, 7, 1), (200, 8, 1)]);
+    assert_eq!(table.counters().connections_evicted.get(), 1);
+    assert_eq!(table.len(), 1);
+    // Its request can never be answered as far as this side knows.
+    assert_eq!(table.counters().http.abandoned_requests.get(), 1);
 }
 
 #[test]
