@@ -74,10 +74,15 @@ pub const CONN_IGNORED: u32 = 1;
 /// at accept), so its close is not reported either.
 pub const CONN_UNSEEN: u32 = 2;
 
-/// [`ListenerState::verdict`]: connections accepted on this listening
+/// [`ListenerState::verdict`] bit: connections accepted on this listening
 /// socket are not followed, but for one in [`LISTENER_RECHECK_EVERY`],
 /// which userspace uses to notice a change.
 pub const LISTENER_IGNORED: u32 = 1;
+/// [`ListenerState::verdict`] bit: the listener's process sits in a (v2)
+/// cgroup of its own container, which is not monitored (a pod selected
+/// out): its next accept adds that cgroup to those whose accepts are never
+/// followed, whichever process makes them.
+pub const LISTENER_CGROUP_UNMONITORED: u32 = 2;
 pub const LISTENER_RECHECK_EVERY: u32 = 64;
 
 /// Value of the kernel's listener map, keyed by (tgid, listening fd) as a
@@ -94,9 +99,10 @@ pub struct ListenerState {
 /// following, by how.
 pub const FILTERED_AT_ACCEPT: u32 = 0;
 pub const FILTERED_ON_REQUEST: u32 = 1;
-pub const FILTERED_SLOTS: u32 = 2;
+pub const FILTERED_BY_CGROUP: u32 = 2;
+pub const FILTERED_SLOTS: u32 = 3;
 /// The slots, as userspace names them.
-pub const FILTERED_NAMES: [&str; FILTERED_SLOTS as usize] = ["listener", "connection"];
+pub const FILTERED_NAMES: [&str; FILTERED_SLOTS as usize] = ["listener", "connection", "cgroup"];
 
 /// Slots of the kernel's `MAP_INSERT_FAILURES` array: which map an insert
 /// failed in (`servers`: a pid past [`PID_LIMIT`], which no kernel hands
@@ -228,6 +234,10 @@ pub struct CaptureConfig {
     /// Events are submitted without waking userspace (which drains the ring
     /// every few milliseconds) until this many bytes wait in the ring.
     pub wakeup_bytes: u64,
+    /// Non-zero once a cgroup is ignored ([`LISTENER_CGROUP_UNMONITORED`]):
+    /// only then does an accept look its cgroup up.
+    pub cgroup_filter: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

@@ -3,8 +3,9 @@ use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_task_pt_regs,
     },
     macros::{map, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -14,9 +15,9 @@ use exporter_common::{
     CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_FORGET_SERVER,
     CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER, CONTROL_SKIP_BODY, CaptureConfig, ConnKey,
     ConnState, ControlRequest, DIRECTION_WRITE, EVENT_HEADER_LEN, EventHeader, EventKind,
-    FILTERED_AT_ACCEPT, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD, LISTENER_IGNORED,
-    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS,
-    SERVERS_MAP,
+    FILTERED_AT_ACCEPT, FILTERED_BY_CGROUP, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD,
+    LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED, LISTENER_RECHECK_EVERY, ListenerState,
+    MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS, SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -48,6 +49,14 @@ static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65_5
 /// (its connections are followed again, then ignored again).
 #[map]
 static LISTENERS: LruHashMap<ConnKey, ListenerState> = LruHashMap::with_max_entries(4_096, 0);
+
+/// Cgroups (v2 ids) that hold only containers userspace does not monitor
+/// (pods selected out): accepts in them are not followed. Learnt at an
+/// accept on a listener userspace marked [`LISTENER_CGROUP_UNMONITORED`];
+/// cleared by userspace; LRU, so a forgotten cgroup's next connection is
+/// judged again.
+#[map]
+static UNMONITORED_CGROUPS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4_096, 0);
 
 /// Connections the kernel stopped following, per CPU, by how:
 /// [`FILTERED_AT_ACCEPT`], [`FILTERED_ON_REQUEST`].
@@ -208,7 +217,18 @@ fn mark_server(tgid: u32, server: bool) {
 #[tracepoint]
 pub fn accept_exit(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    if (id >> 32) as u32 == config().self_tgid {
+    let config = config();
+    if (id >> 32) as u32 == config.self_tgid {
+        return 0;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if config.cgroup_filter != 0 && unsafe { UNMONITORED_CGROUPS.get(&cgroup) }.is_some() {
+        // A container not monitored: none of its processes is a server.
+        let tgid = (id >> 32) as u32;
+        if is_server(tgid) {
+            mark_server(tgid, false);
+        }
+        count_filtered(FILTERED_BY_CGROUP);
         return 0;
     }
     let Some([listen_fd, _, _]) = syscall_args() else {
@@ -227,10 +247,13 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         tgid,
         fd: ret as u32,
     };
-    let ignored = listener_ignored(&ConnKey {
-        tgid,
-        fd: listen_fd,
-    });
+    let ignored = listener_ignored(
+        &ConnKey {
+            tgid,
+            fd: listen_fd,
+        },
+        cgroup,
+    );
     // A process that is no server is not followed at all: no entry is
     // needed to mark the connection ignored.
     if ignored && !is_server(tgid) {
@@ -265,11 +288,12 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Whether a connection just accepted on `listener` is left unfollowed:
-/// its listener was found not worth following, and this is not one of the
-/// connections still followed so that userspace notices a change.
+/// Whether a connection just accepted on `listener`, in `cgroup`, is left
+/// unfollowed: its listener was found not worth following, and this is not
+/// one of the connections still followed so that userspace notices a
+/// change (none is, for a cgroup not monitored).
 #[inline(always)]
-fn listener_ignored(listener: &ConnKey) -> bool {
+fn listener_ignored(listener: &ConnKey, cgroup: u64) -> bool {
     let Some(state) = LISTENERS.get_ptr_mut(listener) else {
         return false;
     };
@@ -279,7 +303,18 @@ fn listener_ignored(listener: &ConnKey) -> bool {
         (*state).accepts
     };
     let verdict = unsafe { (*state).verdict };
-    verdict == LISTENER_IGNORED && accepts % LISTENER_RECHECK_EVERY != 0
+    if verdict & LISTENER_CGROUP_UNMONITORED != 0 {
+        // Never the root cgroup (id 1), which holds every process of a
+        // host whose runtime leaves the v2 hierarchy alone.
+        if cgroup > 1
+            && UNMONITORED_CGROUPS.insert(&cgroup, &0, 0).is_ok()
+            && let Some(config) = CONFIG.get_ptr_mut(0)
+        {
+            unsafe { (*config).cgroup_filter = 1 };
+        }
+        return true;
+    }
+    verdict & LISTENER_IGNORED != 0 && accepts % LISTENER_RECHECK_EVERY != 0
 }
 
 // ---------------------------------------------------------------- control

@@ -16,8 +16,8 @@ use aya::{
 use exporter_common::{
     CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER,
     CONTROL_SKIP_BODY, CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN,
-    EventHeader, EventKind, FILTERED_NAMES, LISTENER_IGNORED, ListenerState, MAP_NAMES,
-    MAX_CAPTURE_BYTES, PID_LIMIT,
+    EventHeader, EventKind, FILTERED_NAMES, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED,
+    ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
@@ -50,6 +50,12 @@ pub enum KernelFilter {
         conn_id: u64,
         reason: IgnoreReason,
     },
+    /// The process behind this listening socket sits in a (v2) cgroup of
+    /// its own container, which is not monitored (a pod selected out): its
+    /// next accept there makes the kernel ignore every accept in that
+    /// cgroup, whichever process makes it. Applied after the listener's
+    /// [`KernelFilter::Listener`] verdict.
+    IgnoreCgroup { tgid: u32, listen_fd: u32 },
     /// Whether connections accepted on this listening socket are worth
     /// following. `Some(reason)`: not (but for the few the kernel still
     /// follows, so a change is noticed).
@@ -117,6 +123,11 @@ impl IgnoredListeners {
             return false;
         }
         self.listeners.insert(listener, reason).is_none()
+    }
+
+    /// Why the listener is remembered as ignored.
+    fn reason_of(&self, listener: &ConnKey) -> Option<IgnoreReason> {
+        self.listeners.get(listener).copied()
     }
 
     /// Forgets the listeners ignored for `reason`; returns them.
@@ -373,7 +384,7 @@ impl CaptureCounters {
         let ignored = IntCounterVec::new(
             Opts::new(
                 "flask_ebpf_exporter_connections_ignored_total",
-                "Connections the kernel side stopped following, by how: at accept, because their listener is not HTTP or not monitored (listener), or once the connection showed it (connection)",
+                "Connections the kernel side stopped following, by how: at accept, because their listener is not HTTP or not monitored (listener) or their container's cgroup is not monitored (cgroup), or once the connection showed it (connection)",
             ),
             &["by"],
         )?;
@@ -438,6 +449,7 @@ pub struct Capture {
     filtered: PerCpuArray<MapData, u64>,
     listeners: BpfHashMap<MapData, ConnKey, ListenerState>,
     connections: BpfHashMap<MapData, ConnKey, ConnState>,
+    unmonitored_cgroups: BpfHashMap<MapData, u64, u32>,
     ignored_listeners: IgnoredListeners,
     /// Pids the kernel may hold as servers (seeded, or seen accepting).
     servers: ServerProcesses,
@@ -537,6 +549,8 @@ impl Capture {
             .map_err(map_error("LISTENERS"))?;
         let connections =
             BpfHashMap::try_from(take_map(&mut ebpf, "CONNS")?).map_err(map_error("CONNS"))?;
+        let unmonitored_cgroups = BpfHashMap::try_from(take_map(&mut ebpf, "UNMONITORED_CGROUPS")?)
+            .map_err(map_error("UNMONITORED_CGROUPS"))?;
         info!(
             capture_bytes = options.capture_bytes,
             ring_buffer_bytes = options.ring_buffer_bytes,
@@ -551,6 +565,7 @@ impl Capture {
             filtered,
             listeners,
             connections,
+            unmonitored_cgroups,
             ignored_listeners: IgnoredListeners::new(
                 MAX_IGNORED_LISTENERS,
                 counters.ignored_listeners_budget.clone(),
@@ -582,6 +597,18 @@ impl Capture {
             KernelFilter::IgnoreConnection {
                 tgid, fd, conn_id, ..
             } => ignore_connection(tgid, fd, conn_id),
+            KernelFilter::IgnoreCgroup { tgid, listen_fd } => {
+                let listener = ConnKey {
+                    tgid,
+                    fd: listen_fd,
+                };
+                if self.mark_listener(listener, LISTENER_IGNORED | LISTENER_CGROUP_UNMONITORED) {
+                    debug!(
+                        tgid,
+                        listen_fd, "the container's cgroup is ignored from its next accept"
+                    );
+                }
+            }
             KernelFilter::SkipBody {
                 tgid,
                 fd,
@@ -611,17 +638,36 @@ impl Capture {
         }
     }
 
+    /// Adds `bits` to the listener's verdict in the kernel, keeping those it
+    /// has (a cgroup mark survives a later connection's verdict); whether
+    /// the kernel took it.
+    fn mark_listener(&mut self, listener: ConnKey, bits: u32) -> bool {
+        let kept = self
+            .listeners
+            .get(&listener, 0)
+            .map_or(0, |state| state.verdict);
+        let state = ListenerState {
+            verdict: kept | bits,
+            accepts: 0,
+        };
+        match self.listeners.insert(listener, state, 0) {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(%error, "could not write a listener verdict to the kernel");
+                false
+            }
+        }
+    }
+
     fn judge_listener(&mut self, listener: ConnKey, ignore: Option<IgnoreReason>) {
         match ignore {
             Some(reason) => {
-                let state = ListenerState {
-                    verdict: LISTENER_IGNORED,
-                    accepts: 0,
-                };
-                if let Err(error) = self.listeners.insert(listener, state, 0) {
-                    warn!(%error, "could not write a listener verdict to the kernel");
+                if !self.mark_listener(listener, LISTENER_IGNORED) {
                     return;
                 }
+                // Connections accepted before the verdict reach here one by
+                // one: the process's sockets are looked at once.
+                let judged_before = self.ignored_listeners.reason_of(&listener) == Some(reason);
                 if self.ignored_listeners.remember(listener, reason) {
                     info!(
                         tgid = listener.tgid,
@@ -630,7 +676,9 @@ impl Capture {
                         "connections on this listening socket are no longer followed"
                     );
                 }
-                self.forget_server_if_all_ignored(listener);
+                if !judged_before {
+                    self.forget_server_if_all_ignored(listener);
+                }
             }
             None => {
                 let (remembered, in_kernel) = self.ignored_listeners.forget(&listener);
@@ -677,11 +725,19 @@ impl Capture {
         );
     }
 
-    /// Follows again every listener ignored as not monitored, and marks
-    /// their processes as servers again: what is monitored changed (a pod
-    /// became selected). Each is judged anew at its next connection.
+    /// Follows again every listener and cgroup ignored as not monitored,
+    /// and marks the listeners' processes as servers again: what is
+    /// monitored changed (a pod became selected). Each is judged anew at its next connection.
     /// Connections already ignored stay so until they close.
     pub fn follow_unmonitored_again(&mut self) {
+        let cgroups: Vec<u64> = self
+            .unmonitored_cgroups
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for cgroup in &cgroups {
+            let _ = self.unmonitored_cgroups.remove(cgroup);
+        }
         let listeners = self
             .ignored_listeners
             .forget_ignored_for(IgnoreReason::Unmonitored);
@@ -690,10 +746,11 @@ impl Capture {
             mark_server(listener.tgid);
             self.servers.remember(listener.tgid);
         }
-        if !listeners.is_empty() {
+        if !listeners.is_empty() || !cgroups.is_empty() {
             info!(
                 listeners = listeners.len(),
-                "what is monitored changed: listening sockets not monitored are followed again"
+                cgroups = cgroups.len(),
+                "what is monitored changed: listening sockets and cgroups not monitored are followed again"
             );
         }
         self.counters
@@ -803,6 +860,7 @@ fn configure(ebpf: &mut Ebpf, options: CaptureOptions) -> Result<(), CaptureErro
         self_tgid: std::process::id(),
         capture_bytes: options.capture_bytes,
         wakeup_bytes: u64::from(options.ring_buffer_bytes / 4),
+        ..CaptureConfig::default()
     };
     config.set(0, settings, 0).map_err(map_error("CONFIG"))
 }

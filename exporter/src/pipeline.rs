@@ -237,7 +237,12 @@ impl Stages {
     pub fn handle(&mut self, event: &RawEvent<'_>, captured: &mut Vec<CapturedExchange>) {
         if let Handled::NewConnection(origin) = self.table.handle(event, captured) {
             let served_by = self.identity.resolve(&origin);
+            let cgroup_unmonitored =
+                served_by.is_none() && self.identity.cgroup_selected_out(origin.tgid);
             self.table.open(event, served_by, captured);
+            if cgroup_unmonitored {
+                self.table.ignore_cgroup(event);
+            }
         }
     }
 

@@ -357,14 +357,20 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     let exporter = Exporter::start(&api.exporter_args(NODE, &[]));
 
     // Opted out: once a worker's first connection shows whose it is, the
-    // kernel ignores the listener's connections at accept.
+    // kernel ignores the listener's connections at accept, and then every
+    // accept in the container's cgroup.
     let ignored_at_accept = |samples: &[Sample]| {
-        labelled(
-            samples,
-            "flask_ebpf_exporter_connections_ignored_total",
-            "by",
-            "listener",
-        )
+        ["listener", "cgroup"]
+            .iter()
+            .map(|by| {
+                labelled(
+                    samples,
+                    "flask_ebpf_exporter_connections_ignored_total",
+                    "by",
+                    by,
+                )
+            })
+            .sum::<f64>()
     };
     send_traffic(serving.app.port);
     send_traffic(serving.app.port);
@@ -408,6 +414,85 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     );
     drop(serving);
     api.stop();
+}
+
+/// A pod selected out, on this hybrid v1+v2 host, under each cgroup driver.
+/// With the systemd driver a container has its own v2 cgroup, which the
+/// kernel can read at accept: once one connection shows whose it is, a new
+/// process of the same container is ignored from its first accept on. With
+/// the cgroupfs driver the runtime places containers in v1 hierarchies
+/// only, all share the v2 root, and listeners are judged one by one.
+#[test]
+fn a_selected_out_container_is_ignored_by_its_cgroup_where_the_layout_allows() {
+    let _turn = one_at_a_time();
+    let venv = require_prerequisites();
+    let api = KubeApi::start();
+    let exporter = Exporter::start(&api.exporter_args(NODE, &[]));
+    let ignored_by = |samples: &[Sample], by: &str| {
+        labelled(
+            samples,
+            "flask_ebpf_exporter_connections_ignored_total",
+            "by",
+            by,
+        )
+    };
+    for (n, driver) in [(15, Driver::Systemd), (16, Driver::Cgroupfs)] {
+        put_web_pod(
+            &api,
+            n,
+            &format!("hidden-{n}"),
+            &[("flask-ebpf-exporter.io/monitor", "false")],
+        );
+        let pod = start_pod(&venv, Server::GunicornSync, driver, n);
+        // Shows whose the listener is; the next accept on it, once judged,
+        // shows the kernel its container's cgroup.
+        send_traffic(pod.app.port);
+        std::thread::sleep(Duration::from_millis(500));
+        send_traffic(pod.app.port);
+        // The kernel's counts reach /metrics once a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = exporter.metrics();
+        // A process the agent never saw, in the same container.
+        let newcomer = App::start_in(&venv, Server::Werkzeug, false, &pod._cgroups.procs_files());
+        // Its first request shows whose its listener is, where no cgroup did.
+        assert_eq!(http_get(newcomer.port, "/").expect("request").status, 200);
+        std::thread::sleep(Duration::from_millis(300));
+        let sent = send_traffic(newcomer.port) as f64;
+        let after = eventually(
+            Duration::from_secs(5),
+            || exporter.metrics(),
+            |after| {
+                ignored_by(after, "cgroup") - ignored_by(&before, "cgroup")
+                    + ignored_by(after, "listener")
+                    - ignored_by(&before, "listener")
+                    >= sent
+            },
+        );
+        let by_cgroup = ignored_by(&after, "cgroup") - ignored_by(&before, "cgroup");
+        let by_listener = ignored_by(&after, "listener") - ignored_by(&before, "listener");
+        let events = value(&after, "flask_ebpf_exporter_events_read_total")
+            - value(&before, "flask_ebpf_exporter_events_read_total");
+        println!(
+            "{driver:?}: {sent} connections to a new process: {by_cgroup} ignored by cgroup, \
+             {by_listener} by listener, {events} events"
+        );
+        if driver == Driver::Systemd {
+            // The requests, and before them the first one and the
+            // readiness probe.
+            assert_eq!(by_cgroup, sent + 2.0, "every accept ignored by its cgroup");
+            assert_eq!(by_listener, 0.0);
+            // Heartbeats only (one every 2 s).
+            assert!(events <= 2.0, "{events} events");
+        } else {
+            assert_eq!(by_cgroup, 0.0, "the v2 root is no container's own");
+            // Its first connection shows whose the listener is.
+            assert!(
+                by_listener >= sent - 1.0,
+                "{by_listener} ignored by listener"
+            );
+        }
+        assert!(requests_by_pod(&after).is_empty(), "no series");
+    }
 }
 
 #[test]

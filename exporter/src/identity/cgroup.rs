@@ -72,6 +72,21 @@ pub fn container_of(cgroups: &ProcessCGroups) -> Option<ContainerRef> {
     found.into_iter().next().map(|(_, found)| found)
 }
 
+/// Whether the process's cgroup in the unified (v2) hierarchy is
+/// `container`'s own, so that a kernel check of the v2 cgroup id (all a
+/// syscall tracepoint can read) singles the container out. Not so on a
+/// hybrid host whose runtime places containers in v1 hierarchies only:
+/// there every container's processes share one v2 cgroup (the root, or the
+/// runtime's service).
+pub fn unified_cgroup_is_own(cgroups: &ProcessCGroups, container: &ContainerRef) -> bool {
+    container.container_id.is_some()
+        && cgroups
+            .0
+            .iter()
+            .filter(|cgroup| cgroup.hierarchy == 0)
+            .any(|cgroup| parse_cgroup_path(&cgroup.pathname).as_ref() == Some(container))
+}
+
 /// The pod and container named by one cgroup path.
 pub fn parse_cgroup_path(path: &str) -> Option<ContainerRef> {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
@@ -134,6 +149,34 @@ mod tests {
             pod_uid: PodUid(UID.to_owned()),
             container_id: id.map(str::to_owned),
         })
+    }
+
+    #[test]
+    fn only_a_v2_cgroup_of_the_container_itself_is_its_own() {
+        use procfs::FromRead as _;
+        let uid_ = UID.replace('-', "_");
+        let own = |text: &str| {
+            let cgroups = ProcessCGroups::from_read(text.as_bytes()).expect("parses");
+            let container = container_of(&cgroups).expect("in a container");
+            unified_cgroup_is_own(&cgroups, &container)
+        };
+        // systemd driver on a hybrid host: the v2 hierarchy mirrors it.
+        assert!(own(&format!(
+            "1:name=systemd:/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope\n\
+             0::/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope\n"
+        )));
+        // cgroupfs driver on a hybrid host: v1 only, the v2 root for all.
+        assert!(!own(&format!(
+            "4:memory:/kubepods/burstable/pod{UID}/{ID}\n0::/\n"
+        )));
+        // The runtime's service in v2: shared by every container.
+        assert!(!own(&format!(
+            "4:memory:/kubepods/burstable/pod{UID}/{ID}\n0::/system.slice/containerd.service\n"
+        )));
+        // The pod's cgroup, not a container's (CRI-O's conmon).
+        assert!(!own(&format!(
+            "0::/kubepods.slice/kubepods-pod{uid_}.slice/crio-conmon-{ID}.scope\n"
+        )));
     }
 
     #[test]

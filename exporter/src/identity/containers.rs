@@ -8,7 +8,7 @@ use prometheus::IntGauge;
 use tracing::info;
 
 use super::{
-    cgroup::{ContainerRef, container_of},
+    cgroup::{ContainerRef, container_of, unified_cgroup_is_own},
     pods::{SharedPodIndex, lock_index},
 };
 use crate::{exchange::Identity, procfs};
@@ -56,6 +56,19 @@ impl PodIdentity {
             return None;
         }
         Some(container)
+    }
+
+    /// Whether the process's container is in a pod selected out and its v2
+    /// cgroup is the container's own: then the kernel may ignore every
+    /// accept in that cgroup, whichever process makes it.
+    pub fn cgroup_selected_out(&mut self, tgid: u32) -> bool {
+        let Some(container) = self.container_of(tgid) else {
+            return false;
+        };
+        if !lock_index(&self.index).selected_out(&container) {
+            return false;
+        }
+        procfs::cgroups(tgid).is_some_and(|cgroups| unified_cgroup_is_own(&cgroups, &container))
     }
 
     /// Changes by which a pod selected out became selected.

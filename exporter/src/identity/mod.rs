@@ -43,6 +43,16 @@ impl IdentityStage {
         }
     }
 
+    /// Whether every accept in the process's cgroup may be left
+    /// unfollowed: its container is in a pod selected out, and the node's
+    /// cgroup layout singles the container out (Kubernetes mode).
+    pub fn cgroup_selected_out(&mut self, tgid: u32) -> bool {
+        match self {
+            IdentityStage::Local(_) => false,
+            IdentityStage::Pods(pods) => pods.cgroup_selected_out(tgid),
+        }
+    }
+
     /// Grows when a pod selected out becomes selected (Kubernetes mode):
     /// what was judged not monitored must be followed again.
     pub fn selections(&self) -> u64 {

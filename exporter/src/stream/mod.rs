@@ -350,6 +350,18 @@ impl ConnectionTable {
         }
     }
 
+    /// The cgroup of the connection `event` opened holds only what is not
+    /// monitored: the kernel may ignore every accept in it (learnt at its
+    /// listener's next accept; after [`Self::open`] judged the listener).
+    pub fn ignore_cgroup(&mut self, event: &RawEvent<'_>) {
+        if let Some(listen_fd) = event.accepted_on() {
+            self.kernel_filters.push(KernelFilter::IgnoreCgroup {
+                tgid: event.header.tgid,
+                listen_fd,
+            });
+        }
+    }
+
     /// Periodic upkeep: ends responses whose framing was lost, forgets
     /// connections of exited processes, long-idle ones, and idle ones the
     /// kernel no longer follows (`kernel_follows(tgid, fd, conn_id)`).
