@@ -378,6 +378,23 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// A ratio to bare taken round by round (each variant beside the bare run
+/// of its own round, which cancels the machine's slower drifts): the mean,
+/// the half-width of its 95 % interval, and how many rounds would bring
+/// that half-width to ±1 %. ("–" with a single round.)
+fn paired_ratio(values: &[f64], bare: &[f64]) -> String {
+    let ratios: Vec<f64> = values.iter().zip(bare).map(|(v, b)| v / b).collect();
+    let n = ratios.len() as f64;
+    let mean = ratios.iter().sum::<f64>() / n;
+    if ratios.len() < 2 {
+        return format!("{mean:.3}");
+    }
+    let variance = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let half_width = 1.96 * (variance / n).sqrt();
+    let rounds_for_one_percent = (n * (half_width / 0.01).powi(2)).ceil().max(1.0);
+    format!("{mean:.3} ±{half_width:.3} (±1 % needs ≈ {rounds_for_one_percent:.0} rounds)")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let full = args.iter().any(|arg| arg == "--bench");
@@ -459,6 +476,24 @@ fn main() {
             (app + exporter) / bare_app
         );
     }
+    println!("\npaired per round, mean vs bare ±95 %: req/s; app µs/req");
+    let per_round = |index: usize, f: &dyn Fn(&Measurement) -> f64| -> Vec<f64> {
+        results[index].iter().map(f).collect()
+    };
+    for (index, variant) in variants.iter().enumerate().skip(1) {
+        println!(
+            "{:<27} {};  {}",
+            variant.name(),
+            paired_ratio(
+                &per_round(index, &|m| m.requests_per_second),
+                &per_round(0, &|m| m.requests_per_second)
+            ),
+            paired_ratio(
+                &per_round(index, &|m| m.app_cpu_us_per_request),
+                &per_round(0, &|m| m.app_cpu_us_per_request)
+            ),
+        );
+    }
     for (variant, runs) in variants.iter().zip(&results) {
         let costs: Vec<&KernelCost> = runs.iter().filter_map(|m| m.kernel.as_ref()).collect();
         print_kernel_cost(variant.name(), "per Flask request", &costs);
@@ -486,6 +521,15 @@ fn main() {
             costs[index].extend(cost);
         }
         println!("{line}");
+    }
+    println!("paired per round, mean vs bare ±95 %: ops/s; redis-server µs/op");
+    for (index, variant) in redis_variants.iter().enumerate().skip(1) {
+        println!(
+            "{:<27} {};  {}",
+            variant.name(),
+            paired_ratio(&ops[index], &ops[0]),
+            paired_ratio(&cpu[index], &cpu[0])
+        );
     }
     let medians: Vec<f64> = ops.iter_mut().map(|runs| median(runs)).collect();
     let cpu_medians: Vec<f64> = cpu.iter_mut().map(|runs| median(runs)).collect();
