@@ -362,8 +362,8 @@ pub struct CaptureCounters {
     pub listeners_ignored: IntGauge,
     /// Listener verdicts past what this side remembers.
     pub ignored_listeners_budget: IntCounter,
-    /// Processes whose every listening socket is ignored: the kernel no
-    /// longer looks past their pid.
+    /// Processes found with nothing to follow: the kernel no longer looks
+    /// past their pid.
     pub processes_ignored: IntCounter,
     /// Processes the kernel side treats as servers.
     pub server_processes: IntGauge,
@@ -400,7 +400,7 @@ impl CaptureCounters {
             processes_ignored: counter(
                 registry,
                 "flask_ebpf_exporter_processes_ignored_total",
-                "Times a process was found to serve nothing to follow on any listening socket it holds (not HTTP, or not monitored): the kernel then stops at its pid, until one of its connections is followed again",
+                "Times a process was found with nothing to follow (each listening socket it holds is not HTTP, not monitored, or holds no connection): the kernel then stops at its pid, until one of its connections is followed again",
             )?,
             connections_ignored: FILTERED_NAMES
                 .iter()
@@ -677,7 +677,7 @@ impl Capture {
                     );
                 }
                 if !judged_before {
-                    self.forget_server_if_all_ignored(listener);
+                    self.forget_server_if_nothing_to_follow(listener);
                 }
             }
             None => {
@@ -700,20 +700,37 @@ impl Capture {
             .set(self.ignored_listeners.len() as i64);
     }
 
-    /// A process whose every listening socket is ignored is no server to
-    /// the kernel: its reads and writes stop at the first check, and its
-    /// later connections leave no entry. (`listener` counts as ignored even
-    /// when past the remembered budget.)
-    fn forget_server_if_all_ignored(&mut self, listener: ConnKey) {
+    /// A process with nothing to follow (each listening socket it holds is
+    /// ignored, or holds no connection) is no server to the kernel: its
+    /// reads and writes stop at the first check, and its later connections
+    /// on ignored listeners leave no entry. (`listener` counts as ignored
+    /// even when past the remembered budget.)
+    fn forget_server_if_nothing_to_follow(&mut self, listener: ConnKey) {
         let tgid = listener.tgid;
-        let held = procfs::listening_sockets_held(tgid);
+        let held = procfs::tcp_sockets_held(tgid);
         let ignored: HashSet<u64> = self
             .ignored_listeners
             .fds_of(tgid)
             .chain([listener.fd])
             .filter_map(|fd| procfs::socket_inode(tgid, fd))
             .collect();
-        if held.is_empty() || !held.is_subset(&ignored) {
+        // A listener not judged yet has nothing to follow now when the
+        // process holds no connection on its port (its next accept makes the
+        // process a server again), or when an ignored listener shares that
+        // port (Redis's 127.0.0.1 and ::1: one protocol, and connections by
+        // port cannot tell the two apart).
+        let ignored_ports: HashSet<u16> = held
+            .listening
+            .iter()
+            .filter(|(inode, _)| ignored.contains(inode))
+            .map(|(_, port)| *port)
+            .collect();
+        let nothing_to_follow = held.listening.iter().all(|(inode, port)| {
+            ignored.contains(inode)
+                || ignored_ports.contains(port)
+                || !held.connection_ports.contains(port)
+        });
+        if held.listening.is_empty() || !nothing_to_follow {
             return;
         }
         forget_server(tgid);
@@ -721,7 +738,7 @@ impl Capture {
         self.counters.processes_ignored.inc();
         debug!(
             tgid,
-            "every listening socket of this process is ignored: the kernel stops at its pid"
+            "nothing this process holds is followed: the kernel stops at its pid"
         );
     }
 

@@ -114,13 +114,29 @@ pub fn tcp_sockets(tgid: u32) -> Vec<TcpSocket> {
         .collect()
 }
 
-/// Inodes of the listening TCP sockets `tgid` holds.
-pub fn listening_sockets_held(tgid: u32) -> HashSet<u64> {
-    let listening = listening_inodes(tgid);
-    socket_inodes(tgid)
-        .into_iter()
-        .filter(|inode| listening.contains(inode))
-        .collect()
+/// The TCP sockets a process holds: its listening ones (inode → local
+/// port) and the local ports of the others (its connections; an accepted
+/// one has its listener's port).
+#[derive(Debug, Default)]
+pub struct HeldTcpSockets {
+    pub listening: HashMap<u64, u16>,
+    pub connection_ports: HashSet<u16>,
+}
+
+pub fn tcp_sockets_held(tgid: u32) -> HeldTcpSockets {
+    let inodes: HashSet<u64> = socket_inodes(tgid).into_iter().collect();
+    let mut held = HeldTcpSockets::default();
+    for socket in tcp_sockets(tgid) {
+        if !inodes.contains(&socket.inode) {
+            continue;
+        }
+        if socket.listening {
+            held.listening.insert(socket.inode, socket.local_port);
+        } else {
+            held.connection_ports.insert(socket.local_port);
+        }
+    }
+    held
 }
 
 /// Inodes of listening TCP sockets in the network namespace of `tgid`.

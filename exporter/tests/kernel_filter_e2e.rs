@@ -63,7 +63,9 @@ fn a_non_http_neighbour_costs_no_events_once_heard() {
     let _redis = spawn_process(
         "redis-server",
         Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            // Both loopbacks, as Redis's default configuration binds: a
+            // listener no client uses is never judged.
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "-::1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null()),
     );
@@ -94,8 +96,9 @@ fn a_non_http_neighbour_costs_no_events_once_heard() {
         listeners_ignored(&heard) >= 1.0,
         "Redis's listener is judged by its +PONG"
     );
-    // Its only listener ignored, redis-server is no server to the kernel:
-    // its reads and writes stop at the first check.
+    // Its used listener ignored, the other holding no connection,
+    // redis-server is no server to the kernel: its reads and writes stop at
+    // the first check.
     assert!(
         value(&heard, "flask_ebpf_exporter_processes_ignored_total") >= 1.0,
         "redis-server is forgotten as a server"
