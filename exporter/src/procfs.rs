@@ -6,7 +6,10 @@
 //! Any process may exit between two reads, so every read answers "nothing"
 //! rather than an error.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+};
 
 use procfs::{
     ProcessCGroups,
@@ -72,6 +75,28 @@ pub fn command_line(tgid: u32) -> String {
         .and_then(|process| process.cmdline().ok())
         .map(|arguments| arguments.join(" "))
         .unwrap_or_default()
+}
+
+/// A process's arguments, as it was started (or as it renamed itself).
+pub fn command_line_arguments(tgid: u32) -> Option<Vec<String>> {
+    process(tgid)?.cmdline().ok()
+}
+
+/// A process's environment as it was started (names and values that are
+/// not UTF-8 are left out).
+pub fn environment(tgid: u32) -> Vec<(String, String)> {
+    let Some(environment) = process(tgid).and_then(|process| process.environ().ok()) else {
+        return Vec::new();
+    };
+    environment
+        .into_iter()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .collect()
+}
+
+/// A process's working directory, as a path inside its own root.
+pub fn working_directory(tgid: u32) -> Option<PathBuf> {
+    process(tgid)?.cwd().ok()
 }
 
 /// The cgroups a process is in, one per hierarchy.

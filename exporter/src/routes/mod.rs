@@ -13,6 +13,7 @@
 //! `max_paths_per_workload` distinct values; more are `<other>`, counted.
 //! Per-route statistics ([`stats`]) feed `/debug/routes`.
 
+pub mod discovery;
 pub mod flask_rules;
 pub mod learned;
 pub mod stats;
