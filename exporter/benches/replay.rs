@@ -337,7 +337,11 @@ struct Figures {
 /// (at least twice: the first pass warms routes and series up, the rest is
 /// the steady path that is measured).
 fn replay(stream: &Stream, budget: Duration) -> Figures {
-    let config = Config::try_parse_from(["flask-ebpf-exporter"]).expect("default flags");
+    // Default flags but route discovery, which reads apps' source off the
+    // hot path this measures (and would read whatever process has the
+    // recorded pids here).
+    let config = Config::try_parse_from(["flask-ebpf-exporter", "--route-discovery", "off"])
+        .expect("default flags");
     let registry = Registry::new();
     let budgets = Budgets::register(&registry).expect("metrics");
     let identity = IdentityStage::Local(LocalIdentity::new(ProcessFilter::default()));

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use regex::Regex;
 
-use crate::routes::PathLabelMode;
+use crate::routes::{PathLabelMode, discovery::RouteDiscovery};
 
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -32,6 +32,16 @@ pub struct Config {
         default_value = "route"
     )]
     pub path_label: PathLabelMode,
+
+    /// Read each Flask app's url rules from its own source (parsed, never run), found from its
+    /// server's command line: `source`, or `off`.
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_ROUTE_DISCOVERY",
+        value_enum,
+        default_value = "source"
+    )]
+    pub route_discovery: RouteDiscovery,
 
     /// Most distinct `path` values per workload (per server in local mode);
     /// further paths are exported as `<other>`.

@@ -41,6 +41,31 @@ pub struct WorkloadReport {
     pub routes: Vec<RouteReport>,
     /// Nodes in the learned-route trie (bounded).
     pub learned_nodes: usize,
+    /// Its url rules as read from its source, once read.
+    pub source_rules: Option<SourceRulesReport>,
+}
+
+/// What route discovery found for a workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceRulesReport {
+    /// How the app was found (`gunicorn shop.wsgi:app`).
+    pub entrypoint: Option<String>,
+    /// `METHODS RULE`, with where it is registered.
+    pub rules: Vec<SourceRuleReport>,
+    pub files_parsed: usize,
+    /// What could not be followed, and why.
+    pub unresolved: Vec<String>,
+    /// Requests the app served that no rule read from its source takes.
+    pub misses: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceRuleReport {
+    pub rule: String,
+    pub methods: Vec<String>,
+    pub endpoint: String,
+    /// `file:line`, inside the app's container.
+    pub at: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,6 +92,25 @@ impl RoutesReport {
             .map(|view| WorkloadReport {
                 workload: owned_pairs(view.workload.pairs()),
                 learned_nodes: view.learned_nodes,
+                source_rules: view.source_rules.map(|source| {
+                    let discovery = &source.rules.discovery;
+                    SourceRulesReport {
+                        entrypoint: discovery.entrypoint.clone(),
+                        rules: discovery
+                            .rules
+                            .iter()
+                            .map(|rule| SourceRuleReport {
+                                rule: rule.rule.clone(),
+                                methods: rule.methods.iter().cloned().collect(),
+                                endpoint: rule.endpoint.clone(),
+                                at: format!("{}:{}", rule.file.display(), rule.line),
+                            })
+                            .collect(),
+                        files_parsed: discovery.files,
+                        unresolved: discovery.unresolved.clone(),
+                        misses: source.misses,
+                    }
+                }),
                 routes: view
                     .routes
                     .into_iter()
@@ -304,6 +348,29 @@ pub fn routes_html(snapshot: &DebugSnapshot) -> Markup {
                             td { (seconds(route.p99_seconds)) }
                             td { @for sample in &route.sample_paths { code { (sample) } br; } }
                         }
+                    }
+                }
+                @if let Some(source) = &workload.source_rules {
+                    h3 { "Rules read from the app's source" }
+                    p {
+                        "Entrypoint: " code { (source.entrypoint.as_deref().unwrap_or("not found")) }
+                        "; " (source.files_parsed) " files parsed; "
+                        (source.misses) " served requests no rule takes."
+                    }
+                    table {
+                        tr { th { "rule" } th { "methods" } th { "endpoint" } th { "registered at" } }
+                        @for rule in &source.rules {
+                            tr {
+                                td { code { (rule.rule) } }
+                                td { (rule.methods.join(", ")) }
+                                td { code { (rule.endpoint) } }
+                                td { code { (rule.at) } }
+                            }
+                        }
+                    }
+                    @if !source.unresolved.is_empty() {
+                        p { "Not followed:" }
+                        ul { @for reason in &source.unresolved { li { (reason) } } }
                     }
                 }
             }

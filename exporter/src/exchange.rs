@@ -124,6 +124,8 @@ pub enum ServedBy {
 #[derive(Clone, Debug)]
 pub struct CapturedExchange {
     pub served_by: ServedBy,
+    /// The process that answered (where its app's source is read from).
+    pub tgid: u32,
     pub exchange: Exchange,
 }
 
@@ -285,6 +287,8 @@ pub struct AttributedExchange {
     pub identity: Arc<Identity>,
     /// User rules the served pod's annotation gives its workload.
     pub rules: Option<Arc<RuleSet>>,
+    /// The process that answered.
+    pub tgid: u32,
     pub exchange: Exchange,
 }
 
@@ -294,6 +298,8 @@ pub struct AttributedExchange {
 pub enum RouteSource {
     /// A user rule matched.
     UserRule,
+    /// A rule read from the app's own source matched.
+    SourceRule,
     /// A template with a parameter learned from the workload's traffic.
     Learned,
     /// Literal segments and parameters typed by how values look.

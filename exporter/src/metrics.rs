@@ -407,6 +407,7 @@ mod tests {
         AttributedExchange {
             identity: identity.clone(),
             rules: None,
+            tgid: 1,
             exchange: Exchange {
                 method: method.parse().expect("a method"),
                 target: "/".to_owned(),

@@ -12,6 +12,7 @@
 //! metrics, and publishes the `/debug/*` snapshot.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,7 +35,11 @@ use crate::{
     },
     metrics::{Budgets, RequestMetrics},
     procfs,
-    routes::{RouteCounters, RouteLabeler, RouteOptions, flask_rules::RuleSet},
+    routes::{
+        RouteCounters, RouteLabeler, RouteOptions, SourceRules,
+        discovery::{ParseBudget, RouteDiscovery, worker::DiscoveryWorker},
+        flask_rules::RuleSet,
+    },
     stream::{ConnectionTable, Handled, StreamCounters},
 };
 
@@ -59,6 +64,10 @@ const EVENTS_PER_CLOCK_CHECK: usize = 256;
 /// Requests held while their pod is looked up, at most: about 10 s of a
 /// busy node's traffic; beyond it they are exported as unknown at once.
 const MAX_HELD_REQUESTS: usize = 100_000;
+/// How long a workload's first exchanges wait for its rules to be read
+/// from its source (the harvest's own time budget), and how many may wait.
+const SOURCE_RULES_WAIT: Duration = Duration::from_secs(2);
+const MAX_HELD_FOR_SOURCE_RULES: usize = 10_000;
 /// Bytes of method and target held while pods are looked up, at most.
 const MAX_HELD_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
@@ -81,6 +90,10 @@ pub struct Stages {
     /// How long a deleted or relabelled pod's series stay.
     pub deleted_pod_grace: Duration,
     pub labeler: RouteLabeler,
+    /// Reads apps' rules from their source (`None`: `--route-discovery off`).
+    pub discovery: Option<DiscoveryWorker>,
+    /// Exchanges waiting for their workload's rules from its source.
+    pub held_for_source_rules: VecDeque<AttributedExchange>,
     pub metrics: RequestMetrics,
 }
 
@@ -222,6 +235,16 @@ impl Stages {
         registry: &Registry,
         budgets: &Budgets,
     ) -> Result<Self, prometheus::Error> {
+        let discovery = match config.route_discovery {
+            RouteDiscovery::Source => match DiscoveryWorker::start(ParseBudget::default()) {
+                Ok(worker) => Some(worker),
+                Err(error) => {
+                    tracing::warn!(%error, "could not start route discovery: rules come from flags and learning");
+                    None
+                }
+            },
+            RouteDiscovery::Off => None,
+        };
         Ok(Stages {
             table: ConnectionTable::new(StreamCounters::register(registry, budgets)?),
             metrics: RequestMetrics::register(
@@ -242,6 +265,7 @@ impl Stages {
             deleted_pod_grace: config.deleted_pod_grace,
             labeler: RouteLabeler::new(
                 RouteOptions {
+                    discovery: discovery.is_some(),
                     mode: config.path_label,
                     max_paths_per_workload: config.max_paths_per_workload,
                     segment_cap: config.route_segment_cap as usize,
@@ -249,6 +273,8 @@ impl Stages {
                 },
                 RouteCounters::register(registry, budgets)?,
             ),
+            discovery,
+            held_for_source_rules: VecDeque::new(),
         })
     }
 
@@ -276,14 +302,47 @@ impl Stages {
             &mut hand_offs.attributed,
         );
         for attributed in hand_offs.attributed.drain(..) {
-            let route = self.labeler.route(&attributed);
-            self.metrics.observe(&attributed, &route);
-            targets::give_back(attributed.exchange.target);
+            if self.held_for_source_rules.len() < MAX_HELD_FOR_SOURCE_RULES
+                && self
+                    .labeler
+                    .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT)
+            {
+                self.held_for_source_rules.push_back(attributed);
+                continue;
+            }
+            self.label_and_observe(attributed);
         }
         // Routes a learned parameter replaced: their series go, their
         // requests now count under the template.
         for (workload, path) in self.labeler.take_retired() {
             self.metrics.retire_route(&workload, &path);
         }
+        if let Some(discovery) = &self.discovery {
+            for (workload, tgid) in self.labeler.take_discovery_wanted() {
+                discovery.ask(workload, tgid);
+            }
+            for (workload, found) in discovery.finished() {
+                self.labeler
+                    .set_source_rules(&workload, Arc::new(SourceRules::new(found)));
+            }
+        }
+        // In order: an exchange waits while an earlier one of its workload does.
+        for attributed in std::mem::take(&mut self.held_for_source_rules) {
+            if self
+                .labeler
+                .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT)
+            {
+                self.held_for_source_rules.push_back(attributed);
+            } else {
+                self.label_and_observe(attributed);
+            }
+        }
+    }
+
+    /// routes → metrics for one exchange.
+    fn label_and_observe(&mut self, attributed: AttributedExchange) {
+        let route = self.labeler.route(&attributed);
+        self.metrics.observe(&attributed, &route);
+        targets::give_back(attributed.exchange.target);
     }
 }

@@ -191,7 +191,9 @@ fn an_adversary_cannot_grow_blind_or_fool_the_agent() {
     let app = App::start_fixture(&venv, "routes_app", Server::GunicornGthread, false, &[]);
     let slow_target = App::start_fixture(&venv, "routes_app", Server::Werkzeug, false, &[]);
     let port = app.port.to_string();
-    let exporter = Exporter::start(&[]);
+    // The learner under attack: rules from the app's source would name the
+    // legitimate routes without it.
+    let exporter = Exporter::start(&["--route-discovery", "off"]);
     let pid = exporter.process.child.id();
 
     // The app's own traffic first, so its routes are known.

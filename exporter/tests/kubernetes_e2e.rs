@@ -222,8 +222,8 @@ fn every_series_carries_the_pod_that_served_it() {
         value(&samples, "flask_ebpf_exporter_kubernetes_synced"),
         1.0
     );
-    // Routes: the annotation's rules for B; learned templates for A, whose
-    // 404s fit no learned route.
+    // Routes: the annotation's rules for B; for A the rules read from its
+    // source, and its router's 404s no rule.
     let paths_of = |pod: &str| -> BTreeSet<String> {
         samples
             .iter()
@@ -238,7 +238,7 @@ fn every_series_carries_the_pod_that_served_it() {
     );
     assert_eq!(
         paths_of("web-5d8f7c9b6-aaaaa"),
-        BTreeSet::from(["/items/<int>".to_owned(), "None".to_owned()])
+        BTreeSet::from(["/items/<int:item_id>".to_owned(), "None".to_owned()])
     );
     // /debug/pods shows the node's pods as the watch knows them.
     let pods: serde_json::Value =
@@ -372,7 +372,11 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
             })
             .sum::<f64>()
     };
+    // Each worker's first connection shows whose it is; once judged (an
+    // idle agent looks every 100 ms), the next accept shows the kernel the
+    // container's cgroup.
     send_traffic(serving.app.port);
+    std::thread::sleep(Duration::from_millis(300));
     send_traffic(serving.app.port);
     std::thread::sleep(Duration::from_millis(1500));
     let before = exporter.metrics();

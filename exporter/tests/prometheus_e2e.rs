@@ -246,7 +246,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     assert!(
         recorded
             .iter()
-            .any(|sample| sample["metric"]["path"] == "/items/<int>"
+            .any(|sample| sample["metric"]["path"] == "/items/<int:item_id>"
                 && sample["metric"]["workload"] == "web"),
         "{recorded:#?}"
     );

@@ -82,13 +82,29 @@ fn with_user_rules_path_is_flasks_url_rule_for_every_request() {
     let venv = require_prerequisites();
     let dir = tempfile::tempdir().expect("tempdir");
     let rules = rules_file(&venv, dir.path());
-    let app = App::start_fixture(&venv, "routes_app", Server::GunicornGthread, true, &[]);
-    let exporter = Exporter::start(&[
-        "--port",
-        &app.port.to_string(),
-        "--routes-file",
-        rules.to_str().expect("path"),
-    ]);
+    path_is_flasks_url_rule(
+        &venv,
+        &["--routes-file", rules.to_str().expect("path")],
+        "user_rule",
+    );
+}
+
+/// No flag at all: the rules are read from the app's source.
+#[test]
+fn with_no_configuration_path_is_flasks_url_rule_for_every_request() {
+    let venv = require_prerequisites();
+    path_is_flasks_url_rule(&venv, &[], "source_rule");
+}
+
+/// Serves routes_app's traffic mix and compares every series with
+/// prometheus-flask-exporter's `group_by='url_rule'` in the same app; rules
+/// come from `source` (`user_rule` or `source_rule`).
+fn path_is_flasks_url_rule(venv: &std::path::Path, flags: &[&str], source_of_rules: &str) {
+    let app = App::start_fixture(venv, "routes_app", Server::GunicornGthread, true, &[]);
+    let port = app.port.to_string();
+    let mut args = vec!["--port", port.as_str()];
+    args.extend_from_slice(flags);
+    let exporter = Exporter::start(&args);
 
     let mut traffic = Traffic::new(11);
     let mut sent = 0;
@@ -152,7 +168,7 @@ fn with_user_rules_path_is_flasks_url_rule_for_every_request() {
             // prometheus-flask-exporter's own endpoint is not among the
             // app's rules the test gave: learned from traffic.
             "/metrics" => assert_eq!(source, "heuristic"),
-            _ => assert_eq!(source, "user_rule", "{route}"),
+            _ => assert_eq!(source, source_of_rules, "{route}"),
         }
         assert!(route["requests"].as_u64().unwrap_or(0) > 0);
         assert!(route["p50_seconds"].as_f64().is_some() && route["p99_seconds"].as_f64().is_some());
@@ -162,6 +178,45 @@ fn with_user_rules_path_is_flasks_url_rule_for_every_request() {
             .cloned()
             .unwrap_or_default();
         assert!(!samples.is_empty() && samples.len() <= 5, "{route}");
+    }
+    if source_of_rules == "source_rule" {
+        // What discovery found, where, and what it could not follow.
+        let found = &routes["workloads"][0]["source_rules"];
+        assert_eq!(found["entrypoint"], "gunicorn routes_app:app", "{found}");
+        assert_eq!(found["rules"].as_array().map(Vec::len), Some(21), "{found}");
+        assert_eq!(
+            found["unresolved"].as_array().map(Vec::len),
+            Some(0),
+            "{found}"
+        );
+        let item_rule = found["rules"]
+            .as_array()
+            .and_then(|rules| rules.iter().find(|r| r["rule"] == "/items/<int:item_id>"))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            item_rule["at"]
+                .as_str()
+                .is_some_and(|at| at.ends_with("routes_app.py:40")),
+            "{item_rule}"
+        );
+        // prometheus-flask-exporter's /metrics is registered at run time:
+        // each scrape of it is a miss, named by learning (the debug page is
+        // a snapshot taken once a second).
+        let misses = |json: &serde_json::Value| {
+            json["workloads"][0]["source_rules"]["misses"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let later = eventually(
+            Duration::from_secs(5),
+            || {
+                serde_json::from_str::<serde_json::Value>(&debug_page(&exporter, "/debug/routes"))
+                    .expect("JSON")
+            },
+            |json| misses(json) >= 1,
+        );
+        assert!(misses(&later) >= 1, "{later}");
     }
     let items = listed
         .iter()
@@ -240,6 +295,8 @@ fn with_heuristics_alone_rules_group_into_templates_and_floods_stay_bounded() {
         &app.port.to_string(),
         "--max-paths-per-workload",
         &cap.to_string(),
+        "--route-discovery",
+        "off",
     ]);
     let mut traffic = Traffic::new(23);
     // Only the test talks to the app: every request it sent is counted

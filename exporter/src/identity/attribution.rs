@@ -193,6 +193,7 @@ fn attributed(
     AttributedExchange {
         identity,
         rules,
+        tgid: captured.tgid,
         exchange: captured.exchange,
     }
 }
@@ -217,6 +218,7 @@ mod tests {
                 pod_uid: PodUid::parse(UID).expect("uid"),
                 container_id: Some(ID.to_owned()),
             })),
+            tgid: 1,
             exchange: Exchange {
                 method: http::Method::GET,
                 target: target.to_owned(),

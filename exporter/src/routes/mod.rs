@@ -3,9 +3,12 @@
 //!
 //! 1. user rules in Flask's syntax (`--route`, `--routes-file`, a pod's
 //!    annotation), matched as Werkzeug matches them ([`flask_rules`]);
-//! 2. templates learned from each workload's traffic ([`learned`]);
-//! 3. for requests no route takes (no user rule, or a 404 that fits no
-//!    learned route): `None`, as prometheus-flask-exporter's
+//! 2. the rules read from the app's own source ([`discovery`]), matched
+//!    the same way; a request the app served that none of them takes shows
+//!    the harvest incomplete (a miss, counted) and goes on to
+//! 3. templates learned from each workload's traffic ([`learned`]);
+//! 4. for requests no route takes (the router's 404, 405 or 308, or a 404
+//!    that fits no learned route): `None`, as prometheus-flask-exporter's
 //!    `group_by='url_rule'` labels them.
 //!
 //! With `raw` it is the request path, as prometheus-flask-exporter's
@@ -22,7 +25,7 @@ use std::{
     borrow::Cow,
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use percent_encoding::percent_decode_str;
@@ -85,6 +88,8 @@ pub struct WorkloadRoutesView {
     pub routes: Vec<(Arc<str>, RouteStats)>,
     /// Size of the learned route trie.
     pub learned_nodes: usize,
+    /// Its rules read from its source, once read.
+    pub source_rules: Option<SourceRulesView>,
 }
 
 /// One workload's routes.
@@ -94,6 +99,10 @@ struct WorkloadRoutes {
     routes: HashMap<Arc<str>, RouteStats>,
     /// Identities seen serving this workload.
     identities: usize,
+    /// Its rules read from its source, once read; when they were asked.
+    source_rules: Option<Arc<SourceRules>>,
+    discovery_asked: Option<Instant>,
+    source_misses: u64,
 }
 
 /// Settings of the routes stage.
@@ -105,6 +114,35 @@ pub struct RouteOptions {
     pub segment_cap: usize,
     /// Rules of every workload (flag and file).
     pub user_rules: Arc<RuleSet>,
+    /// Read each workload's rules from its source (`--route-discovery`).
+    pub discovery: bool,
+}
+
+/// A workload's rules as read from its source, matched as user rules are.
+#[derive(Debug)]
+pub struct SourceRules {
+    pub discovery: discovery::Discovery,
+    pub set: RuleSet,
+}
+
+impl SourceRules {
+    /// The matcher over a harvest; rules it cannot take are added to what
+    /// could not be resolved.
+    pub fn new(mut discovery: discovery::Discovery) -> Self {
+        let (set, errors) = RuleSet::parse(&discovery.rules_text());
+        discovery
+            .unresolved
+            .extend(errors.into_iter().map(|error| error.to_string()));
+        SourceRules { discovery, set }
+    }
+}
+
+/// What `/debug/routes` shows of a workload's harvest.
+#[derive(Clone, Debug)]
+pub struct SourceRulesView {
+    pub rules: Arc<SourceRules>,
+    /// Requests the app served that no rule read from its source takes.
+    pub misses: u64,
 }
 
 /// What the routes stage counts. It owns these counters: `/metrics` reads
@@ -117,6 +155,8 @@ pub struct RouteCounters {
     pub learner_budget: IntCounter,
     /// A route longer than [`MAX_PATH_LABEL_BYTES`].
     pub label_budget: IntCounter,
+    /// Served requests no rule read from the app's source takes.
+    pub source_misses: IntCounter,
 }
 
 impl RouteCounters {
@@ -128,6 +168,11 @@ impl RouteCounters {
                 registry,
                 "flask_ebpf_exporter_path_overflow_total",
                 "Requests whose path label was replaced by <other> under the per-server cap",
+            )?,
+            source_misses: counter(
+                registry,
+                "flask_ebpf_exporter_route_discovery_misses_total",
+                "Requests an app served (status other than 404, 405, 308) that no rule read from its source takes: rules registered at run time, or a harvest that could not follow everything; they are labelled from learned templates",
             )?,
             routes_retired: counter(
                 registry,
@@ -152,6 +197,13 @@ pub struct RouteLabeler {
     /// Where each request's label is written (kept: no allocation per
     /// request once its route is known).
     label: String,
+    /// Workloads whose source should be read, and a process serving each.
+    discovery_wanted: Vec<(WorkloadKey, u32)>,
+    /// Workloads whose source was asked for before their first route, and
+    /// when (bounded by the workloads that send requests).
+    waiting: HashMap<WorkloadKey, Option<Instant>>,
+    /// Harvests that came before their workload's first route.
+    early_rules: HashMap<WorkloadKey, Arc<SourceRules>>,
 }
 
 impl RouteLabeler {
@@ -163,6 +215,58 @@ impl RouteLabeler {
             retired: Vec::new(),
             counters,
             label: String::new(),
+            discovery_wanted: Vec::new(),
+            waiting: HashMap::new(),
+            early_rules: HashMap::new(),
+        }
+    }
+
+    /// Whether `attributed` should wait (at most `wait`) for its workload's
+    /// rules to be read from its source, so that even its first requests
+    /// are named by them. The first exchange of a workload asks for them.
+    pub fn waits_for_source_rules(
+        &mut self,
+        attributed: &AttributedExchange,
+        wait: Duration,
+    ) -> bool {
+        if !self.options.discovery || self.options.mode == PathLabelMode::Raw {
+            return false;
+        }
+        let workload = &attributed.identity.workload;
+        let (asked, has_rules) = match self.workloads.get_mut(workload) {
+            Some(routes) => (&mut routes.discovery_asked, routes.source_rules.is_some()),
+            None => (
+                self.waiting.entry(workload.clone()).or_insert(None),
+                self.early_rules.contains_key(workload),
+            ),
+        };
+        if has_rules {
+            return false;
+        }
+        match asked {
+            Some(at) => at.elapsed() < wait,
+            None => {
+                *asked = Some(Instant::now());
+                self.discovery_wanted
+                    .push((workload.clone(), attributed.tgid));
+                true
+            }
+        }
+    }
+
+    /// Workloads seen for the first time whose rules should be read from
+    /// their source, each with a process that serves it.
+    pub fn take_discovery_wanted(&mut self) -> Vec<(WorkloadKey, u32)> {
+        std::mem::take(&mut self.discovery_wanted)
+    }
+
+    /// A workload's rules, read from its source.
+    pub fn set_source_rules(&mut self, workload: &WorkloadKey, rules: Arc<SourceRules>) {
+        match self.workloads.get_mut(workload) {
+            Some(routes) => routes.source_rules = Some(rules),
+            None => {
+                self.early_rules.insert(workload.clone(), rules);
+            }
         }
     }
 
@@ -194,6 +298,9 @@ impl RouteLabeler {
                     learner: RouteLearner::new(options.segment_cap, MAX_LEARNER_NODES),
                     routes: HashMap::new(),
                     identities: 0,
+                    source_rules: self.early_rules.remove(workload),
+                    discovery_asked: self.waiting.remove(workload).flatten(),
+                    source_misses: 0,
                 })
                 .identities += 1;
         }
@@ -207,7 +314,20 @@ impl RouteLabeler {
         let path = request_path(&exchange.target);
         let rules = attributed.rules.as_deref();
         let label = &mut self.label;
-        let mut source = name_route(&self.options, rules, routes, &path, exchange, label);
+        let mut missed = false;
+        let mut source = name_route(
+            &self.options,
+            rules,
+            routes,
+            &path,
+            exchange,
+            label,
+            &mut missed,
+        );
+        if missed {
+            routes.source_misses += 1;
+            self.counters.source_misses.inc();
+        }
         if source == RouteSource::Overflow {
             self.counters.learner_budget.inc();
         } else if label.len() > MAX_PATH_LABEL_BYTES {
@@ -278,6 +398,10 @@ impl RouteLabeler {
                     workload: key.clone(),
                     routes: list,
                     learned_nodes: routes.learner.nodes(),
+                    source_rules: routes.source_rules.clone().map(|rules| SourceRulesView {
+                        rules,
+                        misses: routes.source_misses,
+                    }),
                 }
             })
             .collect();
@@ -344,6 +468,7 @@ fn name_route(
     path: &str,
     exchange: &Exchange,
     label: &mut String,
+    missed: &mut bool,
 ) -> RouteSource {
     fn named(label: &mut String, text: &str, source: RouteSource) -> RouteSource {
         label.clear();
@@ -364,6 +489,18 @@ fn name_route(
     // Flask's router answers what no rule takes with 404, 405 (another
     // method) or 308 (a missing trailing slash): no url_rule.
     let router_answer = matches!(exchange.status, 404 | 405 | 308);
+    if let Some(source) = routes.source_rules.as_deref().filter(|s| !s.set.is_empty()) {
+        if let RuleMatch::Rule(rule) = source.set.match_path(path, exchange.method.as_str()) {
+            return named(label, rule, RouteSource::SourceRule);
+        }
+        if router_answer {
+            return named(label, NO_RULE, RouteSource::Unmatched);
+        }
+        // The app served what no rule read from it takes: the harvest
+        // missed a rule (registered at run time, or not followed). Learned
+        // templates name it.
+        *missed = !have_rules;
+    }
     if have_rules && router_answer {
         return named(label, NO_RULE, RouteSource::Unmatched);
     }
@@ -384,7 +521,7 @@ fn name_route(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
     use crate::exchange::IdentityLabels;
@@ -424,9 +561,81 @@ mod tests {
                 max_paths_per_workload: cap,
                 segment_cap: 4,
                 user_rules: Arc::new(rules),
+                discovery: true,
             },
             counters,
         )
+    }
+
+    #[test]
+    fn rules_read_from_the_source_name_routes_and_misses_are_counted() {
+        let mut labeler = labeler(PathLabelMode::Route, 100, "");
+        let identity = server("gunicorn", "8000");
+        // The first exchange asks for the source and waits for it, up to
+        // the wait given.
+        let first = AttributedExchange {
+            identity: identity.clone(),
+            rules: None,
+            tgid: 1,
+            exchange: exchange("GET", "/items/1", 200, 0.01),
+        };
+        let wait = Duration::from_secs(60);
+        assert!(labeler.waits_for_source_rules(&first, wait));
+        assert!(labeler.waits_for_source_rules(&first, wait));
+        assert!(
+            !labeler.waits_for_source_rules(&first, Duration::ZERO),
+            "waited long enough"
+        );
+        let wanted = labeler.take_discovery_wanted();
+        assert_eq!(wanted, vec![(identity.workload.clone(), 1)]);
+        assert!(labeler.take_discovery_wanted().is_empty(), "asked once");
+        let mut harvest = discovery::Discovery::default();
+        for (methods, rule) in [("GET", "/items/<int:item_id>"), ("GET", "/tags/<slug>")] {
+            harvest.rules.push(discovery::HarvestedRule {
+                rule: rule.to_owned(),
+                methods: BTreeSet::from([methods.to_owned()]),
+                endpoint: String::new(),
+                file: "/srv/app.py".into(),
+                line: 1,
+            });
+        }
+        labeler.set_source_rules(&identity.workload, Arc::new(SourceRules::new(harvest)));
+        assert!(
+            !labeler.waits_for_source_rules(&first, wait),
+            "the rules are in"
+        );
+        assert_eq!(labeler.route(&first).path.as_ref(), "/items/<int:item_id>");
+        let cases = [
+            (
+                exchange("GET", "/items/7", 200, 0.01),
+                "/items/<int:item_id>",
+            ),
+            // The view's own abort(404) keeps its rule.
+            (
+                exchange("GET", "/items/1000", 404, 0.01),
+                "/items/<int:item_id>",
+            ),
+            (exchange("GET", "/tags/python", 200, 0.01), "/tags/<slug>"),
+            // The router's answers: no rule.
+            (exchange("GET", "/nowhere", 404, 0.01), "None"),
+            (exchange("POST", "/tags/x", 405, 0.01), "None"),
+        ];
+        for (exchange, expected) in cases {
+            assert_eq!(label(&mut labeler, &identity, exchange), expected);
+        }
+        assert_eq!(labeler.counters().source_misses.get(), 0);
+        // Served, yet no harvested rule takes it: a miss, named by learning.
+        assert_eq!(
+            label(
+                &mut labeler,
+                &identity,
+                exchange("GET", "/runtime/added", 200, 0.01)
+            ),
+            "/runtime/added"
+        );
+        assert_eq!(labeler.counters().source_misses.get(), 1);
+        let view = labeler.snapshot();
+        assert_eq!(view[0].source_rules.as_ref().map(|s| s.misses), Some(1));
     }
 
     fn pod() -> Arc<Identity> {
@@ -451,6 +660,7 @@ mod tests {
         let attributed = AttributedExchange {
             identity: identity.clone(),
             rules: None,
+            tgid: 1,
             exchange,
         };
         labeler.route(&attributed).path.to_string()

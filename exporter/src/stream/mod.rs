@@ -287,7 +287,7 @@ impl ConnectionTable {
             self.partial_heads.forget(key, &old);
             self.counters.connections_tracked.dec();
             old.http.on_close(&self.counters.http, &mut self.finished);
-            tag(&old, &mut self.finished, out);
+            tag(header.tgid, &old, &mut self.finished, out);
             self.keep_spare(old.http);
         }
         if event.kind == EventKind::Close {
@@ -402,7 +402,7 @@ impl ConnectionTable {
                 connection.http.on_close(&counters.http, &mut exchanges);
                 partial_heads.forget(key, connection);
             }
-            tag(connection, &mut exchanges, out);
+            tag(tgid, connection, &mut exchanges, out);
             keep
         });
         self.counters
@@ -482,7 +482,7 @@ fn feed(
         EventKind::Close => connection.http.on_close(&counters.http, exchanges),
         _ => {}
     }
-    tag(connection, exchanges, out);
+    tag(event.header.tgid, connection, exchanges, out);
     event.kind == EventKind::Close
 }
 
@@ -614,10 +614,16 @@ fn hear_the_server(
 }
 
 /// Moves a connection's exchanges to `out` with whom it is served by.
-fn tag(connection: &Connection, exchanges: &mut Vec<Exchange>, out: &mut Vec<CapturedExchange>) {
+fn tag(
+    tgid: u32,
+    connection: &Connection,
+    exchanges: &mut Vec<Exchange>,
+    out: &mut Vec<CapturedExchange>,
+) {
     match &connection.served_by {
         Some(served_by) => out.extend(exchanges.drain(..).map(|exchange| CapturedExchange {
             served_by: served_by.clone(),
+            tgid,
             exchange,
         })),
         None => exchanges.clear(),

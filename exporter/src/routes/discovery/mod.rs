@@ -7,6 +7,7 @@
 
 pub mod entrypoint;
 pub mod harvest;
+pub mod worker;
 
 use std::{
     collections::BTreeSet,
@@ -18,6 +19,15 @@ use std::{
 
 use self::entrypoint::{Entrypoint, ProcessStart};
 use crate::procfs;
+
+/// Whether apps' rules are read from their source (`--route-discovery`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RouteDiscovery {
+    /// Read each app's url rules from its own source.
+    Source,
+    /// Do not: rules come from flags, annotations and learning only.
+    Off,
+}
 
 /// What one app's harvest may read.
 #[derive(Clone, Copy, Debug)]
