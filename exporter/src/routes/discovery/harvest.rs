@@ -21,8 +21,8 @@ use ruff_python_ast::{self as ast, Expr, Stmt};
 use ruff_text_size::Ranged;
 
 use super::{
-    Discovery, HarvestedRule, ParseBudget, SourceTree,
     entrypoint::{AppObject, AppSource, Entrypoint},
+    tree::{ParseBudget, SourceTree},
 };
 
 /// Nested factory calls followed, at most (a factory calling a helper that
@@ -30,6 +30,28 @@ use super::{
 const MAX_CALL_DEPTH: usize = 8;
 /// Methods a view class may define, as Flask's `MethodView` maps them.
 const HTTP_METHODS: [&str; 7] = ["get", "post", "put", "delete", "patch", "head", "options"];
+
+/// One url rule as the harvest found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HarvestedRule {
+    /// The rule text, as Flask's `url_rule` has it.
+    pub rule: String,
+    /// Methods as given (Flask adds HEAD with GET, and OPTIONS).
+    pub methods: BTreeSet<String>,
+    pub endpoint: String,
+    /// Where it was registered (inside the process's root), 1-based line.
+    pub file: PathBuf,
+    pub line: u32,
+}
+
+/// What a harvest found: the rules, what it could not follow, and how
+/// many files it parsed.
+#[derive(Clone, Debug, Default)]
+pub struct Harvest {
+    pub rules: Vec<HarvestedRule>,
+    pub unresolved: Vec<String>,
+    pub files: usize,
+}
 
 /// What a name or expression is, as far as rules care.
 #[derive(Clone, Debug)]
@@ -142,7 +164,7 @@ pub fn harvest(
     tree: &dyn SourceTree,
     budget: ParseBudget,
     deadline: Instant,
-) -> Discovery {
+) -> Harvest {
     let mut harvester = Harvester {
         tree,
         budget,
@@ -168,8 +190,7 @@ pub fn harvest(
             .push("no Flask application found where the entrypoint points".to_owned()),
         None => {}
     }
-    Discovery {
-        entrypoint: None,
+    Harvest {
         rules,
         unresolved: harvester.unresolved,
         files: harvester.files,
@@ -1125,7 +1146,7 @@ mod tests {
         }
     }
 
-    fn run(files: &Files, entrypoint: &Entrypoint, budget: ParseBudget) -> Discovery {
+    fn run(files: &Files, entrypoint: &Entrypoint, budget: ParseBudget) -> Harvest {
         harvest(
             entrypoint,
             files,
@@ -1135,7 +1156,7 @@ mod tests {
     }
 
     /// (methods, rule) pairs, sorted.
-    fn rules(discovery: &Discovery) -> Vec<String> {
+    fn rules(discovery: &Harvest) -> Vec<String> {
         let mut rules: Vec<String> = discovery
             .rules
             .iter()

@@ -7,17 +7,16 @@
 
 pub mod entrypoint;
 pub mod harvest;
+pub mod tree;
 pub mod worker;
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    io::Read as _,
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Instant};
 
 use self::entrypoint::{Entrypoint, ProcessStart};
+pub use self::{
+    harvest::HarvestedRule,
+    tree::{ParseBudget, ProcessRoot, SourceTree},
+};
 use crate::procfs;
 
 /// Whether apps' rules are read from their source (`--route-discovery`).
@@ -27,88 +26,6 @@ pub enum RouteDiscovery {
     Source,
     /// Do not: rules come from flags, annotations and learning only.
     Off,
-}
-
-/// What one app's harvest may read.
-#[derive(Clone, Copy, Debug)]
-pub struct ParseBudget {
-    pub files: usize,
-    pub bytes: usize,
-    /// Largest single file read; a longer one is skipped.
-    pub file_bytes: usize,
-    pub time: Duration,
-}
-
-impl Default for ParseBudget {
-    fn default() -> Self {
-        ParseBudget {
-            files: 256,
-            bytes: 16 * 1024 * 1024,
-            file_bytes: 2 * 1024 * 1024,
-            time: Duration::from_secs(2),
-        }
-    }
-}
-
-/// Files to read modules from: a process's root, or (in tests) a map.
-pub trait SourceTree {
-    /// The file's text, if it is a file of at most `limit` bytes.
-    fn read(&self, path: &Path, limit: usize) -> Option<String>;
-    fn is_file(&self, path: &Path) -> bool;
-    fn is_dir(&self, path: &Path) -> bool;
-}
-
-/// The filesystem as a process sees it, through `/proc/<pid>/root`.
-pub struct ProcessRoot {
-    root: PathBuf,
-}
-
-impl ProcessRoot {
-    pub fn of(tgid: u32) -> Self {
-        ProcessRoot {
-            root: PathBuf::from(format!("/proc/{tgid}/root")),
-        }
-    }
-
-    /// `path` (absolute inside the process) on the host. `..` and symlinks
-    /// are left to the kernel, which resolves them under the process's root
-    /// as it would for the process itself.
-    fn host_path(&self, path: &Path) -> PathBuf {
-        self.root.join(path.strip_prefix("/").unwrap_or(path))
-    }
-}
-
-impl SourceTree for ProcessRoot {
-    fn read(&self, path: &Path, limit: usize) -> Option<String> {
-        let file = fs::File::open(self.host_path(path)).ok()?;
-        if !file.metadata().ok()?.is_file() {
-            return None;
-        }
-        let mut text = String::new();
-        file.take(limit as u64 + 1).read_to_string(&mut text).ok()?;
-        (text.len() <= limit).then_some(text)
-    }
-
-    fn is_file(&self, path: &Path) -> bool {
-        self.host_path(path).is_file()
-    }
-
-    fn is_dir(&self, path: &Path) -> bool {
-        self.host_path(path).is_dir()
-    }
-}
-
-/// One url rule as the harvest found it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HarvestedRule {
-    /// The rule text, as Flask's `url_rule` has it.
-    pub rule: String,
-    /// Methods as given (Flask adds HEAD with GET, and OPTIONS).
-    pub methods: BTreeSet<String>,
-    pub endpoint: String,
-    /// Where it was registered (inside the process's root), 1-based line.
-    pub file: PathBuf,
-    pub line: u32,
 }
 
 /// What was found for one server process.
@@ -162,9 +79,13 @@ pub fn harvest_entrypoint(
     budget: ParseBudget,
 ) -> Discovery {
     let deadline = Instant::now() + budget.time;
-    let mut discovery = harvest::harvest(entrypoint, tree, budget, deadline);
-    discovery.entrypoint = Some(describe(entrypoint));
-    discovery
+    let harvest = harvest::harvest(entrypoint, tree, budget, deadline);
+    Discovery {
+        entrypoint: Some(describe(entrypoint)),
+        rules: harvest.rules,
+        unresolved: harvest.unresolved,
+        files: harvest.files,
+    }
 }
 
 fn describe(entrypoint: &Entrypoint) -> String {
