@@ -249,6 +249,8 @@ fn a_listener_that_starts_speaking_http_is_followed_again() {
         |s| listeners_ignored(s) == 0.0,
     );
     assert_eq!(listeners_ignored(&cleared), 0.0, "judged HTTP again");
+    // The loop's last requests may still be on their way to /metrics.
+    std::thread::sleep(Duration::from_millis(1500));
     let counted = counted_on(&exporter, port);
     for _ in 0..20 {
         assert_eq!(http_get(port, "/x").expect("get").status, 200);
