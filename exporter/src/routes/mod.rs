@@ -229,16 +229,24 @@ impl RouteLabeler {
         attributed: &AttributedExchange,
         wait: Duration,
     ) -> bool {
-        if !self.options.discovery || self.options.mode == PathLabelMode::Raw {
+        // An identity already routed is past its workload's wait: the steady
+        // path costs one lookup of a hash computed once per identity.
+        if !self.options.discovery
+            || self.options.mode == PathLabelMode::Raw
+            || self.identities.contains(&attributed.identity)
+        {
             return false;
         }
         let workload = &attributed.identity.workload;
+        if !self.workloads.contains_key(workload) && !self.waiting.contains_key(workload) {
+            self.waiting.insert(workload.clone(), None);
+        }
         let (asked, has_rules) = match self.workloads.get_mut(workload) {
             Some(routes) => (&mut routes.discovery_asked, routes.source_rules.is_some()),
-            None => (
-                self.waiting.entry(workload.clone()).or_insert(None),
-                self.early_rules.contains_key(workload),
-            ),
+            None => match self.waiting.get_mut(workload) {
+                Some(asked) => (asked, self.early_rules.contains_key(workload)),
+                None => return false,
+            },
         };
         if has_rules {
             return false;
