@@ -96,6 +96,12 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// What holding it costs, in bytes of what a client chose: its method
+    /// and target.
+    pub fn held_bytes(&self) -> usize {
+        self.method.as_str().len() + self.target.len()
+    }
+
     pub fn duration_seconds(&self) -> f64 {
         self.finished_ns.saturating_sub(self.started_ns) as f64 / 1e9
     }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use exporter_common::{EventKind, HEARTBEAT_FD};
-use prometheus::Registry;
+use prometheus::{IntCounter, Registry};
 
 use crate::{
     capture::{Capture, RawEvent},
@@ -68,6 +68,7 @@ const MAX_HELD_REQUESTS: usize = 100_000;
 /// from its source (the harvest's own time budget), and how many may wait.
 const SOURCE_RULES_WAIT: Duration = Duration::from_secs(2);
 const MAX_HELD_FOR_SOURCE_RULES: usize = 10_000;
+const MAX_HELD_FOR_SOURCE_RULES_BYTES: usize = 8 * 1024 * 1024;
 /// Bytes of method and target held while pods are looked up, at most.
 const MAX_HELD_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
@@ -93,7 +94,7 @@ pub struct Stages {
     /// Reads apps' rules from their source (`None`: `--route-discovery off`).
     pub discovery: Option<DiscoveryWorker>,
     /// Exchanges waiting for their workload's rules from its source.
-    pub held_for_source_rules: VecDeque<AttributedExchange>,
+    pub held_for_source_rules: HeldForSourceRules,
     pub metrics: RequestMetrics,
 }
 
@@ -102,6 +103,49 @@ pub struct Stages {
 fn request_heartbeat() {
     // SAFETY: closing an fd no process can hold only returns EBADF.
     unsafe { libc::close(HEARTBEAT_FD as i32) };
+}
+
+/// Exchanges waiting for their workload's rules from its source, within a
+/// budget of entries and bytes of what clients chose (targets); past it an
+/// exchange is named at once (by learned templates while the rules are not
+/// in), counted.
+#[derive(Debug)]
+pub struct HeldForSourceRules {
+    queue: VecDeque<AttributedExchange>,
+    bytes: usize,
+    max: usize,
+    max_bytes: usize,
+    budget: IntCounter,
+}
+
+impl HeldForSourceRules {
+    fn new(max: usize, max_bytes: usize, budget: IntCounter) -> Self {
+        HeldForSourceRules {
+            queue: VecDeque::new(),
+            bytes: 0,
+            max,
+            max_bytes,
+            budget,
+        }
+    }
+
+    /// Holds `attributed`, or gives it back past the budget.
+    fn hold(&mut self, attributed: AttributedExchange) -> Result<(), AttributedExchange> {
+        let size = attributed.exchange.held_bytes();
+        if self.queue.len() >= self.max || self.bytes + size > self.max_bytes {
+            self.budget.inc();
+            return Err(attributed);
+        }
+        self.bytes += size;
+        self.queue.push_back(attributed);
+        Ok(())
+    }
+
+    /// Every exchange held, oldest first; none is held after.
+    fn take(&mut self) -> VecDeque<AttributedExchange> {
+        self.bytes = 0;
+        std::mem::take(&mut self.queue)
+    }
 }
 
 /// What a turn left in the ring buffer.
@@ -236,7 +280,10 @@ impl Stages {
         budgets: &Budgets,
     ) -> Result<Self, prometheus::Error> {
         let discovery = match config.route_discovery {
-            RouteDiscovery::Source => match DiscoveryWorker::start(ParseBudget::default()) {
+            RouteDiscovery::Source => match DiscoveryWorker::start(
+                ParseBudget::default(),
+                budgets.counter("route_discovery_parse"),
+            ) {
                 Ok(worker) => Some(worker),
                 Err(error) => {
                     tracing::warn!(%error, "could not start route discovery: rules come from flags and learning");
@@ -274,7 +321,11 @@ impl Stages {
                 RouteCounters::register(registry, budgets)?,
             ),
             discovery,
-            held_for_source_rules: VecDeque::new(),
+            held_for_source_rules: HeldForSourceRules::new(
+                MAX_HELD_FOR_SOURCE_RULES,
+                MAX_HELD_FOR_SOURCE_RULES_BYTES,
+                budgets.counter("source_rules_wait"),
+            ),
         })
     }
 
@@ -302,14 +353,17 @@ impl Stages {
             &mut hand_offs.attributed,
         );
         for attributed in hand_offs.attributed.drain(..) {
-            if self.held_for_source_rules.len() < MAX_HELD_FOR_SOURCE_RULES
-                && self
-                    .labeler
-                    .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT)
+            let attributed = if self
+                .labeler
+                .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT)
             {
-                self.held_for_source_rules.push_back(attributed);
-                continue;
-            }
+                match self.held_for_source_rules.hold(attributed) {
+                    Ok(()) => continue,
+                    Err(not_held) => not_held,
+                }
+            } else {
+                attributed
+            };
             self.label_and_observe(attributed);
         }
         // Routes a learned parameter replaced: their series go, their
@@ -327,14 +381,14 @@ impl Stages {
             }
         }
         // In order: an exchange waits while an earlier one of its workload does.
-        for attributed in std::mem::take(&mut self.held_for_source_rules) {
-            if self
+        for attributed in self.held_for_source_rules.take() {
+            let still_waits = self
                 .labeler
-                .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT)
-            {
-                self.held_for_source_rules.push_back(attributed);
-            } else {
+                .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT);
+            if !still_waits {
                 self.label_and_observe(attributed);
+            } else if let Err(not_held) = self.held_for_source_rules.hold(attributed) {
+                self.label_and_observe(not_held);
             }
         }
     }
@@ -344,5 +398,58 @@ impl Stages {
         let route = self.labeler.route(&attributed);
         self.metrics.observe(&attributed, &route);
         targets::give_back(attributed.exchange.target);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::{Exchange, Identity, IdentityLabels};
+
+    fn held(target: &str) -> AttributedExchange {
+        AttributedExchange {
+            identity: Arc::new(Identity::new(IdentityLabels::Server {
+                process: "gunicorn".to_owned(),
+                port: "8000".to_owned(),
+            })),
+            rules: None,
+            tgid: 1,
+            exchange: Exchange {
+                method: http::Method::GET,
+                target: target.to_owned(),
+                status: 200,
+                started_ns: 0,
+                finished_ns: 1,
+                request_bytes: 0,
+                response_bytes: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn exchanges_held_for_source_rules_stay_within_their_budget() {
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        let budget = budgets.counter("source_rules_wait");
+        // Two entries, 20 bytes of method and target ("GET" + target).
+        let mut holding = HeldForSourceRules::new(2, 20, budget.clone());
+        assert!(holding.hold(held("/a")).is_ok());
+        // A long target past the bytes: given back, counted.
+        let long = "/".repeat(30);
+        let given_back = holding.hold(held(&long)).expect_err("over the bytes");
+        assert_eq!(given_back.exchange.target, long);
+        assert!(holding.hold(held("/b")).is_ok());
+        // Past the entries.
+        assert!(holding.hold(held("/c")).is_err());
+        assert_eq!(budget.get(), 2);
+        let targets: Vec<String> = holding
+            .take()
+            .into_iter()
+            .map(|a| a.exchange.target)
+            .collect();
+        assert_eq!(targets, ["/a", "/b"], "oldest first");
+        // Taken: room again.
+        assert!(holding.hold(held("/c")).is_ok());
+        assert_eq!(budget.get(), 2);
     }
 }

@@ -182,7 +182,7 @@ impl Attribution {
 
 /// What holding an exchange costs, in bytes of what a client chose.
 fn held_size(captured: &CapturedExchange) -> usize {
-    captured.exchange.method.as_str().len() + captured.exchange.target.len()
+    captured.exchange.held_bytes()
 }
 
 fn attributed(

@@ -51,6 +51,8 @@ pub struct Harvest {
     pub rules: Vec<HarvestedRule>,
     pub unresolved: Vec<String>,
     pub files: usize,
+    /// The parse budget ran out before everything was read.
+    pub budget_spent: bool,
 }
 
 /// What a name or expression is, as far as rules care.
@@ -194,6 +196,7 @@ pub fn harvest(
         rules,
         unresolved: harvester.unresolved,
         files: harvester.files,
+        budget_spent: harvester.exhausted,
     }
 }
 
@@ -1376,6 +1379,7 @@ def ok():
         };
         let discovery = run(&files, &entry("app", AppObject::Default), one_file);
         assert_eq!(discovery.files, 1);
+        assert!(discovery.budget_spent);
         assert!(
             discovery
                 .unresolved

@@ -38,6 +38,8 @@ pub struct Discovery {
     pub unresolved: Vec<String>,
     /// Files parsed.
     pub files: usize,
+    /// The parse budget ran out before everything was read.
+    pub budget_spent: bool,
 }
 
 impl Discovery {
@@ -85,6 +87,7 @@ pub fn harvest_entrypoint(
         rules: harvest.rules,
         unresolved: harvest.unresolved,
         files: harvest.files,
+        budget_spent: harvest.budget_spent,
     }
 }
 

@@ -7,6 +7,7 @@ use std::{
     thread,
 };
 
+use prometheus::IntCounter;
 use tracing::{info, warn};
 
 use super::{Discovery, ParseBudget, discover};
@@ -19,7 +20,8 @@ pub struct DiscoveryWorker {
 }
 
 impl DiscoveryWorker {
-    pub fn start(budget: ParseBudget) -> std::io::Result<Self> {
+    /// `spent` counts harvests that ran out of `budget`.
+    pub fn start(budget: ParseBudget, spent: IntCounter) -> std::io::Result<Self> {
         let (requests, incoming) = mpsc::channel::<(WorkloadKey, u32)>();
         let (outgoing, results) = mpsc::channel();
         thread::Builder::new()
@@ -27,6 +29,9 @@ impl DiscoveryWorker {
             .spawn(move || {
                 for (workload, tgid) in incoming {
                     let discovery = discover(tgid, budget);
+                    if discovery.budget_spent {
+                        spent.inc();
+                    }
                     info!(
                         tgid,
                         entrypoint = discovery.entrypoint.as_deref().unwrap_or("none found"),
