@@ -1,14 +1,9 @@
 //! User routes are matched as Flask's router matches them: the exporter's
-//! matcher against real Werkzeug (via tests/fixtures/routes_app.py, whose
-//! `--match` mode asks the app's own url_map) on thousands of randomized
+//! matcher against real Werkzeug (tests/fixtures/print_rules.py's `--match`
+//! asks routes_app's own url_map) on thousands of randomized
 //! requests.
 
 mod support;
-
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-};
 
 use flask_ebpf_exporter::routes::{
     flask_rules::{NO_RULE, RuleMatch, RuleSet},
@@ -16,29 +11,10 @@ use flask_ebpf_exporter::routes::{
 };
 use support::{routes_traffic::Traffic, *};
 
-fn app(venv: &std::path::Path, args: &[&str], input: &str) -> String {
-    let mut child = Command::new(venv.join("bin/python"))
-        .arg(workspace().join("tests/fixtures/routes_app.py"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let output = child.wait_with_output().expect("wait");
-    assert!(output.status.success());
-    String::from_utf8(output.stdout).expect("UTF-8")
-}
-
 #[test]
 fn matches_as_werkzeug_does() {
     let venv = require_prerequisites();
-    let rules_text = app(&venv, &["--rules"], "");
+    let rules_text = flask_oracle(&venv, "routes_app:app", &[], "");
     let (rules, errors) = RuleSet::parse(&rules_text);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(rules.len(), rules_text.lines().count());
@@ -63,7 +39,7 @@ fn matches_as_werkzeug_does() {
         .iter()
         .map(|(method, path)| format!("{method} {path}\n"))
         .collect();
-    let werkzeug: Vec<String> = app(&venv, &["--match"], &input)
+    let werkzeug: Vec<String> = flask_oracle(&venv, "routes_app:app", &["--match"], &input)
         .lines()
         .map(str::to_owned)
         .collect();

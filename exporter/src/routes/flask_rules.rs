@@ -470,6 +470,9 @@ pub struct Rule {
     pub text: String,
     /// `None`: every method.
     methods: Option<BTreeSet<String>>,
+    /// Werkzeug's `strict_slashes`: false lets `/x` match `/x/` (and `/x/`
+    /// match `/x`) instead of redirecting.
+    strict_slashes: bool,
 }
 
 #[derive(Debug, Default)]
@@ -516,8 +519,14 @@ impl RuleSet {
                 errors.push(error);
             }
         }
-        set.root.sort();
+        set.finish();
         (set, errors)
+    }
+
+    /// Orders the matcher as Werkzeug's `Map.update()` does, once the rules
+    /// are in.
+    pub fn finish(&mut self) {
+        self.root.sort();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -546,11 +555,33 @@ impl RuleSet {
         if !text.starts_with('/') {
             return Err(RuleError::NoLeadingSlash(text.to_owned()));
         }
+        let methods = methods.map(|list| list.split(',').map(str::trim).collect::<Vec<_>>());
+        self.add(text, methods.as_deref(), true)
+    }
+
+    /// Adds one rule; without methods it takes every method, with them HEAD
+    /// comes with GET and OPTIONS with any. Call [`RuleSet::finish`] after
+    /// the last.
+    pub fn add(
+        &mut self,
+        text: &str,
+        methods: Option<&[&str]>,
+        strict_slashes: bool,
+    ) -> Result<(), RuleError> {
+        if text.len() > MAX_RULE_BYTES {
+            return Err(RuleError::TooLong {
+                start: text.chars().take(40).collect(),
+                bytes: text.len(),
+            });
+        }
+        if !text.starts_with('/') {
+            return Err(RuleError::NoLeadingSlash(text.to_owned()));
+        }
         let methods = match methods {
             None => None,
             Some(list) => {
                 let mut set = BTreeSet::new();
-                for method in list.split(',').map(|m| m.trim().to_ascii_uppercase()) {
+                for method in list.iter().map(|m| m.to_ascii_uppercase()) {
                     if !METHODS.contains(&method.as_str()) {
                         return Err(RuleError::BadMethod {
                             rule: text.to_owned(),
@@ -583,6 +614,7 @@ impl RuleSet {
         self.rules.push(Rule {
             text: text.to_owned(),
             methods,
+            strict_slashes,
         });
         let mut state = &mut self.root;
         for part in parts {
@@ -639,13 +671,17 @@ impl RuleSet {
                 return self.validated(rule, values);
             }
             if let Some(slashed) = state.static_next.get("")
-                && slashed
+                && let Some(&rule) = slashed
                     .rules
                     .iter()
-                    .any(|&rule| self.rule_takes(rule, method))
+                    .find(|&&rule| self.rule_takes(rule, method))
             {
-                // Every rule is strict about slashes, as Flask's are.
-                return Walk::SlashRequired;
+                // Werkzeug redirects to the slash, unless the rule is lax.
+                return if self.rules[rule].strict_slashes {
+                    Walk::SlashRequired
+                } else {
+                    self.validated(rule, values)
+                };
             }
             return Walk::NoMatch;
         };
@@ -692,8 +728,15 @@ impl RuleSet {
                 done => return done,
             }
         }
-        // (Werkzeug tries rules without strict slashes here; Flask's are all
-        // strict.)
+        // A trailing slash a lax rule lacks still matches it.
+        if parts == [""]
+            && let Some(&rule) = state
+                .rules
+                .iter()
+                .find(|&&rule| !self.rules[rule].strict_slashes && self.rule_takes(rule, method))
+        {
+            return self.validated(rule, values);
+        }
         Walk::NoMatch
     }
 

@@ -129,10 +129,14 @@ impl SourceRules {
     /// The matcher over a harvest; rules it cannot take are added to what
     /// could not be resolved.
     pub fn new(mut discovery: discovery::Discovery) -> Self {
-        let (set, errors) = RuleSet::parse(&discovery.rules_text());
-        discovery
-            .unresolved
-            .extend(errors.into_iter().map(|error| error.to_string()));
+        let mut set = RuleSet::default();
+        for rule in &discovery.rules {
+            let methods: Vec<&str> = rule.methods.iter().map(String::as_str).collect();
+            if let Err(error) = set.add(&rule.rule, Some(&methods), rule.strict_slashes) {
+                discovery.unresolved.push(error.to_string());
+            }
+        }
+        set.finish();
         SourceRules { discovery, set }
     }
 }
@@ -603,6 +607,7 @@ mod tests {
                 rule: rule.to_owned(),
                 methods: BTreeSet::from([methods.to_owned()]),
                 endpoint: String::new(),
+                strict_slashes: true,
                 file: "/srv/app.py".into(),
                 line: 1,
             });

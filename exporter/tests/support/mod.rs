@@ -41,6 +41,34 @@ pub fn require_prerequisites() -> PathBuf {
     venv
 }
 
+/// Flask itself, asked about a fixture app (`module:app` or
+/// `module:factory()`) by tests/fixtures/print_rules.py: its rules, or with
+/// `--match` the rule its router gives each `METHOD PATH` line of `input`.
+pub fn flask_oracle(venv: &std::path::Path, spec: &str, args: &[&str], input: &str) -> String {
+    let mut child = Command::new(venv.join("bin/python"))
+        .arg("print_rules.py")
+        .arg(spec)
+        .args(args)
+        .current_dir(workspace().join("tests/fixtures"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_owned();
+    // Written from a thread: a long input must not block on a full stdout.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let output = child.wait_with_output().expect("wait");
+    writer.join().expect("writer").expect("write");
+    assert!(
+        output.status.success(),
+        "print_rules.py {spec}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
 /// Resident memory of a process, in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

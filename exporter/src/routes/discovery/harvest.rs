@@ -39,6 +39,11 @@ pub struct HarvestedRule {
     /// Methods as given (Flask adds HEAD with GET, and OPTIONS).
     pub methods: BTreeSet<String>,
     pub endpoint: String,
+    /// Whether a request without the rule's trailing slash (or with one the
+    /// rule lacks) is redirected (Werkzeug's `strict_slashes`), as the
+    /// rule's keyword or the app's `url_map.strict_slashes` had it when the
+    /// rule entered the map.
+    pub strict_slashes: bool,
     /// Where it was registered (inside the process's root), 1-based line.
     pub file: PathBuf,
     pub line: u32,
@@ -59,6 +64,7 @@ pub struct Harvest {
 #[derive(Clone, Debug)]
 enum Value {
     Str(String),
+    Bool(bool),
     Strs(Vec<String>),
     /// An application or blueprint (index into the harvest's scaffolds).
     Scaffold(usize),
@@ -99,9 +105,14 @@ struct Scaffold {
     url_prefix: Option<String>,
     /// The static route Flask adds (from `static_folder`), if any.
     static_rule: Option<String>,
-    rules: Vec<HarvestedRule>,
-    /// Blueprints registered on it, with the `url_prefix` given there.
-    children: Vec<(usize, Option<String>)>,
+    /// Rules with their own `strict_slashes`, if given.
+    rules: Vec<(HarvestedRule, Option<bool>)>,
+    /// Blueprints registered on it, with the `url_prefix` given there and
+    /// the app's `url_map.strict_slashes` then (its rules enter the map at
+    /// that moment).
+    children: Vec<(usize, Option<String>, bool)>,
+    /// An app's `url_map.strict_slashes` as the source has set it so far.
+    map_strict_slashes: bool,
     file: PathBuf,
     line: u32,
 }
@@ -186,7 +197,7 @@ pub fn harvest(
     let app = harvester.find_app(entrypoint);
     let mut rules = Vec::new();
     match app {
-        Some(app) => harvester.collect(app, None, &mut rules),
+        Some(app) => harvester.collect(app, None, true, &mut rules),
         None if harvester.unresolved.is_empty() => harvester
             .unresolved
             .push("no Flask application found where the entrypoint points".to_owned()),
@@ -477,6 +488,7 @@ impl Harvester<'_> {
             Stmt::Assign(assign) => {
                 let value = self.eval(&assign.value, env, context);
                 for target in &assign.targets {
+                    self.set_map_strict_slashes(target, &value, env, context);
                     self.bind(target, value.clone(), env);
                 }
             }
@@ -546,6 +558,32 @@ impl Harvester<'_> {
             _ => {}
         }
         None
+    }
+
+    /// `app.url_map.strict_slashes = False`: rules that enter the map from
+    /// then on take it as their default.
+    fn set_map_strict_slashes(
+        &mut self,
+        target: &Expr,
+        value: &Value,
+        env: &Env,
+        context: &Context,
+    ) {
+        let Expr::Attribute(setting) = target else {
+            return;
+        };
+        let Expr::Attribute(map) = setting.value.as_ref() else {
+            return;
+        };
+        if setting.attr.as_str() != "strict_slashes" || map.attr.as_str() != "url_map" {
+            return;
+        }
+        if let (Value::Scaffold(app), Value::Bool(strict)) =
+            (self.eval(&map.value, env, context), value)
+            && self.scaffolds[app].kind == ScaffoldKind::App
+        {
+            self.scaffolds[app].map_strict_slashes = *strict;
+        }
     }
 
     fn bind(&mut self, target: &Expr, value: Value, env: &mut Env) {
@@ -633,25 +671,67 @@ impl Harvester<'_> {
         let endpoint = self
             .keyword_str(&call.arguments, "endpoint", env, context)
             .unwrap_or_else(|| name.to_owned());
-        self.register(scaffold, rule, methods, endpoint, context, line);
+        let strict_slashes = self.strict_slashes(&call.arguments, env, context, line);
+        self.register(
+            scaffold,
+            rule,
+            methods,
+            endpoint,
+            strict_slashes,
+            context,
+            line,
+        );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         scaffold: usize,
         rule: String,
         methods: BTreeSet<String>,
         endpoint: String,
+        strict_slashes: Option<bool>,
         context: &Context,
         line: u32,
     ) {
-        self.scaffolds[scaffold].rules.push(HarvestedRule {
-            rule,
-            methods,
-            endpoint,
-            file: context.file.clone(),
-            line,
-        });
+        let scaffold = &mut self.scaffolds[scaffold];
+        // An app's rule enters its map now; a blueprint's when registered.
+        let strict_slashes = match scaffold.kind {
+            ScaffoldKind::App => Some(strict_slashes.unwrap_or(scaffold.map_strict_slashes)),
+            ScaffoldKind::Blueprint => strict_slashes,
+        };
+        scaffold.rules.push((
+            HarvestedRule {
+                rule,
+                methods,
+                endpoint,
+                strict_slashes: true,
+                file: context.file.clone(),
+                line,
+            },
+            strict_slashes,
+        ));
+    }
+
+    /// A rule's `strict_slashes=` keyword, when it is a constant.
+    fn strict_slashes(
+        &mut self,
+        arguments: &ast::Arguments,
+        env: &Env,
+        context: &Context,
+        line: u32,
+    ) -> Option<bool> {
+        match self.eval(Self::keyword(arguments, "strict_slashes")?, env, context) {
+            Value::Bool(strict) => Some(strict),
+            Value::None => None,
+            _ => {
+                self.unresolved.push(format!(
+                    "{}:{line}: a strict_slashes that is not a constant: taken as the map's",
+                    context.file.display()
+                ));
+                None
+            }
+        }
     }
 
     /// A rule argument that must be a constant string; says why not.
@@ -736,6 +816,7 @@ impl Harvester<'_> {
             Expr::StringLiteral(literal) => Value::Str(literal.value.to_str().to_owned()),
             Expr::FString(fstring) => self.fstring(fstring, env, context),
             Expr::NoneLiteral(_) => Value::None,
+            Expr::BooleanLiteral(literal) => Value::Bool(literal.value),
             Expr::Name(name) => env.get(name.id.as_str()).cloned().unwrap_or(Value::Unknown),
             Expr::BinOp(operation) if operation.op == ast::Operator::Add => {
                 match (
@@ -827,7 +908,9 @@ impl Harvester<'_> {
                         };
                         match child {
                             Some(Value::Scaffold(child)) => {
-                                self.scaffolds[*scaffold].children.push((child, prefix))
+                                let parent = &mut self.scaffolds[*scaffold];
+                                let strict = parent.map_strict_slashes;
+                                parent.children.push((child, prefix, strict));
                             }
                             _ => self.unresolved.push(format!(
                                 "{}:{line}: a blueprint this harvest cannot follow",
@@ -872,7 +955,16 @@ impl Harvester<'_> {
                             _ => String::new(),
                         });
                         let methods = self.methods(arguments, view.as_ref(), env, context);
-                        self.register(scaffold, rule, methods, endpoint, context, line);
+                        let strict_slashes = self.strict_slashes(arguments, env, context, line);
+                        self.register(
+                            scaffold,
+                            rule,
+                            methods,
+                            endpoint,
+                            strict_slashes,
+                            context,
+                            line,
+                        );
                         Value::None
                     }
                     (Value::Api { scaffold, prefix }, "add_resource") => {
@@ -886,6 +978,8 @@ impl Harvester<'_> {
                         let endpoint = self
                             .keyword_str(arguments, "endpoint", env, context)
                             .unwrap_or_else(|| self.classes[class].name.to_ascii_lowercase());
+                        // Flask-RESTful hands other keywords to add_url_rule.
+                        let strict_slashes = self.strict_slashes(arguments, env, context, line);
                         for url in arguments.args.iter().skip(1) {
                             match self.eval(url, env, context) {
                                 Value::Str(url) => self.register(
@@ -893,6 +987,7 @@ impl Harvester<'_> {
                                     format!("{prefix}{url}"),
                                     methods.clone(),
                                     endpoint.clone(),
+                                    strict_slashes,
                                     context,
                                     line,
                                 ),
@@ -1000,6 +1095,7 @@ impl Harvester<'_> {
                     static_rule,
                     rules: Vec::new(),
                     children: Vec::new(),
+                    map_strict_slashes: true,
                     file: context.file.clone(),
                     line,
                 });
@@ -1054,8 +1150,15 @@ impl Harvester<'_> {
     // ------------------------------------------------------------ rules
 
     /// The rules of scaffold `index` as registered on the app, under the
-    /// prefix its registration gave it (Flask's joining).
-    fn collect(&self, index: usize, prefix: Option<String>, out: &mut Vec<HarvestedRule>) {
+    /// prefix its registration gave it (Flask's joining), and the app map's
+    /// `strict_slashes` when it was registered.
+    fn collect(
+        &self,
+        index: usize,
+        prefix: Option<String>,
+        map_strict_slashes: bool,
+        out: &mut Vec<HarvestedRule>,
+    ) {
         let scaffold = &self.scaffolds[index];
         let join = |rule: &str| match &prefix {
             Some(prefix) if rule.is_empty() => prefix.clone(),
@@ -1071,11 +1174,13 @@ impl Harvester<'_> {
                 rule: join(rule),
                 methods: BTreeSet::from(["GET".to_owned()]),
                 endpoint: "static".to_owned(),
+                // An app's static rule enters the map before any setting.
+                strict_slashes: scaffold.kind == ScaffoldKind::App || map_strict_slashes,
                 file: scaffold.file.clone(),
                 line: scaffold.line,
             });
         }
-        for rule in &scaffold.rules {
+        for (rule, strict_slashes) in &scaffold.rules {
             let endpoint = match scaffold.kind {
                 ScaffoldKind::App => rule.endpoint.clone(),
                 ScaffoldKind::Blueprint => format!("{}.{}", scaffold.name, rule.endpoint),
@@ -1083,10 +1188,11 @@ impl Harvester<'_> {
             out.push(HarvestedRule {
                 rule: join(&rule.rule),
                 endpoint,
+                strict_slashes: strict_slashes.unwrap_or(map_strict_slashes),
                 ..rule.clone()
             });
         }
-        for (child, given) in &scaffold.children {
+        for (child, given, strict_then) in &scaffold.children {
             let child_prefix = given
                 .clone()
                 .or_else(|| self.scaffolds[*child].url_prefix.clone());
@@ -1099,7 +1205,12 @@ impl Harvester<'_> {
                 (None, inner) => inner,
                 (outer, None) => outer.clone(),
             };
-            self.collect(*child, joined, out);
+            // Nested blueprints enter the map with the outermost one.
+            let strict = match scaffold.kind {
+                ScaffoldKind::App => *strict_then,
+                ScaffoldKind::Blueprint => map_strict_slashes,
+            };
+            self.collect(*child, joined, strict, out);
         }
     }
 }

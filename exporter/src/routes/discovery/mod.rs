@@ -43,13 +43,19 @@ pub struct Discovery {
 }
 
 impl Discovery {
-    /// The rules as `--routes-file` lines (`METHODS RULE`).
+    /// The rules a line each, `METHODS RULE`, as the tests' oracle prints
+    /// Flask's (` strict_slashes=False` after a lax one).
     pub fn rules_text(&self) -> String {
         self.rules
             .iter()
             .map(|rule| {
                 let methods: Vec<&str> = rule.methods.iter().map(String::as_str).collect();
-                format!("{} {}\n", methods.join(","), rule.rule)
+                let lax = if rule.strict_slashes {
+                    ""
+                } else {
+                    " strict_slashes=False"
+                };
+                format!("{} {}{lax}\n", methods.join(","), rule.rule)
             })
             .collect()
     }
