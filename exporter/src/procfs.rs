@@ -99,6 +99,12 @@ pub fn working_directory(tgid: u32) -> Option<PathBuf> {
     process(tgid)?.cwd().ok()
 }
 
+/// The program a process runs (`/proc/<pid>/exe`), as a path inside its
+/// own root: for Python, the real interpreter, links resolved.
+pub fn executable(tgid: u32) -> Option<PathBuf> {
+    process(tgid)?.exe().ok()
+}
+
 /// The cgroups a process is in, one per hierarchy.
 pub fn cgroups(tgid: u32) -> Option<ProcessCGroups> {
     process(tgid)?.cgroups().ok()

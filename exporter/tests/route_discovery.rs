@@ -4,12 +4,12 @@
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
 use flask_ebpf_exporter::routes::{
     SourceRules,
     discovery::{
-        Discovery, ParseBudget, ProcessRoot,
+        Discovery, ParseBudget, ProcessRoot, discover,
         entrypoint::{self, ProcessStart},
         harvest_entrypoint,
     },
@@ -37,6 +37,7 @@ fn discovered(argv: &str) -> Discovery {
         argv: argv.split_whitespace().map(str::to_owned).collect(),
         environment: Vec::new(),
         cwd: workspace().join("tests/fixtures"),
+        executable: None,
     };
     // This process's own root: the host's filesystem.
     let tree = ProcessRoot::of(std::process::id());
@@ -125,6 +126,141 @@ fn trailing_slashes_are_routed_as_flask_routes_them() {
         assert!(
             lax >= 2,
             "{spec}: only {lax} requests matched across a slash"
+        );
+    }
+}
+
+/// What the agent finds for a running process, from its /proc alone.
+fn discovered_from_proc(server: &Running) -> Discovery {
+    discover(server.child.id(), ParseBudget::default())
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        if entry.file_name() == "__pycache__" {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// An app installed as a package: a venv of its own whose site-packages
+/// hold `shop` (laid out as pip installs it), served by gunicorn from a
+/// working directory with no source in it. The agent finds it as the
+/// interpreter would, from the process's command line and executable.
+#[test]
+fn an_app_installed_into_site_packages_is_read_from_there() {
+    let venv = require_prerequisites();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app_venv = dir.path().join("app-venv");
+    let made = Command::new(venv.join("bin/python"))
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&app_venv)
+        .status()
+        .expect("python -m venv");
+    assert!(made.success());
+    let site_packages = std::fs::read_dir(app_venv.join("lib"))
+        .expect("lib")
+        .next()
+        .expect("lib/pythonX.Y")
+        .expect("entry")
+        .path()
+        .join("site-packages");
+    copy_tree(
+        &workspace().join("tests/fixtures/shop"),
+        &site_packages.join("shop"),
+    );
+    // Flask and gunicorn come from the test venv, as a dependency would.
+    let test_site_packages = std::fs::read_dir(venv.join("lib"))
+        .expect("lib")
+        .next()
+        .expect("lib/pythonX.Y")
+        .expect("entry")
+        .path()
+        .join("site-packages");
+    std::fs::write(
+        site_packages.join("dependencies.pth"),
+        format!("{}\n", test_site_packages.display()),
+    )
+    .expect("pth");
+    let empty = dir.path().join("srv");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let port = free_port();
+    let server = spawn_process(
+        "gunicorn",
+        Command::new(app_venv.join("bin/python"))
+            .args(["-m", "gunicorn", "-b", &format!("127.0.0.1:{port}")])
+            .arg("shop:create_app()")
+            .current_dir(&empty)
+            .env_remove("PYTHONPATH"),
+    );
+    wait_for_port(port, Duration::from_secs(20));
+
+    let discovery = discovered_from_proc(&server);
+    let rules: BTreeSet<String> = discovery.rules_text().lines().map(str::to_owned).collect();
+    assert_eq!(rules, flask_rules(&venv, "shop:create_app()"));
+    assert!(
+        discovery.unresolved.is_empty(),
+        "{:?}",
+        discovery.unresolved
+    );
+    assert!(
+        discovery
+            .rules
+            .iter()
+            .all(|rule| rule.file.starts_with(&site_packages)),
+        "rules read from elsewhere: {:?}",
+        discovery.rules.iter().map(|r| &r.file).collect::<Vec<_>>()
+    );
+    // Flask itself sits in site-packages too, and is not read.
+    assert!(discovery.files <= 4, "{} files read", discovery.files);
+}
+
+/// `flask run` finds its app in FLASK_APP or `--app`, also as
+/// `python -m flask`; the agent reads the same variable and option.
+#[test]
+fn flask_run_is_found_by_flask_app_and_its_app_option() {
+    let venv = require_prerequisites();
+    for (spec, how) in [
+        ("shop:create_app()", "FLASK_APP"),
+        ("slashes:lenient", "--app"),
+    ] {
+        let port = free_port();
+        let mut command = match how {
+            "FLASK_APP" => {
+                let mut command = Command::new(venv.join("bin/flask"));
+                command.env("FLASK_APP", spec.trim_end_matches("()"));
+                command.arg("run");
+                command
+            }
+            _ => {
+                let mut command = Command::new(venv.join("bin/python"));
+                command.args(["-m", "flask", "--app", spec, "run"]);
+                command
+            }
+        };
+        command
+            .args(["--port", &port.to_string()])
+            .current_dir(workspace().join("tests/fixtures"));
+        let server = spawn_process("flask run", &mut command);
+        wait_for_port(port, Duration::from_secs(20));
+        let discovery = discovered_from_proc(&server);
+        let rules: BTreeSet<String> = discovery.rules_text().lines().map(str::to_owned).collect();
+        assert_eq!(rules, flask_rules(&venv, spec), "{how}");
+        assert!(
+            discovery
+                .entrypoint
+                .as_deref()
+                .is_some_and(|found| found.starts_with("flask run")),
+            "{:?}",
+            discovery.entrypoint
         );
     }
 }

@@ -42,6 +42,10 @@ pub struct Entrypoint {
     /// paths: the working directory (or `--chdir`), then `PYTHONPATH` and
     /// `--pythonpath` entries. Paths inside the process's root.
     pub search_path: Vec<PathBuf>,
+    /// The interpreter's site-packages, where an app installed as a package
+    /// is found: searched only for the entry module's own top-level
+    /// package, never for the libraries beside it.
+    pub site_packages: Vec<PathBuf>,
 }
 
 /// Why no entrypoint was found.
@@ -62,6 +66,8 @@ pub struct ProcessStart {
     pub environment: Vec<(String, String)>,
     /// Its working directory, inside its root.
     pub cwd: PathBuf,
+    /// The interpreter binary (`/proc/<pid>/exe`), inside its root.
+    pub executable: Option<PathBuf>,
 }
 
 impl ProcessStart {
@@ -103,10 +109,82 @@ pub fn find(
             source: AppSource::File(start.cwd.join(script)),
             object: AppObject::Default,
             search_path: with_script_dir(search_path, &start.cwd.join(script)),
+            site_packages: Vec::new(),
         },
         other => return Err(EntrypointError::UnknownServer(other.to_owned())),
     };
     Ok(entrypoint)
+}
+
+/// The site-packages directories the process's interpreter may import
+/// from, as CPython's `site` builds them from its prefix: a venv's (the
+/// one `VIRTUAL_ENV` names, or the one whose `bin/` the server was started
+/// from, found on `PATH` when started by name), then the interpreter's own
+/// prefix (`/usr/local` in the python images, `/usr` with Debian's
+/// `dist-packages`), then the user's. Candidates only: a harvest looks a
+/// module up in those that exist.
+pub fn site_packages(start: &ProcessStart, is_file: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let mut prefixes: Vec<PathBuf> = Vec::new();
+    let mut add_prefix_of = |program: &Path| {
+        // `<prefix>/bin/<program>`
+        let prefix = program.parent().filter(|bin| bin.ends_with("bin"));
+        if let Some(prefix) = prefix.and_then(Path::parent)
+            && !prefixes.iter().any(|known| known == prefix)
+        {
+            prefixes.push(prefix.to_path_buf());
+        }
+    };
+    if let Some(venv) = start.env("VIRTUAL_ENV") {
+        add_prefix_of(&Path::new(venv).join("bin/python"));
+    }
+    // The program and, for `python /venv/bin/gunicorn`, its script.
+    let programs = start.argv.iter().take(2).filter(|argument| {
+        !argument.starts_with('-') && (argument.contains('/') || !argument.ends_with(".py"))
+    });
+    for program in programs {
+        if program.contains('/') {
+            add_prefix_of(&start.cwd.join(program));
+        } else if let Some(found) = start
+            .env("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .filter(|dir| dir.starts_with('/'))
+            .map(|dir| Path::new(dir).join(program))
+            .find(|candidate| is_file(candidate))
+        {
+            add_prefix_of(&found);
+        }
+    }
+    if let Some(executable) = &start.executable {
+        add_prefix_of(executable);
+    }
+    // `python3.13` → "3.13"; a build without a versioned name: the usual ones.
+    let version = start
+        .executable
+        .as_deref()
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str()?.strip_prefix("python"))
+        .filter(|version| version.contains('.'))
+        .map(|version| version.trim_end_matches(|c: char| !c.is_ascii_digit()));
+    let versions: Vec<String> = match version {
+        Some(version) => vec![version.to_owned()],
+        None => (8..=14).rev().map(|minor| format!("3.{minor}")).collect(),
+    };
+    let mut directories = Vec::new();
+    for prefix in &prefixes {
+        for version in &versions {
+            directories.push(prefix.join(format!("lib/python{version}/site-packages")));
+            directories.push(prefix.join(format!("local/lib/python{version}/dist-packages")));
+        }
+        directories.push(prefix.join("lib/python3/dist-packages"));
+    }
+    if let Some(home) = start.env("HOME") {
+        for version in &versions {
+            directories
+                .push(Path::new(home).join(format!(".local/lib/python{version}/site-packages")));
+        }
+    }
+    directories
 }
 
 /// `gunicorn: master [shop:app]` (or `worker`) as `gunicorn shop:app`.
@@ -316,6 +394,7 @@ fn gunicorn(
         source: AppSource::Module(module),
         object,
         search_path,
+        site_packages: Vec::new(),
     })
 }
 
@@ -353,6 +432,7 @@ fn flask_run(
             source: AppSource::FirstModule(vec!["wsgi".to_owned(), "app".to_owned()]),
             object: AppObject::Default,
             search_path,
+            site_packages: Vec::new(),
         });
     }
     // FLASK_APP may name a file ("src/app.py") or a module ("pkg.app:create_app()").
@@ -369,6 +449,7 @@ fn flask_run(
         source,
         object,
         search_path,
+        site_packages: Vec::new(),
     })
 }
 
@@ -414,6 +495,7 @@ fn uwsgi(
         source,
         object,
         search_path,
+        site_packages: Vec::new(),
     })
 }
 
@@ -443,6 +525,7 @@ fn waitress(
         source: AppSource::Module(module),
         object,
         search_path,
+        site_packages: Vec::new(),
     })
 }
 
@@ -467,6 +550,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             cwd: PathBuf::from("/srv"),
+            executable: Some(PathBuf::from("/usr/local/bin/python3.12")),
         }
     }
 
@@ -573,5 +657,44 @@ mod tests {
             find(&start("/usr/bin/node server.js", &[]), &no_config),
             Err(EntrypointError::UnknownServer(_))
         ));
+    }
+
+    #[test]
+    fn site_packages_of_a_venv_and_of_the_interpreter() {
+        let on_path = |path: &Path| path == Path::new("/opt/venv/bin/gunicorn");
+        let env = [("PATH", "/opt/venv/bin:/usr/bin"), ("HOME", "/home/app")];
+        let by_name = site_packages(&start("gunicorn shop:app", &env), &on_path);
+        assert_eq!(
+            by_name,
+            [
+                "/opt/venv/lib/python3.12/site-packages",
+                "/opt/venv/local/lib/python3.12/dist-packages",
+                "/opt/venv/lib/python3/dist-packages",
+                "/usr/local/lib/python3.12/site-packages",
+                "/usr/local/local/lib/python3.12/dist-packages",
+                "/usr/local/lib/python3/dist-packages",
+                "/home/app/.local/lib/python3.12/site-packages",
+            ]
+            .map(PathBuf::from)
+        );
+        // A script run by a venv's interpreter; VIRTUAL_ENV first.
+        let scripted = site_packages(
+            &start(
+                "/srv/.venv/bin/python -m gunicorn shop:app",
+                &[("VIRTUAL_ENV", "/env")],
+            ),
+            &|_| false,
+        );
+        assert_eq!(
+            scripted.first(),
+            Some(&PathBuf::from("/env/lib/python3.12/site-packages"))
+        );
+        assert!(scripted.contains(&PathBuf::from("/srv/.venv/lib/python3.12/site-packages")));
+        // Nothing on PATH: only the interpreter's prefix.
+        let bare = site_packages(&start("gunicorn shop:app", &[]), &|_| false);
+        assert_eq!(
+            bare[0],
+            PathBuf::from("/usr/local/lib/python3.12/site-packages")
+        );
     }
 }

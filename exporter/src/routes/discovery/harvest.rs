@@ -158,6 +158,10 @@ struct Harvester<'a> {
     budget: ParseBudget,
     deadline: Instant,
     search_path: Vec<PathBuf>,
+    site_packages: Vec<PathBuf>,
+    /// The entry module's top-level package: the one name looked up in
+    /// site-packages too (an app installed as a package).
+    installed_package: Option<String>,
     modules: HashMap<String, Option<Env>>,
     contexts: HashMap<String, Context>,
     loading: HashSet<String>,
@@ -183,6 +187,8 @@ pub fn harvest(
         budget,
         deadline,
         search_path: entrypoint.search_path.clone(),
+        site_packages: entrypoint.site_packages.clone(),
+        installed_package: None,
         modules: HashMap::new(),
         contexts: HashMap::new(),
         loading: HashSet::new(),
@@ -213,11 +219,18 @@ pub fn harvest(
 
 impl Harvester<'_> {
     fn find_app(&mut self, entrypoint: &Entrypoint) -> Option<usize> {
+        let top_level = |module: &str| module.split('.').next().unwrap_or(module).to_owned();
         let module = match &entrypoint.source {
-            AppSource::Module(module) => self.load(module).map(|_| module.clone()),
+            AppSource::Module(module) => {
+                self.installed_package = Some(top_level(module));
+                self.load(module).map(|_| module.clone())
+            }
             AppSource::FirstModule(modules) => modules
                 .iter()
-                .find(|module| self.load(module).is_some())
+                .find(|module| {
+                    self.installed_package = Some(top_level(module));
+                    self.load(module).is_some()
+                })
                 .cloned(),
             AppSource::File(file) => self
                 .load_file("__main__", "", file)
@@ -237,7 +250,14 @@ impl Harvester<'_> {
             .flatten()
             .unwrap_or_default();
         let value = match &entrypoint.object {
-            AppObject::Variable(name) => env.get(name).cloned(),
+            // `flask run` calls a function it is pointed at (Flask's
+            // find_app_by_string); gunicorn would serve it as the WSGI app.
+            AppObject::Variable(name) => match env.get(name) {
+                Some(Value::Function(function)) if entrypoint.server.starts_with("flask") => {
+                    Some(self.call_function(&function.clone()))
+                }
+                other => other.cloned(),
+            },
             AppObject::Factory(name) => match env.get(name) {
                 Some(Value::Function(function)) => Some(self.call_function(&function.clone())),
                 _ => None,
@@ -303,19 +323,28 @@ impl Harvester<'_> {
         self.exhausted
     }
 
-    /// The file of a dotted module on the search path.
+    /// The file of a dotted module on the search path (site-packages too
+    /// for the installed app's own package).
     fn module_file(&self, module: &str) -> Option<(PathBuf, bool)> {
         let relative: PathBuf = module.split('.').collect();
-        self.search_path.iter().find_map(|dir| {
-            let package = dir.join(&relative);
-            let init = package.join("__init__.py");
-            if self.tree.is_dir(&package) && self.tree.is_file(&init) {
-                return Some((init, true));
-            }
-            let mut file = package.clone();
-            file.set_extension("py");
-            self.tree.is_file(&file).then_some((file, false))
-        })
+        let installed = self
+            .installed_package
+            .as_deref()
+            .is_some_and(|package| module.split('.').next() == Some(package));
+        let site_packages = self.site_packages.iter().filter(|_| installed);
+        self.search_path
+            .iter()
+            .chain(site_packages)
+            .find_map(|dir| {
+                let package = dir.join(&relative);
+                let init = package.join("__init__.py");
+                if self.tree.is_dir(&package) && self.tree.is_file(&init) {
+                    return Some((init, true));
+                }
+                let mut file = package.clone();
+                file.set_extension("py");
+                self.tree.is_file(&file).then_some((file, false))
+            })
     }
 
     /// Loads a module of the app's own packages; `None` when it is not one
@@ -1257,6 +1286,7 @@ mod tests {
             source: AppSource::Module(module.to_owned()),
             object,
             search_path: vec![PathBuf::from("/srv")],
+            site_packages: vec![PathBuf::from("/venv/lib/python3.12/site-packages")],
         }
     }
 

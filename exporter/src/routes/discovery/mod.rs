@@ -72,7 +72,11 @@ pub fn discover(tgid: u32, budget: ParseBudget) -> Discovery {
     let tree = ProcessRoot::of(tgid);
     let read_config = |path: &Path| tree.read(path, budget.file_bytes);
     match entrypoint::find(&start, &read_config) {
-        Ok(entrypoint) => harvest_entrypoint(&entrypoint, &tree, budget),
+        Ok(mut entrypoint) => {
+            entrypoint.site_packages =
+                entrypoint::site_packages(&start, &|path| tree.is_file(path));
+            harvest_entrypoint(&entrypoint, &tree, budget)
+        }
         Err(error) => Discovery {
             unresolved: vec![error.to_string()],
             ..Discovery::default()
@@ -117,5 +121,6 @@ fn process_start(tgid: u32) -> Option<ProcessStart> {
         argv: procfs::command_line_arguments(tgid)?,
         environment: procfs::environment(tgid),
         cwd: procfs::working_directory(tgid)?,
+        executable: procfs::executable(tgid),
     })
 }
