@@ -106,7 +106,7 @@ impl RoutesReport {
                                 at: format!("{}:{}", rule.file.display(), rule.line),
                             })
                             .collect(),
-                        files_parsed: discovery.files,
+                        files_parsed: discovery.files.len(),
                         unresolved: discovery.unresolved.clone(),
                         misses: source.misses,
                     }

@@ -37,7 +37,10 @@ use crate::{
     procfs,
     routes::{
         RouteCounters, RouteLabeler, RouteOptions, SourceRules,
-        discovery::{ParseBudget, RouteDiscovery, worker::DiscoveryWorker},
+        discovery::{
+            ParseBudget, RouteDiscovery,
+            worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
+        },
         flask_rules::RuleSet,
     },
     stream::{ConnectionTable, Handled, StreamCounters},
@@ -282,7 +285,7 @@ impl Stages {
         let discovery = match config.route_discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
                 ParseBudget::default(),
-                budgets.counter("route_discovery_parse"),
+                DiscoveryCounters::register(registry, budgets)?,
             ) {
                 Ok(worker) => Some(worker),
                 Err(error) => {
@@ -375,9 +378,12 @@ impl Stages {
             for (workload, tgid) in self.labeler.take_discovery_wanted() {
                 discovery.ask(workload, tgid);
             }
-            for (workload, found) in discovery.finished() {
-                self.labeler
-                    .set_source_rules(&workload, Arc::new(SourceRules::new(found)));
+            for (workload, outcome) in discovery.finished() {
+                let rules = match outcome {
+                    Outcome::Harvested(found) => Some(Arc::new(SourceRules::new(*found))),
+                    Outcome::Unchanged => None,
+                };
+                self.labeler.source_rules_answered(&workload, rules);
             }
         }
         // In order: an exchange waits while an earlier one of its workload does.

@@ -8,6 +8,7 @@ use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
 use flask_ebpf_exporter::routes::{
     SourceRules,
+    discovery::worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
     discovery::{
         Discovery, ParseBudget, ProcessRoot, discover,
         entrypoint::{self, ProcessStart},
@@ -15,6 +16,7 @@ use flask_ebpf_exporter::routes::{
     },
     flask_rules::{NO_RULE, RuleMatch},
 };
+use flask_ebpf_exporter::{exchange::WorkloadKey, metrics::Budgets};
 use support::*;
 
 /// Flask's own rules of `spec` (`module:app` or `module:factory()`).
@@ -220,7 +222,7 @@ fn an_app_installed_into_site_packages_is_read_from_there() {
         discovery.rules.iter().map(|r| &r.file).collect::<Vec<_>>()
     );
     // Flask itself sits in site-packages too, and is not read.
-    assert!(discovery.files <= 4, "{} files read", discovery.files);
+    assert!(discovery.files.len() <= 4, "read {:?}", discovery.files);
 }
 
 /// `flask run` finds its app in FLASK_APP or `--app`, also as
@@ -263,4 +265,85 @@ fn flask_run_is_found_by_flask_app_and_its_app_option() {
             discovery.entrypoint
         );
     }
+}
+
+fn serve(venv: &Path, dir: &Path, spec: &str) -> Running {
+    let port = free_port();
+    let server = spawn_process(
+        "gunicorn",
+        Command::new(venv.join("bin/gunicorn"))
+            .args(["-b", &format!("127.0.0.1:{port}"), spec])
+            .current_dir(dir),
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    server
+}
+
+fn answer(worker: &DiscoveryWorker) -> Outcome {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some((_, outcome)) = worker.finished().next() {
+            return outcome;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A workload's harvest is kept: a later process running the same files
+/// costs a stat per file, and one started after the source changed is read
+/// again, its new rule included.
+#[test]
+fn a_workloads_harvest_is_kept_until_a_process_runs_other_files() {
+    let venv = require_prerequisites();
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_tree(
+        &workspace().join("tests/fixtures/shop"),
+        &dir.path().join("shop"),
+    );
+    let registry = prometheus::Registry::new();
+    let budgets = Budgets::register(&registry).expect("budgets");
+    let counters = DiscoveryCounters::register(&registry, &budgets).expect("counters");
+    let worker = DiscoveryWorker::start(ParseBudget::default(), counters.clone()).expect("worker");
+    let workload = WorkloadKey::Server {
+        process: "gunicorn".to_owned(),
+        port: "8000".to_owned(),
+    };
+    let spec = "shop:create_app()";
+
+    let first = serve(&venv, dir.path(), spec);
+    worker.ask(workload.clone(), first.child.id());
+    let Outcome::Harvested(harvest) = answer(&worker) else {
+        panic!("the first process is read");
+    };
+    assert_eq!(harvest.rules.len(), flask_rules(&venv, spec).len());
+    drop(first);
+
+    let same = serve(&venv, dir.path(), spec);
+    worker.ask(workload.clone(), same.child.id());
+    assert!(matches!(answer(&worker), Outcome::Unchanged));
+    drop(same);
+
+    // A new release: one more route in one module.
+    let views = dir.path().join("shop/views.py");
+    let mut source = std::fs::read_to_string(&views).expect("views");
+    source.push_str(
+        "\n\n@catalog.get(\"/new/<int:new_id>\")\ndef new_thing(new_id):\n    return \"new\\n\"\n",
+    );
+    std::fs::write(&views, source).expect("write");
+    let changed = serve(&venv, dir.path(), spec);
+    worker.ask(workload.clone(), changed.child.id());
+    let Outcome::Harvested(again) = answer(&worker) else {
+        panic!("a process running changed files is read again");
+    };
+    assert!(
+        again
+            .rules
+            .iter()
+            .any(|rule| rule.rule == "/catalog/new/<int:new_id>"),
+        "{:?}",
+        again.rules_text()
+    );
+    assert_eq!(counters.harvested.get(), 2);
+    assert_eq!(counters.unchanged.get(), 1);
 }

@@ -99,10 +99,45 @@ struct WorkloadRoutes {
     routes: HashMap<Arc<str>, RouteStats>,
     /// Identities seen serving this workload.
     identities: usize,
-    /// Its rules read from its source, once read; when they were asked.
+    /// Its rules read from its source, once read.
     source_rules: Option<Arc<SourceRules>>,
-    discovery_asked: Option<Instant>,
     source_misses: u64,
+}
+
+/// Processes of a workload whose source was asked for, and the answers
+/// still awaited.
+#[derive(Debug, Default)]
+struct DiscoveryState {
+    /// Each asked once: a new process may run new files.
+    processes: HashSet<u32>,
+    outstanding: u32,
+    /// Since when exchanges wait for an answer.
+    asked_at: Option<Instant>,
+}
+
+/// Processes of one workload kept per [`DiscoveryState`]; past it the set
+/// starts over (a process seen again is checked again, a stat per file).
+const PROCESSES_PER_WORKLOAD: usize = 1024;
+
+/// The last few processes an identity's exchanges came from (gunicorn's
+/// workers take turns): the steady path's check that nothing new runs.
+#[derive(Debug, Default)]
+struct RecentProcesses {
+    tgids: [u32; 4],
+    next: usize,
+}
+
+impl RecentProcesses {
+    fn contains(&self, tgid: u32) -> bool {
+        self.tgids.contains(&tgid)
+    }
+
+    fn note(&mut self, tgid: u32) {
+        if !self.contains(tgid) {
+            self.tgids[self.next] = tgid;
+            self.next = (self.next + 1) % self.tgids.len();
+        }
+    }
 }
 
 /// Settings of the routes stage.
@@ -192,8 +227,9 @@ impl RouteCounters {
 pub struct RouteLabeler {
     options: RouteOptions,
     workloads: HashMap<WorkloadKey, WorkloadRoutes>,
-    /// Identities whose workload's routes are kept.
-    identities: HashSet<Arc<Identity>>,
+    /// Identities whose workload's routes are kept, with the processes
+    /// they were last served by.
+    identities: HashMap<Arc<Identity>, RecentProcesses>,
     /// (workload, path label) of routes a learned parameter replaced, for
     /// the metrics stage to remove.
     retired: Vec<(WorkloadKey, Arc<str>)>,
@@ -203,9 +239,9 @@ pub struct RouteLabeler {
     label: String,
     /// Workloads whose source should be read, and a process serving each.
     discovery_wanted: Vec<(WorkloadKey, u32)>,
-    /// Workloads whose source was asked for before their first route, and
-    /// when (bounded by the workloads that send requests).
-    waiting: HashMap<WorkloadKey, Option<Instant>>,
+    /// Route discovery per workload (bounded by the workloads that send
+    /// requests; forgotten with the workload).
+    discovery: HashMap<WorkloadKey, DiscoveryState>,
     /// Harvests that came before their workload's first route.
     early_rules: HashMap<WorkloadKey, Arc<SourceRules>>,
 }
@@ -215,12 +251,12 @@ impl RouteLabeler {
         RouteLabeler {
             options,
             workloads: HashMap::new(),
-            identities: HashSet::new(),
+            identities: HashMap::new(),
             retired: Vec::new(),
             counters,
             label: String::new(),
             discovery_wanted: Vec::new(),
-            waiting: HashMap::new(),
+            discovery: HashMap::new(),
             early_rules: HashMap::new(),
         }
     }
@@ -233,47 +269,66 @@ impl RouteLabeler {
         attributed: &AttributedExchange,
         wait: Duration,
     ) -> bool {
-        // An identity already routed is past its workload's wait: the steady
-        // path costs one lookup of a hash computed once per identity.
+        // An identity routed from this process before is past the wait: the
+        // steady path costs one lookup of a hash computed once per identity.
+        let tgid = attributed.tgid;
         if !self.options.discovery
             || self.options.mode == PathLabelMode::Raw
-            || self.identities.contains(&attributed.identity)
+            || self
+                .identities
+                .get(&attributed.identity)
+                .is_some_and(|recent| recent.contains(tgid))
         {
             return false;
         }
         let workload = &attributed.identity.workload;
-        if !self.workloads.contains_key(workload) && !self.waiting.contains_key(workload) {
-            self.waiting.insert(workload.clone(), None);
+        if !self.discovery.contains_key(workload) {
+            self.discovery
+                .insert(workload.clone(), DiscoveryState::default());
         }
-        let (asked, has_rules) = match self.workloads.get_mut(workload) {
-            Some(routes) => (&mut routes.discovery_asked, routes.source_rules.is_some()),
-            None => match self.waiting.get_mut(workload) {
-                Some(asked) => (asked, self.early_rules.contains_key(workload)),
-                None => return false,
-            },
-        };
-        if has_rules {
+        let Some(state) = self.discovery.get_mut(workload) else {
             return false;
-        }
-        match asked {
-            Some(at) => at.elapsed() < wait,
-            None => {
-                *asked = Some(Instant::now());
-                self.discovery_wanted
-                    .push((workload.clone(), attributed.tgid));
-                true
+        };
+        // A process not seen before may run other files than the last one
+        // read: asked for too, and waited for (a stat per file when not).
+        if !state.processes.contains(&tgid) {
+            if state.processes.len() >= PROCESSES_PER_WORKLOAD {
+                state.processes.clear();
             }
+            state.processes.insert(tgid);
+            state.outstanding += 1;
+            state.asked_at.get_or_insert_with(Instant::now);
+            self.discovery_wanted.push((workload.clone(), tgid));
         }
+        state.outstanding > 0 && state.asked_at.is_some_and(|at| at.elapsed() < wait)
     }
 
-    /// Workloads seen for the first time whose rules should be read from
-    /// their source, each with a process that serves it.
+    /// Processes, each with its workload, whose source should be read (or
+    /// checked against what was read for the workload).
     pub fn take_discovery_wanted(&mut self) -> Vec<(WorkloadKey, u32)> {
         std::mem::take(&mut self.discovery_wanted)
     }
 
+    /// The answer for one process asked for: rules read from its source,
+    /// or `None` when it runs the files the workload's rules came from.
+    pub fn source_rules_answered(
+        &mut self,
+        workload: &WorkloadKey,
+        rules: Option<Arc<SourceRules>>,
+    ) {
+        if let Some(state) = self.discovery.get_mut(workload) {
+            state.outstanding = state.outstanding.saturating_sub(1);
+            if state.outstanding == 0 {
+                state.asked_at = None;
+            }
+        }
+        if let Some(rules) = rules {
+            self.set_source_rules(workload, rules);
+        }
+    }
+
     /// A workload's rules, read from its source.
-    pub fn set_source_rules(&mut self, workload: &WorkloadKey, rules: Arc<SourceRules>) {
+    fn set_source_rules(&mut self, workload: &WorkloadKey, rules: Arc<SourceRules>) {
         match self.workloads.get_mut(workload) {
             Some(routes) => routes.source_rules = Some(rules),
             None => {
@@ -301,8 +356,12 @@ impl RouteLabeler {
     pub fn route(&mut self, attributed: &AttributedExchange) -> Route {
         let identity = &attributed.identity;
         let workload = &identity.workload;
-        if !self.identities.contains(identity) {
-            self.identities.insert(identity.clone());
+        if let Some(recent) = self.identities.get_mut(identity) {
+            recent.note(attributed.tgid);
+        } else {
+            let mut recent = RecentProcesses::default();
+            recent.note(attributed.tgid);
+            self.identities.insert(identity.clone(), recent);
             let options = &self.options;
             self.workloads
                 .entry(workload.clone())
@@ -311,7 +370,6 @@ impl RouteLabeler {
                     routes: HashMap::new(),
                     identities: 0,
                     source_rules: self.early_rules.remove(workload),
-                    discovery_asked: self.waiting.remove(workload).flatten(),
                     source_misses: 0,
                 })
                 .identities += 1;
@@ -382,7 +440,7 @@ impl RouteLabeler {
     /// Forgets an identity whose series were removed; its workload's routes
     /// go with the workload's last identity.
     pub fn forget(&mut self, identity: &Identity) {
-        if !self.identities.remove(identity) {
+        if self.identities.remove(identity).is_none() {
             return;
         }
         let workload = &identity.workload;
@@ -390,6 +448,7 @@ impl RouteLabeler {
             routes.identities = routes.identities.saturating_sub(1);
             if routes.identities == 0 {
                 self.workloads.remove(workload);
+                self.discovery.remove(workload);
             }
         }
     }
@@ -601,18 +660,10 @@ mod tests {
         let wanted = labeler.take_discovery_wanted();
         assert_eq!(wanted, vec![(identity.workload.clone(), 1)]);
         assert!(labeler.take_discovery_wanted().is_empty(), "asked once");
-        let mut harvest = discovery::Discovery::default();
-        for (methods, rule) in [("GET", "/items/<int:item_id>"), ("GET", "/tags/<slug>")] {
-            harvest.rules.push(discovery::HarvestedRule {
-                rule: rule.to_owned(),
-                methods: BTreeSet::from([methods.to_owned()]),
-                endpoint: String::new(),
-                strict_slashes: true,
-                file: "/srv/app.py".into(),
-                line: 1,
-            });
-        }
-        labeler.set_source_rules(&identity.workload, Arc::new(SourceRules::new(harvest)));
+        labeler.source_rules_answered(
+            &identity.workload,
+            Some(source_rules(&["/items/<int:item_id>", "/tags/<slug>"])),
+        );
         assert!(
             !labeler.waits_for_source_rules(&first, wait),
             "the rules are in"
@@ -649,6 +700,70 @@ mod tests {
         assert_eq!(labeler.counters().source_misses.get(), 1);
         let view = labeler.snapshot();
         assert_eq!(view[0].source_rules.as_ref().map(|s| s.misses), Some(1));
+    }
+
+    fn source_rules(rules: &[&str]) -> Arc<SourceRules> {
+        let mut harvest = discovery::Discovery::default();
+        for rule in rules {
+            harvest.rules.push(discovery::HarvestedRule {
+                rule: (*rule).to_owned(),
+                methods: BTreeSet::from(["GET".to_owned()]),
+                endpoint: String::new(),
+                strict_slashes: true,
+                file: "/srv/app.py".into(),
+                line: 1,
+            });
+        }
+        Arc::new(SourceRules::new(harvest))
+    }
+
+    /// A new process of a known workload (a restart, a new pod of it) may
+    /// run new source: it is asked about, and its exchanges wait for the
+    /// answer; the workers it already answered for do not.
+    #[test]
+    fn each_new_process_of_a_workload_is_asked_about_once() {
+        let mut labeler = labeler(PathLabelMode::Route, 100, "");
+        let identity = server("gunicorn", "8000");
+        let from = |tgid, target| AttributedExchange {
+            identity: identity.clone(),
+            rules: None,
+            tgid,
+            exchange: exchange("GET", target, 200, 0.01),
+        };
+        let wait = Duration::from_secs(60);
+        assert!(labeler.waits_for_source_rules(&from(10, "/v1/1"), wait));
+        // A second worker while the first is read: asked too.
+        assert!(labeler.waits_for_source_rules(&from(11, "/v1/1"), wait));
+        let workload = identity.workload.clone();
+        assert_eq!(
+            labeler.take_discovery_wanted(),
+            [(workload.clone(), 10), (workload.clone(), 11)]
+        );
+        labeler.source_rules_answered(&workload, Some(source_rules(&["/v1/<int:id>"])));
+        assert!(
+            labeler.waits_for_source_rules(&from(10, "/v1/1"), wait),
+            "the second answer is awaited"
+        );
+        labeler.source_rules_answered(&workload, None);
+        for tgid in [10, 11] {
+            assert!(!labeler.waits_for_source_rules(&from(tgid, "/v1/2"), wait));
+            assert_eq!(
+                labeler.route(&from(tgid, "/v1/2")).path.as_ref(),
+                "/v1/<int:id>"
+            );
+        }
+        assert!(labeler.take_discovery_wanted().is_empty());
+        // Restarted with new source: asked about, waited for, and its rules
+        // replace the old ones.
+        assert!(labeler.waits_for_source_rules(&from(20, "/v2/1"), wait));
+        assert_eq!(labeler.take_discovery_wanted(), [(workload.clone(), 20)]);
+        labeler.source_rules_answered(&workload, Some(source_rules(&["/v2/<int:id>"])));
+        assert!(!labeler.waits_for_source_rules(&from(20, "/v2/1"), wait));
+        assert_eq!(
+            labeler.route(&from(20, "/v2/1")).path.as_ref(),
+            "/v2/<int:id>"
+        );
+        assert_eq!(labeler.counters().source_misses.get(), 0);
     }
 
     fn pod() -> Arc<Identity> {

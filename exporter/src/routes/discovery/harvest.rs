@@ -55,7 +55,8 @@ pub struct HarvestedRule {
 pub struct Harvest {
     pub rules: Vec<HarvestedRule>,
     pub unresolved: Vec<String>,
-    pub files: usize,
+    /// The files read, in order.
+    pub files: Vec<PathBuf>,
     /// The parse budget ran out before everything was read.
     pub budget_spent: bool,
 }
@@ -168,7 +169,7 @@ struct Harvester<'a> {
     scaffolds: Vec<Scaffold>,
     classes: Vec<Class>,
     unresolved: Vec<String>,
-    files: usize,
+    files: Vec<PathBuf>,
     bytes: usize,
     depth: usize,
     /// The budget ran out: nothing more is read.
@@ -195,7 +196,7 @@ pub fn harvest(
         scaffolds: Vec::new(),
         classes: Vec::new(),
         unresolved: Vec::new(),
-        files: 0,
+        files: Vec::new(),
         bytes: 0,
         depth: 0,
         exhausted: false,
@@ -310,14 +311,15 @@ impl Harvester<'_> {
 
     fn over_budget(&mut self) -> bool {
         if !self.exhausted
-            && (self.files >= self.budget.files
+            && (self.files.len() >= self.budget.files
                 || self.bytes >= self.budget.bytes
                 || Instant::now() >= self.deadline)
         {
             self.exhausted = true;
             self.unresolved.push(format!(
                 "parse budget spent ({} files, {} bytes, or the time): the rest was not read",
-                self.files, self.bytes
+                self.files.len(),
+                self.bytes
             ));
         }
         self.exhausted
@@ -386,7 +388,7 @@ impl Harvester<'_> {
             self.modules.insert(module.to_owned(), None);
             return false;
         };
-        self.files += 1;
+        self.files.push(file.to_path_buf());
         self.bytes += source.len();
         let parsed = match ruff_python_parser::parse_module(&source) {
             Ok(parsed) => parsed,
@@ -1278,6 +1280,13 @@ mod tests {
                 .keys()
                 .any(|file| file.starts_with(path) && file != path)
         }
+
+        fn stamp(&self, path: &Path) -> Option<super::super::tree::FileStamp> {
+            Some(super::super::tree::FileStamp {
+                bytes: self.0.get(path)?.len() as u64,
+                modified: None,
+            })
+        }
     }
 
     fn entry(module: &str, object: AppObject) -> Entrypoint {
@@ -1471,7 +1480,7 @@ class Order(Base):
             "{:?}",
             discovery.unresolved
         );
-        assert_eq!(discovery.files, 4);
+        assert_eq!(discovery.files.len(), 4);
         let tag = discovery
             .rules
             .iter()
@@ -1519,7 +1528,7 @@ def ok():
             ..ParseBudget::default()
         };
         let discovery = run(&files, &entry("app", AppObject::Default), one_file);
-        assert_eq!(discovery.files, 1);
+        assert_eq!(discovery.files.len(), 1);
         assert!(discovery.budget_spent);
         assert!(
             discovery

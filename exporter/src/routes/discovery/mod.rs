@@ -10,12 +10,15 @@ pub mod harvest;
 pub mod tree;
 pub mod worker;
 
-use std::{path::Path, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use self::entrypoint::{Entrypoint, ProcessStart};
 pub use self::{
     harvest::HarvestedRule,
-    tree::{ParseBudget, ProcessRoot, SourceTree},
+    tree::{FileStamp, ParseBudget, ProcessRoot, SourceTree},
 };
 use crate::procfs;
 
@@ -36,8 +39,11 @@ pub struct Discovery {
     pub rules: Vec<HarvestedRule>,
     /// What could not be followed, and why.
     pub unresolved: Vec<String>,
-    /// Files parsed.
-    pub files: usize,
+    /// Files read, each with its stamp then: a later process of the
+    /// workload with the same entrypoint and stamps has the same rules.
+    pub files: Vec<(PathBuf, Option<FileStamp>)>,
+    /// The entrypoint, when found, to compare a later process's with.
+    pub found: Option<Entrypoint>,
     /// The parse budget ran out before everything was read.
     pub budget_spent: bool,
 }
@@ -63,25 +69,41 @@ impl Discovery {
 
 /// Finds and harvests the app a server process runs.
 pub fn discover(tgid: u32, budget: ParseBudget) -> Discovery {
-    let Some(start) = process_start(tgid) else {
-        return Discovery {
-            unresolved: vec![format!("process {tgid} is gone")],
-            ..Discovery::default()
-        };
-    };
     let tree = ProcessRoot::of(tgid);
-    let read_config = |path: &Path| tree.read(path, budget.file_bytes);
-    match entrypoint::find(&start, &read_config) {
-        Ok(mut entrypoint) => {
-            entrypoint.site_packages =
-                entrypoint::site_packages(&start, &|path| tree.is_file(path));
-            harvest_entrypoint(&entrypoint, &tree, budget)
-        }
-        Err(error) => Discovery {
-            unresolved: vec![error.to_string()],
+    match find_entrypoint(tgid, &tree, budget) {
+        Ok(entrypoint) => harvest_entrypoint(&entrypoint, &tree, budget),
+        Err(reason) => Discovery {
+            unresolved: vec![reason],
             ..Discovery::default()
         },
     }
+}
+
+/// Whether process `tgid` runs what `previous` was read from: the same
+/// entrypoint, and every file read then with the same stamp in its root.
+/// Costs a stat per file, not a parse.
+pub fn runs_the_same_source(tgid: u32, previous: &Discovery, budget: ParseBudget) -> bool {
+    let Some(found) = &previous.found else {
+        return false;
+    };
+    let tree = ProcessRoot::of(tgid);
+    find_entrypoint(tgid, &tree, budget).is_ok_and(|entrypoint| entrypoint == *found)
+        && previous
+            .files
+            .iter()
+            .all(|(path, stamp)| stamp.is_some() && tree.stamp(path) == *stamp)
+}
+
+fn find_entrypoint(
+    tgid: u32,
+    tree: &ProcessRoot,
+    budget: ParseBudget,
+) -> Result<Entrypoint, String> {
+    let start = process_start(tgid).ok_or_else(|| format!("process {tgid} is gone"))?;
+    let read_config = |path: &Path| tree.read(path, budget.file_bytes);
+    let mut entrypoint = entrypoint::find(&start, &read_config).map_err(|e| e.to_string())?;
+    entrypoint.site_packages = entrypoint::site_packages(&start, &|path| tree.is_file(path));
+    Ok(entrypoint)
 }
 
 /// Harvests the app an entrypoint names.
@@ -96,7 +118,15 @@ pub fn harvest_entrypoint(
         entrypoint: Some(describe(entrypoint)),
         rules: harvest.rules,
         unresolved: harvest.unresolved,
-        files: harvest.files,
+        files: harvest
+            .files
+            .into_iter()
+            .map(|path| {
+                let stamp = tree.stamp(&path);
+                (path, stamp)
+            })
+            .collect(),
+        found: Some(entrypoint.clone()),
         budget_spent: harvest.budget_spent,
     }
 }

@@ -29,12 +29,23 @@ impl Default for ParseBudget {
     }
 }
 
+/// What tells one version of a source file from another without reading
+/// it: containers of one image share both, an edited or rebuilt file
+/// changes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    pub bytes: u64,
+    pub modified: Option<std::time::SystemTime>,
+}
+
 /// Files to read modules from: a process's root, or (in tests) a map.
 pub trait SourceTree {
     /// The file's text, if it is a file of at most `limit` bytes.
     fn read(&self, path: &Path, limit: usize) -> Option<String>;
     fn is_file(&self, path: &Path) -> bool;
     fn is_dir(&self, path: &Path) -> bool;
+    /// The file's size and modification time, if it is a file.
+    fn stamp(&self, path: &Path) -> Option<FileStamp>;
 }
 
 /// The filesystem as a process sees it, through `/proc/<pid>/root`. Paths
@@ -85,6 +96,14 @@ impl SourceTree for ProcessRoot {
         self.open(path)
             .and_then(|file| file.metadata().ok())
             .is_some_and(|metadata| metadata.is_dir())
+    }
+
+    fn stamp(&self, path: &Path) -> Option<FileStamp> {
+        let metadata = self.open(path)?.metadata().ok()?;
+        metadata.is_file().then(|| FileStamp {
+            bytes: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
     }
 }
 
