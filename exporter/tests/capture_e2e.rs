@@ -198,7 +198,7 @@ fn bucket(samples: &[Sample], app_port: u16, path: &str, le: &str) -> f64 {
 
 fn serves_traffic_mix_exactly(server: Server) {
     let venv = require_prerequisites();
-    let app = App::start(&venv, server, server.oracle_runs());
+    let app = App::start(&venv, server, true);
     // Narrowing to the app's port keeps parallel tests apart.
     let exporter = Exporter::start(&["--path-label", "raw", "--port", &app.port.to_string()]);
 
@@ -226,17 +226,15 @@ fn serves_traffic_mix_exactly(server: Server) {
         "{server:?}: exported counts per (method, path, status) differ from what was served"
     );
 
-    if server.oracle_runs() {
-        let oracle = http_get(app.port, "/metrics").expect("scrape prometheus-flask-exporter");
-        let oracle = parse_exposition(&String::from_utf8_lossy(&oracle.body));
-        let oracle = counts_by_route(&oracle, |s| {
-            s.labels.get("path").map(String::as_str) != Some("/metrics")
-        });
-        assert_eq!(
-            exported, oracle,
-            "{server:?}: exported counts differ from prometheus-flask-exporter's"
-        );
-    }
+    let oracle = http_get(app.port, "/metrics").expect("scrape prometheus-flask-exporter");
+    let oracle = parse_exposition(&String::from_utf8_lossy(&oracle.body));
+    let oracle = counts_by_route(&oracle, |s| {
+        s.labels.get("path").map(String::as_str) != Some("/metrics")
+    });
+    assert_eq!(
+        exported, oracle,
+        "{server:?}: exported counts differ from prometheus-flask-exporter's"
+    );
 
     // The 0.3 s endpoint lands above the 0.25 bucket and within 0.5.
     assert_eq!(bucket(&samples, app.port, "/slow", "0.25"), 0.0);

@@ -90,6 +90,20 @@ fn with_no_configuration_path_is_flasks_url_rule_for_every_request() {
     path_is_flasks_url_rule_under(&venv, Server::GunicornGthread, &[], "source_rule");
 }
 
+/// The same under gunicorn sync's two workers (prometheus-flask-exporter in
+/// its multiprocess mode sums them) and under Werkzeug's own server.
+#[test]
+fn with_no_configuration_under_gunicorn_sync_too() {
+    let venv = require_prerequisites();
+    path_is_flasks_url_rule_under(&venv, Server::GunicornSync, &[], "source_rule");
+}
+
+#[test]
+fn with_no_configuration_under_werkzeug_too() {
+    let venv = require_prerequisites();
+    path_is_flasks_url_rule_under(&venv, Server::Werkzeug, &[], "source_rule");
+}
+
 /// Serves routes_app's traffic mix and compares every series with
 /// prometheus-flask-exporter's `group_by='url_rule'` in the same app; rules
 /// come from `source` (`user_rule` or `source_rule`).

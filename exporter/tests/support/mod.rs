@@ -213,17 +213,12 @@ pub enum Server {
     Werkzeug,
 }
 
-impl Server {
-    /// Whether prometheus-flask-exporter runs single-process here, so its
-    /// own /metrics is a complete oracle.
-    pub fn oracle_runs(self) -> bool {
-        !matches!(self, Server::GunicornSync)
-    }
-}
-
 pub struct App {
     pub process: Running,
     pub port: u16,
+    /// prometheus-flask-exporter's multiprocess files, under gunicorn sync's
+    /// several workers.
+    _multiprocess_dir: Option<tempfile::TempDir>,
 }
 
 impl App {
@@ -255,9 +250,17 @@ impl App {
         let script = format!("{fixture}.py");
         let fixtures = workspace().join("tests/fixtures");
         let bind = format!("127.0.0.1:{port}");
+        // With several workers, each has its own registry: the oracle is
+        // prometheus-flask-exporter's multiprocess mode, which sums them.
+        let multiprocess_dir = (oracle && server == Server::GunicornSync)
+            .then(|| tempfile::tempdir().expect("multiprocess dir"));
         let mut command = match server {
             Server::GunicornSync => {
                 let mut c = Command::new(venv.join("bin/gunicorn"));
+                if let Some(dir) = &multiprocess_dir {
+                    c.args(["-c", "gunicorn_multiprocess.py"])
+                        .env("PROMETHEUS_MULTIPROC_DIR", dir.path());
+                }
                 c.args([
                     "--no-control-socket",
                     "-k",
@@ -295,12 +298,19 @@ impl App {
         if !cgroup_procs.is_empty() {
             command = in_cgroups(&command, cgroup_procs);
         }
-        command
-            .current_dir(&fixtures)
-            .env("ORACLE", if oracle { "1" } else { "0" });
+        let oracle_mode = match (oracle, &multiprocess_dir) {
+            (false, _) => "0",
+            (true, None) => "1",
+            (true, Some(_)) => "multiprocess",
+        };
+        command.current_dir(&fixtures).env("ORACLE", oracle_mode);
         let process = spawn_process(&format!("{server:?}"), &mut command);
         wait_for_port(port, Duration::from_secs(20));
-        App { process, port }
+        App {
+            process,
+            port,
+            _multiprocess_dir: multiprocess_dir,
+        }
     }
 }
 
