@@ -94,13 +94,23 @@ pub fn environment(tgid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A process's working directory, as a path inside its own root.
+/// A process's working directory, as the kernel names it from this
+/// agent's root (see [`root_directory`]).
 pub fn working_directory(tgid: u32) -> Option<PathBuf> {
     process(tgid)?.cwd().ok()
 }
 
-/// The program a process runs (`/proc/<pid>/exe`), as a path inside its
-/// own root: for Python, the real interpreter, links resolved.
+/// A process's root directory as the kernel names it from this agent's
+/// root: `/` for a container's pivoted root, the directory's own path for
+/// a chroot. The kernel names the process's cwd and executable the same
+/// way, so they are this prefix plus their path inside the root.
+pub fn root_directory(tgid: u32) -> Option<PathBuf> {
+    process(tgid)?.root().ok()
+}
+
+/// The program a process runs (`/proc/<pid>/exe`), named as
+/// [`working_directory`] is: for Python, the real interpreter, links
+/// resolved.
 pub fn executable(tgid: u32) -> Option<PathBuf> {
     process(tgid)?.exe().ok()
 }

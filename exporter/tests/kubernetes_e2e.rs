@@ -771,3 +771,140 @@ fn hostile_routes_annotations_are_refused_and_other_pods_keep_flowing() {
     assert_eq!(exporter.status_of("/healthz"), 200);
     drop(serving);
 }
+
+/// Starts gunicorn serving `shop:create_app()` as a container runtime
+/// would: in the pod's cgroups, in a mount namespace of its own, chrooted
+/// into a root whose /srv (a tmpfs mounted only in that namespace) holds
+/// the app. The node sees an empty directory; the app's files exist only
+/// through /proc/<pid>/root. The interpreter and venv are bind-mounted at
+/// their own paths.
+const CHROOTED_GUNICORN: &str = r#"
+set -e
+root=$1 port=$2 shop=$3 gunicorn=$4
+shift 4
+mount -t tmpfs rootfs "$root"
+mkdir -p "$root/usr" "$root/etc" "$root/dev" "$root/proc" "$root/tmp" "$root/srv"
+for link in bin lib lib64 sbin; do ln -s "usr/$link" "$root/$link"; done
+mount --rbind /usr "$root/usr"
+mount --rbind /etc "$root/etc"
+mount --rbind /dev "$root/dev"
+mount -t proc proc "$root/proc"
+for path in "$@"; do mkdir -p "$root$path"; mount --rbind "$path" "$root$path"; done
+cp -r "$shop" "$root/srv/shop"
+exec chroot "$root" sh -c 'cd /srv && exec "$0" --no-control-socket -w 2 -b "127.0.0.1:$1" "shop:create_app()"' "$gunicorn" "$port"
+"#;
+
+#[test]
+fn a_containers_source_is_read_inside_its_own_root() {
+    let _turn = one_at_a_time();
+    let venv = require_prerequisites();
+    let api = KubeApi::start();
+    let n = 30;
+    put_web_pod(&api, n, "chrooted", &[]);
+    let cgroups = PodCgroups::create(Driver::Systemd, &PODS.uid(n), &container_id(n));
+    let root = tempfile::tempdir().expect("root dir");
+    let port = free_port();
+    let venv = std::fs::canonicalize(&venv).expect("venv");
+    // The interpreter the venv was made from, unless it is under /usr.
+    let interpreter = std::fs::canonicalize(venv.join("bin/python")).expect("python");
+    let mut binds = vec![venv.clone()];
+    if let Some(prefix) = interpreter.parent().and_then(std::path::Path::parent)
+        && !prefix.starts_with("/usr")
+    {
+        binds.push(prefix.to_path_buf());
+    }
+    let mut unshare = std::process::Command::new("unshare");
+    unshare
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(CHROOTED_GUNICORN)
+        .arg("sh")
+        .arg(root.path())
+        .arg(port.to_string())
+        .arg(workspace().join("tests/fixtures/shop"))
+        .arg(venv.join("bin/gunicorn"))
+        .args(&binds);
+    let mut command = in_cgroups(&unshare, &cgroups.procs_files());
+    let server = spawn_process("chrooted gunicorn", &mut command);
+    wait_for_port(port, Duration::from_secs(20));
+    // Nothing of the app on the node's side of the mount.
+    assert!(
+        std::fs::read_dir(root.path())
+            .expect("root")
+            .next()
+            .is_none()
+    );
+    assert!(!std::path::Path::new("/srv/shop").exists());
+
+    let exporter = Exporter::start(&api.exporter_args(NODE, &["--pod-wait", "3s"]));
+    let requests = [
+        ("/catalog/items/5", 200, "/catalog/items/<int:item_id>"),
+        ("/catalog/items/1000", 404, "/catalog/items/<int:item_id>"),
+        ("/catalog/tags/python", 200, "/catalog/tags/<slug>"),
+        ("/catalog/tags/rust", 200, "/catalog/tags/<slug>"),
+        (
+            "/catalog/assets/css/site.css",
+            200,
+            "/catalog/assets/<path:asset>",
+        ),
+        ("/api/v1/orders/7", 200, "/api/v1/orders/<int:order_id>"),
+        ("/health", 200, "/health"),
+        ("/nowhere", 404, "None"),
+    ];
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for (target, status, rule) in requests {
+        let response = http_get(port, target).expect("request");
+        assert_eq!(response.status, status, "{target}");
+        *expected.entry(rule.to_owned()).or_default() += 1;
+    }
+    let by_path = |samples: &[Sample]| -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for sample in samples
+            .iter()
+            .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+            .filter(|s| s.labels.get("pod").is_some_and(|p| p == "chrooted"))
+        {
+            if let Some(path) = sample.labels.get("path") {
+                *counts.entry(path.clone()).or_default() += sample.value as u64;
+            }
+        }
+        counts
+    };
+    let samples = eventually(
+        Duration::from_secs(20),
+        || exporter.metrics(),
+        |samples| by_path(samples) == expected,
+    );
+    assert_eq!(by_path(&samples), expected);
+    let chrooted = |routes: &serde_json::Value| {
+        routes["workloads"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["workload"]["workload"] == "chrooted"))
+            .cloned()
+    };
+    // The page is a snapshot the pipeline refreshes.
+    let routes = eventually(
+        Duration::from_secs(10),
+        || {
+            let page = exporter.debug_page("/debug/routes").expect("debug page");
+            serde_json::from_slice::<serde_json::Value>(&page.body).expect("JSON")
+        },
+        |routes| chrooted(routes).is_some(),
+    );
+    let workload = chrooted(&routes).unwrap_or_else(|| panic!("no chrooted workload in {routes}"));
+    let source = &workload["source_rules"];
+    assert_eq!(
+        source["entrypoint"], "gunicorn shop:create_app()",
+        "{source}"
+    );
+    let places: Vec<&str> = source["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|rule| rule["at"].as_str())
+        .collect();
+    assert!(
+        places.len() >= 10 && places.iter().all(|at| at.starts_with("/srv/shop/")),
+        "{places:?}"
+    );
+    drop(server);
+}

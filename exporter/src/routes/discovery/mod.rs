@@ -147,10 +147,20 @@ fn describe(entrypoint: &Entrypoint) -> String {
 }
 
 fn process_start(tgid: u32) -> Option<ProcessStart> {
+    // The kernel names a chrooted process's cwd from the agent's root
+    // (`/var/lib/root/srv` for `/srv`): the root's own name comes off.
+    let root = procfs::root_directory(tgid);
+    let inside = |path: PathBuf| match root.as_deref() {
+        Some(root) if root != Path::new("/") => match path.strip_prefix(root) {
+            Ok(inner) => Path::new("/").join(inner),
+            Err(_) => path,
+        },
+        _ => path,
+    };
     Some(ProcessStart {
         argv: procfs::command_line_arguments(tgid)?,
         environment: procfs::environment(tgid),
-        cwd: procfs::working_directory(tgid)?,
-        executable: procfs::executable(tgid),
+        cwd: inside(procfs::working_directory(tgid)?),
+        executable: procfs::executable(tgid).map(inside),
     })
 }
