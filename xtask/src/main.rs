@@ -69,7 +69,8 @@ fn main() -> anyhow::Result<()> {
         "bench" => {
             setup(&root)?;
             // exporter/benches/overhead.rs (arguments go to it), then the
-            // userspace replay, exporter/benches/replay.rs.
+            // userspace replay, exporter/benches/replay.rs, and route
+            // discovery's harvest, exporter/benches/route_discovery.rs.
             run(Command::new("cargo")
                 .args([
                     "bench",
@@ -81,13 +82,16 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .args(rest)
                 .current_dir(&root))?;
-            run(Command::new("cargo")
-                .args(["bench", "-p", "flask-ebpf-exporter", "--bench", "replay"])
-                .current_dir(&root))
+            for bench in ["replay", "route_discovery"] {
+                run(Command::new("cargo")
+                    .args(["bench", "-p", "flask-ebpf-exporter", "--bench", bench])
+                    .current_dir(&root))?;
+            }
+            Ok(())
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark and the userspace replay"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest"
             );
             if task == "help" {
                 Ok(())
