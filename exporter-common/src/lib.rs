@@ -179,6 +179,11 @@ pub struct EventHeader {
     /// whose accept the kernel saw, the listening fd + 1 (0 otherwise).
     /// `WriteFailed`: the errno.
     pub aux: u32,
+    /// On the first event of a connection whose accept the kernel saw:
+    /// when the kernel completed its TCP handshake (`bpf_ktime_get_ns`),
+    /// so `conn_id - handshake_ns` is the time it waited in the listener's
+    /// accept queue. 0 when not known.
+    pub handshake_ns: u64,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -221,7 +226,30 @@ pub struct ConnState {
     pub read_skip: u32,
     pub write_skip: u32,
     pub _pad: u32,
+    /// When the kernel completed the connection's handshake, if seen.
+    pub handshake_ns: u64,
 }
+
+/// A peer of a connection the kernel completed the handshake of, key of
+/// its handshake map: the remote address (IPv4 as IPv4-mapped IPv6) and
+/// port, as the accept that takes the connection reports them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub address: [u8; 16],
+    pub port: u32,
+}
+
+/// Entries of the kernel's handshake map: connections whose handshake is
+/// done and whose accept has not come yet, node-wide (LRU: the oldest is
+/// forgotten, and its connection has no queue time).
+pub const HANDSHAKE_ENTRIES: u32 = 16_384;
+
+/// Local ports counted in the kernel's SYN-ACK retransmission map: a
+/// listener whose accept queue is full drops the handshake's last ACK, and
+/// the kernel sends its SYN-ACK again. Past it, ports not yet counted are
+/// not.
+pub const SYNACK_PORTS: u32 = 1_024;
 
 /// Settings userspace writes into the `CONFIG` array before attaching.
 #[repr(C)]
@@ -246,6 +274,7 @@ mod user {
     // matter to the kernel (padding is explicit).
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::ListenerState {}
     unsafe impl aya::Pod for super::CaptureConfig {}
 }

@@ -8,16 +8,17 @@ use aya_ebpf::{
         bpf_task_pt_regs,
     },
     macros::{map, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use exporter_common::{
     CONN_IGNORED, CONN_UNSEEN, CONNS_MAP, CONTROL_FD, CONTROL_FORGET_SERVER,
     CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER, CONTROL_SKIP_BODY, CaptureConfig, ConnKey,
     ConnState, ControlRequest, DIRECTION_WRITE, EVENT_HEADER_LEN, EventHeader, EventKind,
-    FILTERED_AT_ACCEPT, FILTERED_BY_CGROUP, FILTERED_ON_REQUEST, FILTERED_SLOTS, HEARTBEAT_FD,
-    LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED, LISTENER_RECHECK_EVERY, ListenerState,
-    MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS, SERVERS_MAP,
+    FILTERED_AT_ACCEPT, FILTERED_BY_CGROUP, FILTERED_ON_REQUEST, FILTERED_SLOTS, HANDSHAKE_ENTRIES,
+    HEARTBEAT_FD, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED, LISTENER_RECHECK_EVERY,
+    ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, PeerKey, SERVER_PID_WORDS, SERVERS_MAP,
+    SYNACK_PORTS,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -81,6 +82,17 @@ static MAP_INSERT_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP
 
 #[map]
 static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// When the kernel completed the handshake of each connection not yet
+/// accepted, by peer: the accept that takes the connection off the
+/// listener's queue looks it up and removes it.
+#[map]
+static HANDSHAKES: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(HANDSHAKE_ENTRIES, 0);
+
+/// SYN-ACKs the kernel sent again, by local port: a listener whose accept
+/// queue was full dropped the handshake's last ACK.
+#[map]
+static SYNACK_RETRANSMITS: HashMap<u32, u64> = HashMap::with_max_entries(SYNACK_PORTS, 0);
 
 /// Events the ring buffer had no room for, per CPU.
 #[map]
@@ -231,7 +243,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         count_filtered(FILTERED_BY_CGROUP);
         return 0;
     }
-    let Some([listen_fd, _, _]) = syscall_args() else {
+    let Some([listen_fd, peer, _]) = syscall_args() else {
         return 0;
     };
     let listen_fd = listen_fd as u32;
@@ -269,6 +281,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
             0
         },
         listener: listen_fd.wrapping_add(1),
+        handshake_ns: if ignored { 0 } else { take_handshake(peer) },
         ..ConnState::default()
     };
     if CONNS.insert(&key, &state, 0).is_err() {
@@ -285,6 +298,115 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     }
     // No event: the connection's first read or write carries the listener
     // (one ring-buffer output fewer per connection).
+    0
+}
+
+/// When the kernel completed the handshake of the connection an accept
+/// returned, from the peer address the accept wrote to user memory at
+/// `sockaddr` (0 when the caller did not ask for it, or it is unknown).
+#[inline(always)]
+fn take_handshake(sockaddr: u64) -> u64 {
+    if sockaddr == 0 {
+        return 0;
+    }
+    // sockaddr_in: family, port (network order), address; sockaddr_in6:
+    // family, port, flowinfo, address.
+    let Ok(head) = (unsafe { bpf_probe_read_user(sockaddr as *const [u8; 8]) }) else {
+        return 0;
+    };
+    let family = u16::from_ne_bytes([head[0], head[1]]);
+    let port = u16::from_be_bytes([head[2], head[3]]) as u32;
+    let mut key = PeerKey {
+        address: [0; 16],
+        port,
+    };
+    if family == AF_INET {
+        key.address[10] = 0xff;
+        key.address[11] = 0xff;
+        key.address[12..16].copy_from_slice(&head[4..8]);
+    } else if family == AF_INET6 {
+        let Ok(address) = (unsafe { bpf_probe_read_user((sockaddr + 8) as *const [u8; 16]) })
+        else {
+            return 0;
+        };
+        key.address = address;
+    } else {
+        return 0;
+    }
+    let Some(&at) = (unsafe { HANDSHAKES.get(&key) }) else {
+        return 0;
+    };
+    let _ = HANDSHAKES.remove(&key);
+    at
+}
+
+// ---------------------------------------------------------------- TCP
+
+/// Offsets in the `sock:inet_sock_set_state` record
+/// (/sys/kernel/tracing/events/sock/inet_sock_set_state/format); ports in
+/// host order, IPv4 addresses also as IPv4-mapped IPv6 ones.
+const STATE_OLD: usize = 16;
+const STATE_NEW: usize = 20;
+const STATE_REMOTE_PORT: usize = 26;
+const STATE_PROTOCOL: usize = 30;
+const STATE_REMOTE_ADDRESS_V6: usize = 56;
+/// Offsets in the `tcp:tcp_retransmit_synack` record.
+const SYNACK_LOCAL_PORT: usize = 24;
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const IPPROTO_TCP: u16 = 6;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// A passive connection's handshake is done (SYN_RECV → ESTABLISHED): it
+/// now waits in its listener's accept queue. Its time is kept for the
+/// accept (node-wide, one map update per connection accepted).
+#[tracepoint]
+pub fn tcp_state_change(ctx: TracePointContext) -> u32 {
+    let (Ok(old), Ok(new)) = (unsafe { ctx.read_at::<i32>(STATE_OLD) }, unsafe {
+        ctx.read_at::<i32>(STATE_NEW)
+    }) else {
+        return 0;
+    };
+    if old != TCP_SYN_RECV || new != TCP_ESTABLISHED {
+        return 0;
+    }
+    let (Ok(protocol), Ok(port), Ok(address)) = (
+        unsafe { ctx.read_at::<u16>(STATE_PROTOCOL) },
+        unsafe { ctx.read_at::<u16>(STATE_REMOTE_PORT) },
+        unsafe { ctx.read_at::<[u8; 16]>(STATE_REMOTE_ADDRESS_V6) },
+    ) else {
+        return 0;
+    };
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let key = PeerKey {
+        address,
+        port: port as u32,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = HANDSHAKES.insert(&key, &now, 0);
+    0
+}
+
+/// A SYN-ACK sent again: counted by local port.
+#[tracepoint]
+pub fn synack_retransmit(ctx: TracePointContext) -> u32 {
+    let Ok(port) = (unsafe { ctx.read_at::<u16>(SYNACK_LOCAL_PORT) }) else {
+        return 0;
+    };
+    let port = port as u32;
+    match SYNACK_RETRANSMITS.get_ptr_mut(&port) {
+        // SAFETY: a valid entry of the map.
+        Some(count) => unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1);
+        },
+        None => {
+            let _ = SYNACK_RETRANSMITS.insert(&port, &1, 0);
+        }
+    }
     0
 }
 
@@ -563,6 +685,7 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
         } else {
             0
         },
+        handshake_ns: if at.seq == 1 { at.handshake_ns } else { 0 },
     };
     unsafe { core::ptr::write_unaligned(scratch.as_mut_ptr() as *mut EventHeader, header) };
     let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {
@@ -585,6 +708,8 @@ struct Position {
     /// Bytes at the start of the syscall's that were skipped (a body's
     /// end); the rest are reported.
     skipped: u32,
+    /// When its handshake completed, 0 if unknown.
+    handshake_ns: u64,
 }
 
 /// Where this syscall's `moved` bytes fall in the connection, from its
@@ -633,6 +758,7 @@ fn next_in_connection(
                 listener: (*state).listener,
                 offset: start.wrapping_add(skipped),
                 skipped,
+                handshake_ns: (*state).handshake_ns,
             }
         });
     }
@@ -661,6 +787,7 @@ fn next_in_connection(
         listener: 0,
         offset: 0,
         skipped: 0,
+        handshake_ns: 0,
     })
 }
 

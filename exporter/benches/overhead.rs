@@ -74,9 +74,9 @@ fn attach_floor(variant: Variant) -> Option<aya::Ebpf> {
             .and_then(|program| program.try_into().ok())
             .expect("empty_tracepoint");
         program.load().expect("loading empty_tracepoint");
-        for (_, tracepoints) in flask_ebpf_exporter::capture::ATTACHMENTS {
+        for (_, category, tracepoints) in flask_ebpf_exporter::capture::ATTACHMENTS {
             for tracepoint in *tracepoints {
-                program.attach("syscalls", tracepoint).expect("attaching");
+                program.attach(category, tracepoint).expect("attaching");
             }
         }
     } else {

@@ -120,6 +120,7 @@ impl Recorder<'_> {
             offset: *offset,
             captured_len: captured.len() as u32,
             aux,
+            handshake_ns: 0,
         };
         *offset = offset.wrapping_add(moved as u32);
         conn.seq = conn.seq.wrapping_add(1);

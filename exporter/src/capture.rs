@@ -230,17 +230,33 @@ pub const TRACEFS_SYSCALLS: [&str; 2] = [
 /// `bpf_task_pt_regs` need.
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// Each program and the syscall tracepoints it is attached to.
-pub const ATTACHMENTS: &[(&str, &[&str])] = &[
-    ("accept_exit", &["sys_exit_accept", "sys_exit_accept4"]),
-    ("read_exit_flat", &["sys_exit_read", "sys_exit_recvfrom"]),
-    ("read_exit_iovec", &["sys_exit_readv"]),
-    ("read_exit_msghdr", &["sys_exit_recvmsg"]),
-    ("write_exit_flat", &["sys_exit_write", "sys_exit_sendto"]),
-    ("write_exit_iovec", &["sys_exit_writev"]),
-    ("write_exit_msghdr", &["sys_exit_sendmsg"]),
-    ("sendfile_exit", &["sys_exit_sendfile64"]),
-    ("close_enter", &["sys_enter_close"]),
+/// Each program, the tracepoint category, and the tracepoints it is
+/// attached to: syscalls, then the TCP handshake's end (for the accept
+/// queue's wait) and SYN-ACK retransmissions (a full accept queue).
+pub const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
+    (
+        "accept_exit",
+        "syscalls",
+        &["sys_exit_accept", "sys_exit_accept4"],
+    ),
+    (
+        "read_exit_flat",
+        "syscalls",
+        &["sys_exit_read", "sys_exit_recvfrom"],
+    ),
+    ("read_exit_iovec", "syscalls", &["sys_exit_readv"]),
+    ("read_exit_msghdr", "syscalls", &["sys_exit_recvmsg"]),
+    (
+        "write_exit_flat",
+        "syscalls",
+        &["sys_exit_write", "sys_exit_sendto"],
+    ),
+    ("write_exit_iovec", "syscalls", &["sys_exit_writev"]),
+    ("write_exit_msghdr", "syscalls", &["sys_exit_sendmsg"]),
+    ("sendfile_exit", "syscalls", &["sys_exit_sendfile64"]),
+    ("close_enter", "syscalls", &["sys_enter_close"]),
+    ("tcp_state_change", "sock", &["inet_sock_set_state"]),
+    ("synack_retransmit", "tcp", &["tcp_retransmit_synack"]),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -910,9 +926,9 @@ fn seed_servers(ebpf: &mut Ebpf) -> Result<HashSet<u32>, CaptureError> {
     Ok(seeded)
 }
 
-/// Loads every program and attaches it to its syscall tracepoints.
+/// Loads every program and attaches it to its tracepoints.
 fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
-    for &(name, tracepoints) in ATTACHMENTS {
+    for &(name, category, tracepoints) in ATTACHMENTS {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(CaptureError::Missing(name))?
@@ -923,7 +939,7 @@ fn attach(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
             .map_err(|source| permission_or(name, source))?;
         for tracepoint in tracepoints {
             program
-                .attach("syscalls", tracepoint)
+                .attach(category, tracepoint)
                 .map_err(|source| permission_or(name, source))?;
         }
     }
@@ -1123,6 +1139,7 @@ mod tests {
             offset: 17,
             captured_len: 5,
             aux: 0,
+            handshake_ns: 19,
         };
         let bytes = event_bytes(header, b"GET /");
         let event = decode_event(&bytes).expect("valid event");

@@ -93,9 +93,35 @@ pub struct Exchange {
     pub finished_ns: u64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// On the first exchange of a connection whose accept the kernel saw,
+    /// with the end of its handshake: how long it waited to be accepted.
+    pub queued: Option<Queued>,
+}
+
+/// When a connection's TCP handshake completed and when the server
+/// accepted it (CLOCK_MONOTONIC ns): between the two it sat in the
+/// listener's accept queue, and from the accept on the server had it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub handshake_ns: u64,
+    pub accepted_ns: u64,
+}
+
+impl Queued {
+    /// Handshake to accept: the wait in the listener's accept queue.
+    pub fn accept_queue_seconds(&self) -> f64 {
+        self.accepted_ns.saturating_sub(self.handshake_ns) as f64 / 1e9
+    }
 }
 
 impl Exchange {
+    /// Accept to the first byte of this (the connection's first) request
+    /// the server read, when the connection's accept was seen.
+    pub fn accept_to_read_seconds(&self) -> Option<f64> {
+        let queued = self.queued?;
+        Some(self.started_ns.saturating_sub(queued.accepted_ns) as f64 / 1e9)
+    }
+
     /// What holding it costs, in bytes of what a client chose: its method
     /// and target.
     pub fn held_bytes(&self) -> usize {

@@ -22,6 +22,16 @@ pub const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// Buckets of `flask_http_request_queue_seconds`: from 100 µs (a server
+/// with idle workers) to 10 s (one far behind).
+pub const QUEUE_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// `phase` values of `flask_http_request_queue_seconds`.
+pub const QUEUE_PHASES: [&str; 2] = ["accept_queue", "first_read"];
+
 /// Methods kept as sent; anything else is exported as `OTHER` so a client
 /// cannot mint series by inventing methods.
 const KNOWN_METHODS: [&str; 9] = [
@@ -99,6 +109,9 @@ struct IdentitySeries {
     /// `flask_http_request_total` and, for status 500,
     /// `flask_http_request_exceptions_total`, by (method, status).
     totals: HashMap<(&'static str, u16), (IntCounter, Option<IntCounter>)>,
+    /// `flask_http_request_queue_seconds`, by phase, once a connection's
+    /// accept was seen.
+    queue: Option<[Histogram; 2]>,
 }
 
 impl IdentitySeries {
@@ -113,7 +126,19 @@ impl IdentitySeries {
                 .collect(),
             durations: HashMap::new(),
             totals: HashMap::new(),
+            queue: None,
         }
+    }
+
+    /// The queue-time series, by phase, made on first use.
+    fn queue(&mut self, families: &Families) -> [Histogram; 2] {
+        if let Some(queue) = &self.queue {
+            return queue.clone();
+        }
+        let made =
+            QUEUE_PHASES.map(|phase| families.queue.with_label_values(&self.values(&[phase])));
+        self.queue = Some(made.clone());
+        made
     }
 
     /// The duration series of (method, path, status), if made.
@@ -211,16 +236,23 @@ impl IdentitySeries {
                 removed += 1;
             }
         }
+        if self.queue.take().is_some() {
+            for phase in QUEUE_PHASES {
+                let _ = families.queue.remove_label_values(&self.values(&[phase]));
+                removed += 1;
+            }
+        }
         removed
     }
 }
 
-/// The three request families.
+/// The request families.
 #[derive(Clone, Debug)]
 struct Families {
     duration: HistogramVec,
     requests: IntCounterVec,
     exceptions: IntCounterVec,
+    queue: HistogramVec,
 }
 
 impl Families {
@@ -248,6 +280,18 @@ impl Families {
             ),
             &with_identity(&["method", "status"]),
         )?;
+        let queue = HistogramVec::new(
+            HistogramOpts::new(
+                "flask_http_request_queue_seconds",
+                "Time a connection waited before the server had its first request: \
+                 phase=\"accept_queue\" from the kernel's end of the TCP handshake to the \
+                 server's accept (the listen backlog, where requests wait while every worker \
+                 is busy), phase=\"first_read\" from the accept to the first byte of the \
+                 request the server read. Once per connection whose accept was seen",
+            )
+            .buckets(QUEUE_BUCKETS.to_vec()),
+            &with_identity(&["phase"]),
+        )?;
         let info = IntGaugeVec::new(
             Opts::new(
                 "flask_exporter_info",
@@ -260,6 +304,7 @@ impl Families {
             Box::new(duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(requests.clone()),
             Box::new(exceptions.clone()),
+            Box::new(queue.clone()),
             Box::new(info),
         ] {
             registry.register(collector)?;
@@ -268,6 +313,7 @@ impl Families {
             duration,
             requests,
             exceptions,
+            queue,
         })
     }
 }
@@ -356,6 +402,13 @@ impl RequestMetrics {
         if let Some(exceptions) = exceptions {
             exceptions.inc();
         }
+        if let (Some(queued), Some(first_read)) =
+            (exchange.queued, exchange.accept_to_read_seconds())
+        {
+            let [accept_queue, read] = series.queue(&self.families);
+            accept_queue.observe(queued.accept_queue_seconds());
+            read.observe(first_read);
+        }
     }
 
     /// The identity is gone (its pod deleted, or relabelled, past the grace
@@ -416,6 +469,7 @@ mod tests {
                 finished_ns: (seconds * 1e9) as u64,
                 request_bytes: 0,
                 response_bytes: 0,
+                queued: None,
             },
         }
     }

@@ -133,15 +133,15 @@ impl HeldForSourceRules {
     }
 
     /// Holds `attributed`, or gives it back past the budget.
-    fn hold(&mut self, attributed: AttributedExchange) -> Result<(), AttributedExchange> {
+    fn hold(&mut self, attributed: AttributedExchange) -> Option<AttributedExchange> {
         let size = attributed.exchange.held_bytes();
         if self.queue.len() >= self.max || self.bytes + size > self.max_bytes {
             self.budget.inc();
-            return Err(attributed);
+            return Some(attributed);
         }
         self.bytes += size;
         self.queue.push_back(attributed);
-        Ok(())
+        None
     }
 
     /// Every exchange held, oldest first; none is held after.
@@ -361,8 +361,8 @@ impl Stages {
                 .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT)
             {
                 match self.held_for_source_rules.hold(attributed) {
-                    Ok(()) => continue,
-                    Err(not_held) => not_held,
+                    None => continue,
+                    Some(not_held) => not_held,
                 }
             } else {
                 attributed
@@ -393,7 +393,7 @@ impl Stages {
                 .waits_for_source_rules(&attributed, SOURCE_RULES_WAIT);
             if !still_waits {
                 self.label_and_observe(attributed);
-            } else if let Err(not_held) = self.held_for_source_rules.hold(attributed) {
+            } else if let Some(not_held) = self.held_for_source_rules.hold(attributed) {
                 self.label_and_observe(not_held);
             }
         }
@@ -428,6 +428,7 @@ mod tests {
                 finished_ns: 1,
                 request_bytes: 0,
                 response_bytes: 0,
+                queued: None,
             },
         }
     }
@@ -439,14 +440,14 @@ mod tests {
         let budget = budgets.counter("source_rules_wait");
         // Two entries, 20 bytes of method and target ("GET" + target).
         let mut holding = HeldForSourceRules::new(2, 20, budget.clone());
-        assert!(holding.hold(held("/a")).is_ok());
+        assert!(holding.hold(held("/a")).is_none());
         // A long target past the bytes: given back, counted.
         let long = "/".repeat(30);
-        let given_back = holding.hold(held(&long)).expect_err("over the bytes");
+        let given_back = holding.hold(held(&long)).expect("over the bytes");
         assert_eq!(given_back.exchange.target, long);
-        assert!(holding.hold(held("/b")).is_ok());
+        assert!(holding.hold(held("/b")).is_none());
         // Past the entries.
-        assert!(holding.hold(held("/c")).is_err());
+        assert!(holding.hold(held("/c")).is_some());
         assert_eq!(budget.get(), 2);
         let targets: Vec<String> = holding
             .take()
@@ -455,7 +456,7 @@ mod tests {
             .collect();
         assert_eq!(targets, ["/a", "/b"], "oldest first");
         // Taken: room again.
-        assert!(holding.hold(held("/c")).is_ok());
+        assert!(holding.hold(held("/c")).is_none());
         assert_eq!(budget.get(), 2);
     }
 }

@@ -739,6 +739,7 @@ impl HttpConnection {
             finished_ns: response.last_write_ns,
             request_bytes: request.bytes,
             response_bytes: response.bytes,
+            queued: None,
         });
     }
 

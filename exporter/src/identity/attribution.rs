@@ -227,6 +227,7 @@ mod tests {
                 finished_ns: 2,
                 request_bytes: 10,
                 response_bytes: 20,
+                queued: None,
             },
         }
     }

@@ -617,6 +617,7 @@ mod tests {
             finished_ns: (seconds * 1e9) as u64,
             request_bytes: 0,
             response_bytes: 0,
+            queued: None,
         }
     }
 

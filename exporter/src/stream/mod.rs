@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::{
     capture::{IgnoreReason, KernelFilter, RawEvent},
-    exchange::{CapturedExchange, Exchange, Origin, ServedBy},
+    exchange::{CapturedExchange, Exchange, Origin, Queued, ServedBy},
     http::{HttpConnection, HttpCounters, Segment},
     metrics::{Budgets, counter, gauge},
 };
@@ -74,6 +74,8 @@ struct Connection {
     /// reported bytes are expected, and the end of the last body skip asked.
     next_offset: [u32; 2],
     skip_asked: [Option<u32>; 2],
+    /// Its wait in the accept queue, until its first exchange carries it.
+    queued: Option<Queued>,
 }
 
 /// What this stage and the HTTP stage under it count. The stage owns these
@@ -287,7 +289,7 @@ impl ConnectionTable {
             self.partial_heads.forget(key, &old);
             self.counters.connections_tracked.dec();
             old.http.on_close(&self.counters.http, &mut self.finished);
-            tag(header.tgid, &old, &mut self.finished, out);
+            tag(header.tgid, &mut old, &mut self.finished, out);
             self.keep_spare(old.http);
         }
         if event.kind == EventKind::Close {
@@ -326,6 +328,15 @@ impl ConnectionTable {
             ignored: false,
             next_offset: [0; 2],
             skip_asked: [None; 2],
+            // The kernel knows the handshake's end only for an accept it
+            // saw, which is also when the connection's id is the accept's time.
+            queued: (accepted_on.is_some()
+                && header.handshake_ns != 0
+                && header.handshake_ns <= header.conn_id)
+                .then_some(Queued {
+                    handshake_ns: header.handshake_ns,
+                    accepted_ns: header.conn_id,
+                }),
         };
         let closed = feed(
             &mut connection,
@@ -613,13 +624,19 @@ fn hear_the_server(
     (connection.http.is_not_http() && heard).then_some(IgnoreReason::NotHttp)
 }
 
-/// Moves a connection's exchanges to `out` with whom it is served by.
+/// Moves a connection's exchanges to `out` with whom it is served by; the
+/// first carries the connection's wait to be accepted.
 fn tag(
     tgid: u32,
-    connection: &Connection,
+    connection: &mut Connection,
     exchanges: &mut Vec<Exchange>,
     out: &mut Vec<CapturedExchange>,
 ) {
+    if let Some(first) = exchanges.first_mut()
+        && let Some(queued) = connection.queued.take()
+    {
+        first.queued = Some(queued);
+    }
     match &connection.served_by {
         Some(served_by) => out.extend(exchanges.drain(..).map(|exchange| CapturedExchange {
             served_by: served_by.clone(),

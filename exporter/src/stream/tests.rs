@@ -54,6 +54,7 @@ fn event_at(
             // seq 1: the first event after an accept, which says
             // where (LISTENER, + 1); others say nothing.
             aux: if seq == 1 { LISTENER + 1 } else { 0 },
+            handshake_ns: 0,
         },
         data,
     }
@@ -522,6 +523,7 @@ fn event_on(fd: u32, kind: EventKind, seq: u32, data: &[u8]) -> RawEvent<'_> {
             offset: 0,
             captured_len: data.len() as u32,
             aux: 0,
+            handshake_ns: 0,
         },
         data,
     }
@@ -603,6 +605,7 @@ impl KernelModel {
                 offset: start.wrapping_add(skipped),
                 captured_len: copied.len() as u32,
                 aux: if self.seq == 1 { LISTENER + 1 } else { 0 },
+                handshake_ns: 0,
             },
             data: copied,
         })

@@ -1,0 +1,158 @@
+//! What only the kernel sees of a loaded Flask server, end to end on the
+//! real kernel: how long connections wait in the listen backlog before a
+//! gunicorn sync worker accepts them, measured from the kernel's end of the
+//! TCP handshake (`sock:inet_sock_set_state`) to the accept.
+
+mod support;
+
+use std::{
+    process::Command,
+    sync::{Arc, Barrier},
+    time::Duration,
+};
+
+use support::*;
+
+/// gunicorn sync serving tests/fixtures/app.py with `workers` workers.
+fn gunicorn_sync(venv: &std::path::Path, workers: u32) -> (Running, u16) {
+    let port = free_port();
+    let server = spawn_process(
+        "gunicorn",
+        Command::new(venv.join("bin/gunicorn"))
+            .args(["--no-control-socket", "-k", "sync", "-w"])
+            .arg(workers.to_string())
+            .args(["-b", &format!("127.0.0.1:{port}"), "app:app"])
+            .current_dir(workspace().join("tests/fixtures"))
+            .env("ORACLE", "0"),
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    (server, port)
+}
+
+/// `clients` requests to `target` at once, each on its own connection.
+fn at_once(port: u16, target: &'static str, clients: usize) {
+    let start = Arc::new(Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                http_get(port, target).map(|response| response.status)
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().expect("client").expect("response"), 200);
+    }
+}
+
+/// The accept-queue histogram of `port`: (cumulative count by bucket, sum).
+fn accept_queue(samples: &[Sample], port: u16) -> (Vec<(f64, f64)>, f64) {
+    let port = port.to_string();
+    let ours = |s: &&Sample| {
+        s.labels.get("port") == Some(&port)
+            && s.labels.get("phase").map(String::as_str) == Some("accept_queue")
+    };
+    let buckets = samples
+        .iter()
+        .filter(ours)
+        .filter(|s| s.name == "flask_http_request_queue_seconds_bucket")
+        .filter_map(|s| Some((s.labels.get("le")?.parse().ok()?, s.value)))
+        .collect();
+    let sum = samples
+        .iter()
+        .filter(ours)
+        .filter(|s| s.name == "flask_http_request_queue_seconds_sum")
+        .map(|s| s.value)
+        .sum();
+    (buckets, sum)
+}
+
+fn below(buckets: &[(f64, f64)], le: f64) -> f64 {
+    buckets
+        .iter()
+        .find(|(bound, _)| *bound == le)
+        .map_or(0.0, |(_, count)| *count)
+}
+
+/// Eight clients at once against one sync worker that takes 200 ms a
+/// request: the worker accepts one connection at a time, so the last waits
+/// about 7 × 200 ms in the backlog, and the waits add up to about
+/// (0 + 1 + … + 7) × 200 ms. With eight workers nobody waits.
+#[test]
+fn queue_time_grows_with_busy_workers_and_stays_near_zero_with_enough() {
+    let venv = require_prerequisites();
+    const CLIENTS: usize = 8;
+    const WORK: f64 = 0.2;
+    for workers in [1, 8] {
+        let (server, port) = gunicorn_sync(&venv, workers);
+        let exporter = Exporter::start(&["--port", &port.to_string()]);
+        // Bursts of quick requests until every worker has booted and
+        // imported the app (a worker still importing makes others wait).
+        for _ in 0..3 {
+            at_once(port, "/", CLIENTS);
+        }
+        let warmed = 3.0 * CLIENTS as f64;
+        let before = eventually(
+            Duration::from_secs(10),
+            || exporter.metrics(),
+            |samples| below(&accept_queue(samples, port).0, f64::INFINITY) == warmed,
+        );
+        let (before, sum_before) = accept_queue(&before, port);
+        at_once(port, "/slow?seconds=0.2", CLIENTS);
+        let samples = eventually(
+            Duration::from_secs(10),
+            || exporter.metrics(),
+            |samples| {
+                below(&accept_queue(samples, port).0, f64::INFINITY) == warmed + CLIENTS as f64
+            },
+        );
+        let (after, sum_after) = accept_queue(&samples, port);
+        // The burst alone: counts by bucket, and the sum of its waits.
+        let buckets: Vec<(f64, f64)> = after
+            .iter()
+            .map(|&(le, count)| (le, count - below(&before, le)))
+            .collect();
+        let sum = sum_after - sum_before;
+        let excerpt: Vec<String> = samples
+            .iter()
+            .filter(|s| s.name.starts_with("flask_http_request_queue_seconds"))
+            .filter(|s| s.labels.get("port") == Some(&port.to_string()))
+            .map(|s| format!("{}{:?} {}", s.name, s.labels, s.value))
+            .collect();
+        println!(
+            "gunicorn sync -w {workers}, {CLIENTS} clients at once on 200 ms requests (after {warmed} warm-up requests):"
+        );
+        for line in &excerpt {
+            println!("  {line}");
+        }
+        println!("  the burst alone: {buckets:?}, sum {sum:.3} s");
+        let all = CLIENTS as f64;
+        assert_eq!(below(&buckets, f64::INFINITY), all);
+        if workers == 1 {
+            // Waits of 0, 0.2, …, 1.4 s: the last above 1 s, none above 2.5 s.
+            let expected_sum = WORK * (0..CLIENTS).sum::<usize>() as f64;
+            assert!(
+                (expected_sum * 0.8..expected_sum * 1.3).contains(&sum),
+                "waits add up to {sum} s, expected about {expected_sum} s"
+            );
+            assert!(
+                below(&buckets, 1.0) < all,
+                "none waited past 1 s: {buckets:?}"
+            );
+            assert!(below(&buckets, 1.0) >= 4.0, "{buckets:?}");
+            assert_eq!(below(&buckets, 2.5), all);
+        } else {
+            // Near zero against the 200 ms of work (eight workers waking
+            // on two cores take a few ms).
+            assert_eq!(
+                below(&buckets, 0.05),
+                all,
+                "with a free worker for every client, one waited: {buckets:?}"
+            );
+            assert!(sum < 0.2, "waits add up to {sum} s");
+        }
+        drop(exporter);
+        drop(server);
+    }
+}
