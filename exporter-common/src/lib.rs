@@ -245,12 +245,6 @@ pub struct PeerKey {
 /// forgotten, and its connection has no queue time).
 pub const HANDSHAKE_ENTRIES: u32 = 16_384;
 
-/// Local ports counted in the kernel's SYN-ACK retransmission map: a
-/// listener whose accept queue is full drops the handshake's last ACK, and
-/// the kernel sends its SYN-ACK again. Past it, ports not yet counted are
-/// not.
-pub const SYNACK_PORTS: u32 = 1_024;
-
 /// Settings userspace writes into the `CONFIG` array before attaching.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
         bpf_task_pt_regs,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use exporter_common::{
@@ -18,7 +18,6 @@ use exporter_common::{
     FILTERED_AT_ACCEPT, FILTERED_BY_CGROUP, FILTERED_ON_REQUEST, FILTERED_SLOTS, HANDSHAKE_ENTRIES,
     HEARTBEAT_FD, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED, LISTENER_RECHECK_EVERY,
     ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, PeerKey, SERVER_PID_WORDS, SERVERS_MAP,
-    SYNACK_PORTS,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -88,11 +87,6 @@ static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 /// listener's queue looks it up and removes it.
 #[map]
 static HANDSHAKES: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(HANDSHAKE_ENTRIES, 0);
-
-/// SYN-ACKs the kernel sent again, by local port: a listener whose accept
-/// queue was full dropped the handshake's last ACK.
-#[map]
-static SYNACK_RETRANSMITS: HashMap<u32, u64> = HashMap::with_max_entries(SYNACK_PORTS, 0);
 
 /// Events the ring buffer had no room for, per CPU.
 #[map]
@@ -350,8 +344,6 @@ const STATE_NEW: usize = 20;
 const STATE_REMOTE_PORT: usize = 26;
 const STATE_PROTOCOL: usize = 30;
 const STATE_REMOTE_ADDRESS_V6: usize = 56;
-/// Offsets in the `tcp:tcp_retransmit_synack` record.
-const SYNACK_LOCAL_PORT: usize = 24;
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
@@ -388,25 +380,6 @@ pub fn tcp_state_change(ctx: TracePointContext) -> u32 {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = HANDSHAKES.insert(&key, &now, 0);
-    0
-}
-
-/// A SYN-ACK sent again: counted by local port.
-#[tracepoint]
-pub fn synack_retransmit(ctx: TracePointContext) -> u32 {
-    let Ok(port) = (unsafe { ctx.read_at::<u16>(SYNACK_LOCAL_PORT) }) else {
-        return 0;
-    };
-    let port = port as u32;
-    match SYNACK_RETRANSMITS.get_ptr_mut(&port) {
-        // SAFETY: a valid entry of the map.
-        Some(count) => unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1);
-        },
-        None => {
-            let _ = SYNACK_RETRANSMITS.insert(&port, &1, 0);
-        }
-    }
     0
 }
 

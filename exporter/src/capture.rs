@@ -232,7 +232,7 @@ const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Each program, the tracepoint category, and the tracepoints it is
 /// attached to: syscalls, then the TCP handshake's end (for the accept
-/// queue's wait) and SYN-ACK retransmissions (a full accept queue).
+/// queue's wait).
 pub const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     (
         "accept_exit",
@@ -256,7 +256,6 @@ pub const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     ("sendfile_exit", "syscalls", &["sys_exit_sendfile64"]),
     ("close_enter", "syscalls", &["sys_enter_close"]),
     ("tcp_state_change", "sock", &["inet_sock_set_state"]),
-    ("synack_retransmit", "tcp", &["tcp_retransmit_synack"]),
 ];
 
 #[derive(Debug, thiserror::Error)]
