@@ -93,6 +93,10 @@ pub struct Exchange {
     pub finished_ns: u64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// Body payload bytes (chunked framing not counted), when the head was
+    /// read whole and the framing kept.
+    pub request_body_bytes: Option<u64>,
+    pub response_body_bytes: Option<u64>,
     /// On the first exchange of a connection whose accept the kernel saw,
     /// with the end of its handshake: how long it waited to be accepted.
     pub queued: Option<Queued>,

@@ -29,6 +29,12 @@ pub const QUEUE_BUCKETS: [f64; 16] = [
     5.0, 10.0,
 ];
 
+/// Buckets of the body-size histograms, in bytes: 64 B to 64 MiB by 4×.
+pub const SIZE_BUCKETS: [f64; 11] = [
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+    67108864.0,
+];
+
 /// `phase` values of `flask_http_request_queue_seconds`.
 pub const QUEUE_PHASES: [&str; 2] = ["accept_queue", "first_read"];
 
@@ -112,6 +118,9 @@ struct IdentitySeries {
     /// `flask_http_request_queue_seconds`, by phase, once a connection's
     /// accept was seen.
     queue: Option<[Histogram; 2]>,
+    /// `flask_http_request_size_bytes` and `flask_http_response_size_bytes`,
+    /// by path, then method.
+    sizes: HashMap<Arc<str>, HashMap<&'static str, [Histogram; 2]>>,
 }
 
 impl IdentitySeries {
@@ -127,7 +136,34 @@ impl IdentitySeries {
             durations: HashMap::new(),
             totals: HashMap::new(),
             queue: None,
+            sizes: HashMap::new(),
         }
+    }
+
+    /// The body-size series of (method, path), made on first use.
+    fn sizes(
+        &mut self,
+        families: &Families,
+        method: &'static str,
+        path: &Arc<str>,
+    ) -> [Histogram; 2] {
+        if let Some(made) = self
+            .sizes
+            .get(path)
+            .and_then(|by_method| by_method.get(method))
+        {
+            return made.clone();
+        }
+        let values = self.values(&[method, path]);
+        let made = [
+            families.request_size.with_label_values(&values),
+            families.response_size.with_label_values(&values),
+        ];
+        self.sizes
+            .entry(path.clone())
+            .or_default()
+            .insert(method, made.clone());
+        made
     }
 
     /// The queue-time series, by phase, made on first use.
@@ -196,6 +232,16 @@ impl IdentitySeries {
     /// Removes the duration series of one path; returns how many there
     /// were.
     fn remove_path(&mut self, path: &str, families: &Families) -> usize {
+        for method in self
+            .sizes
+            .remove(path)
+            .into_iter()
+            .flat_map(HashMap::into_keys)
+        {
+            let values = self.values(&[method, path]);
+            let _ = families.request_size.remove_label_values(&values);
+            let _ = families.response_size.remove_label_values(&values);
+        }
         let Some(by_method_status) = self.durations.remove(path) else {
             return 0;
         };
@@ -253,6 +299,8 @@ struct Families {
     requests: IntCounterVec,
     exceptions: IntCounterVec,
     queue: HistogramVec,
+    request_size: HistogramVec,
+    response_size: HistogramVec,
 }
 
 impl Families {
@@ -292,6 +340,22 @@ impl Families {
             .buckets(QUEUE_BUCKETS.to_vec()),
             &with_identity(&["phase"]),
         )?;
+        let size = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(SIZE_BUCKETS.to_vec()),
+                &with_identity(&["method", "path"]),
+            )
+        };
+        let request_size = size(
+            "flask_http_request_size_bytes",
+            "Bytes of request bodies the server read: the payload, without chunked \
+             framing (requests whose head was read whole)",
+        )?;
+        let response_size = size(
+            "flask_http_response_size_bytes",
+            "Bytes of response bodies the server wrote: the payload, without chunked \
+             framing (responses whose head was read whole)",
+        )?;
         let info = IntGaugeVec::new(
             Opts::new(
                 "flask_exporter_info",
@@ -305,6 +369,8 @@ impl Families {
             Box::new(requests.clone()),
             Box::new(exceptions.clone()),
             Box::new(queue.clone()),
+            Box::new(request_size.clone()),
+            Box::new(response_size.clone()),
             Box::new(info),
         ] {
             registry.register(collector)?;
@@ -314,6 +380,8 @@ impl Families {
             requests,
             exceptions,
             queue,
+            request_size,
+            response_size,
         })
     }
 }
@@ -368,8 +436,8 @@ impl RequestMetrics {
         let Some(series) = self.series.get_mut(identity) else {
             return;
         };
-        let histogram = match series.duration(method, &route.path, status) {
-            Some(histogram) => histogram,
+        let (histogram, path) = match series.duration(method, &route.path, status) {
+            Some(histogram) => (histogram, route.path.clone()),
             None => {
                 // A new series: within the workload's budget, else under
                 // the overflow path (bounded by methods and statuses, and
@@ -386,17 +454,30 @@ impl RequestMetrics {
                         route.path.clone()
                     };
                 match series.duration(method, &path, status) {
-                    Some(histogram) => histogram,
+                    Some(histogram) => (histogram, path),
                     None => {
                         if &*path != OVERFLOW_PATH {
                             *count += 1;
                         }
-                        series.add_duration(&self.families, method, path, status)
+                        let made =
+                            series.add_duration(&self.families, method, path.clone(), status);
+                        (made, path)
                     }
                 }
             }
         };
         histogram.observe(exchange.duration_seconds());
+        // Sizes go under the path the duration went under (within the same
+        // budget), when the heads were read whole.
+        if exchange.request_body_bytes.is_some() || exchange.response_body_bytes.is_some() {
+            let [request_size, response_size] = series.sizes(&self.families, method, &path);
+            if let Some(bytes) = exchange.request_body_bytes {
+                request_size.observe(bytes as f64);
+            }
+            if let Some(bytes) = exchange.response_body_bytes {
+                response_size.observe(bytes as f64);
+            }
+        }
         let (requests, exceptions) = series.totals(&self.families, method, status);
         requests.inc();
         if let Some(exceptions) = exceptions {
@@ -470,6 +551,8 @@ mod tests {
                 request_bytes: 0,
                 response_bytes: 0,
                 queued: None,
+                request_body_bytes: None,
+                response_body_bytes: None,
             },
         }
     }

@@ -156,3 +156,95 @@ fn queue_time_grows_with_busy_workers_and_stays_near_zero_with_enough() {
         drop(server);
     }
 }
+
+/// The `_sum` of a size histogram for (method, path) on `port`.
+fn size_sum(samples: &[Sample], family: &str, method: &str, path: &str, port: u16) -> Option<f64> {
+    let port = port.to_string();
+    samples
+        .iter()
+        .find(|s| {
+            s.name == format!("{family}_sum")
+                && s.labels.get("port") == Some(&port)
+                && s.labels.get("method").map(String::as_str) == Some(method)
+                && s.labels.get("path").map(String::as_str) == Some(path)
+        })
+        .map(|s| s.value)
+}
+
+/// Body sizes as the server moved them equal what curl sent and received:
+/// a 1 MiB body written at once, one streamed in 64 writes (whose bytes the
+/// kernel counts without copying), an uploaded body, and a chunked one.
+#[test]
+fn body_sizes_equal_what_the_client_sent_and_received() {
+    let venv = require_prerequisites();
+    let (server, port) = gunicorn_sync(&venv, 2);
+    let exporter = Exporter::start(&["--port", &port.to_string()]);
+    let upload = "u".repeat(3000);
+    let cases: [(&str, &str, &str, Option<&str>); 4] = [
+        ("GET", "/big", "/big", None),
+        ("GET", "/download?pieces=64&size=16384", "/download", None),
+        ("POST", "/echo", "/echo", Some(upload.as_str())),
+        ("GET", "/stream", "/stream", None),
+    ];
+    let mut expected = Vec::new();
+    for (method, target, path, body) in cases {
+        let mut curl = Command::new("curl");
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{size_upload}",
+        ])
+        .args(["-X", method])
+        .arg(format!("http://127.0.0.1:{port}{target}"));
+        if let Some(body) = body {
+            curl.args(["--data-binary", body]);
+        }
+        let output = curl.output().expect("curl");
+        let measured = String::from_utf8_lossy(&output.stdout).to_string();
+        let mut sizes = measured
+            .split_whitespace()
+            .map(|n| n.parse::<f64>().expect("size"));
+        let (downloaded, uploaded) = (sizes.next().expect("down"), sizes.next().expect("up"));
+        println!("{method} {target}: curl downloaded {downloaded} and uploaded {uploaded} bytes");
+        expected.push((method, path, downloaded, uploaded));
+    }
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| {
+            expected.iter().all(|(method, path, _, _)| {
+                size_sum(
+                    samples,
+                    "flask_http_response_size_bytes",
+                    method,
+                    path,
+                    port,
+                )
+                .is_some()
+            })
+        },
+    );
+    for (method, path, downloaded, uploaded) in expected {
+        let response = size_sum(
+            &samples,
+            "flask_http_response_size_bytes",
+            method,
+            path,
+            port,
+        );
+        let request = size_sum(
+            &samples,
+            "flask_http_request_size_bytes",
+            method,
+            path,
+            port,
+        );
+        println!("{method} {path}: the agent saw {request:?} bytes in, {response:?} out");
+        assert_eq!(response, Some(downloaded), "{method} {path} response");
+        assert_eq!(request, Some(uploaded), "{method} {path} request");
+    }
+    drop(exporter);
+    drop(server);
+}

@@ -34,20 +34,26 @@ impl Body {
         }
     }
 
-    /// Consumes bytes `[0, available)` of which `captured` are known.
-    pub fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
+    /// Consumes bytes `[0, available)` of which `captured` are known;
+    /// adds to `content` the bytes of them that are the body's payload
+    /// (chunk-size lines, chunk CRLFs and trailers are framing).
+    pub fn advance(&mut self, available: u64, captured: &[u8], content: &mut u64) -> BodyStep {
         match self {
             Body::Length(left) => {
                 let take = (*left).min(available);
                 *left -= take;
+                *content += take;
                 if *left == 0 {
                     BodyStep::Ended(take)
                 } else {
                     BodyStep::Continues(take)
                 }
             }
-            Body::Chunked(chunked) => chunked.advance(available, captured),
-            Body::UntilClose => BodyStep::Continues(available),
+            Body::Chunked(chunked) => chunked.advance(available, captured, content),
+            Body::UntilClose => {
+                *content += available;
+                BodyStep::Continues(available)
+            }
         }
     }
 }
@@ -68,12 +74,14 @@ impl Chunked {
         Chunked::SizeLine(Vec::new())
     }
 
-    fn advance(&mut self, available: u64, captured: &[u8]) -> BodyStep {
+    fn advance(&mut self, available: u64, captured: &[u8], content: &mut u64) -> BodyStep {
         let mut pos: u64 = 0;
         while pos < available {
             match self {
                 Chunked::Data { remaining } => {
                     let take = (*remaining).min(available - pos);
+                    // The chunk's last 2 bytes are its CRLF.
+                    *content += take.min(remaining.saturating_sub(2));
                     *remaining -= take;
                     pos += take;
                     if *remaining == 0 {
@@ -135,4 +143,39 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(digits, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Payload bytes are counted however the body is split across
+    /// segments, and chunk framing never is.
+    #[test]
+    fn chunked_payload_is_counted_without_its_framing() {
+        let body = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\n";
+        for split in 0..=body.len() {
+            let mut chunked = Body::Chunked(Chunked::new());
+            let mut content = 0;
+            let (first, second) = body.split_at(split);
+            let mut ended = false;
+            for part in [first, second] {
+                match chunked.advance(part.len() as u64, part, &mut content) {
+                    BodyStep::Ended(used) => {
+                        assert_eq!(used, part.len() as u64);
+                        ended = true;
+                    }
+                    BodyStep::Continues(_) => {}
+                    BodyStep::Lost => panic!("lost at split {split}"),
+                }
+            }
+            assert!(ended, "split {split}");
+            assert_eq!(content, 8, "split {split}");
+        }
+        let mut length = Body::Length(10);
+        let mut content = 0;
+        assert!(matches!(length.advance(4, b"", &mut content), BodyStep::Continues(4)));
+        assert!(matches!(length.advance(9, b"", &mut content), BodyStep::Ended(6)));
+        assert_eq!(content, 10);
+    }
 }

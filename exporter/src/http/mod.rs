@@ -102,6 +102,9 @@ struct PendingRequest {
     target: String,
     started_ns: u64,
     bytes: u64,
+    /// Its body's payload bytes so far, when its head was read whole and
+    /// its framing kept.
+    body_bytes: Option<u64>,
     /// Framing the server must refuse: its answer makes no exchange.
     refused: bool,
 }
@@ -133,6 +136,9 @@ impl ReaderState {
 struct InFlightResponse {
     status: u16,
     bytes: u64,
+    /// Its body's payload bytes so far, when its head was read whole and
+    /// its framing kept.
+    body_bytes: Option<u64>,
     last_write_ns: u64,
 }
 
@@ -168,7 +174,14 @@ trait Direction {
     /// are these: only where a message can begin.
     fn may_resync(connection: &HttpConnection, bytes: &[u8]) -> bool;
     /// Bytes of the current message (body, or bytes after lost framing).
-    fn add_bytes(connection: &mut HttpConnection, bytes: u64, framed: bool, timestamp_ns: u64);
+    /// Bytes of the message in progress; `content`: how many of them are
+    /// its body's payload, `None` when its framing was lost.
+    fn add_bytes(
+        connection: &mut HttpConnection,
+        bytes: u64,
+        content: Option<u64>,
+        timestamp_ns: u64,
+    );
     fn body_ended(
         connection: &mut HttpConnection,
         counters: &HttpCounters,
@@ -233,10 +246,23 @@ impl Direction for Requests {
             && looks_like_request_start(bytes)
     }
 
-    fn add_bytes(connection: &mut HttpConnection, bytes: u64, framed: bool, _timestamp_ns: u64) {
-        // After lost framing the bytes belong to no known request.
-        if framed && let Some(last) = connection.pending.back_mut() {
-            last.bytes += bytes;
+    fn add_bytes(
+        connection: &mut HttpConnection,
+        bytes: u64,
+        content: Option<u64>,
+        _timestamp_ns: u64,
+    ) {
+        let Some(last) = connection.pending.back_mut() else {
+            return;
+        };
+        match content {
+            Some(content) => {
+                last.bytes += bytes;
+                last.body_bytes = last.body_bytes.map(|body| body + content);
+            }
+            // After lost framing the bytes belong to no known request, and
+            // the last one's body size is unknown.
+            None => last.body_bytes = None,
         }
     }
 
@@ -256,7 +282,7 @@ impl Direction for Requests {
         connection.seen_request = true;
         let framing = head.framing;
         let refused = framing == Framing::Ambiguous;
-        connection.push_request(head, at, refused, counters);
+        connection.push_request(head, at, Some(0), refused, counters);
         connection.request = if refused {
             // The server answers 400 and closes; nothing after it can be
             // trusted to be read as the server reads it.
@@ -281,7 +307,7 @@ impl Direction for Requests {
         // is unknown.
         if let Some(head) = start_line(copied, parse_request_head) {
             connection.seen_request = true;
-            connection.push_request(head, at, false, counters);
+            connection.push_request(head, at, None, false, counters);
         }
         Self::track_lost(connection);
     }
@@ -320,12 +346,18 @@ impl Direction for Responses {
         bytes.starts_with(b"HTTP/1.")
     }
 
-    fn add_bytes(connection: &mut HttpConnection, bytes: u64, _framed: bool, timestamp_ns: u64) {
+    fn add_bytes(
+        connection: &mut HttpConnection,
+        bytes: u64,
+        content: Option<u64>,
+        timestamp_ns: u64,
+    ) {
         // A response whose framing was lost still ends at its last write
-        // before the next head or the close.
+        // before the next head or the close, its body size unknown.
         if let Some(response) = &mut connection.in_flight {
             response.bytes += bytes;
             response.last_write_ns = timestamp_ns;
+            response.body_bytes = content.and_then(|content| Some(response.body_bytes? + content));
         }
     }
 
@@ -373,6 +405,7 @@ impl Direction for Responses {
                 connection.in_flight = Some(InFlightResponse {
                     status: head.status,
                     bytes: at.bytes,
+                    body_bytes: None,
                     last_write_ns: at.timestamp_ns,
                 });
             }
@@ -521,6 +554,7 @@ impl HttpConnection {
                     self.in_flight = Some(InFlightResponse {
                         status: head.status,
                         bytes: 0,
+                        body_bytes: None,
                         last_write_ns: attempted.timestamp_ns,
                     });
                 }
@@ -555,27 +589,30 @@ impl HttpConnection {
                         *D::reader(self) = ReaderState::fresh_head();
                         continue;
                     }
-                    D::add_bytes(self, remaining, false, now);
+                    D::add_bytes(self, remaining, None, now);
                     return;
                 }
-                ReaderState::Body(body) => match body.advance(remaining, captured) {
-                    BodyStep::Continues(used) => {
-                        D::add_bytes(self, used, true, now);
-                        return;
+                ReaderState::Body(body) => {
+                    let mut content = 0;
+                    match body.advance(remaining, captured, &mut content) {
+                        BodyStep::Continues(used) => {
+                            D::add_bytes(self, used, Some(content), now);
+                            return;
+                        }
+                        BodyStep::Ended(used) => {
+                            pos += used;
+                            D::add_bytes(self, used, Some(content), now);
+                            D::body_ended(self, counters, out);
+                        }
+                        BodyStep::Lost => {
+                            counters.truncated_captures.inc();
+                            D::add_bytes(self, remaining, None, now);
+                            *D::reader(self) = ReaderState::Desync;
+                            D::track_lost(self);
+                            return;
+                        }
                     }
-                    BodyStep::Ended(used) => {
-                        pos += used;
-                        D::add_bytes(self, used, true, now);
-                        D::body_ended(self, counters, out);
-                    }
-                    BodyStep::Lost => {
-                        counters.truncated_captures.inc();
-                        D::add_bytes(self, remaining, false, now);
-                        *D::reader(self) = ReaderState::Desync;
-                        D::track_lost(self);
-                        return;
-                    }
-                },
+                }
                 ReaderState::Head { buffer, started_ns } => {
                     if buffer.is_empty() {
                         *started_ns = now;
@@ -646,6 +683,7 @@ impl HttpConnection {
         &mut self,
         head: RequestHead,
         at: HeadAt,
+        body_bytes: Option<u64>,
         refused: bool,
         counters: &HttpCounters,
     ) {
@@ -658,6 +696,7 @@ impl HttpConnection {
             target: head.target,
             started_ns: at.started_ns,
             bytes: at.bytes,
+            body_bytes,
             refused,
         });
     }
@@ -693,6 +732,7 @@ impl HttpConnection {
         self.in_flight = Some(InFlightResponse {
             status,
             bytes: at.bytes,
+            body_bytes: Some(0),
             last_write_ns: at.timestamp_ns,
         });
         if status == 101 {
@@ -739,6 +779,8 @@ impl HttpConnection {
             finished_ns: response.last_write_ns,
             request_bytes: request.bytes,
             response_bytes: response.bytes,
+            request_body_bytes: request.body_bytes,
+            response_body_bytes: response.body_bytes,
             queued: None,
         });
     }

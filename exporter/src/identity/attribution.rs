@@ -228,6 +228,8 @@ mod tests {
                 request_bytes: 10,
                 response_bytes: 20,
                 queued: None,
+                request_body_bytes: None,
+                response_body_bytes: None,
             },
         }
     }

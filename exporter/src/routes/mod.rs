@@ -618,6 +618,8 @@ mod tests {
             request_bytes: 0,
             response_bytes: 0,
             queued: None,
+            request_body_bytes: None,
+            response_body_bytes: None,
         }
     }
 
