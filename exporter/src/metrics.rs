@@ -8,7 +8,10 @@
 //! looked up by family name. The stages' own health counters are registered
 //! by the stages themselves, with [`counter`] and [`gauge`].
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -121,6 +124,13 @@ struct IdentitySeries {
     /// `flask_http_request_size_bytes` and `flask_http_response_size_bytes`,
     /// by path, then method.
     sizes: HashMap<Arc<str>, HashMap<&'static str, [Histogram; 2]>>,
+    /// `flask_http_requests_in_flight` and `flask_http_workers`, made at
+    /// the first exchange.
+    saturation: Option<[IntGauge; 2]>,
+    /// Processes seen answering, while they run (bounded by the
+    /// processes of one server); the last one, to skip the set's lookup.
+    workers: HashSet<u32>,
+    last_worker: u32,
 }
 
 impl IdentitySeries {
@@ -137,7 +147,23 @@ impl IdentitySeries {
             totals: HashMap::new(),
             queue: None,
             sizes: HashMap::new(),
+            saturation: None,
+            workers: HashSet::new(),
+            last_worker: 0,
         }
+    }
+
+    fn saturation(&mut self, families: &Families) -> [IntGauge; 2] {
+        if let Some(made) = &self.saturation {
+            return made.clone();
+        }
+        let values = self.values(&[]);
+        let made = [
+            families.in_flight.with_label_values(&values),
+            families.workers.with_label_values(&values),
+        ];
+        self.saturation = Some(made.clone());
+        made
     }
 
     /// The body-size series of (method, path), made on first use.
@@ -288,6 +314,12 @@ impl IdentitySeries {
                 removed += 1;
             }
         }
+        if self.saturation.take().is_some() {
+            let values = self.values(&[]);
+            let _ = families.in_flight.remove_label_values(&values);
+            let _ = families.workers.remove_label_values(&values);
+            removed += 2;
+        }
         removed
     }
 }
@@ -301,6 +333,8 @@ struct Families {
     queue: HistogramVec,
     request_size: HistogramVec,
     response_size: HistogramVec,
+    in_flight: IntGaugeVec,
+    workers: IntGaugeVec,
 }
 
 impl Families {
@@ -356,6 +390,21 @@ impl Families {
             "Bytes of response bodies the server wrote: the payload, without chunked \
              framing (responses whose head was read whole)",
         )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new(
+                "flask_http_requests_in_flight",
+                "Requests the server has read and not yet answered (sampled once a second)",
+            ),
+            identity_labels,
+        )?;
+        let workers = IntGaugeVec::new(
+            Opts::new(
+                "flask_http_workers",
+                "Processes seen answering the server's requests that still run (a gunicorn \
+                 master's workers; the master itself answers none)",
+            ),
+            identity_labels,
+        )?;
         let info = IntGaugeVec::new(
             Opts::new(
                 "flask_exporter_info",
@@ -371,6 +420,8 @@ impl Families {
             Box::new(queue.clone()),
             Box::new(request_size.clone()),
             Box::new(response_size.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(workers.clone()),
             Box::new(info),
         ] {
             registry.register(collector)?;
@@ -382,6 +433,8 @@ impl Families {
             queue,
             request_size,
             response_size,
+            in_flight,
+            workers,
         })
     }
 }
@@ -478,6 +531,10 @@ impl RequestMetrics {
                 response_size.observe(bytes as f64);
             }
         }
+        if series.last_worker != attributed.tgid {
+            series.last_worker = attributed.tgid;
+            series.workers.insert(attributed.tgid);
+        }
         let (requests, exceptions) = series.totals(&self.families, method, status);
         requests.inc();
         if let Some(exceptions) = exceptions {
@@ -489,6 +546,25 @@ impl RequestMetrics {
             let [accept_queue, read] = series.queue(&self.families);
             accept_queue.observe(queued.accept_queue_seconds());
             read.observe(first_read);
+        }
+    }
+
+    /// Once a second: each identity's requests in flight (`in_flight`, by
+    /// identity; absent is none) and the workers that answered it and still
+    /// run (`running`).
+    pub fn set_saturation(
+        &mut self,
+        in_flight: &HashMap<Arc<Identity>, i64>,
+        running: &dyn Fn(u32) -> bool,
+    ) {
+        for (identity, series) in &mut self.series {
+            series.workers.retain(|&tgid| running(tgid));
+            if !series.workers.contains(&series.last_worker) {
+                series.last_worker = 0;
+            }
+            let [requests, workers] = series.saturation(&self.families);
+            requests.set(in_flight.get(identity).copied().unwrap_or(0));
+            workers.set(series.workers.len() as i64);
         }
     }
 

@@ -31,7 +31,7 @@ use crate::{
     health::{Health, monotonic_ns},
     identity::{
         IdentityStage,
-        attribution::{Attribution, AttributionCounters, HoldLimits},
+        attribution::{self, Attribution, AttributionCounters, HoldLimits},
     },
     metrics::{Budgets, RequestMetrics},
     procfs,
@@ -261,6 +261,13 @@ impl Pipeline {
             self.capture.follow_unmonitored_again();
         }
         self.capture.sync_kernel_counters();
+        let in_flight = attribution::by_identity(
+            stages.identity.pod_index(),
+            stages.table.requests_in_flight(),
+        );
+        stages
+            .metrics
+            .set_saturation(&in_flight, &procfs::is_running);
         if let Some(debug) = &self.debug {
             debug.publish(DebugSnapshot {
                 routes: RoutesReport::new(stages.labeler.snapshot()),

@@ -248,3 +248,54 @@ fn body_sizes_equal_what_the_client_sent_and_received() {
     drop(exporter);
     drop(server);
 }
+
+/// `family`'s value for the server on `port`.
+fn gauge(samples: &[Sample], family: &str, port: u16) -> Option<f64> {
+    let port = port.to_string();
+    samples
+        .iter()
+        .find(|s| s.name == family && s.labels.get("port") == Some(&port))
+        .map(|s| s.value)
+}
+
+/// Two sync workers: while four 3 s requests run, both workers are busy
+/// (the other two requests wait in the backlog, unread), so requests in
+/// flight equal workers; once they are answered none is in flight.
+#[test]
+fn in_flight_requests_and_workers_show_a_saturated_server() {
+    let venv = require_prerequisites();
+    let (server, port) = gunicorn_sync(&venv, 2);
+    let exporter = Exporter::start(&["--port", &port.to_string()]);
+    // Until both workers have answered.
+    let samples = eventually(
+        Duration::from_secs(20),
+        || {
+            at_once(port, "/", 4);
+            std::thread::sleep(Duration::from_millis(1100));
+            exporter.metrics()
+        },
+        |samples| gauge(samples, "flask_http_workers", port) == Some(2.0),
+    );
+    assert_eq!(gauge(&samples, "flask_http_requests_in_flight", port), Some(0.0));
+    let clients = std::thread::spawn(move || at_once(port, "/slow?seconds=3", 4));
+    let busy = eventually(
+        Duration::from_secs(3),
+        || exporter.metrics(),
+        |samples| gauge(samples, "flask_http_requests_in_flight", port) == Some(2.0),
+    );
+    let in_flight = gauge(&busy, "flask_http_requests_in_flight", port);
+    let workers = gauge(&busy, "flask_http_workers", port);
+    println!("4 clients on 2 sync workers: {in_flight:?} requests in flight, {workers:?} workers");
+    assert_eq!(in_flight, Some(2.0), "one request read by each worker");
+    assert_eq!(workers, Some(2.0));
+    clients.join().expect("clients");
+    let idle = eventually(
+        Duration::from_secs(5),
+        || exporter.metrics(),
+        |samples| gauge(samples, "flask_http_requests_in_flight", port) == Some(0.0),
+    );
+    assert_eq!(gauge(&idle, "flask_http_requests_in_flight", port), Some(0.0));
+    assert_eq!(gauge(&idle, "flask_http_workers", port), Some(2.0));
+    drop(exporter);
+    drop(server);
+}

@@ -174,8 +174,14 @@ mod tests {
         }
         let mut length = Body::Length(10);
         let mut content = 0;
-        assert!(matches!(length.advance(4, b"", &mut content), BodyStep::Continues(4)));
-        assert!(matches!(length.advance(9, b"", &mut content), BodyStep::Ended(6)));
+        assert!(matches!(
+            length.advance(4, b"", &mut content),
+            BodyStep::Continues(4)
+        ));
+        assert!(matches!(
+            length.advance(9, b"", &mut content),
+            BodyStep::Ended(6)
+        ));
         assert_eq!(content, 10);
     }
 }

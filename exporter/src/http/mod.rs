@@ -457,6 +457,14 @@ impl HttpConnection {
         matches!(self.request, ReaderState::Opaque)
     }
 
+    /// Requests read whose response has not ended.
+    pub fn requests_in_flight(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|request| !request.refused)
+            .count()
+    }
+
     /// Neither direction will be read as HTTP again: bytes that were not
     /// HTTP before any request, or an upgrade (101, e.g. WebSocket).
     pub fn is_not_http(&self) -> bool {

@@ -5,7 +5,7 @@
 //! dropped but the traffic of pods selected out.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -178,6 +178,30 @@ impl Attribution {
             }
         }
     }
+}
+
+/// Sums `counts` by the identity each connection's server has now (pods the
+/// index does not know yet, or selected out, are left out).
+pub fn by_identity<'a>(
+    index: Option<&SharedPodIndex>,
+    counts: impl Iterator<Item = (&'a ServedBy, usize)>,
+) -> HashMap<Arc<Identity>, i64> {
+    let mut index = index.map(lock_index);
+    let mut sums: HashMap<Arc<Identity>, i64> = HashMap::new();
+    for (served_by, count) in counts {
+        let identity = match served_by {
+            ServedBy::Server(identity) => identity.clone(),
+            ServedBy::Container(container) => match index.as_deref_mut() {
+                Some(index) => match index.lookup(container, false) {
+                    Lookup::Known(identity) => identity,
+                    _ => continue,
+                },
+                None => continue,
+            },
+        };
+        *sums.entry(identity).or_default() += count as i64;
+    }
+    sums
 }
 
 /// What holding an exchange costs, in bytes of what a client chose.

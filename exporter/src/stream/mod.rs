@@ -247,6 +247,15 @@ impl ConnectionTable {
         self.connections.len()
     }
 
+    /// Requests read and not yet answered, per monitored connection that
+    /// has any, with whom the connection is served by.
+    pub fn requests_in_flight(&self) -> impl Iterator<Item = (&ServedBy, usize)> {
+        self.connections.values().filter_map(|connection| {
+            let count = connection.http.requests_in_flight();
+            Some((connection.served_by.as_ref()?, count)).filter(|_| count > 0)
+        })
+    }
+
     pub fn is_empty(&self) -> bool {
         self.connections.is_empty()
     }
