@@ -23,6 +23,8 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "redis-server",
     "redis-tools",
+    // saturation_e2e compares body sizes with what curl sent and received.
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
