@@ -102,6 +102,33 @@ pub struct Exchange {
     pub queued: Option<Queued>,
 }
 
+/// Requests a connection read that will never make an exchange, by why,
+/// since they were last taken: the other side of completeness.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LostRequests {
+    /// Pending when events went missing (a full ring buffer, mostly).
+    pub sequence_gap: u32,
+    /// Answered by a response whose request was never read whole (its
+    /// read was lost, or its head could not be read).
+    pub unpaired_response: u32,
+    /// Never answered before the connection closed, or past the pipelining
+    /// bound.
+    pub abandoned: u32,
+}
+
+impl LostRequests {
+    /// `reason` label values, in [`Self::by_reason`]'s order.
+    pub const REASONS: [&'static str; 3] = ["sequence_gap", "unpaired_response", "abandoned"];
+
+    pub fn by_reason(&self) -> [u32; 3] {
+        [self.sequence_gap, self.unpaired_response, self.abandoned]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_reason().iter().all(|&count| count == 0)
+    }
+}
+
 /// When a connection's TCP handshake completed and when the server
 /// accepted it (CLOCK_MONOTONIC ns): between the two it sat in the
 /// listener's accept queue, and from the accept on the server had it.

@@ -18,7 +18,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::exchange::{AttributedExchange, Identity, OVERFLOW_PATH, Route, WorkloadKey};
+use crate::exchange::{
+    AttributedExchange, Identity, LostRequests, OVERFLOW_PATH, Route, WorkloadKey,
+};
 
 /// prometheus-flask-exporter's default buckets.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -131,6 +133,9 @@ struct IdentitySeries {
     /// processes of one server); the last one, to skip the set's lookup.
     workers: HashSet<u32>,
     last_worker: u32,
+    /// `flask_http_requests_seen_total` and `flask_http_requests_lost_total`
+    /// by reason, made on first use.
+    completeness: Option<(IntCounter, [IntCounter; 3])>,
 }
 
 impl IdentitySeries {
@@ -150,7 +155,20 @@ impl IdentitySeries {
             saturation: None,
             workers: HashSet::new(),
             last_worker: 0,
+            completeness: None,
         }
+    }
+
+    fn completeness(&mut self, families: &Families) -> (IntCounter, [IntCounter; 3]) {
+        if let Some(made) = &self.completeness {
+            return made.clone();
+        }
+        let seen = families.seen.with_label_values(&self.values(&[]));
+        let lost = LostRequests::REASONS
+            .map(|reason| families.lost.with_label_values(&self.values(&[reason])));
+        let made = (seen, lost);
+        self.completeness = Some(made.clone());
+        made
     }
 
     fn saturation(&mut self, families: &Families) -> [IntGauge; 2] {
@@ -314,6 +332,13 @@ impl IdentitySeries {
                 removed += 1;
             }
         }
+        if self.completeness.take().is_some() {
+            let _ = families.seen.remove_label_values(&self.values(&[]));
+            for reason in LostRequests::REASONS {
+                let _ = families.lost.remove_label_values(&self.values(&[reason]));
+            }
+            removed += 1 + LostRequests::REASONS.len();
+        }
         if self.saturation.take().is_some() {
             let values = self.values(&[]);
             let _ = families.in_flight.remove_label_values(&values);
@@ -335,6 +360,8 @@ struct Families {
     response_size: HistogramVec,
     in_flight: IntGaugeVec,
     workers: IntGaugeVec,
+    seen: IntCounterVec,
+    lost: IntCounterVec,
 }
 
 impl Families {
@@ -405,6 +432,24 @@ impl Families {
             ),
             identity_labels,
         )?;
+        let seen = IntCounterVec::new(
+            Opts::new(
+                "flask_http_requests_seen_total",
+                "Requests the server read: those answered (flask_http_request_total) and those \
+                 lost (flask_http_requests_lost_total)",
+            ),
+            identity_labels,
+        )?;
+        let lost = IntCounterVec::new(
+            Opts::new(
+                "flask_http_requests_lost_total",
+                "Requests the server read that made no exchange, by reason: sequence_gap \
+                 (pending when events went missing, mostly a full ring buffer), \
+                 unpaired_response (answered, but the request was not read whole), abandoned \
+                 (never answered before the connection closed)",
+            ),
+            &with_identity(&["reason"]),
+        )?;
         let info = IntGaugeVec::new(
             Opts::new(
                 "flask_exporter_info",
@@ -422,6 +467,8 @@ impl Families {
             Box::new(response_size.clone()),
             Box::new(in_flight.clone()),
             Box::new(workers.clone()),
+            Box::new(seen.clone()),
+            Box::new(lost.clone()),
             Box::new(info),
         ] {
             registry.register(collector)?;
@@ -435,6 +482,8 @@ impl Families {
             response_size,
             in_flight,
             workers,
+            seen,
+            lost,
         })
     }
 }
@@ -537,6 +586,7 @@ impl RequestMetrics {
         }
         let (requests, exceptions) = series.totals(&self.families, method, status);
         requests.inc();
+        series.completeness(&self.families).0.inc();
         if let Some(exceptions) = exceptions {
             exceptions.inc();
         }
@@ -546,6 +596,19 @@ impl RequestMetrics {
             let [accept_queue, read] = series.queue(&self.families);
             accept_queue.observe(queued.accept_queue_seconds());
             read.observe(first_read);
+        }
+    }
+
+    /// Requests `identity`'s server read that made no exchange.
+    pub fn record_lost(&mut self, identity: &Arc<Identity>, lost: LostRequests) {
+        let series = self
+            .series
+            .entry(identity.clone())
+            .or_insert_with(|| IdentitySeries::new(identity));
+        let (seen, by_reason) = series.completeness(&self.families);
+        for (counter, count) in by_reason.iter().zip(lost.by_reason()) {
+            counter.inc_by(u64::from(count));
+            seen.inc_by(u64::from(count));
         }
     }
 
@@ -676,8 +739,9 @@ mod tests {
 
         let other = server("9000");
         metrics.observe(&exchange(&other, "GET", 200, 0.3), &route("/a"));
-        // Histogram series (3) + request totals (3) + one exception total.
-        assert_eq!(metrics.release(&identity), 7);
+        // Histogram series (3) + request totals (3) + one exception total +
+        // requests seen and lost by reason (4).
+        assert_eq!(metrics.release(&identity), 11);
         let text = encode(&registry).expect("encode");
         assert!(!text.contains("port=\"8000\""), "{text}");
         assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 1"));
@@ -704,7 +768,8 @@ mod tests {
         metrics.observe(&exchange(&again, "GET", 200, 0.01), &route("/a"));
         let text = encode(&registry).expect("encode");
         assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 2"), "{text}");
-        assert_eq!(metrics.release(&again), 2);
+        // One histogram and one total, requests seen and lost by reason.
+        assert_eq!(metrics.release(&again), 6);
         assert!(
             !encode(&registry)
                 .expect("encode")

@@ -356,6 +356,16 @@ impl Stages {
     /// attribution → routes → metrics, for the exchanges in `captured`
     /// (some may wait in attribution for their pod).
     pub fn record(&mut self, hand_offs: &mut HandOffs) {
+        // Requests read that will make no exchange count against their
+        // server's completeness at once.
+        for (served_by, lost) in self.table.take_losses() {
+            if let Some(identity) = self
+                .attribution
+                .identity_now(self.identity.pod_index(), &served_by)
+            {
+                self.metrics.record_lost(&identity, lost);
+            }
+        }
         self.attribution.attribute(
             self.identity.pod_index(),
             &mut hand_offs.captured,

@@ -276,7 +276,10 @@ fn in_flight_requests_and_workers_show_a_saturated_server() {
         },
         |samples| gauge(samples, "flask_http_workers", port) == Some(2.0),
     );
-    assert_eq!(gauge(&samples, "flask_http_requests_in_flight", port), Some(0.0));
+    assert_eq!(
+        gauge(&samples, "flask_http_requests_in_flight", port),
+        Some(0.0)
+    );
     let clients = std::thread::spawn(move || at_once(port, "/slow?seconds=3", 4));
     let busy = eventually(
         Duration::from_secs(3),
@@ -294,8 +297,119 @@ fn in_flight_requests_and_workers_show_a_saturated_server() {
         || exporter.metrics(),
         |samples| gauge(samples, "flask_http_requests_in_flight", port) == Some(0.0),
     );
-    assert_eq!(gauge(&idle, "flask_http_requests_in_flight", port), Some(0.0));
+    assert_eq!(
+        gauge(&idle, "flask_http_requests_in_flight", port),
+        Some(0.0)
+    );
     assert_eq!(gauge(&idle, "flask_http_workers", port), Some(2.0));
+    drop(exporter);
+    drop(server);
+}
+
+/// Sums `family` over the series of the server on `port`.
+fn sum_for_port(samples: &[Sample], family: &str, port: u16) -> f64 {
+    let port = port.to_string();
+    samples
+        .iter()
+        .filter(|s| s.name == family && s.labels.get("port") == Some(&port))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Real Prometheus' answer to an instant query.
+fn prometheus_query(port: u16, promql: &str) -> Vec<serde_json::Value> {
+    let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
+    let Ok(response) = http_get(port, &format!("/api/v1/query?query={encoded}")) else {
+        return Vec::new();
+    };
+    let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A one-page ring buffer cannot hold /cookie's 5 KiB response, so the
+/// kernel drops it: those requests are read but never answered as far as
+/// the agent knows, and count as lost. Completeness falls to about half,
+/// and the shipped alert's expression, evaluated by a real Prometheus with
+/// the shipped rules, fires.
+#[test]
+fn lost_requests_lower_completeness_and_the_alert_expression_fires() {
+    let venv = require_prerequisites();
+    let (server, port) = gunicorn_sync(&venv, 2);
+    let exporter = Exporter::start(&["--port", &port.to_string(), "--ring-buffer-bytes", "4096"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = serde_json::json!({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [workspace().join("manifests/prometheus/rules.yaml").to_str().expect("path")],
+        "scrape_configs": [{
+            "job_name": "flask-ebpf-exporter",
+            "static_configs": [{"targets": [exporter.address.to_string()]}],
+        }],
+    });
+    let config_file = dir.path().join("prometheus.yml");
+    std::fs::write(&config_file, config.to_string()).expect("config");
+    let prometheus_port = free_port();
+    let _prometheus = spawn_process(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    wait_for_port(prometheus_port, Duration::from_secs(20));
+
+    // Until Prometheus has two scrapes of every series, traffic keeps coming.
+    let alert = "workload:flask_http_requests_complete:ratio_rate5m < 0.99";
+    let mut answered = 0;
+    let fired = eventually(
+        Duration::from_secs(40),
+        || {
+            for _ in 0..5 {
+                if http_get(port, "/").is_ok_and(|r| r.status == 200) {
+                    answered += 1;
+                }
+                // The client gets its 5 KiB answer; the agent never sees it.
+                let _ = http_get(port, "/cookie");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            prometheus_query(prometheus_port, alert)
+        },
+        |result| !result.is_empty(),
+    );
+    let samples = exporter.metrics();
+    let completed = sum_for_port(&samples, "flask_http_request_total", port);
+    let seen = sum_for_port(&samples, "flask_http_requests_seen_total", port);
+    let lost = sum_for_port(&samples, "flask_http_requests_lost_total", port);
+    println!(
+        "one-page ring buffer: {completed} exchanges of {seen} requests seen ({lost} lost), \
+         {answered} small answers; Prometheus: {fired:?}"
+    );
+    assert!(!fired.is_empty(), "the alert expression never fired");
+    let ratio: f64 = fired[0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    assert!(ratio < 0.99, "{ratio}");
+    assert_eq!(seen, completed + lost);
+    assert!(
+        lost > 0.0 && completed >= f64::from(answered) * 0.9,
+        "{lost} lost, {completed} completed"
+    );
+    assert!(
+        (0.3..0.7).contains(&(completed / seen)),
+        "{completed} of {seen}"
+    );
+    assert!(
+        value(&samples, "flask_ebpf_exporter_events_lost_total") > 0.0,
+        "the kernel counted the dropped events"
+    );
     drop(exporter);
     drop(server);
 }

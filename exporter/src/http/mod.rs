@@ -19,7 +19,10 @@ use self::{
         parse_request_head, parse_response_head, start_line,
     },
 };
-use crate::{exchange::Exchange, metrics::counter};
+use crate::{
+    exchange::{Exchange, LostRequests},
+    metrics::counter,
+};
 
 mod body;
 mod heads;
@@ -156,6 +159,8 @@ pub struct HttpConnection {
     /// message boundary: once a response ended and nothing is pending.
     /// Until then a read that starts like a request may be body bytes.
     request_awaits_boundary: bool,
+    /// Requests lost since last taken ([`Self::take_lost`]).
+    lost: LostRequests,
 }
 
 impl Default for HttpConnection {
@@ -433,7 +438,13 @@ impl HttpConnection {
             in_flight: None,
             seen_request: false,
             request_awaits_boundary: false,
+            lost: LostRequests::default(),
         }
+    }
+
+    /// Requests lost since the last call, by why.
+    pub fn take_lost(&mut self) -> LostRequests {
+        std::mem::take(&mut self.lost)
     }
 
     /// A connection's state, for another connection: as [`Self::new`],
@@ -698,6 +709,7 @@ impl HttpConnection {
         if self.pending.len() >= MAX_PENDING_REQUESTS {
             self.pending.pop_front();
             counters.abandoned_requests.inc();
+            self.lost.abandoned += 1;
         }
         self.pending.push_back(PendingRequest {
             method: head.method,
@@ -717,6 +729,7 @@ impl HttpConnection {
             && !request.refused
         {
             counters.abandoned_requests.inc();
+            self.lost.unpaired_response += 1;
         }
     }
 
@@ -774,6 +787,7 @@ impl HttpConnection {
         self.request_awaits_boundary = false;
         let Some(request) = self.pending.pop_front() else {
             counters.unpaired_responses.inc();
+            self.lost.unpaired_response += 1;
             return;
         };
         if request.refused {
@@ -798,6 +812,7 @@ impl HttpConnection {
         counters
             .abandoned_requests
             .inc_by(self.pending.len() as u64);
+        self.lost.sequence_gap += self.live_pending();
         self.pending.clear();
         self.in_flight = None;
         if !matches!(self.request, ReaderState::Opaque) {
@@ -820,7 +835,16 @@ impl HttpConnection {
         counters
             .abandoned_requests
             .inc_by(self.pending.len() as u64);
+        self.lost.abandoned += self.live_pending();
         self.pending.clear();
+    }
+
+    /// Pending requests that would have made an exchange.
+    fn live_pending(&self) -> u32 {
+        self.pending
+            .iter()
+            .filter(|request| !request.refused)
+            .count() as u32
     }
 
     /// Ends a response whose framing was lost once nothing was written for

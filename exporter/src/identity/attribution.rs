@@ -99,6 +99,28 @@ impl Attribution {
         &self.counters
     }
 
+    /// The identity a connection's server has now, without waiting: a pod
+    /// the index does not know yet is the unknown identity, one selected
+    /// out is none.
+    pub fn identity_now(
+        &self,
+        index: Option<&SharedPodIndex>,
+        served_by: &ServedBy,
+    ) -> Option<Arc<Identity>> {
+        let container = match served_by {
+            ServedBy::Server(identity) => return Some(identity.clone()),
+            ServedBy::Container(container) => container,
+        };
+        let Some(index) = index else {
+            return Some(self.unknown.clone());
+        };
+        match lock_index(index).lookup(container, true) {
+            Lookup::Known(identity) => Some(identity),
+            Lookup::Pending => Some(self.unknown.clone()),
+            Lookup::Excluded => None,
+        }
+    }
+
     /// Attributes the exchanges in `captured` (leaving it empty) and the
     /// held ones that are now due or resolvable, in order, into `out`; the
     /// rest wait. `index`: the node's pods (Kubernetes mode).

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::{
     capture::{IgnoreReason, KernelFilter, RawEvent},
-    exchange::{CapturedExchange, Exchange, Origin, Queued, ServedBy},
+    exchange::{CapturedExchange, Exchange, LostRequests, Origin, Queued, ServedBy},
     http::{HttpConnection, HttpCounters, Segment},
     metrics::{Budgets, counter, gauge},
 };
@@ -183,6 +183,9 @@ pub struct ConnectionTable {
     finished: Vec<Exchange>,
     /// HTTP states of closed connections, for new ones (likewise).
     spare: Vec<HttpConnection>,
+    /// Requests lost on monitored connections, for the caller to count by
+    /// identity ([`Self::take_losses`]).
+    losses: Vec<(ServedBy, LostRequests)>,
 }
 
 impl ConnectionTable {
@@ -203,6 +206,7 @@ impl ConnectionTable {
             max_partial_head_bytes,
             kernel_filters: Vec::new(),
             finished: Vec::new(),
+            losses: Vec::new(),
             spare: Vec::new(),
         }
     }
@@ -247,6 +251,11 @@ impl ConnectionTable {
         self.connections.len()
     }
 
+    /// Requests lost since the last call, by connection's server and why.
+    pub fn take_losses(&mut self) -> Vec<(ServedBy, LostRequests)> {
+        std::mem::take(&mut self.losses)
+    }
+
     /// Requests read and not yet answered, per monitored connection that
     /// has any, with whom the connection is served by.
     pub fn requests_in_flight(&self) -> impl Iterator<Item = (&ServedBy, usize)> {
@@ -277,7 +286,10 @@ impl ConnectionTable {
                     event,
                     &self.counters,
                     &mut self.finished,
-                    out,
+                    Tagged {
+                        exchanges: out,
+                        losses: &mut self.losses,
+                    },
                 );
                 decide_kernel_side(key, entry.get_mut(), event, &mut self.kernel_filters);
                 if closed {
@@ -298,7 +310,15 @@ impl ConnectionTable {
             self.partial_heads.forget(key, &old);
             self.counters.connections_tracked.dec();
             old.http.on_close(&self.counters.http, &mut self.finished);
-            tag(header.tgid, &mut old, &mut self.finished, out);
+            tag(
+                header.tgid,
+                &mut old,
+                &mut self.finished,
+                Tagged {
+                    exchanges: out,
+                    losses: &mut self.losses,
+                },
+            );
             self.keep_spare(old.http);
         }
         if event.kind == EventKind::Close {
@@ -352,7 +372,10 @@ impl ConnectionTable {
             event,
             &self.counters,
             &mut self.finished,
-            out,
+            Tagged {
+                exchanges: out,
+                losses: &mut self.losses,
+            },
         );
         let key = (header.tgid, header.fd);
         decide_kernel_side(key, &mut connection, event, &mut self.kernel_filters);
@@ -395,6 +418,7 @@ impl ConnectionTable {
         let mut alive: HashMap<u32, bool> = HashMap::new();
         let counters = &self.counters;
         let partial_heads = &mut self.partial_heads;
+        let losses = &mut self.losses;
         let mut eviction_checks = 0;
         self.connections.retain(|&key @ (tgid, fd), connection| {
             let process_alive = *alive.entry(tgid).or_insert_with(|| process_alive(tgid));
@@ -422,7 +446,15 @@ impl ConnectionTable {
                 connection.http.on_close(&counters.http, &mut exchanges);
                 partial_heads.forget(key, connection);
             }
-            tag(tgid, connection, &mut exchanges, out);
+            tag(
+                tgid,
+                connection,
+                &mut exchanges,
+                Tagged {
+                    exchanges: out,
+                    losses,
+                },
+            );
             keep
         });
         self.counters
@@ -438,7 +470,7 @@ fn feed(
     event: &RawEvent<'_>,
     counters: &StreamCounters,
     exchanges: &mut Vec<Exchange>,
-    out: &mut Vec<CapturedExchange>,
+    out: Tagged<'_>,
 ) -> bool {
     let header = &event.header;
     let expected = connection.last_seq.wrapping_add(1);
@@ -633,25 +665,37 @@ fn hear_the_server(
     (connection.http.is_not_http() && heard).then_some(IgnoreReason::NotHttp)
 }
 
-/// Moves a connection's exchanges to `out` with whom it is served by; the
-/// first carries the connection's wait to be accepted.
-fn tag(
-    tgid: u32,
-    connection: &mut Connection,
-    exchanges: &mut Vec<Exchange>,
-    out: &mut Vec<CapturedExchange>,
-) {
+/// Where a connection's exchanges and lost requests go, tagged with whom
+/// it is served by.
+struct Tagged<'a> {
+    exchanges: &'a mut Vec<CapturedExchange>,
+    losses: &'a mut Vec<(ServedBy, LostRequests)>,
+}
+
+/// Moves a connection's exchanges, and requests it lost, to `out` with whom
+/// it is served by; the first exchange carries the connection's wait to be
+/// accepted.
+fn tag(tgid: u32, connection: &mut Connection, exchanges: &mut Vec<Exchange>, out: Tagged<'_>) {
     if let Some(first) = exchanges.first_mut()
         && let Some(queued) = connection.queued.take()
     {
         first.queued = Some(queued);
     }
+    let lost = connection.http.take_lost();
+    if !lost.is_empty()
+        && let Some(served_by) = &connection.served_by
+    {
+        out.losses.push((served_by.clone(), lost));
+    }
     match &connection.served_by {
-        Some(served_by) => out.extend(exchanges.drain(..).map(|exchange| CapturedExchange {
-            served_by: served_by.clone(),
-            tgid,
-            exchange,
-        })),
+        Some(served_by) => {
+            out.exchanges
+                .extend(exchanges.drain(..).map(|exchange| CapturedExchange {
+                    served_by: served_by.clone(),
+                    tgid,
+                    exchange,
+                }))
+        }
         None => exchanges.clear(),
     }
 }
