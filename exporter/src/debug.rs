@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::{
     exchange::RouteSource,
     identity::{IdentityStage, attribution::Attribution, pods::lock_index},
+    metrics::ServerLoad,
     routes::WorkloadRoutesView,
     stream::ConnectionTable,
 };
@@ -133,6 +134,10 @@ impl RoutesReport {
     }
 }
 
+fn milliseconds(seconds: f64) -> String {
+    format!("{:.1} ms", seconds * 1e3)
+}
+
 fn owned_pairs(pairs: Vec<(&str, &str)>) -> BTreeMap<String, String> {
     pairs
         .into_iter()
@@ -150,6 +155,9 @@ pub struct PodsReport {
     pub pods: Vec<PodRow>,
     /// Kubernetes mode: processes seen serving, and their container.
     pub processes: Vec<ProcessRow>,
+    /// Each server's queue time, requests in flight, workers and
+    /// completeness.
+    pub load: Vec<ServerLoad>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -394,6 +402,22 @@ pub fn pods_html(snapshot: &DebugSnapshot) -> Markup {
                                 None => { "not monitored" }
                             }
                         } }
+                    }
+                }
+            }
+            @if !pods.load.is_empty() {
+                h2 { "Load" }
+                table {
+                    tr { th { "server" } th { "queue p50" } th { "queue p99" } th { "in flight" } th { "workers" } th { "requests seen" } th { "completed" } }
+                    @for load in &pods.load {
+                        tr {
+                            td { @for (name, value) in &load.identity { (name) "=" code { (value) } " " } }
+                            td { (load.queue_p50_seconds.map_or_else(|| "–".to_owned(), milliseconds)) }
+                            td { (load.queue_p99_seconds.map_or_else(|| "–".to_owned(), milliseconds)) }
+                            td { (load.in_flight) } td { (load.workers) }
+                            td { (load.requests_seen) }
+                            td { (load.completeness.map_or_else(|| "–".to_owned(), |c| format!("{:.1} %", c * 100.0))) }
+                        }
                     }
                 }
             }

@@ -9,9 +9,11 @@
 //! by the stages themselves, with [`counter`] and [`gauge`].
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
+
+use serde::Serialize;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -39,6 +41,51 @@ pub const SIZE_BUCKETS: [f64; 11] = [
     64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
     67108864.0,
 ];
+
+/// One server's load, as `/debug/pods` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerLoad {
+    pub identity: BTreeMap<String, String>,
+    /// Accept-queue wait quantiles, interpolated in the histogram's buckets
+    /// as Prometheus' `histogram_quantile` does.
+    pub queue_p50_seconds: Option<f64>,
+    pub queue_p99_seconds: Option<f64>,
+    pub in_flight: i64,
+    pub workers: i64,
+    pub requests_seen: u64,
+    pub requests_completed: u64,
+    /// completed / seen.
+    pub completeness: Option<f64>,
+}
+
+/// The `q` quantile of a histogram's observations, linearly interpolated
+/// inside the bucket it falls in (`histogram_quantile`'s method); the
+/// highest finite bound when it falls past it.
+fn histogram_quantile(histogram: &Histogram, q: f64) -> Option<f64> {
+    use prometheus::core::Metric as _;
+    let metric = histogram.metric();
+    let data = metric.get_histogram();
+    let total = data.get_sample_count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower, mut below) = (0.0, 0u64);
+    for bucket in data.get_bucket() {
+        let (upper, count) = (bucket.upper_bound(), bucket.cumulative_count());
+        if count as f64 >= rank {
+            let inside = (count - below) as f64;
+            let fraction = if inside > 0.0 {
+                (rank - below as f64) / inside
+            } else {
+                1.0
+            };
+            return Some(lower + (upper - lower) * fraction);
+        }
+        (lower, below) = (upper, count);
+    }
+    Some(lower)
+}
 
 /// `phase` values of `flask_http_request_queue_seconds`.
 pub const QUEUE_PHASES: [&str; 2] = ["accept_queue", "first_read"];
@@ -597,6 +644,42 @@ impl RequestMetrics {
             accept_queue.observe(queued.accept_queue_seconds());
             read.observe(first_read);
         }
+    }
+
+    /// Each server's load and completeness, for `/debug/pods`.
+    pub fn server_loads(&self) -> Vec<ServerLoad> {
+        let mut loads: Vec<ServerLoad> = self
+            .series
+            .iter()
+            .map(|(identity, series)| {
+                let (seen, lost) = match &series.completeness {
+                    Some((seen, lost)) => (seen.get(), lost.iter().map(IntCounter::get).sum()),
+                    None => (0, 0),
+                };
+                let [in_flight, workers] = series
+                    .saturation
+                    .as_ref()
+                    .map_or([0, 0], |gauges| gauges.clone().map(|gauge| gauge.get()));
+                let queue = series.queue.as_ref().map(|[accept_queue, _]| accept_queue);
+                ServerLoad {
+                    identity: identity
+                        .labels
+                        .pairs()
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                        .collect(),
+                    queue_p50_seconds: queue.and_then(|h| histogram_quantile(h, 0.5)),
+                    queue_p99_seconds: queue.and_then(|h| histogram_quantile(h, 0.99)),
+                    in_flight,
+                    workers,
+                    requests_seen: seen,
+                    requests_completed: seen.saturating_sub(lost),
+                    completeness: (seen > 0).then(|| (seen - lost) as f64 / seen as f64),
+                }
+            })
+            .collect();
+        loads.sort_by(|a, b| a.identity.cmp(&b.identity));
+        loads
     }
 
     /// Requests `identity`'s server read that made no exchange.

@@ -271,7 +271,10 @@ impl Pipeline {
         if let Some(debug) = &self.debug {
             debug.publish(DebugSnapshot {
                 routes: RoutesReport::new(stages.labeler.snapshot()),
-                pods: PodsReport::new(&stages.identity, Instant::now()),
+                pods: PodsReport {
+                    load: stages.metrics.server_loads(),
+                    ..PodsReport::new(&stages.identity, Instant::now())
+                },
                 connections: ConnectionsReport::new(&stages.table, &stages.attribution),
                 ..DebugSnapshot::default()
             });

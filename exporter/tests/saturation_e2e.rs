@@ -29,6 +29,22 @@ fn gunicorn_sync(venv: &std::path::Path, workers: u32) -> (Running, u16) {
     (server, port)
 }
 
+/// The `/debug/pods` load entry of the server on `port` (null until seen).
+fn server_load(exporter: &Exporter, port: u16) -> serde_json::Value {
+    let Ok(page) = exporter.debug_page("/debug/pods") else {
+        return serde_json::Value::Null;
+    };
+    let pods: serde_json::Value = serde_json::from_slice(&page.body).unwrap_or_default();
+    pods["load"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|load| load["identity"]["port"] == port.to_string())
+                .cloned()
+        })
+        .unwrap_or_default()
+}
+
 /// `clients` requests to `target` at once, each on its own connection.
 fn at_once(port: u16, target: &'static str, clients: usize) {
     let start = Arc::new(Barrier::new(clients));
@@ -129,6 +145,17 @@ fn queue_time_grows_with_busy_workers_and_stays_near_zero_with_enough() {
         println!("  the burst alone: {buckets:?}, sum {sum:.3} s");
         let all = CLIENTS as f64;
         assert_eq!(below(&buckets, f64::INFINITY), all);
+        // /debug/pods shows the same server: its queue time, workers and
+        // completeness.
+        let load = eventually(
+            Duration::from_secs(5),
+            || server_load(&exporter, port),
+            |load| load["requests_seen"].as_f64() == Some(warmed + all + 0.0),
+        );
+        println!("  /debug/pods: {load}");
+        assert_eq!(load["completeness"].as_f64(), Some(1.0), "{load}");
+        assert_eq!(load["in_flight"].as_f64(), Some(0.0), "{load}");
+        let p99 = load["queue_p99_seconds"].as_f64().unwrap_or(0.0);
         if workers == 1 {
             // Waits of 0, 0.2, …, 1.4 s: the last above 1 s, none above 2.5 s.
             let expected_sum = WORK * (0..CLIENTS).sum::<usize>() as f64;
@@ -142,7 +169,17 @@ fn queue_time_grows_with_busy_workers_and_stays_near_zero_with_enough() {
             );
             assert!(below(&buckets, 1.0) >= 4.0, "{buckets:?}");
             assert_eq!(below(&buckets, 2.5), all);
+            // The burst's last waits dominate every wait seen.
+            assert!(p99 > 1.0, "p99 {p99}");
+            assert_eq!(load["workers"].as_f64(), Some(1.0), "{load}");
         } else {
+            // Over every wait seen (warm-up included, when workers were
+            // still booting), far below one busy worker's.
+            assert!(p99 < 0.5, "p99 {p99}");
+            // Each worker counts once it has answered (three bursts of
+            // eight almost always reach all of them).
+            let seen_workers = load["workers"].as_f64().unwrap_or(0.0);
+            assert!((2.0..=f64::from(workers)).contains(&seen_workers), "{load}");
             // Near zero against the 200 ms of work (eight workers waking
             // on two cores take a few ms).
             assert_eq!(
