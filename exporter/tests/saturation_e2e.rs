@@ -35,11 +35,12 @@ fn server_load(exporter: &Exporter, port: u16) -> serde_json::Value {
         return serde_json::Value::Null;
     };
     let pods: serde_json::Value = serde_json::from_slice(&page.body).unwrap_or_default();
+    let port = port.to_string();
     pods["load"]
         .as_array()
         .and_then(|all| {
             all.iter()
-                .find(|load| load["identity"]["port"] == port.to_string())
+                .find(|load| load["identity"]["port"].as_str() == Some(port.as_str()))
                 .cloned()
         })
         .unwrap_or_default()
