@@ -659,10 +659,17 @@ fn a_relabelled_pod_leaves_no_series_behind() {
     let identity = |owner: &str| format!("shop/relabelled/web/{owner}/StatefulSet");
     let served_by = |owner: &str| {
         let sent = send_traffic(serving.app.port);
+        // The counts, and the gauges the pipeline sets once a second.
         let samples = eventually(
             Duration::from_secs(10),
             || exporter.metrics(),
-            |samples| requests_by_pod(samples).get(&identity(owner)) == Some(&sent),
+            |samples| {
+                requests_by_pod(samples).get(&identity(owner)) == Some(&sent)
+                    && samples.iter().any(|s| {
+                        s.name == "flask_http_requests_in_flight"
+                            && s.labels.get("workload").map(String::as_str) == Some(owner)
+                    })
+            },
         );
         assert_eq!(
             requests_by_pod(&samples).get(&identity(owner)),

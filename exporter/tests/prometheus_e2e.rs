@@ -150,28 +150,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     );
     assert!(report.contains("SUCCESS"), "{report}");
 
-    let prometheus_port = free_port();
-    let _prometheus = spawn_process(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-    );
-    wait_for_port(prometheus_port, Duration::from_secs(20));
-    // It listens before its storage is open, answering "Service
-    // Unavailable" as text until then.
-    let ready = eventually(
-        Duration::from_secs(20),
-        || http_get(prometheus_port, "/-/ready").map_or(0, |r| r.status),
-        |&status| status == 200,
-    );
-    assert_eq!(ready, 200, "Prometheus never became ready");
+    let (_prometheus, prometheus_port) = start_prometheus(&config_file, &dir.path().join("data"));
 
     let mut sent = 0;
     for n in 0..5 {

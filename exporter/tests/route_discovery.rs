@@ -153,6 +153,17 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// A venv's `lib/pythonX.Y/site-packages`.
+fn site_packages_of(venv: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(venv.join("lib"))
+        .expect("lib")
+        .next()
+        .expect("lib/pythonX.Y")
+        .expect("entry")
+        .path()
+        .join("site-packages")
+}
+
 /// An app installed as a package: a venv of its own whose site-packages
 /// hold `shop` (laid out as pip installs it), served by gunicorn from a
 /// working directory with no source in it. The agent finds it as the
@@ -168,25 +179,13 @@ fn an_app_installed_into_site_packages_is_read_from_there() {
         .status()
         .expect("python -m venv");
     assert!(made.success());
-    let site_packages = std::fs::read_dir(app_venv.join("lib"))
-        .expect("lib")
-        .next()
-        .expect("lib/pythonX.Y")
-        .expect("entry")
-        .path()
-        .join("site-packages");
+    let site_packages = site_packages_of(&app_venv);
     copy_tree(
         &workspace().join("tests/fixtures/shop"),
         &site_packages.join("shop"),
     );
     // Flask and gunicorn come from the test venv, as a dependency would.
-    let test_site_packages = std::fs::read_dir(venv.join("lib"))
-        .expect("lib")
-        .next()
-        .expect("lib/pythonX.Y")
-        .expect("entry")
-        .path()
-        .join("site-packages");
+    let test_site_packages = site_packages_of(&venv);
     std::fs::write(
         site_packages.join("dependencies.pth"),
         format!("{}\n", test_site_packages.display()),

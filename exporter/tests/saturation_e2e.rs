@@ -388,20 +388,7 @@ fn lost_requests_lower_completeness_and_the_alert_expression_fires() {
     });
     let config_file = dir.path().join("prometheus.yml");
     std::fs::write(&config_file, config.to_string()).expect("config");
-    let prometheus_port = free_port();
-    let _prometheus = spawn_process(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-    );
-    wait_for_port(prometheus_port, Duration::from_secs(20));
+    let (_prometheus, prometheus_port) = start_prometheus(&config_file, &dir.path().join("data"));
 
     // Until Prometheus has two scrapes of every series, traffic keeps coming.
     let alert = "workload:flask_http_requests_complete:ratio_rate5m < 0.99";

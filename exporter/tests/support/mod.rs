@@ -69,6 +69,34 @@ pub fn flask_oracle(venv: &std::path::Path, spec: &str, args: &[&str], input: &s
     String::from_utf8(output.stdout).expect("UTF-8")
 }
 
+/// A real Prometheus (Debian's package) with `config_file`, its storage in
+/// `data_dir`, once ready; and its port.
+pub fn start_prometheus(
+    config_file: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> (Running, u16) {
+    let port = free_port();
+    let prometheus = spawn_process(
+        "prometheus",
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!("--storage.tsdb.path={}", data_dir.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    // It listens before its storage is open, answering "Service
+    // Unavailable" as text until then.
+    let ready = eventually(
+        Duration::from_secs(20),
+        || http_get(port, "/-/ready").map_or(0, |r| r.status),
+        |&status| status == 200,
+    );
+    assert_eq!(ready, 200, "Prometheus never became ready");
+    (prometheus, port)
+}
+
 /// Resident memory of a process, in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
