@@ -1,6 +1,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
@@ -304,12 +305,19 @@ fn take_handshake(sockaddr: u64) -> u64 {
         return 0;
     }
     // sockaddr_in: family, port (network order), address; sockaddr_in6:
-    // family, port, flowinfo, address.
-    let Ok(head) = (unsafe { bpf_probe_read_user(sockaddr as *const [u8; 8]) }) else {
-        return 0;
-    };
-    let family = u16::from_ne_bytes([head[0], head[1]]);
-    let port = u16::from_be_bytes([head[2], head[3]]) as u32;
+    // family, port, flowinfo, address. One read covers either (servers
+    // pass a sockaddr_storage); a buffer that ends sooner is read again
+    // for its first 8 bytes.
+    let mut sockaddr_bytes = [0u8; 24];
+    match unsafe { bpf_probe_read_user(sockaddr as *const [u8; 24]) } {
+        Ok(bytes) => sockaddr_bytes = bytes,
+        Err(_) => match unsafe { bpf_probe_read_user(sockaddr as *const [u8; 8]) } {
+            Ok(head) => sockaddr_bytes[..8].copy_from_slice(&head),
+            Err(_) => return 0,
+        },
+    }
+    let family = u16::from_ne_bytes([sockaddr_bytes[0], sockaddr_bytes[1]]);
+    let port = u16::from_be_bytes([sockaddr_bytes[2], sockaddr_bytes[3]]) as u32;
     let mut key = PeerKey {
         address: [0; 16],
         port,
@@ -317,13 +325,9 @@ fn take_handshake(sockaddr: u64) -> u64 {
     if family == AF_INET {
         key.address[10] = 0xff;
         key.address[11] = 0xff;
-        key.address[12..16].copy_from_slice(&head[4..8]);
+        key.address[12..16].copy_from_slice(&sockaddr_bytes[4..8]);
     } else if family == AF_INET6 {
-        let Ok(address) = (unsafe { bpf_probe_read_user((sockaddr + 8) as *const [u8; 16]) })
-        else {
-            return 0;
-        };
-        key.address = address;
+        key.address.copy_from_slice(&sockaddr_bytes[8..24]);
     } else {
         return 0;
     }
@@ -339,10 +343,10 @@ fn take_handshake(sockaddr: u64) -> u64 {
 /// Offsets in the `sock:inet_sock_set_state` record
 /// (/sys/kernel/tracing/events/sock/inet_sock_set_state/format); ports in
 /// host order, IPv4 addresses also as IPv4-mapped IPv6 ones.
-const STATE_OLD: usize = 16;
-const STATE_NEW: usize = 20;
-const STATE_REMOTE_PORT: usize = 26;
-const STATE_PROTOCOL: usize = 30;
+/// `oldstate` and `newstate`, read as one u64.
+const STATE_OLD_NEW: usize = 16;
+/// `sport`, `dport`, `family`, `protocol`, read as one u64.
+const STATE_PORTS: usize = 24;
 const STATE_REMOTE_ADDRESS_V6: usize = 56;
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -356,27 +360,33 @@ const AF_INET6: u16 = 10;
 /// accept (node-wide, one map update per connection accepted).
 #[tracepoint]
 pub fn tcp_state_change(ctx: TracePointContext) -> u32 {
-    let (Ok(old), Ok(new)) = (unsafe { ctx.read_at::<i32>(STATE_OLD) }, unsafe {
-        ctx.read_at::<i32>(STATE_NEW)
-    }) else {
-        return 0;
-    };
-    if old != TCP_SYN_RECV || new != TCP_ESTABLISHED {
-        return 0;
-    }
-    let (Ok(protocol), Ok(port), Ok(address)) = (
-        unsafe { ctx.read_at::<u16>(STATE_PROTOCOL) },
-        unsafe { ctx.read_at::<u16>(STATE_REMOTE_PORT) },
-        unsafe { ctx.read_at::<[u8; 16]>(STATE_REMOTE_ADDRESS_V6) },
-    ) else {
-        return 0;
-    };
-    if protocol != IPPROTO_TCP {
+    // It runs at every TCP state change on the node: aligned loads straight
+    // from the record (a tracepoint's context may be read directly), no
+    // helper call until the change is the one wanted.
+    let record = ctx.as_ptr() as *const u64;
+    // SAFETY: 8-byte aligned offsets inside the record (see its format).
+    let states = unsafe { core::ptr::read(record.add(STATE_OLD_NEW / 8)) };
+    // x86_64 is little-endian: oldstate in the low half.
+    if states != (TCP_SYN_RECV as u32 as u64) | ((TCP_ESTABLISHED as u32 as u64) << 32) {
         return 0;
     }
+    let ports = unsafe { core::ptr::read(record.add(STATE_PORTS / 8)) };
+    if (ports >> 48) as u16 != IPPROTO_TCP {
+        return 0;
+    }
+    let (low, high) = unsafe {
+        (
+            core::ptr::read(record.add(STATE_REMOTE_ADDRESS_V6 / 8)),
+            core::ptr::read(record.add(STATE_REMOTE_ADDRESS_V6 / 8 + 1)),
+        )
+    };
+    let mut address = [0u8; 16];
+    address[..8].copy_from_slice(&low.to_ne_bytes());
+    address[8..].copy_from_slice(&high.to_ne_bytes());
     let key = PeerKey {
         address,
-        port: port as u32,
+        // dport: the peer's.
+        port: ((ports >> 16) & 0xffff) as u32,
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = HANDSHAKES.insert(&key, &now, 0);
