@@ -42,6 +42,17 @@ pub const SIZE_BUCKETS: [f64; 11] = [
     67108864.0,
 ];
 
+/// What the kernel counts per network namespace, read through a process
+/// in it (procfs in the agent; fixed values in tests).
+pub trait NetworkCounts {
+    /// The network namespace of process `tgid`.
+    fn namespace(&self, tgid: u32) -> Option<u64>;
+    /// The agent's own network namespace (the node's).
+    fn own_namespace(&self) -> Option<u64>;
+    /// Accept-queue overflows in the network namespace of `tgid`.
+    fn listen_overflows(&self, tgid: u32) -> Option<u64>;
+}
+
 /// One server's load, as `/debug/pods` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServerLoad {
@@ -183,6 +194,9 @@ struct IdentitySeries {
     /// `flask_http_requests_seen_total` and `flask_http_requests_lost_total`
     /// by reason, made on first use.
     completeness: Option<(IntCounter, [IntCounter; 3])>,
+    /// `flask_http_listen_overflows_total` and the namespace's count when
+    /// last read, while the server is alone in its network namespace.
+    overflows: Option<(IntCounter, u64)>,
 }
 
 impl IdentitySeries {
@@ -203,6 +217,7 @@ impl IdentitySeries {
             workers: HashSet::new(),
             last_worker: 0,
             completeness: None,
+            overflows: None,
         }
     }
 
@@ -379,6 +394,10 @@ impl IdentitySeries {
                 removed += 1;
             }
         }
+        if self.overflows.take().is_some() {
+            let _ = families.overflows.remove_label_values(&self.values(&[]));
+            removed += 1;
+        }
         if self.completeness.take().is_some() {
             let _ = families.seen.remove_label_values(&self.values(&[]));
             for reason in LostRequests::REASONS {
@@ -409,6 +428,7 @@ struct Families {
     workers: IntGaugeVec,
     seen: IntCounterVec,
     lost: IntCounterVec,
+    overflows: IntCounterVec,
 }
 
 impl Families {
@@ -497,6 +517,17 @@ impl Families {
             ),
             &with_identity(&["reason"]),
         )?;
+        let overflows = IntCounterVec::new(
+            Opts::new(
+                "flask_http_listen_overflows_total",
+                "Connections the kernel refused because an accept queue was full, in the \
+                 server's network namespace (TcpExt ListenOverflows, counted from when the agent \
+                 first read it; a pod's other listeners, such as a sidecar's, count too). Only \
+                 for a server in a network namespace of its own: not the agent's, and no other \
+                 followed server's",
+            ),
+            identity_labels,
+        )?;
         let info = IntGaugeVec::new(
             Opts::new(
                 "flask_exporter_info",
@@ -516,6 +547,7 @@ impl Families {
             Box::new(workers.clone()),
             Box::new(seen.clone()),
             Box::new(lost.clone()),
+            Box::new(overflows.clone()),
             Box::new(info),
         ] {
             registry.register(collector)?;
@@ -531,6 +563,7 @@ impl Families {
             workers,
             seen,
             lost,
+            overflows,
         })
     }
 }
@@ -702,15 +735,52 @@ impl RequestMetrics {
         &mut self,
         in_flight: &HashMap<Arc<Identity>, i64>,
         running: &dyn Fn(u32) -> bool,
+        network: &dyn NetworkCounts,
     ) {
+        let mut servers_per_namespace: HashMap<u64, usize> = HashMap::new();
+        let mut namespaces = Vec::with_capacity(self.series.len());
         for (identity, series) in &mut self.series {
             series.workers.retain(|&tgid| running(tgid));
             if !series.workers.contains(&series.last_worker) {
-                series.last_worker = 0;
+                series.last_worker = series.workers.iter().next().copied().unwrap_or(0);
             }
             let [requests, workers] = series.saturation(&self.families);
             requests.set(in_flight.get(identity).copied().unwrap_or(0));
             workers.set(series.workers.len() as i64);
+            let namespace = (series.last_worker != 0)
+                .then(|| network.namespace(series.last_worker))
+                .flatten();
+            if let Some(namespace) = namespace {
+                *servers_per_namespace.entry(namespace).or_default() += 1;
+            }
+            namespaces.push(namespace);
+        }
+        // Accept-queue overflows are counted per network namespace: they are
+        // a server's own only where it is alone, and never the node's.
+        let own = network.own_namespace();
+        for ((_, series), namespace) in self.series.iter_mut().zip(namespaces) {
+            let Some(namespace) = namespace else {
+                continue;
+            };
+            if Some(namespace) == own || servers_per_namespace.get(&namespace) != Some(&1) {
+                continue;
+            }
+            let Some(count) = network.listen_overflows(series.last_worker) else {
+                continue;
+            };
+            match &mut series.overflows {
+                Some((counter, last)) => {
+                    counter.inc_by(count.saturating_sub(*last));
+                    *last = count;
+                }
+                None => {
+                    let counter = self
+                        .families
+                        .overflows
+                        .with_label_values(&series.values(&[]));
+                    series.overflows = Some((counter, count));
+                }
+            }
         }
     }
 

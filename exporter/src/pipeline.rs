@@ -267,7 +267,7 @@ impl Pipeline {
         );
         stages
             .metrics
-            .set_saturation(&in_flight, &procfs::is_running);
+            .set_saturation(&in_flight, &procfs::is_running, &procfs::Network);
         if let Some(debug) = &self.debug {
             debug.publish(DebugSnapshot {
                 routes: RoutesReport::new(stages.labeler.snapshot()),

@@ -115,6 +115,59 @@ pub fn executable(tgid: u32) -> Option<PathBuf> {
     process(tgid)?.exe().ok()
 }
 
+/// The kernel's per-network-namespace counts, as the metrics stage reads
+/// them.
+pub struct Network;
+
+impl crate::metrics::NetworkCounts for Network {
+    fn namespace(&self, tgid: u32) -> Option<u64> {
+        network_namespace(tgid)
+    }
+
+    fn own_namespace(&self) -> Option<u64> {
+        network_namespace(std::process::id())
+    }
+
+    fn listen_overflows(&self, tgid: u32) -> Option<u64> {
+        listen_overflows(tgid)
+    }
+}
+
+/// The network namespace a process is in (its inode number).
+pub fn network_namespace(tgid: u32) -> Option<u64> {
+    let namespaces = process(tgid)?.namespaces().ok()?;
+    namespaces
+        .0
+        .get(std::ffi::OsStr::new("net"))
+        .map(|namespace| namespace.identifier)
+}
+
+/// Connections the kernel refused because a listener's accept queue was
+/// full, in the network namespace of `tgid`: `TcpExt: ListenOverflows` of
+/// `/proc/<tgid>/net/netstat` (a file the procfs crate does not parse:
+/// pairs of lines, names then values, per protocol).
+pub fn listen_overflows(tgid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{tgid}/net/netstat")).ok()?;
+    listen_overflows_in(&text)
+}
+
+fn listen_overflows_in(netstat: &str) -> Option<u64> {
+    let mut lines = netstat.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let (Some(names), Some(values)) = (
+            names.strip_prefix("TcpExt:"),
+            values.strip_prefix("TcpExt:"),
+        ) {
+            return names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == "ListenOverflows")
+                .and_then(|(_, value)| value.parse().ok());
+        }
+    }
+    None
+}
+
 /// The cgroups a process is in, one per hierarchy.
 pub fn cgroups(tgid: u32) -> Option<ProcessCGroups> {
     process(tgid)?.cgroups().ok()
@@ -237,6 +290,14 @@ mod tests {
     use procfs::{FromRead as _, FromReadSI as _, net::TcpNetEntries};
 
     use super::*;
+
+    #[test]
+    fn listen_overflows_from_netstat() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(listen_overflows_in(netstat), Some(7));
+        assert_eq!(listen_overflows_in("IpExt: InNoRoutes\nIpExt: 0\n"), None);
+        assert_eq!(listen_overflows_in("TcpExt: ListenOverflows\n"), None);
+    }
 
     #[test]
     fn stat_with_spaces_and_parentheses_in_comm() {

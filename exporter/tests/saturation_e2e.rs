@@ -440,3 +440,122 @@ fn lost_requests_lower_completeness_and_the_alert_expression_fires() {
     drop(exporter);
     drop(server);
 }
+
+/// Runs `f` on a thread that has entered `pid`'s network namespace (the
+/// thread's only: the test process stays where it is).
+fn in_network_of<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("netns");
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns on a namespace fd we hold, for this thread only.
+        let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in the server's network namespace")
+}
+
+/// `TcpExt: ListenOverflows` of `pid`'s network namespace, as the kernel
+/// counts it.
+fn kernel_listen_overflows(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).expect("netstat");
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .find(|pair| pair[0].starts_with("TcpExt:"))
+        .and_then(|pair| {
+            pair[0]
+                .split_whitespace()
+                .zip(pair[1].split_whitespace())
+                .find(|(name, _)| *name == "ListenOverflows")
+                .and_then(|(_, value)| value.parse().ok())
+        })
+        .expect("ListenOverflows")
+}
+
+/// A server alone in its network namespace (as a pod is), with a listen
+/// backlog of 1 and one sync worker busy 1 s a request: twenty clients at
+/// once overflow its accept queue. The agent's count equals the kernel's.
+#[test]
+fn accept_queue_overflows_are_counted_for_a_server_alone_in_its_network() {
+    let venv = require_prerequisites();
+    let port = free_port();
+    let script = format!(
+        "ip link set lo up && exec {} --no-control-socket -k sync -w 1 --backlog 1 -b 127.0.0.1:{port} app:app",
+        venv.join("bin/gunicorn").display()
+    );
+    let server = spawn_process(
+        "gunicorn in its own network",
+        Command::new("unshare")
+            .args(["--net", "sh", "-c", &script])
+            .current_dir(workspace().join("tests/fixtures"))
+            .env("ORACLE", "0"),
+    );
+    let pid = server.child.id();
+    // Until unshare has run, the process is still in the node's namespace.
+    let own = std::fs::read_link("/proc/self/ns/net").expect("own netns");
+    let moved = eventually(
+        Duration::from_secs(10),
+        || std::fs::read_link(format!("/proc/{pid}/ns/net")).ok(),
+        |namespace| {
+            namespace
+                .as_ref()
+                .is_some_and(|namespace| *namespace != own)
+        },
+    );
+    assert!(moved.is_some_and(|namespace| namespace != own));
+    let ready = in_network_of(pid, move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if http_get(port, "/").is_ok_and(|r| r.status == 200) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    assert!(ready, "the server never answered in its network namespace");
+    let exporter = Exporter::start(&["--port", &port.to_string()]);
+    // A request the agent sees, so it knows the server's worker.
+    assert!(in_network_of(pid, move || http_get(port, "/").is_ok()));
+    // Its counter starts once the agent has read the namespace's count.
+    let port_label = port.to_string();
+    let started = eventually(
+        Duration::from_secs(5),
+        || exporter.metrics(),
+        |samples| {
+            samples.iter().any(|s| {
+                s.name == "flask_http_listen_overflows_total"
+                    && s.labels.get("port") == Some(&port_label)
+            })
+        },
+    );
+    assert_eq!(
+        sum_for_port(&started, "flask_http_listen_overflows_total", port),
+        0.0
+    );
+    let before = kernel_listen_overflows(pid);
+    in_network_of(pid, move || {
+        let clients: Vec<_> = (0..20)
+            .map(|_| std::thread::spawn(move || http_get(port, "/slow?seconds=1").is_ok()))
+            .collect();
+        for client in clients {
+            let _ = client.join();
+        }
+    });
+    let overflowed = kernel_listen_overflows(pid) - before;
+    let samples = eventually(
+        Duration::from_secs(5),
+        || exporter.metrics(),
+        |samples| sum_for_port(samples, "flask_http_listen_overflows_total", port) >= overflowed,
+    );
+    let counted = sum_for_port(&samples, "flask_http_listen_overflows_total", port);
+    println!(
+        "backlog 1, 20 clients: the kernel counted {overflowed} overflows, the agent {counted}"
+    );
+    assert!(overflowed > 0.0, "the accept queue never overflowed");
+    assert_eq!(counted, overflowed);
+    drop(exporter);
+    drop(server);
+}
