@@ -812,7 +812,7 @@ impl HttpConnection {
         counters
             .abandoned_requests
             .inc_by(self.pending.len() as u64);
-        self.lost.sequence_gap += self.live_pending();
+        self.lost.sequence_gap += self.requests_in_flight() as u32;
         self.pending.clear();
         self.in_flight = None;
         if !matches!(self.request, ReaderState::Opaque) {
@@ -835,16 +835,8 @@ impl HttpConnection {
         counters
             .abandoned_requests
             .inc_by(self.pending.len() as u64);
-        self.lost.abandoned += self.live_pending();
+        self.lost.abandoned += self.requests_in_flight() as u32;
         self.pending.clear();
-    }
-
-    /// Pending requests that would have made an exchange.
-    fn live_pending(&self) -> u32 {
-        self.pending
-            .iter()
-            .filter(|request| !request.refused)
-            .count() as u32
     }
 
     /// Ends a response whose framing was lost once nothing was written for
