@@ -107,17 +107,11 @@ impl Attribution {
         index: Option<&SharedPodIndex>,
         served_by: &ServedBy,
     ) -> Option<Arc<Identity>> {
-        let container = match served_by {
-            ServedBy::Server(identity) => return Some(identity.clone()),
-            ServedBy::Container(container) => container,
-        };
-        let Some(index) = index else {
-            return Some(self.unknown.clone());
-        };
-        match lock_index(index).lookup(container, true) {
-            Lookup::Known(identity) => Some(identity),
-            Lookup::Pending => Some(self.unknown.clone()),
-            Lookup::Excluded => None,
+        let mut index = index.map(lock_index);
+        match lookup_now(index.as_deref_mut(), served_by, true) {
+            Some(Lookup::Known(identity)) => Some(identity),
+            Some(Lookup::Pending) | None => Some(self.unknown.clone()),
+            Some(Lookup::Excluded) => None,
         }
     }
 
@@ -211,19 +205,21 @@ pub fn by_identity<'a>(
     let mut index = index.map(lock_index);
     let mut sums: HashMap<Arc<Identity>, i64> = HashMap::new();
     for (served_by, count) in counts {
-        let identity = match served_by {
-            ServedBy::Server(identity) => identity.clone(),
-            ServedBy::Container(container) => match index.as_deref_mut() {
-                Some(index) => match index.lookup(container, false) {
-                    Lookup::Known(identity) => identity,
-                    _ => continue,
-                },
-                None => continue,
-            },
-        };
-        *sums.entry(identity).or_default() += count as i64;
+        if let Some(Lookup::Known(identity)) = lookup_now(index.as_deref_mut(), served_by, false) {
+            *sums.entry(identity).or_default() += count as i64;
+        }
     }
     sums
+}
+
+/// Whom a connection's server is now: a local server is known at once, a
+/// container's pod is looked up (`give_up`: see [`PodIndex::lookup`]);
+/// `None` without an index to look it up in.
+fn lookup_now(index: Option<&mut PodIndex>, served_by: &ServedBy, give_up: bool) -> Option<Lookup> {
+    match served_by {
+        ServedBy::Server(identity) => Some(Lookup::Known(identity.clone())),
+        ServedBy::Container(container) => Some(index?.lookup(container, give_up)),
+    }
 }
 
 /// What holding an exchange costs, in bytes of what a client chose.
