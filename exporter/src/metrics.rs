@@ -167,6 +167,14 @@ pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
     String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
 }
 
+/// A series' label values: its own, then its identity's.
+fn with_labels<'a>(own: &[&'a str], identity: &'a [String]) -> Vec<&'a str> {
+    own.iter()
+        .copied()
+        .chain(identity.iter().map(String::as_str))
+        .collect()
+}
+
 /// The handles of one identity's series.
 #[derive(Debug)]
 struct IdentitySeries {
@@ -221,29 +229,31 @@ impl IdentitySeries {
         }
     }
 
-    fn completeness(&mut self, families: &Families) -> (IntCounter, [IntCounter; 3]) {
-        if let Some(made) = &self.completeness {
-            return made.clone();
-        }
-        let seen = families.seen.with_label_values(&self.values(&[]));
-        let lost = LostRequests::REASONS
-            .map(|reason| families.lost.with_label_values(&self.values(&[reason])));
-        let made = (seen, lost);
-        self.completeness = Some(made.clone());
-        made
+    /// The requests-seen and lost-by-reason series, made on first use.
+    fn completeness(&mut self, families: &Families) -> &(IntCounter, [IntCounter; 3]) {
+        let labels = &self.label_values;
+        self.completeness.get_or_insert_with(|| {
+            (
+                families.seen.with_label_values(&with_labels(&[], labels)),
+                LostRequests::REASONS.map(|reason| {
+                    families
+                        .lost
+                        .with_label_values(&with_labels(&[reason], labels))
+                }),
+            )
+        })
     }
 
-    fn saturation(&mut self, families: &Families) -> [IntGauge; 2] {
-        if let Some(made) = &self.saturation {
-            return made.clone();
-        }
-        let values = self.values(&[]);
-        let made = [
-            families.in_flight.with_label_values(&values),
-            families.workers.with_label_values(&values),
-        ];
-        self.saturation = Some(made.clone());
-        made
+    /// The in-flight and workers gauges, made on first use.
+    fn saturation(&mut self, families: &Families) -> &[IntGauge; 2] {
+        let labels = &self.label_values;
+        self.saturation.get_or_insert_with(|| {
+            let values = with_labels(&[], labels);
+            [
+                families.in_flight.with_label_values(&values),
+                families.workers.with_label_values(&values),
+            ]
+        })
     }
 
     /// The body-size series of (method, path), made on first use.
@@ -273,14 +283,15 @@ impl IdentitySeries {
     }
 
     /// The queue-time series, by phase, made on first use.
-    fn queue(&mut self, families: &Families) -> [Histogram; 2] {
-        if let Some(queue) = &self.queue {
-            return queue.clone();
-        }
-        let made =
-            QUEUE_PHASES.map(|phase| families.queue.with_label_values(&self.values(&[phase])));
-        self.queue = Some(made.clone());
-        made
+    fn queue(&mut self, families: &Families) -> &[Histogram; 2] {
+        let labels = &self.label_values;
+        self.queue.get_or_insert_with(|| {
+            QUEUE_PHASES.map(|phase| {
+                families
+                    .queue
+                    .with_label_values(&with_labels(&[phase], labels))
+            })
+        })
     }
 
     /// The duration series of (method, path, status), if made.
@@ -329,10 +340,7 @@ impl IdentitySeries {
     }
 
     fn values<'a>(&'a self, own: &[&'a str]) -> Vec<&'a str> {
-        own.iter()
-            .copied()
-            .chain(self.label_values.iter().map(String::as_str))
-            .collect()
+        with_labels(own, &self.label_values)
     }
 
     /// Removes the duration series of one path; returns how many there
@@ -692,7 +700,7 @@ impl RequestMetrics {
                 let [in_flight, workers] = series
                     .saturation
                     .as_ref()
-                    .map_or([0, 0], |gauges| gauges.clone().map(|gauge| gauge.get()));
+                    .map_or([0, 0], |gauges| gauges.each_ref().map(IntGauge::get));
                 let queue = series.queue.as_ref().map(|[accept_queue, _]| accept_queue);
                 ServerLoad {
                     identity: identity
@@ -744,9 +752,10 @@ impl RequestMetrics {
             if !series.workers.contains(&series.last_worker) {
                 series.last_worker = series.workers.iter().next().copied().unwrap_or(0);
             }
+            let running_workers = series.workers.len() as i64;
             let [requests, workers] = series.saturation(&self.families);
             requests.set(in_flight.get(identity).copied().unwrap_or(0));
-            workers.set(series.workers.len() as i64);
+            workers.set(running_workers);
             let namespace = (series.last_worker != 0)
                 .then(|| network.namespace(series.last_worker))
                 .flatten();
