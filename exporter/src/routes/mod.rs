@@ -119,6 +119,12 @@ struct DiscoveryState {
 /// starts over (a process seen again is checked again, a stat per file).
 const PROCESSES_PER_WORKLOAD: usize = 1024;
 
+/// Processes asked about and not answered yet, all workloads together (a
+/// pod can start a process per request, as gunicorn's `--max-requests 1`
+/// does): past it a new process is not asked about until answers come,
+/// and its exchanges are named at once.
+const MAX_OUTSTANDING_ASKS: usize = 256;
+
 /// The last few processes an identity's exchanges came from (gunicorn's
 /// workers take turns): the steady path's check that nothing new runs.
 #[derive(Debug, Default)]
@@ -196,12 +202,15 @@ pub struct RouteCounters {
     pub label_budget: IntCounter,
     /// Served requests no rule read from the app's source takes.
     pub source_misses: IntCounter,
+    /// A new process not asked about past [`MAX_OUTSTANDING_ASKS`].
+    pub discovery_asks_budget: IntCounter,
 }
 
 impl RouteCounters {
     pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(RouteCounters {
             learner_budget: budgets.counter("learned_route_nodes"),
+            discovery_asks_budget: budgets.counter("route_discovery_asks"),
             label_budget: budgets.counter("path_label_bytes"),
             path_overflow: counter(
                 registry,
@@ -242,6 +251,8 @@ pub struct RouteLabeler {
     /// Route discovery per workload (bounded by the workloads that send
     /// requests; forgotten with the workload).
     discovery: HashMap<WorkloadKey, DiscoveryState>,
+    /// Their outstanding asks, summed.
+    asks_outstanding: usize,
     /// Harvests that came before their workload's first route.
     early_rules: HashMap<WorkloadKey, Arc<SourceRules>>,
 }
@@ -257,6 +268,7 @@ impl RouteLabeler {
             label: String::new(),
             discovery_wanted: Vec::new(),
             discovery: HashMap::new(),
+            asks_outstanding: 0,
             early_rules: HashMap::new(),
         }
     }
@@ -291,12 +303,16 @@ impl RouteLabeler {
         };
         // A process not seen before may run other files than the last one
         // read: asked for too, and waited for (a stat per file when not).
-        if !state.processes.contains(&tgid) {
+        if !state.processes.contains(&tgid) && self.asks_outstanding >= MAX_OUTSTANDING_ASKS {
+            // Not asked, nor marked: a later exchange of it asks again.
+            self.counters.discovery_asks_budget.inc();
+        } else if !state.processes.contains(&tgid) {
             if state.processes.len() >= PROCESSES_PER_WORKLOAD {
                 state.processes.clear();
             }
             state.processes.insert(tgid);
             state.outstanding += 1;
+            self.asks_outstanding += 1;
             state.asked_at.get_or_insert_with(Instant::now);
             self.discovery_wanted.push((workload.clone(), tgid));
         }
@@ -316,8 +332,11 @@ impl RouteLabeler {
         workload: &WorkloadKey,
         rules: Option<Arc<SourceRules>>,
     ) {
-        if let Some(state) = self.discovery.get_mut(workload) {
-            state.outstanding = state.outstanding.saturating_sub(1);
+        if let Some(state) = self.discovery.get_mut(workload)
+            && state.outstanding > 0
+        {
+            state.outstanding -= 1;
+            self.asks_outstanding = self.asks_outstanding.saturating_sub(1);
             if state.outstanding == 0 {
                 state.asked_at = None;
             }
@@ -448,7 +467,11 @@ impl RouteLabeler {
             routes.identities = routes.identities.saturating_sub(1);
             if routes.identities == 0 {
                 self.workloads.remove(workload);
-                self.discovery.remove(workload);
+                if let Some(state) = self.discovery.remove(workload) {
+                    self.asks_outstanding = self
+                        .asks_outstanding
+                        .saturating_sub(state.outstanding as usize);
+                }
             }
         }
     }
@@ -703,6 +726,40 @@ mod tests {
         assert_eq!(labeler.counters().source_misses.get(), 1);
         let view = labeler.snapshot();
         assert_eq!(view[0].source_rules.as_ref().map(|s| s.misses), Some(1));
+    }
+
+    /// A pod that starts a process per request cannot queue unbounded
+    /// work for the discovery thread: past the outstanding asks, a new
+    /// process is not asked about (counted) and its exchange is named at
+    /// once; once answers come, it is asked about at its next exchange.
+    #[test]
+    fn outstanding_asks_stay_within_their_budget() {
+        let mut labeler = labeler(PathLabelMode::Route, 100, "");
+        let identity = server("gunicorn", "8000");
+        let from = |tgid| AttributedExchange {
+            identity: identity.clone(),
+            rules: None,
+            tgid,
+            exchange: exchange("GET", "/", 200, 0.01),
+        };
+        let wait = Duration::from_secs(60);
+        for tgid in 1..=MAX_OUTSTANDING_ASKS as u32 {
+            assert!(labeler.waits_for_source_rules(&from(tgid), wait));
+        }
+        assert_eq!(labeler.take_discovery_wanted().len(), MAX_OUTSTANDING_ASKS);
+        let late = MAX_OUTSTANDING_ASKS as u32 + 1;
+        // Its workload still waits for earlier answers: so does it, unasked.
+        assert!(labeler.waits_for_source_rules(&from(late), wait));
+        assert!(labeler.take_discovery_wanted().is_empty());
+        assert_eq!(labeler.counters().discovery_asks_budget.get(), 1);
+        labeler.source_rules_answered(&identity.workload, None);
+        assert!(labeler.waits_for_source_rules(&from(late), wait));
+        assert_eq!(
+            labeler.take_discovery_wanted(),
+            [(identity.workload.clone(), late)],
+            "asked once an answer made room"
+        );
+        assert_eq!(labeler.counters().discovery_asks_budget.get(), 1);
     }
 
     fn source_rules(rules: &[&str]) -> Arc<SourceRules> {
