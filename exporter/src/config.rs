@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use regex::Regex;
 
-use crate::routes::{PathLabelMode, discovery::RouteDiscovery};
+use crate::{
+    metrics::{DURATION_BUCKETS, GroupBy, SeriesOptions},
+    routes::{PathLabelMode, discovery::RouteDiscovery},
+};
 
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -23,8 +26,39 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
-    /// `raw`: the request path without its query string (prometheus-flask-exporter's
-    /// default); `route`: a low-cardinality template of it.
+    /// prometheus-flask-exporter's `group_by`, which names the route label: `path`
+    /// (its value set by --path-label), `url_rule` (Flask's rule) or `endpoint` (the
+    /// view's endpoint, from the rules read from the app's source).
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_GROUP_BY",
+        value_enum,
+        default_value = "path"
+    )]
+    pub group_by: GroupBy,
+
+    /// prometheus-flask-exporter's `excluded_paths`: requests whose path (no query string)
+    /// matches this regular expression from its start, as Python's `re.match`, are not
+    /// counted. Repeatable; the environment variable takes one a line.
+    #[arg(long = "excluded-paths", env = "FLASK_EBPF_EXPORTER_EXCLUDED_PATHS",
+          value_delimiter = '\n', value_parser = parse_regex)]
+    pub excluded_paths: Vec<String>,
+
+    /// prometheus-flask-exporter's `buckets`: upper bounds of the duration histogram's
+    /// buckets in seconds, increasing, comma-separated (+Inf is always added).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_BUCKETS", value_delimiter = ',',
+          value_parser = parse_bucket)]
+    pub buckets: Vec<f64>,
+
+    /// prometheus-flask-exporter's `default_latency_as_histogram`: `false` exports
+    /// durations as a summary (a count and a sum, no quantiles), as it does.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_DEFAULT_LATENCY_AS_HISTOGRAM",
+          default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_latency_as_histogram: bool,
+
+    /// With `--group-by path`: `raw`, the request path without its query string
+    /// (prometheus-flask-exporter's default); `route`, Flask's rule, else a
+    /// low-cardinality template of the path. Other groupings always use routes.
     #[arg(
         long,
         env = "FLASK_EBPF_EXPORTER_PATH_LABEL",
@@ -205,6 +239,40 @@ pub enum Mode {
 const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 impl Config {
+    /// The request series' options; errors on buckets that do not increase.
+    pub fn series_options(&self) -> Result<SeriesOptions, String> {
+        let mut buckets = if self.buckets.is_empty() {
+            DURATION_BUCKETS.to_vec()
+        } else {
+            self.buckets.clone()
+        };
+        // prometheus_client takes a trailing +Inf; the exposition adds it.
+        if buckets.last() == Some(&f64::INFINITY) {
+            buckets.pop();
+        }
+        if buckets.is_empty() || buckets.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(format!(
+                "--buckets must increase, and hold a finite bound: {:?}",
+                self.buckets
+            ));
+        }
+        Ok(SeriesOptions {
+            group_by: self.group_by,
+            buckets,
+            latency_as_histogram: self.default_latency_as_histogram,
+            max_series_per_workload: self.max_series_per_workload,
+        })
+    }
+
+    /// How route labels are made: raw paths only where `path` is the
+    /// grouping; `url_rule` and `endpoint` need routes.
+    pub fn path_label_mode(&self) -> PathLabelMode {
+        match self.group_by {
+            GroupBy::Path => self.path_label,
+            GroupBy::UrlRule | GroupBy::Endpoint => PathLabelMode::Route,
+        }
+    }
+
     /// The user rules of `--route` and `--routes-file`, as one text.
     pub fn user_rules_text(&self) -> Result<String, String> {
         let mut text = self.routes.join("\n");
@@ -238,6 +306,23 @@ impl Config {
     }
 }
 
+fn parse_regex(text: &str) -> Result<String, String> {
+    Regex::new(text)
+        .map(|_| text.to_owned())
+        .map_err(|error| error.to_string())
+}
+
+fn parse_bucket(text: &str) -> Result<f64, String> {
+    let bound: f64 = text
+        .trim()
+        .parse()
+        .map_err(|error| format!("{text:?}: {error}"))?;
+    if bound.is_nan() || bound == f64::NEG_INFINITY {
+        return Err(format!("{text:?} is not a bucket bound"));
+    }
+    Ok(bound)
+}
+
 fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
     let bytes: u32 = text.parse().map_err(|error| format!("{error}"))?;
     if bytes < 4096 || !bytes.is_power_of_two() {
@@ -254,6 +339,11 @@ mod tests {
     fn defaults_and_flags() {
         let config = Config::try_parse_from(["flask-ebpf-exporter"]).expect("defaults parse");
         assert_eq!(config.path_label, PathLabelMode::Route);
+        let series = config.series_options().expect("default series");
+        assert_eq!(series.group_by, GroupBy::Path);
+        assert_eq!(series.buckets, DURATION_BUCKETS);
+        assert!(series.latency_as_histogram);
+        assert!(config.excluded_paths.is_empty());
         assert_eq!(config.listen.port(), 9810);
         assert!(
             config.debug_listen.ip().is_loopback(),
@@ -292,6 +382,36 @@ mod tests {
         assert_eq!(config.max_paths_per_workload, 40);
         assert!(!config.debug_endpoints);
         assert!(Config::try_parse_from(["x", "--ring-buffer-bytes", "5000"]).is_err());
+        assert!(Config::try_parse_from(["x", "--excluded-paths", "(unclosed"]).is_err());
+        assert!(Config::try_parse_from(["x", "--group-by", "url-rule"]).is_err());
+        let pfe = Config::try_parse_from([
+            "x",
+            "--group-by",
+            "url_rule",
+            "--path-label",
+            "raw",
+            "--excluded-paths",
+            "/health",
+            "--excluded-paths",
+            "/static/.*",
+            "--buckets",
+            "0.1,0.5,1,+Inf",
+            "--default-latency-as-histogram",
+            "false",
+        ])
+        .expect("pfe's options parse");
+        let series = pfe.series_options().expect("series");
+        assert_eq!(series.group_by, GroupBy::UrlRule);
+        assert_eq!(series.buckets, [0.1, 0.5, 1.0]);
+        assert!(!series.latency_as_histogram);
+        assert_eq!(pfe.excluded_paths, ["/health", "/static/.*"]);
+        assert_eq!(
+            pfe.path_label_mode(),
+            PathLabelMode::Route,
+            "url_rule needs routes"
+        );
+        let unordered = Config::try_parse_from(["x", "--buckets", "1,0.5"]).expect("parse");
+        assert!(unordered.series_options().is_err());
         assert!(Config::try_parse_from(["x", "--capture-bytes", "999999"]).is_err());
         assert!(Config::try_parse_from(["x", "--command", "("]).is_err());
         assert_eq!(config.mode(), Ok(Mode::Local));

@@ -375,10 +375,13 @@ pub enum RouteSource {
     Overflow,
 }
 
-/// The `path` label of an exchange.
+/// The route of an exchange: its `path` (or `url_rule`) label, and its
+/// endpoint when the rule that named it has one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub path: Arc<str>,
+    /// Flask's `request.endpoint`: from a rule read from the app's source.
+    pub endpoint: Option<Arc<str>>,
     pub source: RouteSource,
 }
 

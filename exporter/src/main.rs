@@ -48,6 +48,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mode = config.mode().map_err(anyhow::Error::msg)?;
     let (user_rules, rule_errors) =
         RuleSet::parse(&config.user_rules_text().map_err(anyhow::Error::msg)?);
+    config.series_options().map_err(anyhow::Error::msg)?;
     if let Some(error) = rule_errors.first() {
         anyhow::bail!("{error} (in --route or --routes-file)");
     }

@@ -36,7 +36,7 @@ use crate::{
     metrics::{Budgets, RequestMetrics},
     procfs,
     routes::{
-        RouteCounters, RouteLabeler, RouteOptions, SourceRules,
+        ExcludedPaths, RouteCounters, RouteLabeler, RouteOptions, SourceRules,
         discovery::{
             ParseBudget, RouteDiscovery,
             worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
@@ -292,6 +292,7 @@ impl Stages {
         registry: &Registry,
         budgets: &Budgets,
     ) -> Result<Self, prometheus::Error> {
+        let series_options = config.series_options().map_err(prometheus::Error::Msg)?;
         let discovery = match config.route_discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
                 ParseBudget::default(),
@@ -311,7 +312,7 @@ impl Stages {
                 registry,
                 identity.label_names(),
                 budgets,
-                config.max_series_per_workload,
+                series_options,
             )?,
             identity,
             attribution: Attribution::new(
@@ -326,7 +327,9 @@ impl Stages {
             labeler: RouteLabeler::new(
                 RouteOptions {
                     discovery: discovery.is_some(),
-                    mode: config.path_label,
+                    mode: config.path_label_mode(),
+                    excluded_paths: ExcludedPaths::new(&config.excluded_paths)
+                        .map_err(|error| prometheus::Error::Msg(error.to_string()))?,
                     max_paths_per_workload: config.max_paths_per_workload,
                     segment_cap: config.route_segment_cap as usize,
                     user_rules: Arc::new(user_rules),
@@ -421,8 +424,10 @@ impl Stages {
 
     /// routes → metrics for one exchange.
     fn label_and_observe(&mut self, attributed: AttributedExchange) {
-        let route = self.labeler.route(&attributed);
-        self.metrics.observe(&attributed, &route);
+        // None: an excluded path, not counted.
+        if let Some(route) = self.labeler.route(&attributed) {
+            self.metrics.observe(&attributed, &route);
+        }
         targets::give_back(attributed.exchange.target);
     }
 }

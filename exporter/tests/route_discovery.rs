@@ -63,6 +63,32 @@ fn harvested_rules_are_flasks_own() {
     }
 }
 
+/// `--group-by endpoint` labels requests with the endpoint of the rule
+/// read from the source: it must be Flask's `rule.endpoint` (blueprint
+/// prefixes, `endpoint=`, `MethodView.as_view` names, Flask-RESTful's
+/// lower-cased class names, `static`).
+#[test]
+fn harvested_endpoints_are_flasks_own() {
+    let venv = require_prerequisites();
+    for (argv, spec) in [
+        ("gunicorn -w 2 app:app", "app:app"),
+        ("gunicorn routes_app:app", "routes_app:app"),
+        ("gunicorn -k gthread shop:create_app()", "shop:create_app()"),
+        ("gunicorn slashes:lenient", "slashes:lenient"),
+    ] {
+        let harvested: BTreeSet<String> = discovered(argv)
+            .rules
+            .iter()
+            .map(|rule| format!("{} {}", rule.rule, rule.endpoint))
+            .collect();
+        let flask: BTreeSet<String> = flask_oracle(&venv, spec, &["--endpoints"], "")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(harvested, flask, "{argv}");
+    }
+}
+
 #[test]
 fn a_script_run_directly_is_found_too() {
     let venv = require_prerequisites();

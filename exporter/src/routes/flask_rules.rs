@@ -473,6 +473,9 @@ pub struct Rule {
     /// Werkzeug's `strict_slashes`: false lets `/x` match `/x/` (and `/x/`
     /// match `/x`) instead of redirecting.
     strict_slashes: bool,
+    /// Flask's endpoint of the rule (`request.endpoint`), when known: rules
+    /// read from the source have it, user rules do not.
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -556,7 +559,7 @@ impl RuleSet {
             return Err(RuleError::NoLeadingSlash(text.to_owned()));
         }
         let methods = methods.map(|list| list.split(',').map(str::trim).collect::<Vec<_>>());
-        self.add(text, methods.as_deref(), true)
+        self.add(text, methods.as_deref(), true, None)
     }
 
     /// Adds one rule; without methods it takes every method, with them HEAD
@@ -567,6 +570,7 @@ impl RuleSet {
         text: &str,
         methods: Option<&[&str]>,
         strict_slashes: bool,
+        endpoint: Option<&str>,
     ) -> Result<(), RuleError> {
         if text.len() > MAX_RULE_BYTES {
             return Err(RuleError::TooLong {
@@ -615,6 +619,7 @@ impl RuleSet {
             text: text.to_owned(),
             methods,
             strict_slashes,
+            endpoint: endpoint.map(str::to_owned),
         });
         let mut state = &mut self.root;
         for part in parts {
@@ -640,11 +645,19 @@ impl RuleSet {
     /// Matches a request path (as `request.path` has it: decoded, one
     /// leading slash) and method.
     pub fn match_path(&self, path: &str, method: &str) -> RuleMatch<'_> {
+        match self.matched(path, method) {
+            Some(rule) => RuleMatch::Rule(&rule.text),
+            None => RuleMatch::NoRule,
+        }
+    }
+
+    /// The rule a request gets, as [`RuleSet::match_path`] finds it.
+    pub fn matched(&self, path: &str, method: &str) -> Option<&Rule> {
         let parts: Vec<&str> = path.split('/').collect();
         let method = method.to_ascii_uppercase();
         match self.walk(&self.root, &parts, &mut Vec::new(), &method) {
-            Walk::Matched(rule) => RuleMatch::Rule(&self.rules[rule].text),
-            Walk::NoMatch | Walk::SlashRequired | Walk::Failed => RuleMatch::NoRule,
+            Walk::Matched(rule) => self.rules.get(rule),
+            Walk::NoMatch | Walk::SlashRequired | Walk::Failed => None,
         }
     }
 

@@ -30,10 +30,11 @@ use std::{
 
 use percent_encoding::percent_decode_str;
 use prometheus::{IntCounter, Registry};
+use regex::RegexSet;
 
 use self::stats::RouteStats;
 use self::{
-    flask_rules::{NO_RULE, RuleMatch, RuleSet},
+    flask_rules::{NO_RULE, RuleSet},
     learned::{Learned, RouteLearner},
 };
 use crate::{
@@ -78,6 +79,26 @@ pub fn request_path(target: &str) -> Cow<'_, str> {
             Cow::Borrowed(path)
         }
         decoded => Cow::Owned(format!("/{}", decoded.trim_start_matches('/'))),
+    }
+}
+
+/// Requests not counted (`--excluded-paths`): prometheus-flask-exporter's
+/// `excluded_paths`, each pattern matched from the start of `request.path`
+/// as Python's `re.match` matches.
+#[derive(Clone, Debug, Default)]
+pub struct ExcludedPaths(Option<RegexSet>);
+
+impl ExcludedPaths {
+    pub fn new(patterns: &[String]) -> Result<Self, regex::Error> {
+        if patterns.is_empty() {
+            return Ok(ExcludedPaths(None));
+        }
+        let anchored = patterns.iter().map(|pattern| format!("^(?:{pattern})"));
+        Ok(ExcludedPaths(Some(RegexSet::new(anchored)?)))
+    }
+
+    pub fn excludes(&self, path: &str) -> bool {
+        self.0.as_ref().is_some_and(|set| set.is_match(path))
     }
 }
 
@@ -157,6 +178,8 @@ pub struct RouteOptions {
     pub user_rules: Arc<RuleSet>,
     /// Read each workload's rules from its source (`--route-discovery`).
     pub discovery: bool,
+    /// Requests not counted at all.
+    pub excluded_paths: ExcludedPaths,
 }
 
 /// A workload's rules as read from its source, matched as user rules are.
@@ -173,7 +196,12 @@ impl SourceRules {
         let mut set = RuleSet::default();
         for rule in &discovery.rules {
             let methods: Vec<&str> = rule.methods.iter().map(String::as_str).collect();
-            if let Err(error) = set.add(&rule.rule, Some(&methods), rule.strict_slashes) {
+            if let Err(error) = set.add(
+                &rule.rule,
+                Some(&methods),
+                rule.strict_slashes,
+                Some(&rule.endpoint),
+            ) {
                 discovery.unresolved.push(error.to_string());
             }
         }
@@ -204,6 +232,8 @@ pub struct RouteCounters {
     pub source_misses: IntCounter,
     /// A new process not asked about past [`MAX_OUTSTANDING_ASKS`].
     pub discovery_asks_budget: IntCounter,
+    /// Requests whose path `--excluded-paths` matches.
+    pub excluded: IntCounter,
 }
 
 impl RouteCounters {
@@ -221,6 +251,11 @@ impl RouteCounters {
                 registry,
                 "flask_ebpf_exporter_route_discovery_misses_total",
                 "Requests an app served (status other than 404, 405, 308) that no rule read from its source takes: rules registered at run time, or a harvest that could not follow everything; they are labelled from learned templates",
+            )?,
+            excluded: counter(
+                registry,
+                "flask_ebpf_exporter_requests_excluded_total",
+                "Requests not counted because --excluded-paths matches their path",
             )?,
             routes_retired: counter(
                 registry,
@@ -246,6 +281,9 @@ pub struct RouteLabeler {
     /// Where each request's label is written (kept: no allocation per
     /// request once its route is known).
     label: String,
+    /// Where the endpoint of the rule that named it is written (empty:
+    /// none).
+    endpoint: String,
     /// Workloads whose source should be read, and a process serving each.
     discovery_wanted: Vec<(WorkloadKey, u32)>,
     /// Route discovery per workload (bounded by the workloads that send
@@ -266,6 +304,7 @@ impl RouteLabeler {
             retired: Vec::new(),
             counters,
             label: String::new(),
+            endpoint: String::new(),
             discovery_wanted: Vec::new(),
             discovery: HashMap::new(),
             asks_outstanding: 0,
@@ -369,10 +408,17 @@ impl RouteLabeler {
         std::mem::take(&mut self.retired)
     }
 
-    /// The route of an exchange, with its statistics updated. The rules of
+    /// The route of an exchange, with its statistics updated; `None` for a
+    /// path `--excluded-paths` matches, which is not counted. The rules of
     /// the exchange's workload (a pod annotation) are tried before the
     /// global ones.
-    pub fn route(&mut self, attributed: &AttributedExchange) -> Route {
+    pub fn route(&mut self, attributed: &AttributedExchange) -> Option<Route> {
+        let exchange = &attributed.exchange;
+        let path = request_path(&exchange.target);
+        if self.options.excluded_paths.excludes(&path) {
+            self.counters.excluded.inc();
+            return None;
+        }
         let identity = &attributed.identity;
         let workload = &identity.workload;
         if let Some(recent) = self.identities.get_mut(identity) {
@@ -394,15 +440,16 @@ impl RouteLabeler {
                 .identities += 1;
         }
         let Some(routes) = self.workloads.get_mut(workload) else {
-            return Route {
+            return Some(Route {
                 path: Arc::from(NO_RULE),
+                endpoint: None,
                 source: RouteSource::Unmatched,
-            };
+            });
         };
-        let exchange = &attributed.exchange;
-        let path = request_path(&exchange.target);
         let rules = attributed.rules.as_deref();
         let label = &mut self.label;
+        let endpoint = &mut self.endpoint;
+        endpoint.clear();
         let mut missed = false;
         let mut source = name_route(
             &self.options,
@@ -410,7 +457,7 @@ impl RouteLabeler {
             routes,
             &path,
             exchange,
-            label,
+            (label, endpoint),
             &mut missed,
         );
         if missed {
@@ -423,6 +470,7 @@ impl RouteLabeler {
             self.counters.label_budget.inc();
             label.clear();
             label.push_str(OVERFLOW_PATH);
+            endpoint.clear();
             source = RouteSource::Overflow;
         }
         for prefix in routes.learner.take_retired() {
@@ -431,18 +479,22 @@ impl RouteLabeler {
         let now = SystemTime::now();
         let seconds = exchange.duration_seconds();
         let known = routes.routes.get_key_value(label.as_str());
-        let (label, source) = match known {
-            Some((known, stats)) => (known.clone(), stats.source),
+        let (label, source, endpoint) = match known {
+            Some((known, stats)) => (known.clone(), stats.source, stats.endpoint.clone()),
             None if routes.routes.len() >= self.options.max_paths_per_workload => {
                 self.counters.path_overflow.inc();
-                (Arc::from(OVERFLOW_PATH), RouteSource::Overflow)
+                (Arc::from(OVERFLOW_PATH), RouteSource::Overflow, None)
             }
-            None => (Arc::from(label.as_str()), source),
+            None => (
+                Arc::from(label.as_str()),
+                source,
+                (!endpoint.is_empty()).then(|| Arc::from(endpoint.as_str())),
+            ),
         };
         routes
             .routes
             .entry(label.clone())
-            .or_insert_with(|| RouteStats::new(source, now))
+            .or_insert_with(|| RouteStats::new(source, endpoint.clone(), now))
             .record(
                 exchange.method.as_str(),
                 &path,
@@ -450,10 +502,11 @@ impl RouteLabeler {
                 seconds,
                 now,
             );
-        Route {
+        Some(Route {
             path: label,
+            endpoint,
             source,
-        }
+        })
     }
 
     /// Forgets an identity whose series were removed; its workload's routes
@@ -535,7 +588,7 @@ fn retire(
             routes
                 .routes
                 .entry(Arc::from(template))
-                .or_insert_with(|| RouteStats::new(source, stats.first_seen))
+                .or_insert_with(|| RouteStats::new(source, None, stats.first_seen))
                 .absorb(stats);
         }
         retired.push((workload.clone(), label));
@@ -561,7 +614,7 @@ fn name_route(
     routes: &mut WorkloadRoutes,
     path: &str,
     exchange: &Exchange,
-    label: &mut String,
+    (label, endpoint): (&mut String, &mut String),
     missed: &mut bool,
 ) -> RouteSource {
     fn named(label: &mut String, text: &str, source: RouteSource) -> RouteSource {
@@ -576,16 +629,18 @@ fn name_route(
     let mut have_rules = false;
     for set in rule_sets.filter(|set| !set.is_empty()) {
         have_rules = true;
-        if let RuleMatch::Rule(rule) = set.match_path(path, exchange.method.as_str()) {
-            return named(label, rule, RouteSource::UserRule);
+        if let Some(rule) = set.matched(path, exchange.method.as_str()) {
+            endpoint.push_str(rule.endpoint.as_deref().unwrap_or_default());
+            return named(label, &rule.text, RouteSource::UserRule);
         }
     }
     // Flask's router answers what no rule takes with 404, 405 (another
     // method) or 308 (a missing trailing slash): no url_rule.
     let router_answer = matches!(exchange.status, 404 | 405 | 308);
     if let Some(source) = routes.source_rules.as_deref().filter(|s| !s.set.is_empty()) {
-        if let RuleMatch::Rule(rule) = source.set.match_path(path, exchange.method.as_str()) {
-            return named(label, rule, RouteSource::SourceRule);
+        if let Some(rule) = source.set.matched(path, exchange.method.as_str()) {
+            endpoint.push_str(rule.endpoint.as_deref().unwrap_or_default());
+            return named(label, &rule.text, RouteSource::SourceRule);
         }
         if router_answer {
             return named(label, NO_RULE, RouteSource::Unmatched);
@@ -659,6 +714,7 @@ mod tests {
                 segment_cap: 4,
                 user_rules: Arc::new(rules),
                 discovery: true,
+                excluded_paths: ExcludedPaths::default(),
             },
             counters,
         )
@@ -694,7 +750,13 @@ mod tests {
             !labeler.waits_for_source_rules(&first, wait),
             "the rules are in"
         );
-        assert_eq!(labeler.route(&first).path.as_ref(), "/items/<int:item_id>");
+        let route = labeler.route(&first).expect("counted");
+        assert_eq!(route.path.as_ref(), "/items/<int:item_id>");
+        assert_eq!(
+            route.endpoint.as_deref(),
+            Some("view0"),
+            "the rule's endpoint"
+        );
         let cases = [
             (
                 exchange("GET", "/items/7", 200, 0.01),
@@ -726,6 +788,51 @@ mod tests {
         assert_eq!(labeler.counters().source_misses.get(), 1);
         let view = labeler.snapshot();
         assert_eq!(view[0].source_rules.as_ref().map(|s| s.misses), Some(1));
+    }
+
+    /// `--excluded-paths` as prometheus-flask-exporter's `excluded_paths`:
+    /// matched from the path's start (Python's `re.match`), query string
+    /// left out; an excluded request is counted nowhere and teaches nothing.
+    #[test]
+    fn excluded_paths_are_not_counted() {
+        let mut labeler = labeler(PathLabelMode::Route, 100, "");
+        labeler.options.excluded_paths =
+            ExcludedPaths::new(&["/health".to_owned(), "/static/.*\\.css".to_owned()])
+                .expect("patterns");
+        let identity = server("gunicorn", "8000");
+        let route = |labeler: &mut RouteLabeler, target: &str| {
+            labeler
+                .route(&AttributedExchange {
+                    identity: identity.clone(),
+                    rules: None,
+                    tgid: 1,
+                    exchange: exchange("GET", target, 200, 0.01),
+                })
+                .map(|route| route.path.to_string())
+        };
+        assert_eq!(route(&mut labeler, "/health"), None);
+        assert_eq!(
+            route(&mut labeler, "/healthz?probe=1"),
+            None,
+            "from the start"
+        );
+        assert_eq!(route(&mut labeler, "/static/site.css"), None);
+        assert_eq!(
+            route(&mut labeler, "/static/site.js").as_deref(),
+            Some("/static/site.js")
+        );
+        assert_eq!(
+            route(&mut labeler, "/api/health").as_deref(),
+            Some("/api/health"),
+            "anchored"
+        );
+        assert_eq!(labeler.counters().excluded.get(), 3);
+        let routes: Vec<String> = labeler.snapshot()[0]
+            .routes
+            .iter()
+            .map(|(label, _)| label.to_string())
+            .collect();
+        assert_eq!(routes, ["/api/health", "/static/site.js"]);
     }
 
     /// A pod that starts a process per request cannot queue unbounded
@@ -764,11 +871,11 @@ mod tests {
 
     fn source_rules(rules: &[&str]) -> Arc<SourceRules> {
         let mut harvest = discovery::Discovery::default();
-        for rule in rules {
+        for (index, rule) in rules.iter().enumerate() {
             harvest.rules.push(discovery::HarvestedRule {
                 rule: (*rule).to_owned(),
                 methods: BTreeSet::from(["GET".to_owned()]),
-                endpoint: String::new(),
+                endpoint: format!("view{index}"),
                 strict_slashes: true,
                 file: "/srv/app.py".into(),
                 line: 1,
@@ -808,7 +915,11 @@ mod tests {
         for tgid in [10, 11] {
             assert!(!labeler.waits_for_source_rules(&from(tgid, "/v1/2"), wait));
             assert_eq!(
-                labeler.route(&from(tgid, "/v1/2")).path.as_ref(),
+                labeler
+                    .route(&from(tgid, "/v1/2"))
+                    .expect("counted")
+                    .path
+                    .as_ref(),
                 "/v1/<int:id>"
             );
         }
@@ -820,7 +931,11 @@ mod tests {
         labeler.source_rules_answered(&workload, Some(source_rules(&["/v2/<int:id>"])));
         assert!(!labeler.waits_for_source_rules(&from(20, "/v2/1"), wait));
         assert_eq!(
-            labeler.route(&from(20, "/v2/1")).path.as_ref(),
+            labeler
+                .route(&from(20, "/v2/1"))
+                .expect("counted")
+                .path
+                .as_ref(),
             "/v2/<int:id>"
         );
         assert_eq!(labeler.counters().source_misses.get(), 0);
@@ -851,7 +966,11 @@ mod tests {
             tgid: 1,
             exchange,
         };
-        labeler.route(&attributed).path.to_string()
+        labeler
+            .route(&attributed)
+            .expect("counted")
+            .path
+            .to_string()
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! status, a duration histogram with the exported buckets (for p50/p99),
 //! first and last seen, and a few sample paths.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::{
     exchange::RouteSource,
@@ -17,6 +17,9 @@ const SAMPLE_CHARS: usize = 120;
 #[derive(Clone, Debug)]
 pub struct RouteStats {
     pub source: RouteSource,
+    /// Flask's endpoint of the rule that named the route, when a rule with
+    /// one did (rules read from the app's source).
+    pub endpoint: Option<Arc<str>>,
     pub requests: u64,
     pub methods: BTreeMap<&'static str, u64>,
     pub statuses: BTreeMap<u16, u64>,
@@ -29,9 +32,10 @@ pub struct RouteStats {
 }
 
 impl RouteStats {
-    pub fn new(source: RouteSource, now: SystemTime) -> Self {
+    pub fn new(source: RouteSource, endpoint: Option<Arc<str>>, now: SystemTime) -> Self {
         RouteStats {
             source,
+            endpoint,
             requests: 0,
             methods: BTreeMap::new(),
             statuses: BTreeMap::new(),

@@ -204,7 +204,7 @@ pub fn harvest(
     let app = harvester.find_app(entrypoint);
     let mut rules = Vec::new();
     match app {
-        Some(app) => harvester.collect(app, None, true, &mut rules),
+        Some(app) => harvester.collect(app, None, None, true, &mut rules),
         None if harvester.unresolved.is_empty() => harvester
             .unresolved
             .push("no Flask application found where the entrypoint points".to_owned()),
@@ -1182,15 +1182,27 @@ impl Harvester<'_> {
 
     /// The rules of scaffold `index` as registered on the app, under the
     /// prefix its registration gave it (Flask's joining), and the app map's
-    /// `strict_slashes` when it was registered.
+    /// `strict_slashes` when it was registered. A nested blueprint's name
+    /// is its parent's, a dot and its own (`parent_name`), as its
+    /// endpoints are.
     fn collect(
         &self,
         index: usize,
         prefix: Option<String>,
+        parent_name: Option<&str>,
         map_strict_slashes: bool,
         out: &mut Vec<HarvestedRule>,
     ) {
         let scaffold = &self.scaffolds[index];
+        let name = match (scaffold.kind, parent_name) {
+            (ScaffoldKind::App, _) => None,
+            (ScaffoldKind::Blueprint, None) => Some(scaffold.name.clone()),
+            (ScaffoldKind::Blueprint, Some(parent)) => Some(format!("{parent}.{}", scaffold.name)),
+        };
+        let endpoint_of = |endpoint: &str| match &name {
+            Some(name) => format!("{name}.{endpoint}"),
+            None => endpoint.to_owned(),
+        };
         let join = |rule: &str| match &prefix {
             Some(prefix) if rule.is_empty() => prefix.clone(),
             Some(prefix) => format!(
@@ -1204,7 +1216,7 @@ impl Harvester<'_> {
             out.push(HarvestedRule {
                 rule: join(rule),
                 methods: BTreeSet::from(["GET".to_owned()]),
-                endpoint: "static".to_owned(),
+                endpoint: endpoint_of("static"),
                 // An app's static rule enters the map before any setting.
                 strict_slashes: scaffold.kind == ScaffoldKind::App || map_strict_slashes,
                 file: scaffold.file.clone(),
@@ -1212,13 +1224,9 @@ impl Harvester<'_> {
             });
         }
         for (rule, strict_slashes) in &scaffold.rules {
-            let endpoint = match scaffold.kind {
-                ScaffoldKind::App => rule.endpoint.clone(),
-                ScaffoldKind::Blueprint => format!("{}.{}", scaffold.name, rule.endpoint),
-            };
             out.push(HarvestedRule {
                 rule: join(&rule.rule),
-                endpoint,
+                endpoint: endpoint_of(&rule.endpoint),
                 strict_slashes: strict_slashes.unwrap_or(map_strict_slashes),
                 ..rule.clone()
             });
@@ -1241,7 +1249,7 @@ impl Harvester<'_> {
                 ScaffoldKind::App => *strict_then,
                 ScaffoldKind::Blueprint => map_strict_slashes,
             };
-            self.collect(*child, joined, strict, out);
+            self.collect(*child, joined, name.as_deref(), strict, out);
         }
     }
 }
@@ -1486,7 +1494,8 @@ class Order(Base):
             .iter()
             .find(|r| r.rule == "/catalog/tags/<slug>")
             .expect("tag");
-        assert_eq!(tag.endpoint, "tags.tag");
+        // A nested blueprint's endpoints carry its parent's name, as Flask names them.
+        assert_eq!(tag.endpoint, "catalog.tags.tag");
         assert_eq!(tag.file, PathBuf::from("/srv/shop/views.py"));
     }
 

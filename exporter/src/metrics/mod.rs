@@ -8,6 +8,8 @@
 //! looked up by family name. The stages' own health counters are registered
 //! by the stages themselves, with [`counter`] and [`gauge`].
 
+pub mod summary;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
@@ -20,9 +22,120 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use self::summary::{Summary, SummaryVec, summary_vec};
 use crate::exchange::{
     AttributedExchange, Identity, LostRequests, OVERFLOW_PATH, Route, WorkloadKey,
 };
+
+/// What names a request's route in the per-route series, as
+/// prometheus-flask-exporter's `group_by`, whose value names the label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// `path`: the route (`--path-label route`) or the request path (`raw`).
+    #[default]
+    Path,
+    /// `url_rule`: Flask's rule; `None` for requests no rule takes.
+    #[value(name = "url_rule")]
+    UrlRule,
+    /// `endpoint`: the view's endpoint, from the rule read from the app's
+    /// source; the route where no endpoint is known (a learned route or a
+    /// user rule); `None` for requests no rule takes.
+    Endpoint,
+}
+
+impl GroupBy {
+    /// The label's name.
+    pub fn label_name(self) -> &'static str {
+        match self {
+            GroupBy::Path => "path",
+            GroupBy::UrlRule => "url_rule",
+            GroupBy::Endpoint => "endpoint",
+        }
+    }
+
+    /// The label's value for a route.
+    fn value(self, route: &Route) -> &Arc<str> {
+        match (self, &route.endpoint) {
+            (GroupBy::Endpoint, Some(endpoint)) => endpoint,
+            _ => &route.path,
+        }
+    }
+}
+
+/// How the request series are made: prometheus-flask-exporter's options,
+/// and the bound on what one workload may make.
+#[derive(Clone, Debug)]
+pub struct SeriesOptions {
+    pub group_by: GroupBy,
+    /// Upper bounds of the duration histogram's buckets (+Inf is added).
+    pub buckets: Vec<f64>,
+    /// `false`: durations as a summary (a count and a sum), as
+    /// `default_latency_as_histogram=False` has them.
+    pub latency_as_histogram: bool,
+    /// Duration series per workload; further ones go under
+    /// [`OVERFLOW_PATH`].
+    pub max_series_per_workload: usize,
+}
+
+impl Default for SeriesOptions {
+    fn default() -> Self {
+        SeriesOptions {
+            group_by: GroupBy::Path,
+            buckets: DURATION_BUCKETS.to_vec(),
+            latency_as_histogram: true,
+            max_series_per_workload: 2000,
+        }
+    }
+}
+
+/// One duration series.
+#[derive(Clone, Debug)]
+enum Latency {
+    Histogram(Histogram),
+    Summary(Summary),
+}
+
+impl Latency {
+    fn observe(&self, seconds: f64) {
+        match self {
+            Latency::Histogram(histogram) => histogram.observe(seconds),
+            Latency::Summary(summary) => summary.observe(seconds),
+        }
+    }
+}
+
+/// The duration family, as [`SeriesOptions::latency_as_histogram`] has it.
+#[derive(Clone, Debug)]
+enum LatencyFamily {
+    Histogram(HistogramVec),
+    Summary(SummaryVec),
+}
+
+impl LatencyFamily {
+    fn with_label_values(&self, values: &[&str]) -> Latency {
+        match self {
+            LatencyFamily::Histogram(family) => {
+                Latency::Histogram(family.with_label_values(values))
+            }
+            LatencyFamily::Summary(family) => Latency::Summary(family.with_label_values(values)),
+        }
+    }
+
+    fn remove_label_values(&self, values: &[&str]) {
+        // Only an identity with the same labels could have removed it.
+        let _ = match self {
+            LatencyFamily::Histogram(family) => family.remove_label_values(values),
+            LatencyFamily::Summary(family) => family.remove_label_values(values),
+        };
+    }
+
+    fn collector(&self) -> Box<dyn prometheus::core::Collector> {
+        match self {
+            LatencyFamily::Histogram(family) => Box::new(family.clone()),
+            LatencyFamily::Summary(family) => Box::new(family.clone()),
+        }
+    }
+}
 
 /// prometheus-flask-exporter's default buckets.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -181,8 +294,9 @@ struct IdentitySeries {
     workload: WorkloadKey,
     /// The identity's label values, in the families' order.
     label_values: Vec<String>,
-    /// `flask_http_request_duration_seconds`, by path, then (method, status).
-    durations: HashMap<Arc<str>, HashMap<(&'static str, u16), Histogram>>,
+    /// `flask_http_request_duration_seconds`, by route (the `group_by`
+    /// label's value), then (method, status).
+    durations: HashMap<Arc<str>, HashMap<(&'static str, u16), Latency>>,
     /// `flask_http_request_total` and, for status 500,
     /// `flask_http_request_exceptions_total`, by (method, status).
     totals: HashMap<(&'static str, u16), (IntCounter, Option<IntCounter>)>,
@@ -295,7 +409,7 @@ impl IdentitySeries {
     }
 
     /// The duration series of (method, path, status), if made.
-    fn duration(&self, method: &'static str, path: &str, status: u16) -> Option<Histogram> {
+    fn duration(&self, method: &'static str, path: &str, status: u16) -> Option<Latency> {
         self.durations.get(path)?.get(&(method, status)).cloned()
     }
 
@@ -305,7 +419,7 @@ impl IdentitySeries {
         method: &'static str,
         path: Arc<str>,
         status: u16,
-    ) -> Histogram {
+    ) -> Latency {
         let status_text = status.to_string();
         let histogram =
             families
@@ -363,8 +477,7 @@ impl IdentitySeries {
         for (method, status) in by_method_status.into_keys() {
             let status = status.to_string();
             let values = self.values(&[method, path, &status]);
-            // Only an identity with the same labels could have removed it.
-            let _ = families.duration.remove_label_values(&values);
+            families.duration.remove_label_values(&values);
         }
         made
     }
@@ -426,7 +539,7 @@ impl IdentitySeries {
 /// The request families.
 #[derive(Clone, Debug)]
 struct Families {
-    duration: HistogramVec,
+    duration: LatencyFamily,
     requests: IntCounterVec,
     exceptions: IntCounterVec,
     queue: HistogramVec,
@@ -440,18 +553,28 @@ struct Families {
 }
 
 impl Families {
-    fn register(registry: &Registry, identity_labels: &[&str]) -> Result<Self, prometheus::Error> {
+    fn register(
+        registry: &Registry,
+        identity_labels: &[&str],
+        options: &SeriesOptions,
+    ) -> Result<Self, prometheus::Error> {
         let with_identity = |own: &[&'static str]| -> Vec<&str> {
             own.iter().chain(identity_labels).copied().collect()
         };
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "flask_http_request_duration_seconds",
-                "Flask HTTP request duration in seconds",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &with_identity(&["method", "path", "status"]),
-        )?;
+        let route_label = options.group_by.label_name();
+        let duration_opts = Opts::new(
+            "flask_http_request_duration_seconds",
+            "Flask HTTP request duration in seconds",
+        );
+        let duration_labels = with_identity(&["method", route_label, "status"]);
+        let duration = if options.latency_as_histogram {
+            LatencyFamily::Histogram(HistogramVec::new(
+                HistogramOpts::from(duration_opts).buckets(options.buckets.clone()),
+                &duration_labels,
+            )?)
+        } else {
+            LatencyFamily::Summary(summary_vec(duration_opts, &duration_labels)?)
+        };
         let requests = IntCounterVec::new(
             Opts::new("flask_http_request_total", "Total number of HTTP requests"),
             &with_identity(&["method", "status"]),
@@ -479,7 +602,7 @@ impl Families {
         let size = |name: &str, help: &str| {
             HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(SIZE_BUCKETS.to_vec()),
-                &with_identity(&["method", "path"]),
+                &with_identity(&["method", route_label]),
             )
         };
         let request_size = size(
@@ -545,7 +668,7 @@ impl Families {
         )?;
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for collector in [
-            Box::new(duration.clone()) as Box<dyn prometheus::core::Collector>,
+            duration.collector(),
             Box::new(requests.clone()),
             Box::new(exceptions.clone()),
             Box::new(queue.clone()),
@@ -585,25 +708,24 @@ pub struct RequestMetrics {
     identities_removed: IntCounter,
     /// Duration series made per workload, against the budget.
     series_per_workload: HashMap<WorkloadKey, usize>,
-    max_series_per_workload: usize,
+    options: SeriesOptions,
     series_budget: IntCounter,
 }
 
 impl RequestMetrics {
     /// `identity_labels`: the mode's label names, added to every `flask_*`
-    /// family after prometheus-flask-exporter's own. A workload's duration
-    /// series beyond `max_series_per_workload` go under [`OVERFLOW_PATH`].
+    /// family after prometheus-flask-exporter's own.
     pub fn register(
         registry: &Registry,
         identity_labels: &[&str],
         budgets: &Budgets,
-        max_series_per_workload: usize,
+        options: SeriesOptions,
     ) -> Result<Self, prometheus::Error> {
         Ok(RequestMetrics {
-            families: Families::register(registry, identity_labels)?,
+            families: Families::register(registry, identity_labels, &options)?,
             series: HashMap::new(),
             series_per_workload: HashMap::new(),
-            max_series_per_workload,
+            options,
             series_budget: budgets.counter("series"),
             identities_removed: counter(
                 registry,
@@ -626,8 +748,9 @@ impl RequestMetrics {
         let Some(series) = self.series.get_mut(identity) else {
             return;
         };
-        let (histogram, path) = match series.duration(method, &route.path, status) {
-            Some(histogram) => (histogram, route.path.clone()),
+        let grouped = self.options.group_by.value(route);
+        let (latency, path) = match series.duration(method, grouped, status) {
+            Some(latency) => (latency, grouped.clone()),
             None => {
                 // A new series: within the workload's budget, else under
                 // the overflow path (bounded by methods and statuses, and
@@ -636,15 +759,16 @@ impl RequestMetrics {
                     .series_per_workload
                     .entry(series.workload.clone())
                     .or_default();
-                let path =
-                    if *count >= self.max_series_per_workload && &*route.path != OVERFLOW_PATH {
-                        self.series_budget.inc();
-                        Arc::from(OVERFLOW_PATH)
-                    } else {
-                        route.path.clone()
-                    };
+                let path = if *count >= self.options.max_series_per_workload
+                    && &**grouped != OVERFLOW_PATH
+                {
+                    self.series_budget.inc();
+                    Arc::from(OVERFLOW_PATH)
+                } else {
+                    grouped.clone()
+                };
                 match series.duration(method, &path, status) {
-                    Some(histogram) => (histogram, path),
+                    Some(latency) => (latency, path),
                     None => {
                         if &*path != OVERFLOW_PATH {
                             *count += 1;
@@ -656,7 +780,7 @@ impl RequestMetrics {
                 }
             }
         };
-        histogram.observe(exchange.duration_seconds());
+        latency.observe(exchange.duration_seconds());
         // Sizes go under the path the duration went under (within the same
         // budget), when the heads were read whole.
         if exchange.request_body_bytes.is_some() || exchange.response_body_bytes.is_some() {
@@ -862,9 +986,17 @@ mod tests {
         Budgets::register(registry).expect("budgets")
     }
 
+    fn options(max_series_per_workload: usize) -> SeriesOptions {
+        SeriesOptions {
+            max_series_per_workload,
+            ..SeriesOptions::default()
+        }
+    }
+
     fn route(path: &str) -> Route {
         Route {
             path: Arc::from(path),
+            endpoint: None,
             source: RouteSource::Raw,
         }
     }
@@ -879,9 +1011,13 @@ mod tests {
     #[test]
     fn exposes_pfe_names_labels_and_buckets() {
         let registry = Registry::new();
-        let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"], &budgets(&registry), 100)
-                .expect("metrics");
+        let mut metrics = RequestMetrics::register(
+            &registry,
+            &["process", "port"],
+            &budgets(&registry),
+            options(100),
+        )
+        .expect("metrics");
         let identity = server("8000");
         metrics.observe(&exchange(&identity, "GET", 200, 0.3), &route("/a"));
         metrics.observe(&exchange(&identity, "GET", 500, 0.001), &route("/a"));
@@ -920,11 +1056,89 @@ mod tests {
     }
 
     #[test]
+    fn group_by_names_the_route_label_and_a_summary_replaces_the_histogram() {
+        let registry = Registry::new();
+        let mut metrics = RequestMetrics::register(
+            &registry,
+            &["process", "port"],
+            &budgets(&registry),
+            SeriesOptions {
+                group_by: GroupBy::Endpoint,
+                latency_as_histogram: false,
+                ..SeriesOptions::default()
+            },
+        )
+        .expect("metrics");
+        let identity = server("8000");
+        let rule = |path: &str, endpoint: Option<&str>| Route {
+            path: Arc::from(path),
+            endpoint: endpoint.map(Arc::from),
+            source: RouteSource::SourceRule,
+        };
+        // Two rules of one view count as its endpoint; a route with no
+        // endpoint keeps its rule.
+        metrics.observe(
+            &exchange(&identity, "GET", 200, 0.25),
+            &rule("/", Some("index")),
+        );
+        metrics.observe(
+            &exchange(&identity, "GET", 200, 0.5),
+            &rule("/index", Some("index")),
+        );
+        metrics.observe(
+            &exchange(&identity, "GET", 200, 0.5),
+            &rule("/learned/<id>", None),
+        );
+        metrics.observe(&exchange(&identity, "GET", 404, 0.5), &rule("None", None));
+        let text = encode(&registry).expect("encode");
+        assert!(
+            text.contains("# TYPE flask_http_request_duration_seconds summary"),
+            "{text}"
+        );
+        assert!(text.contains("flask_http_request_duration_seconds_count{endpoint=\"index\",method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 2"), "{text}");
+        assert!(text.contains("flask_http_request_duration_seconds_sum{endpoint=\"index\",method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 0.75"));
+        assert!(text.contains("endpoint=\"/learned/<id>\""));
+        assert!(text.contains("endpoint=\"None\""));
+        assert!(!text.contains("path=\""), "no path label: {text}");
+        assert!(!text.contains("_bucket"), "{text}");
+
+        let registry = Registry::new();
+        let mut metrics = RequestMetrics::register(
+            &registry,
+            &["process", "port"],
+            &budgets(&registry),
+            SeriesOptions {
+                group_by: GroupBy::UrlRule,
+                buckets: vec![0.1, 1.0],
+                ..SeriesOptions::default()
+            },
+        )
+        .expect("metrics");
+        let mut sized = exchange(&identity, "GET", 200, 0.25);
+        sized.exchange.response_body_bytes = Some(100);
+        metrics.observe(&sized, &rule("/", Some("index")));
+        let text = encode(&registry).expect("encode");
+        let buckets: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("flask_http_request_duration_seconds_bucket"))
+            .collect();
+        assert_eq!(buckets.len(), 3, "0.1, 1 and +Inf: {buckets:?}");
+        assert!(text.contains("flask_http_request_duration_seconds_bucket{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\",url_rule=\"/\",le=\"1\"} 1"), "{text}");
+        // Our own per-route families take the same label.
+        assert!(text.contains("flask_http_response_size_bytes_count{method=\"GET\",port=\"8000\",process=\"gunicorn\",url_rule=\"/\"} 1"), "{text}");
+        assert!(!text.contains("path=\""), "{text}");
+    }
+
+    #[test]
     fn identities_with_the_same_labels_share_their_series() {
         let registry = Registry::new();
-        let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"], &budgets(&registry), 100)
-                .expect("metrics");
+        let mut metrics = RequestMetrics::register(
+            &registry,
+            &["process", "port"],
+            &budgets(&registry),
+            options(100),
+        )
+        .expect("metrics");
         let (first, again) = (server("8000"), server("8000"));
         metrics.observe(&exchange(&first, "GET", 200, 0.01), &route("/a"));
         metrics.observe(&exchange(&again, "GET", 200, 0.01), &route("/a"));
@@ -943,8 +1157,9 @@ mod tests {
     fn a_workload_past_its_series_budget_counts_under_other() {
         let registry = Registry::new();
         let budgets = budgets(&registry);
-        let mut metrics = RequestMetrics::register(&registry, &["process", "port"], &budgets, 3)
-            .expect("metrics");
+        let mut metrics =
+            RequestMetrics::register(&registry, &["process", "port"], &budgets, options(3))
+                .expect("metrics");
         let identity = server("8000");
         for n in 0..10 {
             metrics.observe(
