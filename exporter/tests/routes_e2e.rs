@@ -13,34 +13,13 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write as _,
     time::Duration,
 };
 
 use support::{
-    routes_traffic::{Request, Traffic},
+    routes_traffic::{Request, Traffic, send},
     *,
 };
-
-/// A header no output may ever show.
-const SECRET_HEADER: &str = "X-Api-Key: hunter2-header-secret";
-
-fn send(port: u16, request: &Request) -> u16 {
-    let mut stream = connect(port);
-    let body = if matches!(request.method, "POST" | "PUT") {
-        "Content-Length: 2\r\n\r\n{}"
-    } else {
-        "\r\n"
-    };
-    let text = format!(
-        "{} {} HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\nCookie: session=cookie-secret\r\n{SECRET_HEADER}\r\n{body}",
-        request.method, request.target
-    );
-    stream.write_all(text.as_bytes()).expect("send");
-    read_response(&mut stream, &mut Vec::new(), request.method)
-        .expect("response")
-        .status
-}
 
 fn rules_file(venv: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("routes.txt");
@@ -220,10 +199,17 @@ fn path_is_flasks_url_rule_under(
             .and_then(|rules| rules.iter().find(|r| r["rule"] == "/items/<int:item_id>"))
             .cloned()
             .unwrap_or_default();
+        // Where the fixture registers it.
+        let line = std::fs::read_to_string(workspace().join("tests/fixtures/routes_app.py"))
+            .expect("fixture")
+            .lines()
+            .position(|line| line.starts_with("@app.route(\"/items/<int:item_id>\""))
+            .expect("the rule's line")
+            + 1;
         assert!(
             item_rule["at"]
                 .as_str()
-                .is_some_and(|at| at.ends_with("routes_app.py:40")),
+                .is_some_and(|at| at.ends_with(&format!("routes_app.py:{line}"))),
             "{item_rule}"
         );
         // prometheus-flask-exporter's /metrics is registered at run time:

@@ -273,6 +273,19 @@ impl App {
         oracle: bool,
         cgroup_procs: &[PathBuf],
     ) -> App {
+        App::start_with_oracle(venv, fixture, server, oracle, cgroup_procs, &[])
+    }
+
+    /// [`App::start_fixture`], with prometheus-flask-exporter configured by
+    /// `oracle_options` (`tests/fixtures/oracle.py`'s `ORACLE_*` variables).
+    pub fn start_with_oracle(
+        venv: &std::path::Path,
+        fixture: &str,
+        server: Server,
+        oracle: bool,
+        cgroup_procs: &[PathBuf],
+        oracle_options: &[(&str, &str)],
+    ) -> App {
         let port = free_port();
         let wsgi_app = format!("{fixture}:app");
         let script = format!("{fixture}.py");
@@ -331,7 +344,10 @@ impl App {
             (true, None) => "1",
             (true, Some(_)) => "multiprocess",
         };
-        command.current_dir(&fixtures).env("ORACLE", oracle_mode);
+        command
+            .current_dir(&fixtures)
+            .env("ORACLE", oracle_mode)
+            .envs(oracle_options.iter().copied());
         let process = spawn_process(&format!("{server:?}"), &mut command);
         wait_for_port(port, Duration::from_secs(20));
         App {

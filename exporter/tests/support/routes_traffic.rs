@@ -3,7 +3,31 @@
 //! wrong methods, values a converter refuses, trailing-slash variants,
 //! repeated slashes, percent-encoding, query strings and unmatched paths.
 
+use std::io::Write as _;
+
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+
+/// A header no output may ever show.
+pub const SECRET_HEADER: &str = "X-Api-Key: hunter2-header-secret";
+
+/// Sends `request` on a connection of its own, with a cookie and
+/// [`SECRET_HEADER`] no output may show; returns the status.
+pub fn send(port: u16, request: &Request) -> u16 {
+    let mut stream = super::connect(port);
+    let body = if matches!(request.method, "POST" | "PUT") {
+        "Content-Length: 2\r\n\r\n{}"
+    } else {
+        "\r\n"
+    };
+    let text = format!(
+        "{} {} HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\nCookie: session=cookie-secret\r\n{SECRET_HEADER}\r\n{body}",
+        request.method, request.target
+    );
+    stream.write_all(text.as_bytes()).expect("send");
+    super::read_response(&mut stream, &mut Vec::new(), request.method)
+        .expect("response")
+        .status
+}
 
 /// One request: method and target (path with its query string).
 #[derive(Clone, Debug, PartialEq, Eq)]
