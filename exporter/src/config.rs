@@ -7,7 +7,7 @@ use clap::Parser;
 use regex::Regex;
 
 use crate::{
-    metrics::{DURATION_BUCKETS, GroupBy, SeriesOptions},
+    metrics::{DURATION_BUCKETS, GroupBy, MetricNames, SeriesOptions},
     routes::{PathLabelMode, discovery::RouteDiscovery},
 };
 
@@ -55,6 +55,17 @@ pub struct Config {
     #[arg(long, env = "FLASK_EBPF_EXPORTER_DEFAULT_LATENCY_AS_HISTOGRAM",
           default_value_t = true, action = clap::ArgAction::Set)]
     pub default_latency_as_histogram: bool,
+
+    /// Names of the request series: `flask` (prometheus-flask-exporter's), `otel`
+    /// (OpenTelemetry's HTTP server conventions, as its Prometheus exporters name them:
+    /// http_server_request_duration_seconds, ...) or `both`.
+    #[arg(
+        long,
+        env = "FLASK_EBPF_EXPORTER_METRIC_NAMES",
+        value_enum,
+        default_value = "flask"
+    )]
+    pub metric_names: MetricNames,
 
     /// With `--group-by path`: `raw`, the request path without its query string
     /// (prometheus-flask-exporter's default); `route`, Flask's rule, else a
@@ -257,6 +268,7 @@ impl Config {
             ));
         }
         Ok(SeriesOptions {
+            names: self.metric_names,
             group_by: self.group_by,
             buckets,
             latency_as_histogram: self.default_latency_as_histogram,

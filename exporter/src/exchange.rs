@@ -86,6 +86,11 @@ pub struct Exchange {
     /// The request target as sent, query string included (the routes stage
     /// removes it).
     pub target: String,
+    /// HTTP/1.0 or HTTP/1.1, as the request line has it.
+    pub version: http::Version,
+    /// The port the server accepted the connection on, when read (only for
+    /// OpenTelemetry's names).
+    pub server_port: Option<u16>,
     pub status: u16,
     /// When the server read the first byte of the request.
     pub started_ns: u64,

@@ -32,6 +32,7 @@ use crate::{
     identity::{
         IdentityStage,
         attribution::{self, Attribution, AttributionCounters, HoldLimits},
+        ports::ServerPorts,
     },
     metrics::{Budgets, RequestMetrics},
     procfs,
@@ -90,6 +91,9 @@ pub struct Pipeline {
 pub struct Stages {
     pub table: ConnectionTable,
     pub identity: IdentityStage,
+    /// Each connection's server port, read only for OpenTelemetry's
+    /// `server_port` label.
+    pub server_ports: Option<ServerPorts>,
     pub attribution: Attribution,
     /// How long a deleted or relabelled pod's series stay.
     pub deleted_pod_grace: Duration,
@@ -198,6 +202,9 @@ impl Pipeline {
                     &mut hand_offs.captured,
                 );
                 self.stages.identity.forget_exited(&procfs::is_running);
+                if let Some(ports) = &mut self.stages.server_ports {
+                    ports.forget_exited(&procfs::is_running);
+                }
                 self.capture.forget_exited(&procfs::is_running);
             }
             self.stages.record(&mut hand_offs);
@@ -293,6 +300,10 @@ impl Stages {
         budgets: &Budgets,
     ) -> Result<Self, prometheus::Error> {
         let series_options = config.series_options().map_err(prometheus::Error::Msg)?;
+        let server_ports = series_options
+            .names
+            .otel()
+            .then(|| ServerPorts::new(budgets.counter("server_ports")));
         let discovery = match config.route_discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
                 ParseBudget::default(),
@@ -315,6 +326,7 @@ impl Stages {
                 series_options,
             )?,
             identity,
+            server_ports,
             attribution: Attribution::new(
                 HoldLimits {
                     wait: config.pod_wait,
@@ -352,7 +364,11 @@ impl Stages {
             let served_by = self.identity.resolve(&origin);
             let cgroup_unmonitored =
                 served_by.is_none() && self.identity.cgroup_selected_out(origin.tgid);
-            self.table.open(event, served_by, captured);
+            let server_port = match (&served_by, &mut self.server_ports) {
+                (Some(_), Some(ports)) => ports.port(&origin),
+                _ => None,
+            };
+            self.table.open(event, served_by, server_port, captured);
             if cgroup_unmonitored {
                 self.table.ignore_cgroup(event);
             }
@@ -448,6 +464,8 @@ mod tests {
             exchange: Exchange {
                 method: http::Method::GET,
                 target: target.to_owned(),
+                version: http::Version::HTTP_11,
+                server_port: None,
                 status: 200,
                 started_ns: 0,
                 finished_ns: 1,

@@ -182,6 +182,16 @@ pub fn socket_inode(tgid: u32, fd: u32) -> Option<u64> {
     }
 }
 
+/// The local port of the TCP socket behind a process's fd (a listening
+/// socket's is the port it serves).
+pub fn socket_local_port(tgid: u32, fd: u32) -> Option<u16> {
+    let inode = socket_inode(tgid, fd)?;
+    tcp_sockets(tgid)
+        .into_iter()
+        .find(|socket| socket.inode == inode)
+        .map(|socket| socket.local_port)
+}
+
 /// Inodes of all sockets a process holds.
 pub fn socket_inodes(tgid: u32) -> Vec<u64> {
     let Some(fds) = process(tgid).and_then(|process| process.fd().ok()) else {

@@ -19,6 +19,7 @@ pub enum HeadParse<T> {
 pub struct RequestHead {
     pub method: http::Method,
     pub target: String,
+    pub version: http::Version,
     pub framing: Framing,
 }
 
@@ -185,6 +186,11 @@ pub fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
                 head: RequestHead {
                     method,
                     target: crate::exchange::targets::take(target),
+                    version: if request.version == Some(0) {
+                        http::Version::HTTP_10
+                    } else {
+                        http::Version::HTTP_11
+                    },
                     framing,
                 },
                 consumed,

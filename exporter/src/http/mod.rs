@@ -103,6 +103,7 @@ const MAX_PENDING_REQUESTS: usize = 256;
 struct PendingRequest {
     method: http::Method,
     target: String,
+    version: http::Version,
     started_ns: u64,
     bytes: u64,
     /// Its body's payload bytes so far, when its head was read whole and
@@ -714,6 +715,7 @@ impl HttpConnection {
         self.pending.push_back(PendingRequest {
             method: head.method,
             target: head.target,
+            version: head.version,
             started_ns: at.started_ns,
             bytes: at.bytes,
             body_bytes,
@@ -796,6 +798,8 @@ impl HttpConnection {
         out.push(Exchange {
             method: request.method,
             target: request.target,
+            version: request.version,
+            server_port: None,
             status: response.status,
             started_ns: request.started_ns,
             finished_ns: response.last_write_ns,

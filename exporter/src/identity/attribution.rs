@@ -264,6 +264,8 @@ mod tests {
             exchange: Exchange {
                 method: http::Method::GET,
                 target: target.to_owned(),
+                version: http::Version::HTTP_11,
+                server_port: None,
                 status: 200,
                 started_ns: 1,
                 finished_ns: 2,

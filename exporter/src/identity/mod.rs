@@ -17,6 +17,7 @@ pub mod containers;
 pub mod kubernetes;
 pub mod local;
 pub mod pods;
+pub mod ports;
 
 use std::{
     sync::Arc,

@@ -8,6 +8,7 @@
 //! looked up by family name. The stages' own health counters are registered
 //! by the stages themselves, with [`counter`] and [`gauge`].
 
+pub mod otel;
 pub mod summary;
 
 use std::{
@@ -22,9 +23,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use self::summary::{Summary, SummaryVec, summary_vec};
+use self::{
+    otel::{OtelFamilies, RouteHandles, Variant},
+    summary::{Summary, SummaryVec, summary_vec},
+};
 use crate::exchange::{
-    AttributedExchange, Identity, LostRequests, OVERFLOW_PATH, Route, WorkloadKey,
+    AttributedExchange, Identity, LostRequests, OVERFLOW_PATH, Route, RouteSource, WorkloadKey,
 };
 
 /// What names a request's route in the per-route series, as
@@ -62,10 +66,33 @@ impl GroupBy {
     }
 }
 
+/// Which names the request series go by (`--metric-names`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricNames {
+    /// prometheus-flask-exporter's (`flask_http_*`).
+    #[default]
+    Flask,
+    /// OpenTelemetry's HTTP server conventions (`http_server_*`); what
+    /// they have no name for keeps its `flask_http_*` name.
+    Otel,
+    Both,
+}
+
+impl MetricNames {
+    fn flask(self) -> bool {
+        self != MetricNames::Otel
+    }
+
+    pub fn otel(self) -> bool {
+        self != MetricNames::Flask
+    }
+}
+
 /// How the request series are made: prometheus-flask-exporter's options,
 /// and the bound on what one workload may make.
 #[derive(Clone, Debug)]
 pub struct SeriesOptions {
+    pub names: MetricNames,
     pub group_by: GroupBy,
     /// Upper bounds of the duration histogram's buckets (+Inf is added).
     pub buckets: Vec<f64>,
@@ -80,6 +107,7 @@ pub struct SeriesOptions {
 impl Default for SeriesOptions {
     fn default() -> Self {
         SeriesOptions {
+            names: MetricNames::Flask,
             group_by: GroupBy::Path,
             buckets: DURATION_BUCKETS.to_vec(),
             latency_as_histogram: true,
@@ -288,6 +316,19 @@ fn with_labels<'a>(own: &[&'a str], identity: &'a [String]) -> Vec<&'a str> {
         .collect()
 }
 
+/// The series of one (route, method, status) of an identity: what
+/// `--max-series-per-workload` counts.
+#[derive(Debug, Default)]
+struct RouteSeries {
+    /// `flask_http_request_duration_seconds` (prometheus-flask-exporter's
+    /// names).
+    latency: Option<Latency>,
+    /// OpenTelemetry's families, by what else labels them (one, mostly:
+    /// the HTTP version and the listening port rarely vary, and under
+    /// `--group-by endpoint` one endpoint may have several rules).
+    otel: Vec<(Variant, RouteHandles)>,
+}
+
 /// The handles of one identity's series.
 #[derive(Debug)]
 struct IdentitySeries {
@@ -296,7 +337,7 @@ struct IdentitySeries {
     label_values: Vec<String>,
     /// `flask_http_request_duration_seconds`, by route (the `group_by`
     /// label's value), then (method, status).
-    durations: HashMap<Arc<str>, HashMap<(&'static str, u16), Latency>>,
+    durations: HashMap<Arc<str>, HashMap<(&'static str, u16), RouteSeries>>,
     /// `flask_http_request_total` and, for status 500,
     /// `flask_http_request_exceptions_total`, by (method, status).
     totals: HashMap<(&'static str, u16), (IntCounter, Option<IntCounter>)>,
@@ -319,6 +360,8 @@ struct IdentitySeries {
     /// `flask_http_listen_overflows_total` and the namespace's count when
     /// last read, while the server is alone in its network namespace.
     overflows: Option<(IntCounter, u64)>,
+    /// `http_server_active_requests`, made at the first exchange.
+    active: Option<IntGauge>,
 }
 
 impl IdentitySeries {
@@ -340,6 +383,7 @@ impl IdentitySeries {
             last_worker: 0,
             completeness: None,
             overflows: None,
+            active: None,
         }
     }
 
@@ -408,28 +452,39 @@ impl IdentitySeries {
         })
     }
 
-    /// The duration series of (method, path, status), if made.
-    fn duration(&self, method: &'static str, path: &str, status: u16) -> Option<Latency> {
-        self.durations.get(path)?.get(&(method, status)).cloned()
+    /// Whether the series of (method, path, status) are made.
+    fn has_route(&self, method: &'static str, path: &str, status: u16) -> bool {
+        self.durations
+            .get(path)
+            .is_some_and(|by_key| by_key.contains_key(&(method, status)))
     }
 
-    fn add_duration(
+    /// The series of (method, path, status), made on first use (the
+    /// prometheus-flask-exporter duration series with them, when exported),
+    /// and the identity's label values.
+    fn route(
         &mut self,
         families: &Families,
         method: &'static str,
         path: Arc<str>,
         status: u16,
-    ) -> Latency {
-        let status_text = status.to_string();
-        let histogram =
-            families
-                .duration
-                .with_label_values(&self.values(&[method, &path, &status_text]));
-        self.durations
-            .entry(path)
+    ) -> (&mut RouteSeries, &[String]) {
+        let labels = &self.label_values;
+        let route = self
+            .durations
+            .entry(path.clone())
             .or_default()
-            .insert((method, status), histogram.clone());
-        histogram
+            .entry((method, status))
+            .or_insert_with(|| RouteSeries {
+                latency: families.names.flask().then(|| {
+                    let status = status.to_string();
+                    families
+                        .duration
+                        .with_label_values(&with_labels(&[method, &path, &status], labels))
+                }),
+                otel: Vec::new(),
+            });
+        (route, labels)
     }
 
     /// The request total of (method, status), and for 500 the exceptions
@@ -474,10 +529,18 @@ impl IdentitySeries {
             return 0;
         };
         let made = by_method_status.len();
-        for (method, status) in by_method_status.into_keys() {
-            let status = status.to_string();
-            let values = self.values(&[method, path, &status]);
-            families.duration.remove_label_values(&values);
+        for ((method, status), route) in by_method_status {
+            if route.latency.is_some() {
+                let status = status.to_string();
+                families
+                    .duration
+                    .remove_label_values(&self.values(&[method, path, &status]));
+            }
+            if let Some(otel) = &families.otel {
+                for (variant, _) in &route.otel {
+                    otel.remove_route(variant, method, status, &self.label_values);
+                }
+            }
         }
         made
     }
@@ -526,6 +589,12 @@ impl IdentitySeries {
             }
             removed += 1 + LostRequests::REASONS.len();
         }
+        if self.active.take().is_some()
+            && let Some(otel) = &families.otel
+        {
+            otel.remove_active(&self.label_values);
+            removed += 1;
+        }
         if self.saturation.take().is_some() {
             let values = self.values(&[]);
             let _ = families.in_flight.remove_label_values(&values);
@@ -539,6 +608,9 @@ impl IdentitySeries {
 /// The request families.
 #[derive(Clone, Debug)]
 struct Families {
+    names: MetricNames,
+    /// `http_server_*`, with OpenTelemetry's names.
+    otel: Option<OtelFamilies>,
     duration: LatencyFamily,
     requests: IntCounterVec,
     exceptions: IntCounterVec,
@@ -667,23 +739,39 @@ impl Families {
             &["version"],
         )?;
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for collector in [
+        // The families OpenTelemetry has names for go under one name or
+        // both; the others have only theirs.
+        let flask_named: [Box<dyn prometheus::core::Collector>; 6] = [
             duration.collector(),
             Box::new(requests.clone()),
             Box::new(exceptions.clone()),
-            Box::new(queue.clone()),
             Box::new(request_size.clone()),
             Box::new(response_size.clone()),
             Box::new(in_flight.clone()),
+        ];
+        let kernel_only: [Box<dyn prometheus::core::Collector>; 6] = [
+            Box::new(queue.clone()),
             Box::new(workers.clone()),
             Box::new(seen.clone()),
             Box::new(lost.clone()),
             Box::new(overflows.clone()),
             Box::new(info),
-        ] {
+        ];
+        let flask = options.names.flask().then_some(flask_named);
+        for collector in flask.into_iter().flatten().chain(kernel_only) {
             registry.register(collector)?;
         }
+        let otel = match options.names.otel() {
+            true => Some(OtelFamilies::register(
+                registry,
+                identity_labels,
+                &options.buckets,
+            )?),
+            false => None,
+        };
         Ok(Families {
+            names: options.names,
+            otel,
             duration,
             requests,
             exceptions,
@@ -749,41 +837,72 @@ impl RequestMetrics {
             return;
         };
         let grouped = self.options.group_by.value(route);
-        let (latency, path) = match series.duration(method, grouped, status) {
-            Some(latency) => (latency, grouped.clone()),
-            None => {
-                // A new series: within the workload's budget, else under
-                // the overflow path (bounded by methods and statuses, and
-                // not counted against the budget).
-                let count = self
-                    .series_per_workload
-                    .entry(series.workload.clone())
-                    .or_default();
-                let path = if *count >= self.options.max_series_per_workload
-                    && &**grouped != OVERFLOW_PATH
-                {
+        let path = if series.has_route(method, grouped, status) {
+            grouped.clone()
+        } else {
+            // New series: within the workload's budget, else under the
+            // overflow path (bounded by methods and statuses, and not
+            // counted against the budget).
+            let count = self
+                .series_per_workload
+                .entry(series.workload.clone())
+                .or_default();
+            let path =
+                if *count >= self.options.max_series_per_workload && &**grouped != OVERFLOW_PATH {
                     self.series_budget.inc();
                     Arc::from(OVERFLOW_PATH)
                 } else {
                     grouped.clone()
                 };
-                match series.duration(method, &path, status) {
-                    Some(latency) => (latency, path),
-                    None => {
-                        if &*path != OVERFLOW_PATH {
-                            *count += 1;
-                        }
-                        let made =
-                            series.add_duration(&self.families, method, path.clone(), status);
-                        (made, path)
-                    }
-                }
+            if &*path != OVERFLOW_PATH && !series.has_route(method, &path, status) {
+                *count += 1;
             }
+            path
         };
-        latency.observe(exchange.duration_seconds());
+        let (route_series, label_values) =
+            series.route(&self.families, method, path.clone(), status);
+        let seconds = exchange.duration_seconds();
+        if let Some(latency) = &route_series.latency {
+            latency.observe(seconds);
+        }
+        if let Some(otel) = &self.families.otel {
+            // http_route is the rule whatever --group-by names; none for
+            // what no route takes.
+            let variant = Variant {
+                route: match &*path {
+                    OVERFLOW_PATH => path.clone(),
+                    _ if route.source == RouteSource::Unmatched => Arc::from(""),
+                    _ => route.path.clone(),
+                },
+                version: exchange.version,
+                server_port: exchange.server_port,
+            };
+            let at = match route_series
+                .otel
+                .iter()
+                .position(|(made, _)| *made == variant)
+            {
+                Some(at) => at,
+                None => {
+                    let handles = otel.route_handles(&variant, method, status, label_values);
+                    route_series.otel.push((variant, handles));
+                    route_series.otel.len() - 1
+                }
+            };
+            let handles = &route_series.otel[at].1;
+            handles.duration.observe(seconds);
+            if let Some(bytes) = exchange.request_body_bytes {
+                handles.request_size.observe(bytes as f64);
+            }
+            if let Some(bytes) = exchange.response_body_bytes {
+                handles.response_size.observe(bytes as f64);
+            }
+        }
         // Sizes go under the path the duration went under (within the same
         // budget), when the heads were read whole.
-        if exchange.request_body_bytes.is_some() || exchange.response_body_bytes.is_some() {
+        if self.options.names.flask()
+            && (exchange.request_body_bytes.is_some() || exchange.response_body_bytes.is_some())
+        {
             let [request_size, response_size] = series.sizes(&self.families, method, &path);
             if let Some(bytes) = exchange.request_body_bytes {
                 request_size.observe(bytes as f64);
@@ -796,12 +915,14 @@ impl RequestMetrics {
             series.last_worker = attributed.tgid;
             series.workers.insert(attributed.tgid);
         }
-        let (requests, exceptions) = series.totals(&self.families, method, status);
-        requests.inc();
-        series.completeness(&self.families).0.inc();
-        if let Some(exceptions) = exceptions {
-            exceptions.inc();
+        if self.options.names.flask() {
+            let (requests, exceptions) = series.totals(&self.families, method, status);
+            requests.inc();
+            if let Some(exceptions) = exceptions {
+                exceptions.inc();
+            }
         }
+        series.completeness(&self.families).0.inc();
         if let (Some(queued), Some(first_read)) =
             (exchange.queued, exchange.accept_to_read_seconds())
         {
@@ -877,9 +998,17 @@ impl RequestMetrics {
                 series.last_worker = series.workers.iter().next().copied().unwrap_or(0);
             }
             let running_workers = series.workers.len() as i64;
+            let requests_in_flight = in_flight.get(identity).copied().unwrap_or(0);
             let [requests, workers] = series.saturation(&self.families);
-            requests.set(in_flight.get(identity).copied().unwrap_or(0));
+            requests.set(requests_in_flight);
             workers.set(running_workers);
+            if let Some(otel) = &self.families.otel {
+                let labels = &series.label_values;
+                series
+                    .active
+                    .get_or_insert_with(|| otel.active(labels))
+                    .set(requests_in_flight);
+            }
             let namespace = (series.last_worker != 0)
                 .then(|| network.namespace(series.last_worker))
                 .flatten();
@@ -970,6 +1099,8 @@ mod tests {
             exchange: Exchange {
                 method: method.parse().expect("a method"),
                 target: "/".to_owned(),
+                version: http::Version::HTTP_11,
+                server_port: None,
                 status,
                 started_ns: 0,
                 finished_ns: (seconds * 1e9) as u64,
@@ -1127,6 +1258,80 @@ mod tests {
         // Our own per-route families take the same label.
         assert!(text.contains("flask_http_response_size_bytes_count{method=\"GET\",port=\"8000\",process=\"gunicorn\",url_rule=\"/\"} 1"), "{text}");
         assert!(!text.contains("path=\""), "{text}");
+    }
+
+    #[test]
+    fn opentelemetry_names_label_as_the_conventions_translate() {
+        let registry = Registry::new();
+        let mut metrics = RequestMetrics::register(
+            &registry,
+            &["process", "port"],
+            &budgets(&registry),
+            SeriesOptions {
+                names: MetricNames::Otel,
+                ..SeriesOptions::default()
+            },
+        )
+        .expect("metrics");
+        let identity = server("8000");
+        let rule = |path: &str, source| Route {
+            path: Arc::from(path),
+            endpoint: None,
+            source,
+        };
+        let mut served = exchange(&identity, "GET", 200, 0.25);
+        served.exchange.server_port = Some(8000);
+        served.exchange.response_body_bytes = Some(100);
+        metrics.observe(&served, &rule("/items/<int:id>", RouteSource::SourceRule));
+        let mut failed = exchange(&identity, "BREW", 500, 0.25);
+        failed.exchange.version = http::Version::HTTP_10;
+        metrics.observe(&failed, &rule("/items/<int:id>", RouteSource::SourceRule));
+        metrics.observe(
+            &exchange(&identity, "GET", 404, 0.25),
+            &rule("None", RouteSource::Unmatched),
+        );
+        metrics.set_saturation(&HashMap::new(), &|_| true, &NoNetwork);
+        let text = encode(&registry).expect("encode");
+        assert!(text.contains("http_server_request_duration_seconds_count{error_type=\"\",http_request_method=\"GET\",http_response_status_code=\"200\",http_route=\"/items/<int:id>\",network_protocol_version=\"1.1\",port=\"8000\",process=\"gunicorn\",server_port=\"8000\",url_scheme=\"http\"} 1"), "{text}");
+        assert!(text.contains("http_server_request_duration_seconds_count{error_type=\"500\",http_request_method=\"_OTHER\",http_response_status_code=\"500\",http_route=\"/items/<int:id>\",network_protocol_version=\"1.0\",port=\"8000\",process=\"gunicorn\",server_port=\"\",url_scheme=\"http\"} 1"), "{text}");
+        assert!(
+            text.contains("http_route=\"\""),
+            "no route for the router's 404: {text}"
+        );
+        assert!(text.contains("http_server_response_body_size_bytes_sum{error_type=\"\",http_request_method=\"GET\",http_response_status_code=\"200\",http_route=\"/items/<int:id>\",network_protocol_version=\"1.1\",port=\"8000\",process=\"gunicorn\",server_port=\"8000\",url_scheme=\"http\"} 100"), "{text}");
+        assert!(text.contains("http_server_active_requests{port=\"8000\",process=\"gunicorn\",url_scheme=\"http\"} 0"), "{text}");
+        // What the conventions name goes by their names only; what they do
+        // not keeps prometheus-flask-exporter's style.
+        for gone in [
+            "flask_http_request_duration_seconds",
+            "flask_http_request_total",
+            "flask_http_requests_in_flight",
+            "flask_http_response_size_bytes",
+        ] {
+            assert!(!text.contains(&format!("# TYPE {gone} ")), "{gone}: {text}");
+        }
+        assert!(
+            text.contains("flask_http_requests_seen_total{port=\"8000\",process=\"gunicorn\"} 3")
+        );
+        // Released with their identity.
+        assert!(metrics.release(&identity) > 0);
+        let text = encode(&registry).expect("encode");
+        assert!(!text.contains("port=\"8000\""), "{text}");
+    }
+
+    /// No network namespace is known.
+    struct NoNetwork;
+
+    impl NetworkCounts for NoNetwork {
+        fn namespace(&self, _: u32) -> Option<u64> {
+            None
+        }
+        fn own_namespace(&self) -> Option<u64> {
+            None
+        }
+        fn listen_overflows(&self, _: u32) -> Option<u64> {
+            None
+        }
     }
 
     #[test]

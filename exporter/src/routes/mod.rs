@@ -690,6 +690,8 @@ mod tests {
         Exchange {
             method: method.parse().expect("a method"),
             target: target.to_owned(),
+            version: http::Version::HTTP_11,
+            server_port: None,
             status,
             started_ns: 0,
             finished_ns: (seconds * 1e9) as u64,

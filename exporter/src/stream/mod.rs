@@ -55,6 +55,8 @@ struct Connection {
     last_seq: u32,
     /// `None`: not monitored; its bytes are dropped.
     served_by: Option<ServedBy>,
+    /// The port it was accepted on, when read.
+    server_port: Option<u16>,
     http: HttpConnection,
     last_event_ns: u64,
     /// Its entry in the table's partial-head index, while it holds one:
@@ -332,11 +334,13 @@ impl ConnectionTable {
     }
 
     /// Starts following the connection `event` opens (see [`Self::handle`])
-    /// and feeds it the event. `served_by`: `None` when it is not monitored.
+    /// and feeds it the event. `served_by`: `None` when it is not monitored;
+    /// `server_port`: the port it was accepted on, when read.
     pub fn open(
         &mut self,
         event: &RawEvent<'_>,
         served_by: Option<ServedBy>,
+        server_port: Option<u16>,
         out: &mut Vec<CapturedExchange>,
     ) {
         let header = &event.header;
@@ -347,6 +351,7 @@ impl ConnectionTable {
             // So that the first event is never taken for a gap.
             last_seq: header.seq.wrapping_sub(1),
             served_by,
+            server_port,
             http: self.spare.pop().unwrap_or_default(),
             last_event_ns: header.timestamp_ns,
             partial: None,
@@ -693,7 +698,10 @@ fn tag(tgid: u32, connection: &mut Connection, exchanges: &mut Vec<Exchange>, ou
                 .extend(exchanges.drain(..).map(|exchange| CapturedExchange {
                     served_by: served_by.clone(),
                     tgid,
-                    exchange,
+                    exchange: Exchange {
+                        server_port: connection.server_port,
+                        ..exchange
+                    },
                 }))
         }
         None => exchanges.clear(),

@@ -67,7 +67,7 @@ fn handle(
     out: &mut Vec<CapturedExchange>,
 ) {
     if let Handled::NewConnection(origin) = table.handle(event, out) {
-        table.open(event, resolve(&origin), out);
+        table.open(event, resolve(&origin), None, out);
     }
 }
 
@@ -538,7 +538,7 @@ fn partial_heads_stay_within_their_budget_oldest_given_up_first() {
         let data = head_start(u64::from(fd));
         let event = event_on(fd, EventKind::Read, 0, data.as_bytes());
         if let Handled::NewConnection(origin) = table.handle(&event, &mut out) {
-            table.open(&event, labels(&origin), &mut out);
+            table.open(&event, labels(&origin), None, &mut out);
         }
         assert!(
             table.partial_head_bytes() <= 1000,
