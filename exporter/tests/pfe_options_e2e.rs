@@ -226,7 +226,7 @@ fn excluded_paths_are_left_out_as_prometheus_flask_exporter_leaves_them() {
     assert!(
         value(
             &compared.ours_samples,
-            "flask_ebpf_exporter_requests_excluded_total"
+            "flask_ebpf_exporter_excluded_path_requests_total"
         ) >= 10.0,
         "{}",
         compared.ours_text

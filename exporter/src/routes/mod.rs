@@ -254,7 +254,7 @@ impl RouteCounters {
             )?,
             excluded: counter(
                 registry,
-                "flask_ebpf_exporter_requests_excluded_total",
+                "flask_ebpf_exporter_excluded_path_requests_total",
                 "Requests not counted because --excluded-paths matches their path",
             )?,
             routes_retired: counter(
