@@ -45,6 +45,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     let health = Arc::new(Health::default());
     let registry = Registry::new();
+    // The agent's own CPU, memory and file descriptors (process_*), for the
+    // dashboard's health row.
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering process metrics")?;
     let mode = config.mode().map_err(anyhow::Error::msg)?;
     let (user_rules, rule_errors) =
         RuleSet::parse(&config.user_rules_text().map_err(anyhow::Error::msg)?);
