@@ -25,6 +25,8 @@ const TEST_PACKAGES: &[&str] = &[
     "redis-tools",
     // saturation_e2e compares body sizes with what curl sent and received.
     "curl",
+    // debug_pages_e2e renders the debug pages in a real browser (headless).
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
