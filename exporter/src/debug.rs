@@ -14,14 +14,14 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use maud::{DOCTYPE, Markup, html};
-use serde::Serialize;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     exchange::RouteSource,
     identity::{IdentityStage, attribution::Attribution, pods::lock_index},
     metrics::ServerLoad,
-    routes::WorkloadRoutesView,
+    routes::{SourceRulesView, WorkloadRoutesView},
     stream::ConnectionTable,
 };
 
@@ -72,13 +72,20 @@ pub struct SourceRuleReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteReport {
     pub path: String,
-    /// Where the name came from: user_rule, learned, heuristic, raw,
-    /// unmatched or overflow.
+    /// Flask's endpoint of the rule that named it, when read from the
+    /// source.
+    pub endpoint: Option<String>,
+    /// Where the name came from: user_rule, source_rule, learned,
+    /// heuristic, raw, unmatched or overflow.
     pub source: RouteSource,
+    /// Why, in a sentence.
+    pub why: String,
     pub requests: u64,
+    /// Responses with status 500 to 599.
+    pub errors: u64,
     pub methods: BTreeMap<&'static str, u64>,
     pub statuses: BTreeMap<u16, u64>,
-    /// From the duration histogram (same buckets as the exported one).
+    /// From a quantile sketch of the route's durations (within 2 %).
     pub p50_seconds: Option<f64>,
     pub p99_seconds: Option<f64>,
     pub first_seen: f64,
@@ -93,7 +100,7 @@ impl RoutesReport {
             .map(|view| WorkloadReport {
                 workload: owned_pairs(view.workload.pairs()),
                 learned_nodes: view.learned_nodes,
-                source_rules: view.source_rules.map(|source| {
+                source_rules: view.source_rules.as_ref().map(|source| {
                     let discovery = &source.rules.discovery;
                     SourceRulesReport {
                         entrypoint: discovery.entrypoint.clone(),
@@ -116,9 +123,12 @@ impl RoutesReport {
                     .routes
                     .into_iter()
                     .map(|(path, stats)| RouteReport {
+                        why: why(stats.source, &path, view.source_rules.as_ref()),
                         path: path.to_string(),
+                        endpoint: stats.endpoint.as_deref().map(str::to_owned),
                         source: stats.source,
                         requests: stats.requests,
+                        errors: stats.statuses.range(500..600).map(|(_, count)| count).sum(),
                         p50_seconds: stats.quantile(0.5),
                         p99_seconds: stats.quantile(0.99),
                         methods: stats.methods,
@@ -131,6 +141,108 @@ impl RoutesReport {
             })
             .collect();
         RoutesReport { workloads }
+    }
+}
+
+/// Why a route has its name, in a sentence.
+fn why(source: RouteSource, path: &str, source_rules: Option<&SourceRulesView>) -> String {
+    match source {
+        RouteSource::UserRule => {
+            "matched a rule given by --route, --routes-file or the pod's annotation".to_owned()
+        }
+        RouteSource::SourceRule => {
+            let at = source_rules.and_then(|rules| {
+                rules
+                    .rules
+                    .discovery
+                    .rules
+                    .iter()
+                    .find(|rule| rule.rule == path)
+                    .map(|rule| format!("{}:{}", rule.file.display(), rule.line))
+            });
+            match at {
+                Some(at) => format!("matched the rule registered at {at} in the app's source"),
+                None => "matched a rule read from the app's source".to_owned(),
+            }
+        }
+        RouteSource::Learned => "learned from this workload's traffic: a position took too many \
+             values to be a literal, and no rule read from the source takes these requests"
+            .to_owned(),
+        RouteSource::Heuristic => "segments that look like identifiers (numbers, UUIDs, hashes) \
+             replaced by parameters, until traffic or a rule says more"
+            .to_owned(),
+        RouteSource::Raw => "--path-label raw: the request path as sent".to_owned(),
+        RouteSource::Unmatched => "no rule takes these requests: Flask's router answered 404, \
+             405 or a redirect, labelled None as prometheus-flask-exporter labels them"
+            .to_owned(),
+        RouteSource::Overflow => "past the workload's bound on routes or series: counted \
+             together so that clients cannot mint series"
+            .to_owned(),
+    }
+}
+
+/// A duration for people: milliseconds below 1 s, with the precision the
+/// sketch has.
+fn duration_text(seconds: f64) -> String {
+    match seconds {
+        s if s < 0.01 => format!("{:.2} ms", s * 1e3),
+        s if s < 1.0 => format!("{:.1} ms", s * 1e3),
+        s => format!("{s:.2} s"),
+    }
+}
+
+/// How an HTML page is shown: `?sort=requests|errors|p99&refresh=SECONDS`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(default)]
+pub struct PageOptions {
+    pub sort: RouteOrder,
+    /// Seconds between reloads; 0: never.
+    pub refresh: u32,
+}
+
+impl Default for PageOptions {
+    fn default() -> Self {
+        PageOptions {
+            sort: RouteOrder::Requests,
+            refresh: 5,
+        }
+    }
+}
+
+/// The order of `/debug/routes`' rows, largest first.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteOrder {
+    #[default]
+    Requests,
+    Errors,
+    P99,
+}
+
+impl RouteOrder {
+    fn name(self) -> &'static str {
+        match self {
+            RouteOrder::Requests => "requests",
+            RouteOrder::Errors => "errors",
+            RouteOrder::P99 => "p99",
+        }
+    }
+
+    /// `routes` ordered largest first (ties by path).
+    fn sorted(self, routes: &[RouteReport]) -> Vec<&RouteReport> {
+        let mut sorted: Vec<&RouteReport> = routes.iter().collect();
+        sorted.sort_by(|a, b| {
+            let order = match self {
+                RouteOrder::Requests => b.requests.cmp(&a.requests),
+                RouteOrder::Errors => b.errors.cmp(&a.errors),
+                RouteOrder::P99 => b
+                    .p99_seconds
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.p99_seconds.unwrap_or(0.0)),
+            };
+            order.then_with(|| a.path.cmp(&b.path))
+        });
+        sorted
     }
 }
 
@@ -308,7 +420,7 @@ impl DebugState {
 }
 
 fn seconds(value: Option<f64>) -> String {
-    value.map_or_else(|| "–".to_owned(), |s| format!("{:.1} ms", s * 1000.0))
+    value.map_or_else(|| "–".to_owned(), duration_text)
 }
 
 fn counts<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
@@ -318,17 +430,53 @@ fn counts<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
         .join(", ")
 }
 
-fn page(title: &str, body: Markup) -> Markup {
+/// The page's style: readable without any script.
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#1b1b1b}\
+nav a{margin-right:1em}nav .refresh{color:#555}\
+table{border-collapse:collapse;margin-bottom:2em;font-size:.92em}\
+td,th{border-bottom:1px solid #ddd;padding:.35em .6em;text-align:left;vertical-align:top}\
+th{background:#f3f4f6;position:sticky;top:0}th a{color:inherit}tr:nth-child(even) td{background:#fafafa}\
+td.number{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
+.source{display:inline-block;padding:0 .4em;border-radius:.3em;background:#e5e7eb;font-size:.85em}\
+.source-source_rule,.source-user_rule{background:#d1fae5}.source-learned,.source-heuristic{background:#fef3c7}\
+.source-unmatched,.source-overflow{background:#fee2e2}.why{color:#555;font-size:.85em;max-width:28em}\
+.errors{color:#b91c1c;font-weight:600}code{font-family:ui-monospace,monospace;font-size:1em}small{color:#555}";
+
+/// A page's head, navigation and auto-refresh; `here` is its path, whose
+/// links keep `options` but the one they change.
+fn page(title: &str, here: &str, options: &PageOptions, body: Markup) -> Markup {
+    let refresh_link = |refresh: u32| {
+        format!(
+            "{here}?format=html&sort={}&refresh={refresh}",
+            options.sort.name()
+        )
+    };
     html! {
         (DOCTYPE)
-        html {
+        html lang="en" {
             head {
                 meta charset="utf-8";
+                @if options.refresh > 0 {
+                    meta http-equiv="refresh" content=(options.refresh);
+                }
                 title { (title) " · flask-ebpf-exporter" }
-                style { "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}th{background:#f4f4f4}code{font-size:.95em}" }
+                style { (PreEscaped(STYLE)) }
             }
             body {
-                p { a href="/debug/routes?format=html" { "routes" } " · " a href="/debug/pods?format=html" { "pods" } " · " a href="/debug/connections?format=html" { "connections" } }
+                nav {
+                    a href="/debug/routes?format=html" { "Routes" }
+                    a href="/debug/pods?format=html" { "Pods" }
+                    a href="/debug/connections?format=html" { "Connections" }
+                    span.refresh {
+                        @if options.refresh > 0 {
+                            "Refreshes every " (options.refresh) " s · "
+                            a #refresh-toggle href=(refresh_link(0)) { "Stop auto-refresh" }
+                        } @else {
+                            "Auto-refresh is off · "
+                            a #refresh-toggle href=(refresh_link(5)) { "Refresh every 5 s" }
+                        }
+                    }
+                }
                 h1 { (title) }
                 (body)
             }
@@ -336,25 +484,65 @@ fn page(title: &str, body: Markup) -> Markup {
     }
 }
 
-pub fn routes_html(snapshot: &DebugSnapshot) -> Markup {
+/// A column header that sorts by `order`, marked when it does.
+fn sort_header(label: &str, order: RouteOrder, options: &PageOptions) -> Markup {
+    let href = format!(
+        "/debug/routes?format=html&sort={}&refresh={}",
+        order.name(),
+        options.refresh
+    );
+    html! {
+        th.number {
+            a href=(href) data-sort=(order.name()) { (label) }
+            @if options.sort == order { " ▼" }
+        }
+    }
+}
+
+pub fn routes_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
     page(
         "Captured routes",
+        "/debug/routes",
+        options,
         html! {
             @if snapshot.routes.workloads.is_empty() { p { "No requests captured yet." } }
             @for workload in &snapshot.routes.workloads {
                 h2 { @for (name, value) in &workload.workload { (name) "=" code { (value) } " " } }
-                table {
-                    tr { th { "path" } th { "source" } th { "requests" } th { "methods" } th { "statuses" } th { "p50" } th { "p99" } th { "sample paths" } }
-                    @for route in &workload.routes {
+                p {
+                    (workload.routes.len()) " routes, "
+                    (workload.routes.iter().map(|r| r.requests).sum::<u64>()) " requests. "
+                    small { "Durations from the first request byte the server read to the last response byte it wrote; quantiles within 2 %." }
+                }
+                table.routes {
+                    thead {
                         tr {
-                            td { code { (route.path) } }
-                            td { (format!("{:?}", route.source).to_lowercase()) }
-                            td { (route.requests) }
-                            td { (counts(&route.methods)) }
-                            td { (counts(&route.statuses)) }
-                            td { (seconds(route.p50_seconds)) }
-                            td { (seconds(route.p99_seconds)) }
-                            td { @for sample in &route.sample_paths { code { (sample) } br; } }
+                            th { "Route" } th { "Endpoint" } th { "Named by" }
+                            (sort_header("Requests", RouteOrder::Requests, options))
+                            (sort_header("5xx", RouteOrder::Errors, options))
+                            th.number { "p50" }
+                            (sort_header("p99", RouteOrder::P99, options))
+                            th { "Statuses" } th { "Methods" } th { "Sample paths" }
+                        }
+                    }
+                    tbody {
+                        @for route in options.sort.sorted(&workload.routes) {
+                            tr data-route=(route.path) {
+                                td { code { (route.path) } }
+                                td { @if let Some(endpoint) = &route.endpoint { code { (endpoint) } } @else { "–" } }
+                                td {
+                                    span class=(format!("source source-{}", source_name(route.source))) { (source_name(route.source).replace('_', " ")) }
+                                    div.why { (route.why) }
+                                }
+                                td.number.requests { (route.requests) }
+                                td.number.errors-count {
+                                    @if route.errors > 0 { span.errors { (route.errors) } } @else { "0" }
+                                }
+                                td.number.p50 { (seconds(route.p50_seconds)) }
+                                td.number.p99 { (seconds(route.p99_seconds)) }
+                                td.statuses { @for (status, count) in &route.statuses { (status) " × " (count) br; } }
+                                td { (counts(&route.methods)) }
+                                td { @for sample in &route.sample_paths { code { (sample) } br; } }
+                            }
                         }
                     }
                 }
@@ -386,10 +574,25 @@ pub fn routes_html(snapshot: &DebugSnapshot) -> Markup {
     )
 }
 
-pub fn pods_html(snapshot: &DebugSnapshot) -> Markup {
+/// A route source as the JSON has it.
+fn source_name(source: RouteSource) -> &'static str {
+    match source {
+        RouteSource::UserRule => "user_rule",
+        RouteSource::SourceRule => "source_rule",
+        RouteSource::Learned => "learned",
+        RouteSource::Heuristic => "heuristic",
+        RouteSource::Raw => "raw",
+        RouteSource::Unmatched => "unmatched",
+        RouteSource::Overflow => "overflow",
+    }
+}
+
+pub fn pods_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
     let pods = &snapshot.pods;
     page(
         "Who serves",
+        "/debug/pods",
+        options,
         html! {
             p { "Mode: " (pods.mode) }
             @if !pods.servers.is_empty() {
@@ -447,10 +650,12 @@ pub fn pods_html(snapshot: &DebugSnapshot) -> Markup {
     )
 }
 
-pub fn connections_html(snapshot: &DebugSnapshot) -> Markup {
+pub fn connections_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
     let connections = &snapshot.connections;
     page(
         "Connections",
+        "/debug/connections",
+        options,
         html! {
             table {
                 tr { th { "tracked now" } td { (connections.tracked) } }

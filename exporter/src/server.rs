@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State, rejection::QueryRejection},
     http::{HeaderMap, StatusCode, Uri, header},
     response::{Html, IntoResponse, Response},
     routing::get,
@@ -14,7 +14,7 @@ use axum::{
 use prometheus::Registry;
 
 use crate::{
-    debug::{self, DebugSnapshot, DebugState},
+    debug::{self, DebugSnapshot, DebugState, PageOptions},
     health::{Health, monotonic_ns},
     metrics,
 };
@@ -76,19 +76,25 @@ fn wants_html(uri: &Uri, headers: &HeaderMap) -> bool {
             .is_some_and(|accept| accept.contains("text/html"))
 }
 
+/// A page's options from its query; unknown or malformed ones are left at
+/// their defaults (the page still answers).
+fn page_options(options: Result<Query<PageOptions>, QueryRejection>) -> PageOptions {
+    options.map(|Query(options)| options).unwrap_or_default()
+}
+
 fn debug_view<T: serde::Serialize>(
     state: &ServerState,
-    uri: &Uri,
-    headers: &HeaderMap,
+    request: (&Uri, &HeaderMap, PageOptions),
     part: impl Fn(&DebugSnapshot) -> &T,
-    page: impl Fn(&DebugSnapshot) -> maud::Markup,
+    page: impl Fn(&DebugSnapshot, &PageOptions) -> maud::Markup,
 ) -> Response {
+    let (uri, headers, options) = request;
     let Some(debug) = &state.debug else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let snapshot = debug.latest();
     if wants_html(uri, headers) {
-        return Html(page(&snapshot).into_string()).into_response();
+        return Html(page(&snapshot, &options).into_string()).into_response();
     }
     /// A report with the time its snapshot was taken beside its fields.
     #[derive(serde::Serialize)]
@@ -104,26 +110,34 @@ fn debug_view<T: serde::Serialize>(
     .into_response()
 }
 
-async fn debug_routes(State(state): State<ServerState>, uri: Uri, headers: HeaderMap) -> Response {
-    debug_view(&state, &uri, &headers, |s| &s.routes, debug::routes_html)
+async fn debug_routes(
+    State(state): State<ServerState>,
+    uri: Uri,
+    headers: HeaderMap,
+    options: Result<Query<PageOptions>, QueryRejection>,
+) -> Response {
+    let request = (&uri, &headers, page_options(options));
+    debug_view(&state, request, |s| &s.routes, debug::routes_html)
 }
 
-async fn debug_pods(State(state): State<ServerState>, uri: Uri, headers: HeaderMap) -> Response {
-    debug_view(&state, &uri, &headers, |s| &s.pods, debug::pods_html)
+async fn debug_pods(
+    State(state): State<ServerState>,
+    uri: Uri,
+    headers: HeaderMap,
+    options: Result<Query<PageOptions>, QueryRejection>,
+) -> Response {
+    let request = (&uri, &headers, page_options(options));
+    debug_view(&state, request, |s| &s.pods, debug::pods_html)
 }
 
 async fn debug_connections(
     State(state): State<ServerState>,
     uri: Uri,
     headers: HeaderMap,
+    options: Result<Query<PageOptions>, QueryRejection>,
 ) -> Response {
-    debug_view(
-        &state,
-        &uri,
-        &headers,
-        |s| &s.connections,
-        debug::connections_html,
-    )
+    let request = (&uri, &headers, page_options(options));
+    debug_view(&state, request, |s| &s.connections, debug::connections_html)
 }
 
 async fn metrics_text(State(state): State<ServerState>) -> impl IntoResponse {

@@ -143,6 +143,9 @@ mod tests {
         let (slow_p50, slow_p99) = quantiles(4.0);
         assert!((0.00098..=0.00102).contains(&fast_p50), "{fast_p50}");
         assert!((0.00392..=0.00408).contains(&slow_p50), "{slow_p50}");
-        assert!(fast_p99 < 0.0011 && slow_p99 > 0.0039, "{fast_p99} {slow_p99}");
+        assert!(
+            fast_p99 < 0.0011 && slow_p99 > 0.0039,
+            "{fast_p99} {slow_p99}"
+        );
     }
 }
