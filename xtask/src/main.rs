@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod demo;
+
 /// Debian packages of the BPF toolchain (rustc-web with a prebuilt bpf
 /// `core`). The LLVM that bpf-linker links against follows rustc-web's LLVM,
 /// so it is added after.
@@ -66,6 +68,10 @@ fn main() -> anyhow::Result<()> {
             setup(&root)?;
             test(&root, rest)
         }
+        "demo" => {
+            setup(&root)?;
+            demo::demo(&root, rest)
+        }
         "fuzz" => {
             setup(&root)?;
             fuzz(&root, rest)
@@ -95,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest"
             );
             if task == "help" {
                 Ok(())
