@@ -107,6 +107,28 @@ pub struct Exchange {
     pub queued: Option<Queued>,
 }
 
+#[cfg(test)]
+impl Exchange {
+    /// For unit tests: `method target`, answered with `status` after
+    /// `seconds`, on HTTP/1.1 with no bodies.
+    pub fn sample(method: &str, target: &str, status: u16, seconds: f64) -> Exchange {
+        Exchange {
+            method: method.parse().expect("a method"),
+            target: target.to_owned(),
+            version: http::Version::HTTP_11,
+            server_port: None,
+            status,
+            started_ns: 0,
+            finished_ns: (seconds * 1e9) as u64,
+            request_bytes: 0,
+            response_bytes: 0,
+            queued: None,
+            request_body_bytes: None,
+            response_body_bytes: None,
+        }
+    }
+}
+
 /// Requests a connection read that will never make an exchange, by why,
 /// since they were last taken: the other side of completeness.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

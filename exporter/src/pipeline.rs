@@ -461,20 +461,7 @@ mod tests {
             })),
             rules: None,
             tgid: 1,
-            exchange: Exchange {
-                method: http::Method::GET,
-                target: target.to_owned(),
-                version: http::Version::HTTP_11,
-                server_port: None,
-                status: 200,
-                started_ns: 0,
-                finished_ns: 1,
-                request_bytes: 0,
-                response_bytes: 0,
-                queued: None,
-                request_body_bytes: None,
-                response_body_bytes: None,
-            },
+            exchange: Exchange::sample("GET", target, 200, 1e-9),
         }
     }
 

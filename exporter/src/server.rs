@@ -47,9 +47,9 @@ pub fn router(state: ServerState) -> Router {
 /// name pods, processes and sample paths.
 pub fn debug_router(state: ServerState) -> Router {
     Router::new()
-        .route("/debug/routes", get(debug_routes))
-        .route("/debug/pods", get(debug_pods))
-        .route("/debug/connections", get(debug_connections))
+        .route("/debug/routes", get(debug_page::<RoutesPage>))
+        .route("/debug/pods", get(debug_page::<PodsPage>))
+        .route("/debug/connections", get(debug_page::<ConnectionsPage>))
         .with_state(state)
 }
 
@@ -76,25 +76,62 @@ fn wants_html(uri: &Uri, headers: &HeaderMap) -> bool {
             .is_some_and(|accept| accept.contains("text/html"))
 }
 
-/// A page's options from its query; unknown or malformed ones are left at
-/// their defaults (the page still answers).
-fn page_options(options: Result<Query<PageOptions>, QueryRejection>) -> PageOptions {
-    options.map(|Query(options)| options).unwrap_or_default()
+/// One debug page: its part of the snapshot (JSON) and its HTML.
+trait DebugPage {
+    type Report: serde::Serialize;
+    fn report(snapshot: &DebugSnapshot) -> &Self::Report;
+    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup;
 }
 
-fn debug_view<T: serde::Serialize>(
-    state: &ServerState,
-    request: (&Uri, &HeaderMap, PageOptions),
-    part: impl Fn(&DebugSnapshot) -> &T,
-    page: impl Fn(&DebugSnapshot, &PageOptions) -> maud::Markup,
+struct RoutesPage;
+struct PodsPage;
+struct ConnectionsPage;
+
+impl DebugPage for RoutesPage {
+    type Report = debug::RoutesReport;
+    fn report(snapshot: &DebugSnapshot) -> &Self::Report {
+        &snapshot.routes
+    }
+    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup {
+        debug::routes_html(snapshot, options)
+    }
+}
+
+impl DebugPage for PodsPage {
+    type Report = debug::PodsReport;
+    fn report(snapshot: &DebugSnapshot) -> &Self::Report {
+        &snapshot.pods
+    }
+    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup {
+        debug::pods_html(snapshot, options)
+    }
+}
+
+impl DebugPage for ConnectionsPage {
+    type Report = debug::ConnectionsReport;
+    fn report(snapshot: &DebugSnapshot) -> &Self::Report {
+        &snapshot.connections
+    }
+    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup {
+        debug::connections_html(snapshot, options)
+    }
+}
+
+/// A debug page as HTML or JSON; unknown or malformed page options are
+/// left at their defaults (the page still answers).
+async fn debug_page<P: DebugPage>(
+    State(state): State<ServerState>,
+    uri: Uri,
+    headers: HeaderMap,
+    options: Result<Query<PageOptions>, QueryRejection>,
 ) -> Response {
-    let (uri, headers, options) = request;
     let Some(debug) = &state.debug else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let snapshot = debug.latest();
-    if wants_html(uri, headers) {
-        return Html(page(&snapshot, &options).into_string()).into_response();
+    if wants_html(&uri, &headers) {
+        let options = options.map(|Query(options)| options).unwrap_or_default();
+        return Html(P::html(&snapshot, &options).into_string()).into_response();
     }
     /// A report with the time its snapshot was taken beside its fields.
     #[derive(serde::Serialize)]
@@ -105,39 +142,9 @@ fn debug_view<T: serde::Serialize>(
     }
     Json(Stamped {
         updated_at: snapshot.updated_at,
-        report: part(&snapshot),
+        report: P::report(&snapshot),
     })
     .into_response()
-}
-
-async fn debug_routes(
-    State(state): State<ServerState>,
-    uri: Uri,
-    headers: HeaderMap,
-    options: Result<Query<PageOptions>, QueryRejection>,
-) -> Response {
-    let request = (&uri, &headers, page_options(options));
-    debug_view(&state, request, |s| &s.routes, debug::routes_html)
-}
-
-async fn debug_pods(
-    State(state): State<ServerState>,
-    uri: Uri,
-    headers: HeaderMap,
-    options: Result<Query<PageOptions>, QueryRejection>,
-) -> Response {
-    let request = (&uri, &headers, page_options(options));
-    debug_view(&state, request, |s| &s.pods, debug::pods_html)
-}
-
-async fn debug_connections(
-    State(state): State<ServerState>,
-    uri: Uri,
-    headers: HeaderMap,
-    options: Result<Query<PageOptions>, QueryRejection>,
-) -> Response {
-    let request = (&uri, &headers, page_options(options));
-    debug_view(&state, request, |s| &s.connections, debug::connections_html)
 }
 
 async fn metrics_text(State(state): State<ServerState>) -> impl IntoResponse {

@@ -261,20 +261,7 @@ mod tests {
                 container_id: Some(ID.to_owned()),
             })),
             tgid: 1,
-            exchange: Exchange {
-                method: http::Method::GET,
-                target: target.to_owned(),
-                version: http::Version::HTTP_11,
-                server_port: None,
-                status: 200,
-                started_ns: 1,
-                finished_ns: 2,
-                request_bytes: 10,
-                response_bytes: 20,
-                queued: None,
-                request_body_bytes: None,
-                response_body_bytes: None,
-            },
+            exchange: Exchange::sample("GET", target, 200, 1e-9),
         }
     }
 

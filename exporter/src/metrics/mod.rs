@@ -766,6 +766,7 @@ impl Families {
                 registry,
                 identity_labels,
                 &options.buckets,
+                &SIZE_BUCKETS,
             )?),
             false => None,
         };
@@ -1096,25 +1097,18 @@ mod tests {
             identity: identity.clone(),
             rules: None,
             tgid: 1,
-            exchange: Exchange {
-                method: method.parse().expect("a method"),
-                target: "/".to_owned(),
-                version: http::Version::HTTP_11,
-                server_port: None,
-                status,
-                started_ns: 0,
-                finished_ns: (seconds * 1e9) as u64,
-                request_bytes: 0,
-                response_bytes: 0,
-                queued: None,
-                request_body_bytes: None,
-                response_body_bytes: None,
-            },
+            exchange: Exchange::sample(method, "/", status, seconds),
         }
     }
 
     fn budgets(registry: &Registry) -> Budgets {
         Budgets::register(registry).expect("budgets")
+    }
+
+    /// Request metrics of local mode's identity labels.
+    fn request_metrics(registry: &Registry, options: SeriesOptions) -> RequestMetrics {
+        RequestMetrics::register(registry, &["process", "port"], &budgets(registry), options)
+            .expect("metrics")
     }
 
     fn options(max_series_per_workload: usize) -> SeriesOptions {
@@ -1142,13 +1136,7 @@ mod tests {
     #[test]
     fn exposes_pfe_names_labels_and_buckets() {
         let registry = Registry::new();
-        let mut metrics = RequestMetrics::register(
-            &registry,
-            &["process", "port"],
-            &budgets(&registry),
-            options(100),
-        )
-        .expect("metrics");
+        let mut metrics = request_metrics(&registry, options(100));
         let identity = server("8000");
         metrics.observe(&exchange(&identity, "GET", 200, 0.3), &route("/a"));
         metrics.observe(&exchange(&identity, "GET", 500, 0.001), &route("/a"));
@@ -1189,17 +1177,14 @@ mod tests {
     #[test]
     fn group_by_names_the_route_label_and_a_summary_replaces_the_histogram() {
         let registry = Registry::new();
-        let mut metrics = RequestMetrics::register(
+        let mut metrics = request_metrics(
             &registry,
-            &["process", "port"],
-            &budgets(&registry),
             SeriesOptions {
                 group_by: GroupBy::Endpoint,
                 latency_as_histogram: false,
                 ..SeriesOptions::default()
             },
-        )
-        .expect("metrics");
+        );
         let identity = server("8000");
         let rule = |path: &str, endpoint: Option<&str>| Route {
             path: Arc::from(path),
@@ -1234,17 +1219,14 @@ mod tests {
         assert!(!text.contains("_bucket"), "{text}");
 
         let registry = Registry::new();
-        let mut metrics = RequestMetrics::register(
+        let mut metrics = request_metrics(
             &registry,
-            &["process", "port"],
-            &budgets(&registry),
             SeriesOptions {
                 group_by: GroupBy::UrlRule,
                 buckets: vec![0.1, 1.0],
                 ..SeriesOptions::default()
             },
-        )
-        .expect("metrics");
+        );
         let mut sized = exchange(&identity, "GET", 200, 0.25);
         sized.exchange.response_body_bytes = Some(100);
         metrics.observe(&sized, &rule("/", Some("index")));
@@ -1263,16 +1245,13 @@ mod tests {
     #[test]
     fn opentelemetry_names_label_as_the_conventions_translate() {
         let registry = Registry::new();
-        let mut metrics = RequestMetrics::register(
+        let mut metrics = request_metrics(
             &registry,
-            &["process", "port"],
-            &budgets(&registry),
             SeriesOptions {
                 names: MetricNames::Otel,
                 ..SeriesOptions::default()
             },
-        )
-        .expect("metrics");
+        );
         let identity = server("8000");
         let rule = |path: &str, source| Route {
             path: Arc::from(path),
@@ -1337,13 +1316,7 @@ mod tests {
     #[test]
     fn identities_with_the_same_labels_share_their_series() {
         let registry = Registry::new();
-        let mut metrics = RequestMetrics::register(
-            &registry,
-            &["process", "port"],
-            &budgets(&registry),
-            options(100),
-        )
-        .expect("metrics");
+        let mut metrics = request_metrics(&registry, options(100));
         let (first, again) = (server("8000"), server("8000"));
         metrics.observe(&exchange(&first, "GET", 200, 0.01), &route("/a"));
         metrics.observe(&exchange(&again, "GET", 200, 0.01), &route("/a"));

@@ -20,8 +20,6 @@ use std::sync::Arc;
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use super::SIZE_BUCKETS;
-
 /// The labels of the per-route families, before the identity's.
 const ROUTE_LABELS: [&str; 7] = [
     "http_request_method",
@@ -80,11 +78,13 @@ fn version_value(version: http::Version) -> &'static str {
 
 impl OtelFamilies {
     /// Registers the families; `identity_labels` follow the conventions'
-    /// labels, `buckets` are the duration histogram's bounds.
+    /// labels; `buckets` are the duration histogram's bounds and
+    /// `size_buckets` the body sizes'.
     pub fn register(
         registry: &Registry,
         identity_labels: &[&str],
         buckets: &[f64],
+        size_buckets: &[f64],
     ) -> Result<Self, prometheus::Error> {
         let route_labels: Vec<&str> = ROUTE_LABELS
             .iter()
@@ -108,13 +108,13 @@ impl OtelFamilies {
                 "http_server_request_body_size_bytes",
                 "Size of HTTP server request bodies (OpenTelemetry's \
                  http.server.request.body.size): payload bytes, chunked framing left out",
-                SIZE_BUCKETS.to_vec(),
+                size_buckets.to_vec(),
             )?,
             response_size: histogram(
                 "http_server_response_body_size_bytes",
                 "Size of HTTP server response bodies (OpenTelemetry's \
                  http.server.response.body.size): payload bytes, chunked framing left out",
-                SIZE_BUCKETS.to_vec(),
+                size_buckets.to_vec(),
             )?,
             active: IntGaugeVec::new(
                 Opts::new(
@@ -164,6 +164,23 @@ impl OtelFamilies {
         .collect()
     }
 
+    /// Calls `with` on the label values of one (variant, method, status)
+    /// of an identity.
+    fn with_values<R>(
+        variant: &Variant,
+        method: &'static str,
+        status: u16,
+        identity: &[String],
+        with: impl FnOnce(&[&str]) -> R,
+    ) -> R {
+        let status = status.to_string();
+        let port = variant
+            .server_port
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        with(&Self::values(variant, method, &status, &port, identity))
+    }
+
     /// The series of one (variant, method, status) of an identity.
     pub fn route_handles(
         &self,
@@ -172,38 +189,27 @@ impl OtelFamilies {
         status: u16,
         identity: &[String],
     ) -> RouteHandles {
-        let status = status.to_string();
-        let port = variant
-            .server_port
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let values = Self::values(variant, method, &status, &port, identity);
-        RouteHandles {
-            duration: self.duration.with_label_values(&values),
-            request_size: self.request_size.with_label_values(&values),
-            response_size: self.response_size.with_label_values(&values),
-        }
+        Self::with_values(variant, method, status, identity, |values| RouteHandles {
+            duration: self.duration.with_label_values(values),
+            request_size: self.request_size.with_label_values(values),
+            response_size: self.response_size.with_label_values(values),
+        })
     }
 
-    /// Removes the series [`Self::route_handles`] made; returns how many.
+    /// Removes the series [`Self::route_handles`] made.
     pub fn remove_route(
         &self,
         variant: &Variant,
         method: &'static str,
         status: u16,
         identity: &[String],
-    ) -> usize {
-        let status = status.to_string();
-        let port = variant
-            .server_port
-            .map(|p| p.to_string())
-            .unwrap_or_default();
-        let values = Self::values(variant, method, &status, &port, identity);
-        // Only an identity with the same labels could have removed them.
-        let _ = self.duration.remove_label_values(&values);
-        let _ = self.request_size.remove_label_values(&values);
-        let _ = self.response_size.remove_label_values(&values);
-        3
+    ) {
+        Self::with_values(variant, method, status, identity, |values| {
+            // Only an identity with the same labels could have removed them.
+            let _ = self.duration.remove_label_values(values);
+            let _ = self.request_size.remove_label_values(values);
+            let _ = self.response_size.remove_label_values(values);
+        });
     }
 
     /// An identity's active-requests gauge.

@@ -687,20 +687,7 @@ mod tests {
     }
 
     fn exchange(method: &str, target: &str, status: u16, seconds: f64) -> Exchange {
-        Exchange {
-            method: method.parse().expect("a method"),
-            target: target.to_owned(),
-            version: http::Version::HTTP_11,
-            server_port: None,
-            status,
-            started_ns: 0,
-            finished_ns: (seconds * 1e9) as u64,
-            request_bytes: 0,
-            response_bytes: 0,
-            queued: None,
-            request_body_bytes: None,
-            response_body_bytes: None,
-        }
+        Exchange::sample(method, target, status, seconds)
     }
 
     fn labeler(mode: PathLabelMode, cap: usize, rules: &str) -> RouteLabeler {
