@@ -182,7 +182,8 @@ pub struct EventHeader {
     /// On the first event of a connection whose accept the kernel saw:
     /// when the kernel completed its TCP handshake (`bpf_ktime_get_ns`),
     /// so `conn_id - handshake_ns` is the time it waited in the listener's
-    /// accept queue. 0 when not known.
+    /// accept queue. 0 when the accept gave no peer address to look it up
+    /// by; [`HANDSHAKE_FORGOTTEN`] when it did, and none was kept for it.
     pub handshake_ns: u64,
 }
 
@@ -244,6 +245,11 @@ pub struct PeerKey {
 /// done and whose accept has not come yet, node-wide (LRU: the oldest is
 /// forgotten, and its connection has no queue time).
 pub const HANDSHAKE_ENTRIES: u32 = 16_384;
+
+/// `handshake_ns` of an accept whose peer had no handshake kept: the map
+/// forgot it (more connections waited at once than it holds), or the
+/// handshake ended before the programs were attached. No kernel time is 1.
+pub const HANDSHAKE_FORGOTTEN: u64 = 1;
 
 /// Settings userspace writes into the `CONFIG` array before attaching.
 #[repr(C)]

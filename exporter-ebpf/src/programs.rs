@@ -17,8 +17,9 @@ use exporter_common::{
     CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER, CONTROL_SKIP_BODY, CaptureConfig, ConnKey,
     ConnState, ControlRequest, DIRECTION_WRITE, EVENT_HEADER_LEN, EventHeader, EventKind,
     FILTERED_AT_ACCEPT, FILTERED_BY_CGROUP, FILTERED_ON_REQUEST, FILTERED_SLOTS, HANDSHAKE_ENTRIES,
-    HEARTBEAT_FD, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED, LISTENER_RECHECK_EVERY,
-    ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, PeerKey, SERVER_PID_WORDS, SERVERS_MAP,
+    HANDSHAKE_FORGOTTEN, HEARTBEAT_FD, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED,
+    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, PeerKey, SERVER_PID_WORDS,
+    SERVERS_MAP,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -298,7 +299,8 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
 
 /// When the kernel completed the handshake of the connection an accept
 /// returned, from the peer address the accept wrote to user memory at
-/// `sockaddr` (0 when the caller did not ask for it, or it is unknown).
+/// `sockaddr`: 0 when the caller did not ask for it (or it is not TCP's),
+/// [`HANDSHAKE_FORGOTTEN`] when no handshake was kept for the peer.
 #[inline(always)]
 fn take_handshake(sockaddr: u64) -> u64 {
     if sockaddr == 0 {
@@ -332,7 +334,7 @@ fn take_handshake(sockaddr: u64) -> u64 {
         return 0;
     }
     let Some(&at) = (unsafe { HANDSHAKES.get(&key) }) else {
-        return 0;
+        return HANDSHAKE_FORGOTTEN;
     };
     let _ = HANDSHAKES.remove(&key);
     at

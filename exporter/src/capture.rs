@@ -302,6 +302,8 @@ pub struct CaptureOptions {
     pub ring_buffer_bytes: u32,
     /// Entries of the kernel's connection map.
     pub kernel_connections: u32,
+    /// Entries of the kernel's handshake map.
+    pub kernel_handshakes: u32,
 }
 
 /// One event as read from the ring buffer.
@@ -533,6 +535,7 @@ impl Capture {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", options.ring_buffer_bytes)
             .map_max_entries("CONNS", options.kernel_connections)
+            .map_max_entries("HANDSHAKES", options.kernel_handshakes)
             .load(EBPF_OBJECT)
             .map_err(|error| {
                 if permission_denied(&error) {

@@ -155,6 +155,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
     pub kernel_connections: u32,
 
+    /// Connections whose handshake the kernel side remembers until their accept, all
+    /// listeners of the node together (≈ 30 bytes each), for queue time. Past it the
+    /// oldest is forgotten (counted in flask_ebpf_exporter_handshakes_forgotten_total).
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_KERNEL_HANDSHAKES",
+          default_value_t = exporter_common::HANDSHAKE_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
+    pub kernel_handshakes: u32,
+
     /// Watch only these processes (or the process groups they lead). Repeat or comma-separate.
     #[arg(long = "pid", env = "FLASK_EBPF_EXPORTER_PIDS", value_delimiter = ',')]
     pub pids: Vec<u32>,

@@ -202,6 +202,7 @@ fn pipeline(
             capture_bytes: config.capture_bytes,
             ring_buffer_bytes: config.ring_buffer_bytes,
             kernel_connections: config.kernel_connections,
+            kernel_handshakes: config.kernel_handshakes,
         },
         CaptureCounters::register(registry, &budgets).context(registering)?,
     )?;

@@ -362,6 +362,9 @@ struct IdentitySeries {
     overflows: Option<(IntCounter, u64)>,
     /// `http_server_active_requests`, made at the first exchange.
     active: Option<IntGauge>,
+    /// The network namespace of `last_worker` when last read, and that
+    /// worker (read again only when the worker changes).
+    namespace: Option<(u32, Option<u64>)>,
 }
 
 impl IdentitySeries {
@@ -384,6 +387,7 @@ impl IdentitySeries {
             completeness: None,
             overflows: None,
             active: None,
+            namespace: None,
         }
     }
 
@@ -420,24 +424,19 @@ impl IdentitySeries {
         families: &Families,
         method: &'static str,
         path: &Arc<str>,
-    ) -> [Histogram; 2] {
-        if let Some(made) = self
-            .sizes
-            .get(path)
-            .and_then(|by_method| by_method.get(method))
-        {
-            return made.clone();
-        }
-        let values = self.values(&[method, path]);
-        let made = [
-            families.request_size.with_label_values(&values),
-            families.response_size.with_label_values(&values),
-        ];
+    ) -> &[Histogram; 2] {
+        let labels = &self.label_values;
         self.sizes
             .entry(path.clone())
             .or_default()
-            .insert(method, made.clone());
-        made
+            .entry(method)
+            .or_insert_with(|| {
+                let values = with_labels(&[method, path], labels);
+                [
+                    families.request_size.with_label_values(&values),
+                    families.response_size.with_label_values(&values),
+                ]
+            })
     }
 
     /// The queue-time series, by phase, made on first use.
@@ -1010,9 +1009,15 @@ impl RequestMetrics {
                     .get_or_insert_with(|| otel.active(labels))
                     .set(requests_in_flight);
             }
-            let namespace = (series.last_worker != 0)
-                .then(|| network.namespace(series.last_worker))
-                .flatten();
+            let worker = series.last_worker;
+            let namespace = match series.namespace {
+                Some((read_for, namespace)) if read_for == worker => namespace,
+                _ => {
+                    let namespace = (worker != 0).then(|| network.namespace(worker)).flatten();
+                    series.namespace = Some((worker, namespace));
+                    namespace
+                }
+            };
             if let Some(namespace) = namespace {
                 *servers_per_namespace.entry(namespace).or_default() += 1;
             }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
 
-use exporter_common::{DIRECTION_READ, DIRECTION_WRITE, EventKind};
+use exporter_common::{DIRECTION_READ, DIRECTION_WRITE, EventKind, HANDSHAKE_FORGOTTEN};
 use prometheus::{IntCounter, IntGauge, Registry};
 use tracing::debug;
 
@@ -93,6 +93,9 @@ pub struct StreamCounters {
     pub connections_evicted: IntCounter,
     /// Partial heads given up to stay within [`MAX_PARTIAL_HEAD_BYTES`].
     pub partial_head_budget: IntCounter,
+    /// Accepted connections whose handshake the kernel's map no longer
+    /// held: no queue time for them.
+    pub handshakes_forgotten: IntCounter,
     pub http: HttpCounters,
 }
 
@@ -100,6 +103,14 @@ impl StreamCounters {
     pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(StreamCounters {
             partial_head_budget: budgets.counter("partial_head_bytes"),
+            handshakes_forgotten: counter(
+                registry,
+                "flask_ebpf_exporter_handshakes_forgotten_total",
+                "Accepted connections with no queue time because the kernel's handshake map \
+                 (--kernel-handshakes entries, node-wide) had forgotten their handshake: more \
+                 connections waited to be accepted at once than it holds, or their handshake \
+                 ended before the agent started",
+            )?,
             connections_opened: counter(
                 registry,
                 "flask_ebpf_exporter_connections_total",
@@ -346,6 +357,12 @@ impl ConnectionTable {
         let header = &event.header;
         self.counters.connections_opened.inc();
         let accepted_on = event.accepted_on();
+        if served_by.is_some()
+            && accepted_on.is_some()
+            && header.handshake_ns == HANDSHAKE_FORGOTTEN
+        {
+            self.counters.handshakes_forgotten.inc();
+        }
         let mut connection = Connection {
             conn_id: header.conn_id,
             // So that the first event is never taken for a gap.
@@ -365,7 +382,7 @@ impl ConnectionTable {
             // The kernel knows the handshake's end only for an accept it
             // saw, which is also when the connection's id is the accept's time.
             queued: (accepted_on.is_some()
-                && header.handshake_ns != 0
+                && header.handshake_ns > HANDSHAKE_FORGOTTEN
                 && header.handshake_ns <= header.conn_id)
                 .then_some(Queued {
                     handshake_ns: header.handshake_ns,
