@@ -246,10 +246,6 @@ impl RouteOrder {
     }
 }
 
-fn milliseconds(seconds: f64) -> String {
-    format!("{:.1} ms", seconds * 1e3)
-}
-
 fn owned_pairs(pairs: Vec<(&str, &str)>) -> BTreeMap<String, String> {
     pairs
         .into_iter()
@@ -530,7 +526,7 @@ pub fn routes_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
                                 td { code { (route.path) } }
                                 td { @if let Some(endpoint) = &route.endpoint { code { (endpoint) } } @else { "–" } }
                                 td {
-                                    span class=(format!("source source-{}", source_name(route.source))) { (source_name(route.source).replace('_', " ")) }
+                                    span class=(format!("source source-{}", route.source.name())) { (route.source.name().replace('_', " ")) }
                                     div.why { (route.why) }
                                 }
                                 td.number.requests { (route.requests) }
@@ -574,19 +570,6 @@ pub fn routes_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
     )
 }
 
-/// A route source as the JSON has it.
-fn source_name(source: RouteSource) -> &'static str {
-    match source {
-        RouteSource::UserRule => "user_rule",
-        RouteSource::SourceRule => "source_rule",
-        RouteSource::Learned => "learned",
-        RouteSource::Heuristic => "heuristic",
-        RouteSource::Raw => "raw",
-        RouteSource::Unmatched => "unmatched",
-        RouteSource::Overflow => "overflow",
-    }
-}
-
 pub fn pods_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
     let pods = &snapshot.pods;
     page(
@@ -615,8 +598,8 @@ pub fn pods_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
                     @for load in &pods.load {
                         tr {
                             td { @for (name, value) in &load.identity { (name) "=" code { (value) } " " } }
-                            td { (load.queue_p50_seconds.map_or_else(|| "–".to_owned(), milliseconds)) }
-                            td { (load.queue_p99_seconds.map_or_else(|| "–".to_owned(), milliseconds)) }
+                            td { (load.queue_p50_seconds.map_or_else(|| "–".to_owned(), duration_text)) }
+                            td { (load.queue_p99_seconds.map_or_else(|| "–".to_owned(), duration_text)) }
                             td { (load.in_flight) } td { (load.workers) }
                             td { (load.requests_seen) }
                             td { (load.completeness.map_or_else(|| "–".to_owned(), |c| format!("{:.1} %", c * 100.0))) }

@@ -382,9 +382,9 @@ pub struct AttributedExchange {
     pub exchange: Exchange,
 }
 
-/// Where a route's name came from (shown by `/debug/routes`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a route's name came from (shown by `/debug/routes`, by
+/// [`RouteSource::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouteSource {
     /// A user rule matched.
     UserRule,
@@ -400,6 +400,27 @@ pub enum RouteSource {
     Unmatched,
     /// Past the workload's cap.
     Overflow,
+}
+
+impl RouteSource {
+    /// Its name in `/debug/routes`' JSON and pages.
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteSource::UserRule => "user_rule",
+            RouteSource::SourceRule => "source_rule",
+            RouteSource::Learned => "learned",
+            RouteSource::Heuristic => "heuristic",
+            RouteSource::Raw => "raw",
+            RouteSource::Unmatched => "unmatched",
+            RouteSource::Overflow => "overflow",
+        }
+    }
+}
+
+impl Serialize for RouteSource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
 }
 
 /// The route of an exchange: its `path` (or `url_rule`) label, and its

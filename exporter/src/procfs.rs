@@ -185,7 +185,12 @@ pub fn socket_inode(tgid: u32, fd: u32) -> Option<u64> {
 /// The local port of the TCP socket behind a process's fd (a listening
 /// socket's is the port it serves).
 pub fn socket_local_port(tgid: u32, fd: u32) -> Option<u16> {
-    let inode = socket_inode(tgid, fd)?;
+    tcp_local_port(tgid, socket_inode(tgid, fd)?)
+}
+
+/// The local port of the TCP socket `inode` in the network namespace of
+/// `tgid`.
+pub fn tcp_local_port(tgid: u32, inode: u64) -> Option<u16> {
     tcp_sockets(tgid)
         .into_iter()
         .find(|socket| socket.inode == inode)

@@ -47,9 +47,39 @@ pub fn router(state: ServerState) -> Router {
 /// name pods, processes and sample paths.
 pub fn debug_router(state: ServerState) -> Router {
     Router::new()
-        .route("/debug/routes", get(debug_page::<RoutesPage>))
-        .route("/debug/pods", get(debug_page::<PodsPage>))
-        .route("/debug/connections", get(debug_page::<ConnectionsPage>))
+        .route(
+            "/debug/routes",
+            get(|state, uri, headers, options| {
+                debug_page(
+                    state,
+                    (uri, headers, options),
+                    |s| &s.routes,
+                    debug::routes_html,
+                )
+            }),
+        )
+        .route(
+            "/debug/pods",
+            get(|state, uri, headers, options| {
+                debug_page(
+                    state,
+                    (uri, headers, options),
+                    |s| &s.pods,
+                    debug::pods_html,
+                )
+            }),
+        )
+        .route(
+            "/debug/connections",
+            get(|state, uri, headers, options| {
+                debug_page(
+                    state,
+                    (uri, headers, options),
+                    |s| &s.connections,
+                    debug::connections_html,
+                )
+            }),
+        )
         .with_state(state)
 }
 
@@ -76,54 +106,13 @@ fn wants_html(uri: &Uri, headers: &HeaderMap) -> bool {
             .is_some_and(|accept| accept.contains("text/html"))
 }
 
-/// One debug page: its part of the snapshot (JSON) and its HTML.
-trait DebugPage {
-    type Report: serde::Serialize;
-    fn report(snapshot: &DebugSnapshot) -> &Self::Report;
-    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup;
-}
-
-struct RoutesPage;
-struct PodsPage;
-struct ConnectionsPage;
-
-impl DebugPage for RoutesPage {
-    type Report = debug::RoutesReport;
-    fn report(snapshot: &DebugSnapshot) -> &Self::Report {
-        &snapshot.routes
-    }
-    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup {
-        debug::routes_html(snapshot, options)
-    }
-}
-
-impl DebugPage for PodsPage {
-    type Report = debug::PodsReport;
-    fn report(snapshot: &DebugSnapshot) -> &Self::Report {
-        &snapshot.pods
-    }
-    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup {
-        debug::pods_html(snapshot, options)
-    }
-}
-
-impl DebugPage for ConnectionsPage {
-    type Report = debug::ConnectionsReport;
-    fn report(snapshot: &DebugSnapshot) -> &Self::Report {
-        &snapshot.connections
-    }
-    fn html(snapshot: &DebugSnapshot, options: &PageOptions) -> maud::Markup {
-        debug::connections_html(snapshot, options)
-    }
-}
-
 /// A debug page as HTML or JSON; unknown or malformed page options are
 /// left at their defaults (the page still answers).
-async fn debug_page<P: DebugPage>(
+async fn debug_page<T: serde::Serialize>(
     State(state): State<ServerState>,
-    uri: Uri,
-    headers: HeaderMap,
-    options: Result<Query<PageOptions>, QueryRejection>,
+    (uri, headers, options): (Uri, HeaderMap, Result<Query<PageOptions>, QueryRejection>),
+    report: impl Fn(&DebugSnapshot) -> &T,
+    html: impl Fn(&DebugSnapshot, &PageOptions) -> maud::Markup,
 ) -> Response {
     let Some(debug) = &state.debug else {
         return StatusCode::NOT_FOUND.into_response();
@@ -131,7 +120,7 @@ async fn debug_page<P: DebugPage>(
     let snapshot = debug.latest();
     if wants_html(&uri, &headers) {
         let options = options.map(|Query(options)| options).unwrap_or_default();
-        return Html(P::html(&snapshot, &options).into_string()).into_response();
+        return Html(html(&snapshot, &options).into_string()).into_response();
     }
     /// A report with the time its snapshot was taken beside its fields.
     #[derive(serde::Serialize)]
@@ -142,7 +131,7 @@ async fn debug_page<P: DebugPage>(
     }
     Json(Stamped {
         updated_at: snapshot.updated_at,
-        report: P::report(&snapshot),
+        report: report(&snapshot),
     })
     .into_response()
 }

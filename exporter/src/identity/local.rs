@@ -152,12 +152,7 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
             root_stat = parent_stat;
         }
     }
-    let port = listening_inode.and_then(|inode| {
-        tcp_sockets(tgid)
-            .into_iter()
-            .find(|socket| socket.inode == inode)
-            .map(|socket| socket.local_port)
-    });
+    let port = listening_inode.and_then(|inode| procfs::tcp_local_port(tgid, inode));
     Some(Server {
         root_pid: root,
         root_name: root_stat.name,
