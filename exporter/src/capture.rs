@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     os::fd::AsRawFd,
-    path::Path,
     time::Duration,
 };
 
@@ -24,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     metrics::{Budgets, counter, gauge},
+    preflight::Granted,
     procfs,
 };
 
@@ -220,16 +220,6 @@ impl ServerProcesses {
 /// The compiled kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
 
-/// Where tracepoints live when tracefs is mounted (either place works).
-pub const TRACEFS_SYSCALLS: [&str; 2] = [
-    "/sys/kernel/tracing/events/syscalls",
-    "/sys/kernel/debug/tracing/events/syscalls",
-];
-
-/// The kernel's own type information, which `bpf_get_current_task_btf` and
-/// `bpf_task_pt_regs` need.
-const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
-
 /// Each program, the tracepoint category, and the tracepoints it is
 /// attached to: syscalls, then the TCP handshake's end (for the accept
 /// queue's wait).
@@ -260,20 +250,11 @@ pub const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
+    /// Refused although [`preflight::check`] found every capability held and
+    /// both system calls reaching the kernel.
     #[error(
-        "tracefs is not mounted (no syscall tracepoints under /sys/kernel/tracing or \
-         /sys/kernel/debug/tracing); mount it with `mount -t tracefs tracefs /sys/kernel/tracing`"
-    )]
-    TracefsMissing,
-    #[error(
-        "the kernel has no BTF ({KERNEL_BTF} is missing): the programs read a syscall's arguments \
-         from the task's registers at its exit, which needs a kernel built with \
-         CONFIG_DEBUG_INFO_BTF (Linux 5.15 or later; distribution kernels have it)"
-    )]
-    NoKernelBtf,
-    #[error(
-        "not permitted to load BPF programs: run as root, or with CAP_BPF, CAP_PERFMON and \
-         CAP_SYS_PTRACE (and CAP_DAC_READ_SEARCH to read other processes' /proc entries): {0}"
+        "the kernel refused to load the BPF programs although the capabilities are held \
+         (an LSM such as SELinux or AppArmor, or kernel lockdown, may forbid it): {0}"
     )]
     NotPermitted(String),
     #[error("could not load the BPF programs: {0}")]
@@ -494,42 +475,16 @@ impl EventItem<'_> {
     }
 }
 
-/// Whether syscall tracepoints can be attached to.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Tracefs {
-    Available,
-    /// Mounted, but this process may not read it.
-    Inaccessible,
-    Missing,
-}
-
-pub fn tracefs() -> Tracefs {
-    if TRACEFS_SYSCALLS.iter().any(|dir| Path::new(dir).is_dir()) {
-        return Tracefs::Available;
-    }
-    if crate::procfs::is_mounted("tracefs") {
-        Tracefs::Inaccessible
-    } else {
-        Tracefs::Missing
-    }
-}
-
 impl Capture {
-    pub fn load(options: CaptureOptions, counters: CaptureCounters) -> Result<Self, CaptureError> {
+    /// Loads and attaches the programs; `_granted` shows that the host and
+    /// the container grant what that needs.
+    pub fn load(
+        _granted: &Granted,
+        options: CaptureOptions,
+        counters: CaptureCounters,
+    ) -> Result<Self, CaptureError> {
         if options.capture_bytes == 0 || options.capture_bytes as usize > MAX_CAPTURE_BYTES {
             return Err(CaptureError::CaptureBytes);
-        }
-        match tracefs() {
-            Tracefs::Available => {}
-            Tracefs::Inaccessible => {
-                return Err(CaptureError::NotPermitted(
-                    "tracefs is mounted but its syscall tracepoints cannot be read".to_owned(),
-                ));
-            }
-            Tracefs::Missing => return Err(CaptureError::TracefsMissing),
-        }
-        if !Path::new(KERNEL_BTF).exists() {
-            return Err(CaptureError::NoKernelBtf);
         }
         raise_memlock_limit();
         let mut ebpf = EbpfLoader::new()

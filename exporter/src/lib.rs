@@ -6,10 +6,10 @@
 //! ordering) → [`http`] (heads, framing, pairing) → [`identity`] (who served
 //! it) → [`routes`] (path label) → [`metrics`] → [`server`] (endpoints).
 //! From the HTTP exchange on, stages hand each other the plain data of
-//! [`exchange`]. [`pipeline`] is the loop that drives them; [`config`] the
-//! command line; [`health`] health; [`procfs`] what is read of other
-//! processes; [`debug`] the `/debug/*` views of routes, identities and
-//! connections.
+//! [`exchange`]. [`pipeline`] is the loop that drives them; [`preflight`]
+//! checks what loading the kernel programs takes; [`config`] the command
+//! line; [`health`] health; [`procfs`] what is read of other processes;
+//! [`debug`] the `/debug/*` views of routes, identities and connections.
 
 pub mod capture;
 pub mod config;
@@ -20,6 +20,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;
+pub mod preflight;
 pub mod procfs;
 pub mod routes;
 pub mod server;

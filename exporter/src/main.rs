@@ -19,6 +19,7 @@ use flask_ebpf_exporter::{
     },
     metrics::Budgets,
     pipeline::{Pipeline, Stages as PipelineStages},
+    preflight::{self, Granted},
     routes::flask_rules::RuleSet,
     server::{self, ServerState},
 };
@@ -31,15 +32,18 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
+    // Before any thread starts: capabilities raised here pass to the
+    // threads started after.
+    let granted = preflight::check()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, granted))
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -75,6 +79,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         identity,
         user_rules,
         debug: debug.clone(),
+        granted,
     };
     let pipeline = pipeline(&config, stages, &registry, &health)?;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -178,6 +183,7 @@ struct Stages {
     identity: IdentityStage,
     user_rules: RuleSet,
     debug: Option<Arc<DebugState>>,
+    granted: Granted,
 }
 
 /// Every stage, each registering its own counters; the BPF programs are
@@ -192,12 +198,14 @@ fn pipeline(
         identity,
         user_rules,
         debug,
+        granted,
     } = stages;
     let registering = "registering metrics";
     let budgets = Budgets::register(registry).context(registering)?;
     let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
         .context(registering)?;
     let capture = Capture::load(
+        &granted,
         CaptureOptions {
             capture_bytes: config.capture_bytes,
             ring_buffer_bytes: config.ring_buffer_bytes,

@@ -12,8 +12,8 @@ use std::{
 
 use clap::{CommandFactory as _, Parser as _};
 use flask_ebpf_exporter::{
-    capture::TRACEFS_SYSCALLS,
     config::Config,
+    preflight::TRACEFS_SYSCALLS,
     server::{HEALTHZ_PATH, READYZ_PATH},
 };
 use k8s_openapi::api::{
