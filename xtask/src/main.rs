@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | run | test | bench`.
+//! Developer and CI tasks: `cargo xtask setup | run | image | test | bench`.
 //!
 //! `setup` is idempotent: it installs only what is missing (Debian packages,
 //! bpf-linker built against Debian's LLVM, tracefs, the Python venv the tests
@@ -13,11 +13,18 @@ use std::{
 use anyhow::{Context as _, bail};
 
 mod demo;
+mod image;
 
 /// Debian packages of the BPF toolchain (rustc-web with a prebuilt bpf
 /// `core`). The LLVM that bpf-linker links against follows rustc-web's LLVM,
 /// so it is added after.
-const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
+const TOOLCHAIN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    // setcap, for the file capabilities of the image's binary.
+    "libcap2-bin",
+];
 /// Debian packages of the real components the tests and benchmark use.
 const TEST_PACKAGES: &[&str] = &[
     "python3-venv",
@@ -29,6 +36,18 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     // debug_pages_e2e renders the debug pages in a real browser (headless).
     "chromium",
+];
+/// Debian packages that build the image and run the container tests: podman
+/// (with runc; crun refuses hybrid cgroups), containerd, the CNI plugins
+/// that give pods their networks, and debootstrap for the base images.
+const CONTAINER_PACKAGES: &[&str] = &[
+    "podman",
+    "buildah",
+    "runc",
+    "containerd",
+    "containernetworking-plugins",
+    "debootstrap",
+    "iproute2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -55,6 +74,10 @@ fn main() -> anyhow::Result<()> {
         // The image build (Dockerfile) needs only the toolchain.
         "setup" if rest.iter().any(|arg| arg == "--toolchain-only") => setup_toolchain(&mut false),
         "setup" => setup(&root),
+        "image" => {
+            setup(&root)?;
+            image::image(&root, rest)
+        }
         "run" => {
             setup(&root)?;
             run(Command::new("cargo")
@@ -101,7 +124,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest"
             );
             if task == "help" {
                 Ok(())
@@ -166,7 +189,11 @@ fn install_missing(packages: &[String], updated: &mut bool) -> anyhow::Result<()
 fn setup(root: &Path) -> anyhow::Result<()> {
     let mut apt_updated = false;
     setup_toolchain(&mut apt_updated)?;
-    let packages: Vec<String> = TEST_PACKAGES.iter().map(|p| (*p).to_owned()).collect();
+    let packages: Vec<String> = TEST_PACKAGES
+        .iter()
+        .chain(CONTAINER_PACKAGES)
+        .map(|p| (*p).to_owned())
+        .collect();
     install_missing(&packages, &mut apt_updated)?;
 
     if !Path::new("/sys/kernel/tracing/events/syscalls").is_dir()
@@ -181,8 +208,7 @@ fn setup(root: &Path) -> anyhow::Result<()> {
         .map(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION))
         .unwrap_or(false);
     if !has_cargo_fuzz {
-        run(Command::new("cargo").args([
-            "+stable",
+        run(Command::new(cargo()).args([
             "install",
             &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
             "--locked",
@@ -220,9 +246,8 @@ fn setup_toolchain(apt_updated: &mut bool) -> anyhow::Result<()> {
         .map(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
         .unwrap_or(false);
     if !has_linker {
-        run(Command::new("cargo")
+        run(Command::new(cargo())
             .args([
-                "+stable",
                 "install",
                 &format!("bpf-linker@{BPF_LINKER_VERSION}"),
                 "--locked",
@@ -235,6 +260,12 @@ fn setup_toolchain(apt_updated: &mut bool) -> anyhow::Result<()> {
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm_major}")))?;
     }
     Ok(())
+}
+
+/// The cargo running this task: the toolchain the image's builder has,
+/// where `cargo +stable` would ask rustup for a toolchain it may not have.
+fn cargo() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
 /// LLVM major version of Debian's rustc, which bpf-linker must match.
@@ -288,6 +319,9 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .args(["fmt", "--all", "--check"])
         .current_dir(root))?;
+    // The container tests run the agent's image and an app image.
+    image::build_agent_image(root, image::AGENT_IMAGE)?;
+    image::build_app_image(root)?;
     run(Command::new("cargo")
         .args([
             "clippy",
@@ -303,6 +337,8 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--all-targets"])
         .args(extra)
         .env("FLASK_EBPF_VENV", root.join(".venv"))
+        .env("FLASK_EBPF_IMAGE", image::AGENT_IMAGE)
+        .env("FLASK_EBPF_APP_IMAGE", image::APP_IMAGE)
         .current_dir(root))?;
     // A smoke run of each fuzz target: it builds and finds nothing quickly.
     fuzz(
