@@ -499,24 +499,6 @@ fn in_network_of<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'st
     .expect("thread in the server's network namespace")
 }
 
-/// `TcpExt: ListenOverflows` of `pid`'s network namespace, as the kernel
-/// counts it.
-fn kernel_listen_overflows(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).expect("netstat");
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(2)
-        .find(|pair| pair[0].starts_with("TcpExt:"))
-        .and_then(|pair| {
-            pair[0]
-                .split_whitespace()
-                .zip(pair[1].split_whitespace())
-                .find(|(name, _)| *name == "ListenOverflows")
-                .and_then(|(_, value)| value.parse().ok())
-        })
-        .expect("ListenOverflows")
-}
-
 /// A server alone in its network namespace (as a pod is), with a listen
 /// backlog of 1 and one sync worker busy 1 s a request: twenty clients at
 /// once overflow its accept queue. The agent's count equals the kernel's.

@@ -21,6 +21,22 @@ pub enum Driver {
     Cgroupfs,
 }
 
+impl Driver {
+    /// Where the kubelet's driver puts container `container_id` of a
+    /// Burstable pod, relative to a hierarchy's root.
+    pub fn kubelet_path(self, pod_uid: &str, container_id: &str) -> String {
+        match self {
+            Driver::Systemd => {
+                let uid_ = pod_uid.replace('-', "_");
+                format!(
+                    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{container_id}.scope"
+                )
+            }
+            Driver::Cgroupfs => format!("kubepods/burstable/pod{pod_uid}/{container_id}"),
+        }
+    }
+}
+
 /// The v2 hierarchy: `/sys/fs/cgroup/unified` on hybrid hosts, else the root.
 fn unified_root() -> Option<PathBuf> {
     ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
@@ -58,23 +74,19 @@ impl PodCgroups {
         );
         let (roots, relative) = match driver {
             Driver::Systemd => {
-                let uid_ = pod_uid.replace('-', "_");
                 let mut roots: Vec<PathBuf> = unified_root().into_iter().collect();
                 roots.extend(v1_roots(&["systemd"]));
-                let path = format!(
-                    "{parent}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{container_id}.scope"
-                );
-                (roots, path)
+                (roots, driver.kubelet_path(pod_uid, container_id))
             }
             Driver::Cgroupfs => {
                 let mut roots = v1_roots(&["memory", "pids"]);
                 if roots.is_empty() {
                     roots.extend(unified_root());
                 }
-                let path = format!("{parent}/kubepods/burstable/pod{pod_uid}/{container_id}");
-                (roots, path)
+                (roots, driver.kubelet_path(pod_uid, container_id))
             }
         };
+        let relative = format!("{parent}/{relative}");
         assert!(
             !roots.is_empty(),
             "no cgroup hierarchy to create {driver:?} cgroups in"

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod cgroups;
+pub mod containers;
+pub mod daemonset;
 pub mod kube_api;
 pub mod routes_traffic;
 
@@ -496,8 +498,19 @@ pub fn http_get(port: u16, target: &str) -> std::io::Result<Response> {
 }
 
 pub fn http_get_at(address: SocketAddr, target: &str) -> std::io::Result<Response> {
+    http_get_within(address, target, Duration::from_secs(10))
+}
+
+/// A GET that waits up to `timeout` for its response: one whose handshake's
+/// last ACK an overflowing accept queue dropped waits for the server's
+/// retransmitted SYN-ACK.
+pub fn http_get_within(
+    address: SocketAddr,
+    target: &str,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(
         format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
     )?;
@@ -603,6 +616,24 @@ pub fn labelled(samples: &[Sample], name: &str, label: &str, wanted: &str) -> f6
         .filter(|s| s.name == name && s.labels.get(label).map(String::as_str) == Some(wanted))
         .map(|s| s.value)
         .sum()
+}
+
+/// `TcpExt: ListenOverflows` of `pid`'s network namespace, as the kernel
+/// counts it.
+pub fn kernel_listen_overflows(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).expect("netstat");
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .find(|pair| pair[0].starts_with("TcpExt:"))
+        .and_then(|pair| {
+            pair[0]
+                .split_whitespace()
+                .zip(pair[1].split_whitespace())
+                .find(|(name, _)| *name == "ListenOverflows")
+                .and_then(|(_, value)| value.parse().ok())
+        })
+        .expect("ListenOverflows")
 }
 
 /// Polls until `check` holds or the timeout passes; returns the last value.
