@@ -20,13 +20,17 @@ use flask_ebpf_exporter::{
     metrics::Budgets,
     pipeline::{Pipeline, Stages as PipelineStages},
     preflight::{self, Granted},
-    routes::flask_rules::RuleSet,
+    routes::{discovery::helper::child as helper, flask_rules::RuleSet},
     server::{self, ServerState},
 };
 use prometheus::Registry;
 use tracing::info;
 
 fn main() -> anyhow::Result<()> {
+    // The route-discovery helper: the agent starts its own binary so.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(helper::SUBCOMMAND)) {
+        std::process::exit(helper::main());
+    }
     let config = Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)

@@ -39,7 +39,8 @@ use crate::{
     routes::{
         ExcludedPaths, RouteCounters, RouteLabeler, RouteOptions, SourceRules,
         discovery::{
-            ParseBudget, RouteDiscovery,
+            Discovery, ParseBudget, RouteDiscovery,
+            helper::HelperProgram,
             worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
         },
         flask_rules::RuleSet,
@@ -306,6 +307,7 @@ impl Stages {
             .then(|| ServerPorts::new(budgets.counter("server_ports")));
         let discovery = match config.route_discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
+                HelperProgram::default(),
                 ParseBudget::default(),
                 DiscoveryCounters::register(registry, budgets)?,
             ) {
@@ -421,6 +423,12 @@ impl Stages {
                 let rules = match outcome {
                     Outcome::Harvested(found) => Some(Arc::new(SourceRules::new(*found))),
                     Outcome::Unchanged => None,
+                    // No rules: the workload's routes are learned. The
+                    // reason shows on /debug/routes.
+                    Outcome::Failed(reason) => Some(Arc::new(SourceRules::new(Discovery {
+                        unresolved: vec![reason],
+                        ..Discovery::default()
+                    }))),
                 };
                 self.labeler.source_rules_answered(&workload, rules);
             }

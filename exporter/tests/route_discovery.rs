@@ -13,6 +13,7 @@ use flask_ebpf_exporter::routes::{
         Discovery, ParseBudget, ProcessRoot, discover,
         entrypoint::{self, ProcessStart},
         harvest_entrypoint,
+        helper::HelperProgram,
     },
     flask_rules::{NO_RULE, RuleMatch},
 };
@@ -329,7 +330,12 @@ fn a_workloads_harvest_is_kept_until_a_process_runs_other_files() {
     let registry = prometheus::Registry::new();
     let budgets = Budgets::register(&registry).expect("budgets");
     let counters = DiscoveryCounters::register(&registry, &budgets).expect("counters");
-    let worker = DiscoveryWorker::start(ParseBudget::default(), counters.clone()).expect("worker");
+    let worker = DiscoveryWorker::start(
+        HelperProgram(env!("CARGO_BIN_EXE_flask-ebpf-exporter").into()),
+        ParseBudget::default(),
+        counters.clone(),
+    )
+    .expect("worker");
     let workload = WorkloadKey::Server {
         process: "gunicorn".to_owned(),
         port: "8000".to_owned(),

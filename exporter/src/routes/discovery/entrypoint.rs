@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 /// Where the application object is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AppSource {
     /// A dotted module name, resolved against the search path.
     Module(String),
@@ -20,7 +20,7 @@ pub enum AppSource {
 }
 
 /// How to get the application from its module.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AppObject {
     /// A module-level variable (`app`).
     Variable(String),
@@ -31,8 +31,11 @@ pub enum AppObject {
     Default,
 }
 
+/// The servers an entrypoint can name.
+const SERVERS: [&str; 5] = ["gunicorn", "flask run", "python", "uwsgi", "waitress-serve"];
+
 /// The application a server process runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Entrypoint {
     /// What ran it, for `/debug/routes` (`gunicorn`, `flask run`, ...).
     pub server: &'static str,
@@ -48,6 +51,36 @@ pub struct Entrypoint {
     pub site_packages: Vec<PathBuf>,
 }
 
+/// An [`Entrypoint`] as a route-discovery helper's answer holds it: its
+/// server must be one of [`SERVERS`].
+#[derive(serde::Deserialize)]
+struct EntrypointAnswer {
+    server: String,
+    source: AppSource,
+    object: AppObject,
+    search_path: Vec<PathBuf>,
+    site_packages: Vec<PathBuf>,
+}
+
+impl<'de> serde::Deserialize<'de> for Entrypoint {
+    fn deserialize<D: serde::Deserializer<'de>>(answer: D) -> Result<Self, D::Error> {
+        let answer = EntrypointAnswer::deserialize(answer)?;
+        let server = SERVERS
+            .iter()
+            .find(|known| **known == answer.server)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("unknown server {:?}", answer.server))
+            })?;
+        Ok(Entrypoint {
+            server,
+            source: answer.source,
+            object: answer.object,
+            search_path: answer.search_path,
+            site_packages: answer.site_packages,
+        })
+    }
+}
+
 /// Why no entrypoint was found.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EntrypointError {
@@ -60,7 +93,7 @@ pub enum EntrypointError {
 }
 
 /// What a process's `/proc` says about how it was started.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProcessStart {
     pub argv: Vec<String>,
     pub environment: Vec<(String, String)>,

@@ -28,11 +28,21 @@ use super::{
 /// Nested factory calls followed, at most (a factory calling a helper that
 /// builds the app).
 const MAX_CALL_DEPTH: usize = 8;
+/// Nesting followed, at most, of expressions, blocks, imports (`a.b.c`
+/// loads `a`, then `a.b`) and registered blueprints together: far past what
+/// a person writes, far inside the helper's stack.
+pub const MAX_NESTING: usize = 100;
+/// Longest string a constant expression may build (`a + a`, f-strings).
+pub const MAX_STRING_BYTES: usize = 64 * 1024;
+/// Most strings a constant list may hold.
+pub const MAX_STRINGS: usize = 4096;
+/// Most rules one harvest collects.
+pub const MAX_RULES: usize = 10_000;
 /// Methods a view class may define, as Flask's `MethodView` maps them.
 const HTTP_METHODS: [&str; 7] = ["get", "post", "put", "delete", "patch", "head", "options"];
 
 /// One url rule as the harvest found it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HarvestedRule {
     /// The rule text, as Flask's `url_rule` has it.
     pub rule: String,
@@ -154,6 +164,44 @@ impl Context {
 
 type Env = HashMap<String, Value>;
 
+/// A bound the source ran into; what lies past it is not followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Bound {
+    Nesting,
+    StringBytes,
+    Strings,
+    Rules,
+    Registrations,
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Nesting => write!(
+                f,
+                "nested deeper than {MAX_NESTING} (expressions, blocks, imports or blueprints)"
+            ),
+            Bound::StringBytes => write!(f, "a string over {MAX_STRING_BYTES} bytes"),
+            Bound::Strings => write!(f, "a list of more than {MAX_STRINGS} strings"),
+            Bound::Rules => write!(f, "more than {MAX_RULES} rules"),
+            Bound::Registrations => write!(f, "more than {MAX_RULES} blueprint registrations"),
+        }?;
+        write!(f, ": not followed past that")
+    }
+}
+
+/// Where collecting stands: the blueprints registered down to here (a
+/// blueprint met again on its own chain is a cycle Flask would refuse),
+/// the rules so far, and what could not be followed.
+struct Registering<'a> {
+    chain: Vec<usize>,
+    rules: &'a mut Vec<HarvestedRule>,
+    notes: Vec<String>,
+    /// Registrations followed: blueprints registering each other twice
+    /// over make exponentially many without a rule among them.
+    visits: usize,
+}
+
 struct Harvester<'a> {
     tree: &'a dyn SourceTree,
     budget: ParseBudget,
@@ -172,6 +220,12 @@ struct Harvester<'a> {
     files: Vec<PathBuf>,
     bytes: usize,
     depth: usize,
+    /// How deep the expression, block or import being followed is.
+    nesting: usize,
+    /// Rules registered on every scaffold together.
+    registered: usize,
+    /// Bounds hit, each said once.
+    bounds_hit: BTreeSet<Bound>,
     /// The budget ran out: nothing more is read.
     exhausted: bool,
 }
@@ -199,12 +253,27 @@ pub fn harvest(
         files: Vec::new(),
         bytes: 0,
         depth: 0,
+        nesting: 0,
+        registered: 0,
+        bounds_hit: BTreeSet::new(),
         exhausted: false,
     };
     let app = harvester.find_app(entrypoint);
     let mut rules = Vec::new();
     match app {
-        Some(app) => harvester.collect(app, None, None, true, &mut rules),
+        Some(app) => {
+            let mut registering = Registering {
+                chain: Vec::new(),
+                rules: &mut rules,
+                notes: Vec::new(),
+                visits: 0,
+            };
+            harvester.collect(app, None, None, true, &mut registering);
+            let mut notes = registering.notes;
+            notes.sort();
+            notes.dedup();
+            harvester.unresolved.extend(notes);
+        }
         None if harvester.unresolved.is_empty() => harvester
             .unresolved
             .push("no Flask application found where the entrypoint points".to_owned()),
@@ -325,6 +394,27 @@ impl Harvester<'_> {
         self.exhausted
     }
 
+    /// Goes one level deeper, unless that is past [`MAX_NESTING`].
+    fn enter(&mut self) -> bool {
+        if self.nesting >= MAX_NESTING {
+            self.bound_hit(Bound::Nesting);
+            return false;
+        }
+        self.nesting += 1;
+        true
+    }
+
+    fn leave(&mut self) {
+        self.nesting -= 1;
+    }
+
+    /// Says, once, that a bound cut what was followed.
+    fn bound_hit(&mut self, bound: Bound) {
+        if self.bounds_hit.insert(bound) {
+            self.unresolved.push(bound.to_string());
+        }
+    }
+
     /// The file of a dotted module on the search path (site-packages too
     /// for the installed app's own package).
     fn module_file(&self, module: &str) -> Option<(PathBuf, bool)> {
@@ -352,7 +442,13 @@ impl Harvester<'_> {
     /// Loads a module of the app's own packages; `None` when it is not one
     /// (the standard library, Flask itself) or could not be read.
     fn load(&mut self, module: &str) -> Option<&Env> {
-        if !self.modules.contains_key(module) && !self.loading.contains(module) {
+        if !self.modules.contains_key(module)
+            && !self.loading.contains(module)
+            && !self.over_budget()
+        {
+            if !self.enter() {
+                return None;
+            }
             // A parent package runs first, as Python imports it.
             if let Some((parent, _)) = module.rsplit_once('.') {
                 self.load(parent);
@@ -370,6 +466,7 @@ impl Harvester<'_> {
                     self.modules.insert(module.to_owned(), None);
                 }
             }
+            self.leave();
         }
         self.modules.get(module).and_then(Option::as_ref)
     }
@@ -442,7 +539,8 @@ impl Harvester<'_> {
     fn exec_block(&mut self, body: &[Stmt], env: &mut Env, context: &Context) -> Option<Value> {
         let mut returned = None;
         for statement in body {
-            if self.exhausted {
+            // The deadline too: a body may call functions many times over.
+            if self.over_budget() {
                 break;
             }
             if let Some(value) = self.exec(statement, env, context) {
@@ -453,6 +551,20 @@ impl Harvester<'_> {
     }
 
     fn exec(&mut self, statement: &Stmt, env: &mut Env, context: &Context) -> Option<Value> {
+        if !self.enter() {
+            return None;
+        }
+        let returned = self.exec_statement(statement, env, context);
+        self.leave();
+        returned
+    }
+
+    fn exec_statement(
+        &mut self,
+        statement: &Stmt,
+        env: &mut Env,
+        context: &Context,
+    ) -> Option<Value> {
         match statement {
             Stmt::Import(import) => {
                 for alias in &import.names {
@@ -725,6 +837,11 @@ impl Harvester<'_> {
         context: &Context,
         line: u32,
     ) {
+        if self.registered >= MAX_RULES {
+            self.bound_hit(Bound::Rules);
+            return;
+        }
+        self.registered += 1;
         let scaffold = &mut self.scaffolds[scaffold];
         // An app's rule enters its map now; a blueprint's when registered.
         let strict_slashes = match scaffold.kind {
@@ -843,6 +960,15 @@ impl Harvester<'_> {
     // ------------------------------------------------------------ expressions
 
     fn eval(&mut self, expression: &Expr, env: &Env, context: &Context) -> Value {
+        if !self.enter() {
+            return Value::Unknown;
+        }
+        let value = self.eval_expression(expression, env, context);
+        self.leave();
+        value
+    }
+
+    fn eval_expression(&mut self, expression: &Expr, env: &Env, context: &Context) -> Value {
         match expression {
             Expr::StringLiteral(literal) => Value::Str(literal.value.to_str().to_owned()),
             Expr::FString(fstring) => self.fstring(fstring, env, context),
@@ -854,13 +980,25 @@ impl Harvester<'_> {
                     self.eval(&operation.left, env, context),
                     self.eval(&operation.right, env, context),
                 ) {
-                    (Value::Str(left), Value::Str(right)) => Value::Str(left + &right),
+                    (Value::Str(left), Value::Str(right))
+                        if left.len() + right.len() <= MAX_STRING_BYTES =>
+                    {
+                        Value::Str(left + &right)
+                    }
+                    (Value::Str(_), Value::Str(_)) => {
+                        self.bound_hit(Bound::StringBytes);
+                        Value::Unknown
+                    }
                     _ => Value::Unknown,
                 }
             }
             Expr::List(ast::ExprList { elts, .. })
             | Expr::Tuple(ast::ExprTuple { elts, .. })
             | Expr::Set(ast::ExprSet { elts, .. }) => {
+                if elts.len() > MAX_STRINGS {
+                    self.bound_hit(Bound::Strings);
+                    return Value::Unknown;
+                }
                 let mut strings = Vec::new();
                 for element in elts {
                     match self.eval(element, env, context) {
@@ -904,6 +1042,10 @@ impl Harvester<'_> {
                                 match self.eval(&interpolation.expression, env, context) {
                                     Value::Str(value) => text.push_str(&value),
                                     _ => return Value::Unknown,
+                                }
+                                if text.len() > MAX_STRING_BYTES {
+                                    self.bound_hit(Bound::StringBytes);
+                                    return Value::Unknown;
                                 }
                             }
                         }
@@ -1191,9 +1333,27 @@ impl Harvester<'_> {
         prefix: Option<String>,
         parent_name: Option<&str>,
         map_strict_slashes: bool,
-        out: &mut Vec<HarvestedRule>,
+        registering: &mut Registering<'_>,
     ) {
         let scaffold = &self.scaffolds[index];
+        if registering.chain.contains(&index) {
+            registering.notes.push(format!(
+                "{}:{}: blueprint {:?} is registered into itself: not followed",
+                scaffold.file.display(),
+                scaffold.line,
+                scaffold.name
+            ));
+            return;
+        }
+        if registering.chain.len() >= MAX_NESTING {
+            registering.notes.push(Bound::Nesting.to_string());
+            return;
+        }
+        registering.visits += 1;
+        if registering.visits > MAX_RULES {
+            registering.notes.push(Bound::Registrations.to_string());
+            return;
+        }
         let name = match (scaffold.kind, parent_name) {
             (ScaffoldKind::App, _) => None,
             (ScaffoldKind::Blueprint, None) => Some(scaffold.name.clone()),
@@ -1212,25 +1372,33 @@ impl Harvester<'_> {
             ),
             None => rule.to_owned(),
         };
-        if let Some(rule) = &scaffold.static_rule {
-            out.push(HarvestedRule {
-                rule: join(rule),
-                methods: BTreeSet::from(["GET".to_owned()]),
-                endpoint: endpoint_of("static"),
-                // An app's static rule enters the map before any setting.
-                strict_slashes: scaffold.kind == ScaffoldKind::App || map_strict_slashes,
-                file: scaffold.file.clone(),
-                line: scaffold.line,
-            });
-        }
-        for (rule, strict_slashes) in &scaffold.rules {
-            out.push(HarvestedRule {
+        let static_rule = scaffold.static_rule.as_ref().map(|rule| HarvestedRule {
+            rule: join(rule),
+            methods: BTreeSet::from(["GET".to_owned()]),
+            endpoint: endpoint_of("static"),
+            // An app's static rule enters the map before any setting.
+            strict_slashes: scaffold.kind == ScaffoldKind::App || map_strict_slashes,
+            file: scaffold.file.clone(),
+            line: scaffold.line,
+        });
+        let own = scaffold
+            .rules
+            .iter()
+            .map(|(rule, strict_slashes)| HarvestedRule {
                 rule: join(&rule.rule),
                 endpoint: endpoint_of(&rule.endpoint),
                 strict_slashes: strict_slashes.unwrap_or(map_strict_slashes),
                 ..rule.clone()
             });
+        for rule in static_rule.into_iter().chain(own) {
+            // A blueprint registered many times over multiplies its rules.
+            if registering.rules.len() >= MAX_RULES {
+                registering.notes.push(Bound::Rules.to_string());
+                return;
+            }
+            registering.rules.push(rule);
         }
+        registering.chain.push(index);
         for (child, given, strict_then) in &scaffold.children {
             let child_prefix = given
                 .clone()
@@ -1249,8 +1417,12 @@ impl Harvester<'_> {
                 ScaffoldKind::App => *strict_then,
                 ScaffoldKind::Blueprint => map_strict_slashes,
             };
-            self.collect(*child, joined, name.as_deref(), strict, out);
+            self.collect(*child, joined, name.as_deref(), strict, registering);
+            if registering.rules.len() >= MAX_RULES {
+                break;
+            }
         }
+        registering.chain.pop();
     }
 }
 
@@ -1260,42 +1432,7 @@ mod tests {
 
     use super::*;
 
-    /// Files in memory, by absolute path.
-    struct Files(HashMap<PathBuf, String>);
-
-    impl Files {
-        fn new(files: &[(&str, &str)]) -> Self {
-            Files(
-                files
-                    .iter()
-                    .map(|(path, text)| (PathBuf::from(path), (*text).to_owned()))
-                    .collect(),
-            )
-        }
-    }
-
-    impl SourceTree for Files {
-        fn read(&self, path: &Path, limit: usize) -> Option<String> {
-            self.0.get(path).filter(|text| text.len() <= limit).cloned()
-        }
-
-        fn is_file(&self, path: &Path) -> bool {
-            self.0.contains_key(path)
-        }
-
-        fn is_dir(&self, path: &Path) -> bool {
-            self.0
-                .keys()
-                .any(|file| file.starts_with(path) && file != path)
-        }
-
-        fn stamp(&self, path: &Path) -> Option<super::super::tree::FileStamp> {
-            Some(super::super::tree::FileStamp {
-                bytes: self.0.get(path)?.len() as u64,
-                modified: None,
-            })
-        }
-    }
+    use crate::routes::discovery::tree::FilesInMemory as Files;
 
     fn entry(module: &str, object: AppObject) -> Entrypoint {
         Entrypoint {
@@ -1545,5 +1682,147 @@ def ok():
                 .iter()
                 .any(|u| u.starts_with("parse budget spent"))
         );
+    }
+
+    /// Runs `test` on a stack as deep as the helper's harvest thread has.
+    fn on_helper_stack(test: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .stack_size(64 * 1024 * 1024)
+            .spawn(test)
+            .expect("thread")
+            .join()
+            .expect("the harvest finished");
+    }
+
+    fn app_with(tail: &str) -> Files {
+        let source = format!(
+            "from flask import Flask, Blueprint\napp = Flask(__name__)\n\n@app.get(\"/ok\")\ndef ok():\n    return \"ok\"\n\n{tail}"
+        );
+        Files(HashMap::from([(PathBuf::from("/srv/app.py"), source)]))
+    }
+
+    fn harvest_of(files: &Files) -> Harvest {
+        run(
+            files,
+            &entry("app", AppObject::Default),
+            ParseBudget::default(),
+        )
+    }
+
+    fn said(discovery: &Harvest, words: &str) -> bool {
+        discovery.unresolved.iter().any(|u| u.contains(words))
+    }
+
+    /// What an image author can write to make a harvest run away: each
+    /// stops at its bound, says so, and keeps the rules before it.
+    #[test]
+    fn hostile_sources_stop_at_their_bounds() {
+        on_helper_stack(|| {
+            // Registered into itself (never run: under `if False`), and a cycle.
+            let own = harvest_of(&app_with(
+                "bp = Blueprint(\"bp\", __name__)\n@bp.get(\"/b\")\ndef b():\n    return \"b\"\nif False:\n    app.register_blueprint(app)\n    bp.register_blueprint(bp)\napp.register_blueprint(bp, url_prefix=\"/bp\")\n",
+            ));
+            assert_eq!(
+                rules(&own),
+                ["GET /bp/b", "GET /ok", "GET /static/<path:filename>"]
+            );
+            assert!(
+                said(&own, "is registered into itself"),
+                "{:?}",
+                own.unresolved
+            );
+            let cycle = harvest_of(&app_with(
+                "a = Blueprint(\"a\", __name__)\nb = Blueprint(\"b\", __name__)\na.register_blueprint(b)\nb.register_blueprint(a)\napp.register_blueprint(a)\n",
+            ));
+            assert!(
+                said(&cycle, "is registered into itself"),
+                "{:?}",
+                cycle.unresolved
+            );
+            assert!(rules(&cycle).contains(&"GET /ok".to_owned()));
+
+            // Blueprints registering the next one twice, 40 deep: 2^40
+            // registrations without a rule, unless bounded.
+            let mut tail = String::new();
+            for n in 0..40 {
+                tail.push_str(&format!("b{n} = Blueprint(\"b{n}\", __name__)\n"));
+            }
+            for n in 0..39 {
+                let next = n + 1;
+                tail.push_str(&format!(
+                    "b{n}.register_blueprint(b{next}, name=\"x{n}\")\nb{n}.register_blueprint(b{next}, name=\"y{n}\")\n"
+                ));
+            }
+            tail.push_str("app.register_blueprint(b0)\n");
+            let doubling = harvest_of(&app_with(&tail));
+            assert!(
+                said(&doubling, "blueprint registrations"),
+                "{:?}",
+                doubling.unresolved
+            );
+
+            // A left-deep sum of 20,000 terms, lists nested 500 deep, and an
+            // import of 500 components: nesting bounds.
+            let sum = format!("X = {}\n", vec!["\"a\""; 20_000].join(" + "));
+            let deep = harvest_of(&app_with(&sum));
+            assert!(said(&deep, "nested deeper than"), "{:?}", deep.unresolved);
+            assert_eq!(rules(&deep), ["GET /ok", "GET /static/<path:filename>"]);
+            let lists = format!("X = {}1{}\n", "[".repeat(500), "]".repeat(500));
+            assert!(said(&harvest_of(&app_with(&lists)), "nested deeper than"));
+            let import = format!("import {}\n", vec!["a"; 500].join("."));
+            let files = Files(HashMap::from([
+                (
+                    PathBuf::from("/srv/app.py"),
+                    format!("from flask import Flask\napp = Flask(__name__)\n{import}"),
+                ),
+                (PathBuf::from("/srv/a/__init__.py"), String::new()),
+            ]));
+            assert!(said(&harvest_of(&files), "nested deeper than"));
+
+            // A string doubled 40 times, and an f-string of it.
+            let mut doubling = String::from("s = \"aaaa\"\n");
+            for _ in 0..40 {
+                doubling.push_str("s = s + s\n");
+            }
+            doubling.push_str("t = f\"{s}{s}\"\n@app.get(s)\ndef never():\n    return \"\"\n");
+            let strings = harvest_of(&app_with(&doubling));
+            assert!(
+                said(&strings, "a string over 65536 bytes"),
+                "{:?}",
+                strings.unresolved
+            );
+            assert_eq!(rules(&strings), ["GET /ok", "GET /static/<path:filename>"]);
+        });
+    }
+
+    /// A factory calling functions that call each other many times over,
+    /// eight deep: the deadline, checked at every statement, ends it. The
+    /// factory never returned its app, so no rule is known.
+    #[test]
+    fn nested_calls_end_at_the_deadline() {
+        on_helper_stack(|| {
+            let mut tail = String::from("def f8():\n    return None\n");
+            for n in (1..8).rev() {
+                let next = n + 1;
+                tail.push_str(&format!("def f{n}():\n"));
+                for _ in 0..60 {
+                    tail.push_str(&format!("    f{next}()\n"));
+                }
+                tail.push_str("    return None\n");
+            }
+            tail.push_str("def create_app():\n    f1()\n    return app\n");
+            let files = app_with(&tail);
+            let started = Instant::now();
+            let discovery = harvest(
+                &entry("app", AppObject::Factory("create_app".to_owned())),
+                &files,
+                ParseBudget::default(),
+                Instant::now() + Duration::from_millis(300),
+            );
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(2), "took {took:?}");
+            assert!(discovery.budget_spent, "{:?}", discovery.unresolved);
+            assert!(rules(&discovery).is_empty());
+        });
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod entrypoint;
 pub mod harvest;
+pub mod helper;
 pub mod tree;
 pub mod worker;
 
@@ -32,7 +33,7 @@ pub enum RouteDiscovery {
 }
 
 /// What was found for one server process.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Discovery {
     /// How the app was found (`gunicorn shop.wsgi:app`), when it was.
     pub entrypoint: Option<String>,
@@ -67,11 +68,23 @@ impl Discovery {
     }
 }
 
-/// Finds and harvests the app a server process runs.
+/// Finds and harvests the app a server process runs, in this process (the
+/// agent runs it in a helper: [`helper`]).
 pub fn discover(tgid: u32, budget: ParseBudget) -> Discovery {
-    let tree = ProcessRoot::of(tgid);
-    match find_entrypoint(tgid, &tree, budget) {
-        Ok(entrypoint) => harvest_entrypoint(&entrypoint, &tree, budget),
+    match process_start(tgid) {
+        Some(start) => discover_in(&start, &ProcessRoot::of(tgid), budget),
+        None => Discovery {
+            unresolved: vec![format!("process {tgid} is gone")],
+            ..Discovery::default()
+        },
+    }
+}
+
+/// Finds and harvests the app a process started as `start` runs, reading
+/// `tree`.
+pub fn discover_in(start: &ProcessStart, tree: &dyn SourceTree, budget: ParseBudget) -> Discovery {
+    match find_entrypoint(start, tree, budget) {
+        Ok(entrypoint) => harvest_entrypoint(&entrypoint, tree, budget),
         Err(reason) => Discovery {
             unresolved: vec![reason],
             ..Discovery::default()
@@ -79,30 +92,30 @@ pub fn discover(tgid: u32, budget: ParseBudget) -> Discovery {
     }
 }
 
-/// Whether process `tgid` runs what `previous` was read from: the same
-/// entrypoint, and every file read then with the same stamp in its root.
-/// Costs a stat per file, not a parse.
-pub fn runs_the_same_source(tgid: u32, previous: &Discovery, budget: ParseBudget) -> bool {
-    let Some(found) = &previous.found else {
-        return false;
-    };
-    let tree = ProcessRoot::of(tgid);
-    find_entrypoint(tgid, &tree, budget).is_ok_and(|entrypoint| entrypoint == *found)
-        && previous
-            .files
+/// Whether a process started as `start` runs what `found` and `files` were
+/// read from: the same entrypoint, and every file read then with the same
+/// stamp in `tree`. Costs a stat per file, not a parse.
+pub fn runs_the_same_source_in(
+    start: &ProcessStart,
+    tree: &dyn SourceTree,
+    found: &Entrypoint,
+    files: &[(PathBuf, Option<FileStamp>)],
+    budget: ParseBudget,
+) -> bool {
+    find_entrypoint(start, tree, budget).is_ok_and(|entrypoint| entrypoint == *found)
+        && files
             .iter()
             .all(|(path, stamp)| stamp.is_some() && tree.stamp(path) == *stamp)
 }
 
 fn find_entrypoint(
-    tgid: u32,
-    tree: &ProcessRoot,
+    start: &ProcessStart,
+    tree: &dyn SourceTree,
     budget: ParseBudget,
 ) -> Result<Entrypoint, String> {
-    let start = process_start(tgid).ok_or_else(|| format!("process {tgid} is gone"))?;
     let read_config = |path: &Path| tree.read(path, budget.file_bytes);
-    let mut entrypoint = entrypoint::find(&start, &read_config).map_err(|e| e.to_string())?;
-    entrypoint.site_packages = entrypoint::site_packages(&start, &|path| tree.is_file(path));
+    let mut entrypoint = entrypoint::find(start, &read_config).map_err(|e| e.to_string())?;
+    entrypoint.site_packages = entrypoint::site_packages(start, &|path| tree.is_file(path));
     Ok(entrypoint)
 }
 
@@ -146,7 +159,8 @@ fn describe(entrypoint: &Entrypoint) -> String {
     format!("{} {source}{object}", entrypoint.server)
 }
 
-fn process_start(tgid: u32) -> Option<ProcessStart> {
+/// How process `tgid` was started, as its `/proc` entries say.
+pub fn process_start(tgid: u32) -> Option<ProcessStart> {
     // The kernel names a chrooted process's cwd from the agent's root
     // (`/var/lib/root/srv` for `/srv`): the root's own name comes off.
     let root = procfs::root_directory(tgid);

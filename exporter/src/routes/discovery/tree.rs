@@ -2,11 +2,12 @@
 
 use std::{
     io::Read as _,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use pathrs::{Root, flags::OpenFlags};
+use pathrs::{Handle, Root, flags::OpenFlags};
 
 /// What one app's harvest may read.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +33,7 @@ impl Default for ParseBudget {
 /// What tells one version of a source file from another without reading
 /// it: containers of one image share both, an edited or rebuilt file
 /// changes them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileStamp {
     pub bytes: u64,
     pub modified: Option<std::time::SystemTime>,
@@ -46,6 +47,44 @@ pub trait SourceTree {
     fn is_dir(&self, path: &Path) -> bool;
     /// The file's size and modification time, if it is a file.
     fn stamp(&self, path: &Path) -> Option<FileStamp>;
+}
+
+/// Files in memory, by absolute path: a [`SourceTree`] for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct FilesInMemory(pub std::collections::HashMap<PathBuf, String>);
+
+impl FilesInMemory {
+    pub fn new(files: &[(&str, &str)]) -> Self {
+        FilesInMemory(
+            files
+                .iter()
+                .map(|(path, text)| (PathBuf::from(path), (*text).to_owned()))
+                .collect(),
+        )
+    }
+}
+
+impl SourceTree for FilesInMemory {
+    fn read(&self, path: &Path, limit: usize) -> Option<String> {
+        self.0.get(path).filter(|text| text.len() <= limit).cloned()
+    }
+
+    fn is_file(&self, path: &Path) -> bool {
+        self.0.contains_key(path)
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        self.0
+            .keys()
+            .any(|file| file.starts_with(path) && file != path)
+    }
+
+    fn stamp(&self, path: &Path) -> Option<FileStamp> {
+        Some(FileStamp {
+            bytes: self.0.get(path)?.len() as u64,
+            modified: None,
+        })
+    }
 }
 
 /// The filesystem as a process sees it, through `/proc/<pid>/root`. Paths
@@ -66,18 +105,41 @@ impl ProcessRoot {
         ProcessRoot { root }
     }
 
-    fn open(&self, path: &Path) -> Option<std::fs::File> {
+    /// The root another process opened and handed over as descriptor `fd`.
+    pub fn from_fd(fd: std::os::fd::RawFd) -> Self {
+        // SAFETY: the descriptor was opened for this process to own, and
+        // nothing else here uses it.
+        let directory =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        ProcessRoot {
+            root: Some(Root::from_fd(directory)),
+        }
+    }
+
+    /// The file at `path`, resolved without opening it (`O_PATH`): a FIFO
+    /// or a device an image points at is never opened, only looked at.
+    fn resolve(&self, path: &Path) -> Option<(Handle, std::fs::Metadata)> {
         let inside = path.strip_prefix("/").unwrap_or(path);
-        self.root
-            .as_ref()?
-            .open_subpath(inside, OpenFlags::O_RDONLY | OpenFlags::O_CLOEXEC)
-            .ok()
+        let handle = self.root.as_ref()?.resolve(inside).ok()?;
+        let metadata = std::fs::File::from(OwnedFd::from(handle.try_clone().ok()?))
+            .metadata()
+            .ok()?;
+        Some((handle, metadata))
     }
 }
 
 impl SourceTree for ProcessRoot {
+    /// Links inside the root are followed (a ConfigMap's files are links),
+    /// never out of it; only a regular file is opened, without blocking.
     fn read(&self, path: &Path, limit: usize) -> Option<String> {
-        let file = self.open(path)?;
+        let (handle, metadata) = self.resolve(path)?;
+        if !metadata.is_file() || metadata.len() > limit as u64 {
+            return None;
+        }
+        let file = handle
+            .reopen(OpenFlags::O_RDONLY | OpenFlags::O_CLOEXEC | OpenFlags::O_NONBLOCK)
+            .ok()?;
+        // The file may have been swapped since: check what was opened.
         if !file.metadata().ok()?.is_file() {
             return None;
         }
@@ -87,19 +149,17 @@ impl SourceTree for ProcessRoot {
     }
 
     fn is_file(&self, path: &Path) -> bool {
-        self.open(path)
-            .and_then(|file| file.metadata().ok())
-            .is_some_and(|metadata| metadata.is_file())
+        self.resolve(path)
+            .is_some_and(|(_, metadata)| metadata.is_file())
     }
 
     fn is_dir(&self, path: &Path) -> bool {
-        self.open(path)
-            .and_then(|file| file.metadata().ok())
-            .is_some_and(|metadata| metadata.is_dir())
+        self.resolve(path)
+            .is_some_and(|(_, metadata)| metadata.is_dir())
     }
 
     fn stamp(&self, path: &Path) -> Option<FileStamp> {
-        let metadata = self.open(path)?.metadata().ok()?;
+        let (_, metadata) = self.resolve(path)?;
         metadata.is_file().then(|| FileStamp {
             bytes: metadata.len(),
             modified: metadata.modified().ok(),
@@ -141,5 +201,18 @@ mod tests {
         assert!(tree.is_dir(Path::new("/app")) && tree.is_file(Path::new("/app/views.py")));
         // Over the limit: not read.
         assert_eq!(tree.read(Path::new("/app/views.py"), 3), None);
+        // A FIFO is looked at, never opened: opening it would block until
+        // a writer came.
+        let fifo = std::ffi::CString::new(
+            root.join("app/fifo.py")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .expect("path");
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert_eq!(tree.read(Path::new("/app/fifo.py"), 100), None);
+        assert!(!tree.is_file(Path::new("/app/fifo.py")));
+        assert_eq!(tree.stamp(Path::new("/app/fifo.py")), None);
     }
 }
