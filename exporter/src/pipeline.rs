@@ -27,7 +27,7 @@ use crate::{
     capture::{Capture, RawEvent},
     config::Config,
     debug::{ConnectionsReport, DebugSnapshot, DebugState, PodsReport, RoutesReport},
-    exchange::{AttributedExchange, CapturedExchange, targets},
+    exchange::{AttributedExchange, CapturedExchange, Identity, targets},
     health::{Health, monotonic_ns},
     identity::{
         IdentityStage,
@@ -154,6 +154,18 @@ impl HeldForSourceRules {
         self.bytes = 0;
         std::mem::take(&mut self.queue)
     }
+
+    /// The exchanges held for these identities, oldest first; the others
+    /// stay held.
+    fn take_of(&mut self, identities: &[Arc<Identity>]) -> Vec<AttributedExchange> {
+        let (theirs, others): (VecDeque<_>, VecDeque<_>) = self
+            .take()
+            .into_iter()
+            .partition(|held| identities.contains(&held.identity));
+        self.bytes = others.iter().map(|held| held.exchange.held_bytes()).sum();
+        self.queue = others;
+        theirs.into()
+    }
 }
 
 /// What a turn left in the ring buffer.
@@ -254,10 +266,15 @@ impl Pipeline {
     /// metrics and routes; the kernel's loss count; the debug snapshot.
     fn upkeep(&mut self) {
         let stages = &mut self.stages;
-        for identity in stages
+        let released = stages
             .identity
-            .purge(Instant::now(), stages.deleted_pod_grace)
-        {
+            .purge(Instant::now(), stages.deleted_pod_grace);
+        // Exchanges of theirs still waiting for source rules are counted
+        // now: afterwards they would make series no one removes.
+        for held in stages.held_for_source_rules.take_of(&released) {
+            stages.label_and_observe(held);
+        }
+        for identity in released {
             stages.metrics.release(&identity);
             stages.labeler.forget(&identity);
         }
@@ -498,5 +515,36 @@ mod tests {
         // Taken: room again.
         assert!(holding.hold(held("/c")).is_none());
         assert_eq!(budget.get(), 2);
+    }
+
+    /// A released identity's held exchanges leave the queue (to be counted
+    /// before its series go); the others stay, their bytes with them.
+    #[test]
+    fn exchanges_of_released_identities_are_taken_from_the_hold() {
+        let registry = Registry::new();
+        let budgets = Budgets::register(&registry).expect("budgets");
+        let mut holding = HeldForSourceRules::new(10, 20, budgets.counter("source_rules_wait"));
+        let mut other = held("/b");
+        other.identity = Arc::new(Identity::new(IdentityLabels::Server {
+            process: "gunicorn".to_owned(),
+            port: "9000".to_owned(),
+        }));
+        let released = held("/a").identity;
+        assert!(holding.hold(held("/a")).is_none());
+        assert!(holding.hold(other).is_none());
+        assert!(holding.hold(held("/c")).is_none());
+        let taken: Vec<String> = holding
+            .take_of(std::slice::from_ref(&released))
+            .into_iter()
+            .map(|a| a.exchange.target)
+            .collect();
+        assert_eq!(taken, ["/a", "/c"]);
+        assert_eq!(holding.bytes, 5, "GET /b is left");
+        let left: Vec<String> = holding
+            .take()
+            .into_iter()
+            .map(|a| a.exchange.target)
+            .collect();
+        assert_eq!(left, ["/b"]);
     }
 }
