@@ -2,9 +2,11 @@
 //! of 2,000 rules in 200 files (a factory registering 199 blueprint
 //! modules of 10 rules each: decorators with converters and methods,
 //! f-strings of a package constant, `add_url_rule` with a `MethodView`),
-//! harvested as the agent does, side by side with Python importing the
-//! same app and building its url_map. Prints harvest time, peak heap and
-//! what the result keeps, and checks the rules equal Flask's own.
+//! harvested in this process and as the agent does, in a helper process
+//! started for it (served by a real gunicorn, whose /proc the helper
+//! starts from), side by side with Python importing the same app and
+//! building its url_map. Prints harvest time, peak heap and what the result
+//! keeps, and checks the rules equal Flask's own.
 //!
 //! `cargo bench -p flask-ebpf-exporter --bench route_discovery` harvests 20
 //! times; under `cargo test` a 20-file app once, as a check (the venv is
@@ -27,6 +29,7 @@ use flask_ebpf_exporter::routes::discovery::{
     ParseBudget, ProcessRoot,
     entrypoint::{AppObject, AppSource, Entrypoint},
     harvest_entrypoint,
+    helper::{self, HelperOutcome, HelperProgram},
 };
 use support::*;
 
@@ -250,6 +253,7 @@ fn main() {
     let (flask, python_import) = flask_side(&venv, dir.path());
     assert_eq!(discovery.rules.len(), expected_rules);
     assert_eq!(harvested, flask, "the harvest differs from Flask's url_map");
+    let in_helper = helper_times(&venv, dir.path(), rounds, &harvested);
 
     times.sort();
     peaks.sort();
@@ -267,6 +271,13 @@ fn main() {
         times[0].as_secs_f64() * 1e3,
         times[times.len() - 1].as_secs_f64() * 1e3,
         median.as_secs_f64() * 1e6 / discovery.rules.len() as f64
+    );
+    println!(
+        "  in a helper process, its start included: median {:.1} ms, min {:.1} ms, max {:.1} ms (helper / in-process = {:.2})",
+        in_helper[in_helper.len() / 2].as_secs_f64() * 1e3,
+        in_helper[0].as_secs_f64() * 1e3,
+        in_helper[in_helper.len() - 1].as_secs_f64() * 1e3,
+        in_helper[in_helper.len() / 2].as_secs_f64() / median.as_secs_f64()
     );
     println!(
         "  heap: peak {:.1} MiB during a harvest, {:.2} MiB kept by its result",
@@ -288,4 +299,43 @@ fn main() {
         median.as_secs_f64() * 1e3,
         budget.time.as_secs()
     );
+}
+
+/// Harvest times in a helper process, as the agent runs it, of the app
+/// served by a real gunicorn from `dir`; sorted. Each answer must equal
+/// `expected`.
+fn helper_times(
+    venv: &Path,
+    dir: &Path,
+    rounds: usize,
+    expected: &BTreeSet<String>,
+) -> Vec<Duration> {
+    let port = free_port();
+    let server = spawn_process(
+        "gunicorn",
+        Command::new(venv.join("bin/gunicorn"))
+            .args(["--no-control-socket", "-w", "1", "-b"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("big:create_app()")
+            .current_dir(dir),
+    );
+    wait_for_port(port, Duration::from_secs(30));
+    let program = HelperProgram(env!("CARGO_BIN_EXE_flask-ebpf-exporter").into());
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let started = Instant::now();
+            let outcome =
+                helper::harvest(&program, server.child.id(), None, ParseBudget::default());
+            let took = started.elapsed();
+            let HelperOutcome::Harvested(discovery) = outcome else {
+                panic!("the helper did not harvest: {outcome:?}");
+            };
+            let rules: BTreeSet<String> =
+                discovery.rules_text().lines().map(str::to_owned).collect();
+            assert_eq!(&rules, expected, "the helper's rules differ");
+            took
+        })
+        .collect();
+    times.sort();
+    times
 }

@@ -382,12 +382,13 @@ fn an_older_runtimes_default_profile_is_named() {
     println!("podman 4.3's default profile: {}", errors[0]);
 }
 
-/// A Flask container's command: gunicorn on `port`, serving `module`.
-fn gunicorn(port: u16, module: &str, extra: &str) -> Vec<String> {
+/// A Flask container's command: gunicorn on `port`, serving `app`
+/// (`module:app`, `module:factory()`).
+fn gunicorn(port: u16, app: &str, extra: &str) -> Vec<String> {
     vec![
         "sh".to_owned(),
         "-c".to_owned(),
-        format!("exec gunicorn --bind 0.0.0.0:{port} {extra} {module}:app"),
+        format!("exec gunicorn --bind 0.0.0.0:{port} {extra} '{app}'"),
     ]
 }
 
@@ -455,12 +456,12 @@ impl Drop for TestPod {
     }
 }
 
-/// Waits until `address` answers HTTP.
-fn wait_serving(address: SocketAddr, container: &mut Container) {
+/// Waits until `address` answers `path` with 200.
+fn wait_serving(address: SocketAddr, path: &str, container: &mut Container) {
     let (status, _) = eventually(
         Duration::from_secs(30),
         || {
-            let status = http_get_at(address, "/").map(|r| r.status);
+            let status = http_get_at(address, path).map(|r| r.status);
             (status, container.running())
         },
         |(status, running)| status.as_ref().is_ok_and(|&s| s == 200) || !running,
@@ -537,12 +538,12 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
         ContainerPlan {
             name: "web",
             id: id(1),
-            command: gunicorn(8000, "app", "--workers 2"),
+            command: gunicorn(8000, "app:app", "--workers 2"),
         },
         ContainerPlan {
             name: "admin",
             id: id(2),
-            command: gunicorn(8001, "app", "--workers 1 --threads 4"),
+            command: gunicorn(8001, "app:app", "--workers 1 --threads 4"),
         },
         ContainerPlan {
             name: "echo",
@@ -577,8 +578,17 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
             command: vec!["sleep".to_owned(), "infinity".to_owned()],
         },
     ];
+    // A tenant's pod whose source makes route discovery's helper run out
+    // of memory (under the agent's own memory limit) or time.
+    let evil_uid = PODS.uid(first_pod + 2);
+    let evil_plan = [ContainerPlan {
+        name: "web",
+        id: id(6),
+        command: gunicorn(8000, "memory_hog:create_app()", "--workers 1"),
+    }];
     let mut web = TestPod::start(&containerd, &app_image, driver, &web_uid, &web_plan);
     let mut orders = TestPod::start(&containerd, &app_image, driver, &orders_uid, &orders_plan);
+    let mut evil = TestPod::start(&containerd, &app_image, driver, &evil_uid, &evil_plan);
     for (name, uid, owner, plan) in [
         (
             "web-6c9f8d7b5-x7k2p",
@@ -592,6 +602,7 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
             ("StatefulSet", "orders"),
             &orders_plan[..],
         ),
+        ("evil-0", &evil_uid, ("StatefulSet", "evil"), &evil_plan[..]),
     ] {
         let containers: Vec<(&str, Option<&str>)> =
             plan.iter().map(|c| (c.name, Some(c.id.as_str()))).collect();
@@ -614,9 +625,10 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
             assert!(cgroups.contains(&path), "{path} not in\n{cgroups}");
         }
     }
-    wait_serving(web.address(8000), &mut web.containers[0]);
-    wait_serving(web.address(8001), &mut web.containers[1]);
-    wait_serving(orders.address(8000), &mut orders.containers[0]);
+    wait_serving(web.address(8000), "/", &mut web.containers[0]);
+    wait_serving(web.address(8001), "/", &mut web.containers[1]);
+    wait_serving(orders.address(8000), "/", &mut orders.containers[0]);
+    wait_serving(evil.address(8000), "/things/1", &mut evil.containers[0]);
 
     let mut manifest = AgentManifest::shipped();
     manifest
@@ -641,6 +653,11 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
         count(web_pod, "admin"),
         get_n(web.address(8001), "/items/7", 4),
     );
+    let mut evil_served = 0;
+    for n in 1..=12 {
+        evil_served += get_n(evil.address(8000), &format!("/things/{n}"), 1);
+    }
+    expected.insert(count("evil-0", "web"), evil_served);
     let mut orders_served = get_n(orders.address(8000), "/things/3", 5);
     orders_served += get_n(orders.address(8000), "/missing", 1);
     // The sidecar's bytes are no HTTP: no series.
@@ -721,6 +738,15 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
         value(&samples, "flask_ebpf_exporter_unattributed_requests_total"),
         0.0
     );
+    assert!(agent.running(), "{}", agent.output());
+    assert_eq!(
+        http_get_at(agent_address, "/healthz")
+            .map(|r| r.status)
+            .ok(),
+        Some(200)
+    );
+    // The evil pod's helper gave up; its routes are learned from traffic.
+    assert_eq!(paths_of(&samples, "evil-0", "web"), ["/things/<int>"]);
     // Routes read from each container's own root.
     assert_eq!(
         paths_of(&samples, web_pod, "web"),
@@ -786,6 +812,7 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
     );
     drop(agent);
     orders.stop();
+    evil.stop();
 }
 
 #[test]

@@ -100,11 +100,24 @@ pub fn build_agent_image(root: &Path, tag: &str) -> anyhow::Result<()> {
 pub fn build_app_image(root: &Path) -> anyhow::Result<()> {
     let debian = debian_stand_in(root)?;
     let recipe = "tests/fixtures/containers/flask-app.Containerfile";
-    let hash = recipe_hash(
-        root,
-        &[recipe, "tests/fixtures/app.py", "tests/fixtures/oracle.py"],
-        debian,
-    )?;
+    let mut files = vec![
+        recipe.to_owned(),
+        "tests/fixtures/app.py".to_owned(),
+        "tests/fixtures/oracle.py".to_owned(),
+    ];
+    let mut hostile: Vec<String> = std::fs::read_dir(root.join("tests/fixtures/hostile"))
+        .context("tests/fixtures/hostile")?
+        .filter_map(|entry| {
+            Some(format!(
+                "tests/fixtures/hostile/{}",
+                entry.ok()?.file_name().to_str()?
+            ))
+        })
+        .collect();
+    hostile.sort();
+    files.extend(hostile);
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    let hash = recipe_hash(root, &files, debian)?;
     if image_recipe(APP_IMAGE).as_deref() == Some(hash.as_str()) {
         return Ok(());
     }

@@ -59,6 +59,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "routes_annotation",
     "cgroup_paths",
     "route_learner",
+    "python_source",
 ];
 
 fn main() -> anyhow::Result<()> {
