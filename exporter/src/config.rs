@@ -98,8 +98,10 @@ pub struct Config {
     )]
     pub max_paths_per_workload: usize,
 
-    /// Most duration series (method, path, status) per workload; further
-    /// ones are exported under path `<other>`.
+    /// Most series per workload whose labels responses set (durations by
+    /// method, path and status; request totals by method and status);
+    /// further ones are exported under path `<other>` and the status's
+    /// class (`5xx`).
     #[arg(
         long,
         env = "FLASK_EBPF_EXPORTER_MAX_SERIES_PER_WORKLOAD",

@@ -323,3 +323,82 @@ fn an_adversary_cannot_grow_blind_or_fool_the_agent() {
     );
     assert_eq!(counted(&after), expected, "{:?}", legitimate());
 }
+
+/// An app answers with whatever status a client asks for (Werkzeug sends
+/// "999 UNKNOWN"): statuses outside 100–599 share one value, and past the
+/// series budget new statuses count under their class, in the request
+/// totals as in the durations, every request still counted.
+#[test]
+fn statuses_a_client_chooses_stay_few() {
+    const BUDGET: usize = 12;
+    let venv = require_prerequisites();
+    let app = App::start_fixture(&venv, "statuses", Server::GunicornGthread, false, &[]);
+    let budget = BUDGET.to_string();
+    let exporter = Exporter::start(&["--max-series-per-workload", &budget]);
+    let port = app.port.to_string();
+    let mut sent = 0;
+    for code in [200, 404, 600, 999, 700]
+        .into_iter()
+        .chain(201..260)
+        .chain(500..520)
+    {
+        let response = http_get(app.port, &format!("/status/{code}")).expect("request");
+        assert_eq!(u32::from(response.status), code);
+        sent += 1;
+    }
+    let of_app = |samples: &[Sample], name: &str| -> Vec<Sample> {
+        samples
+            .iter()
+            .filter(|s| s.name == name && s.labels.get("port") == Some(&port))
+            .cloned()
+            .collect()
+    };
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| {
+            let totals = of_app(samples, "flask_http_request_total");
+            totals.iter().map(|s| s.value).sum::<f64>() >= f64::from(sent)
+        },
+    );
+    let totals = of_app(&samples, "flask_http_request_total");
+    let durations = of_app(&samples, "flask_http_request_duration_seconds_count");
+    for family in [&totals, &durations] {
+        assert_eq!(family.iter().map(|s| s.value).sum::<f64>(), f64::from(sent));
+    }
+    let count_of = |family: &[Sample], status: &str| -> f64 {
+        family
+            .iter()
+            .filter(|s| s.labels.get("status").map(String::as_str) == Some(status))
+            .map(|s| s.value)
+            .sum()
+    };
+    // 600, 999 and 700 are not HTTP's.
+    assert_eq!(count_of(&totals, "<other>"), 3.0, "{totals:?}");
+    assert_eq!(count_of(&totals, "200"), 1.0);
+    assert!(count_of(&totals, "2xx") > 0.0 && count_of(&totals, "5xx") > 0.0);
+    // The budget, then one series per class made past it.
+    assert!(
+        totals.len() + durations.len() <= BUDGET + 2 * 2,
+        "{} series: {totals:?} {durations:?}",
+        totals.len() + durations.len()
+    );
+    assert!(
+        labelled(
+            &samples,
+            "flask_ebpf_exporter_budget_exhausted_total",
+            "budget",
+            "series"
+        ) > 0.0
+    );
+    for sample in totals.iter().chain(&durations) {
+        let status = &sample.labels["status"];
+        let exact = status
+            .parse::<u16>()
+            .is_ok_and(|code| (100..600).contains(&code));
+        assert!(
+            exact || ["<other>", "2xx", "5xx"].contains(&status.as_str()),
+            "{status}"
+        );
+    }
+}

@@ -9,6 +9,7 @@
 //! by the stages themselves, with [`counter`] and [`gauge`].
 
 pub mod otel;
+pub mod status;
 pub mod summary;
 
 use std::{
@@ -25,6 +26,7 @@ use prometheus::{
 
 use self::{
     otel::{OtelFamilies, RouteHandles, Variant},
+    status::StatusLabel,
     summary::{Summary, SummaryVec, summary_vec},
 };
 use crate::exchange::{
@@ -327,6 +329,9 @@ struct RouteSeries {
     /// the HTTP version and the listening port rarely vary, and under
     /// `--group-by endpoint` one endpoint may have several rules).
     otel: Vec<(Variant, RouteHandles)>,
+    /// Whether it counts against the workload's budget (all but a status
+    /// class's, made past it).
+    counted: bool,
 }
 
 /// The handles of one identity's series.
@@ -337,10 +342,12 @@ struct IdentitySeries {
     label_values: Vec<String>,
     /// `flask_http_request_duration_seconds`, by route (the `group_by`
     /// label's value), then (method, status).
-    durations: HashMap<Arc<str>, HashMap<(&'static str, u16), RouteSeries>>,
+    durations: HashMap<Arc<str>, HashMap<(&'static str, StatusLabel), RouteSeries>>,
     /// `flask_http_request_total` and, for status 500,
     /// `flask_http_request_exceptions_total`, by (method, status).
-    totals: HashMap<(&'static str, u16), (IntCounter, Option<IntCounter>)>,
+    totals: HashMap<(&'static str, StatusLabel), (IntCounter, Option<IntCounter>)>,
+    /// Series of this identity counted against its workload's budget.
+    counted: usize,
     /// `flask_http_request_queue_seconds`, by phase, once a connection's
     /// accept was seen.
     queue: Option<[Histogram; 2]>,
@@ -379,6 +386,7 @@ impl IdentitySeries {
                 .collect(),
             durations: HashMap::new(),
             totals: HashMap::new(),
+            counted: 0,
             queue: None,
             sizes: HashMap::new(),
             saturation: None,
@@ -452,7 +460,7 @@ impl IdentitySeries {
     }
 
     /// Whether the series of (method, path, status) are made.
-    fn has_route(&self, method: &'static str, path: &str, status: u16) -> bool {
+    fn has_route(&self, method: &'static str, path: &str, status: StatusLabel) -> bool {
         self.durations
             .get(path)
             .is_some_and(|by_key| by_key.contains_key(&(method, status)))
@@ -466,7 +474,8 @@ impl IdentitySeries {
         families: &Families,
         method: &'static str,
         path: Arc<str>,
-        status: u16,
+        status: StatusLabel,
+        counted: bool,
     ) -> (&mut RouteSeries, &[String]) {
         let labels = &self.label_values;
         let route = self
@@ -482,6 +491,7 @@ impl IdentitySeries {
                         .with_label_values(&with_labels(&[method, &path, &status], labels))
                 }),
                 otel: Vec::new(),
+                counted,
             });
         (route, labels)
     }
@@ -492,7 +502,7 @@ impl IdentitySeries {
         &mut self,
         families: &Families,
         method: &'static str,
-        status: u16,
+        status: StatusLabel,
     ) -> (IntCounter, Option<IntCounter>) {
         if let Some(handles) = self.totals.get(&(method, status)) {
             return handles.clone();
@@ -501,7 +511,8 @@ impl IdentitySeries {
         let values = self.values(&[method, &status_text]);
         let handles = (
             families.requests.with_label_values(&values),
-            (status == 500).then(|| families.exceptions.with_label_values(&values)),
+            (status == StatusLabel::Code(500))
+                .then(|| families.exceptions.with_label_values(&values)),
         );
         self.totals.insert((method, status), handles.clone());
         handles
@@ -512,7 +523,7 @@ impl IdentitySeries {
     }
 
     /// Removes the duration series of one path; returns how many there
-    /// were.
+    /// were, and gives back the room of those that counted.
     fn remove_path(&mut self, path: &str, families: &Families) -> usize {
         for method in self
             .sizes
@@ -529,6 +540,7 @@ impl IdentitySeries {
         };
         let made = by_method_status.len();
         for ((method, status), route) in by_method_status {
+            self.counted -= usize::from(route.counted);
             if route.latency.is_some() {
                 let status = status.to_string();
                 families
@@ -542,16 +554,6 @@ impl IdentitySeries {
             }
         }
         made
-    }
-
-    /// Duration series made that count against the workload's budget
-    /// (all but the overflow path's).
-    fn durations_counted(&self) -> usize {
-        self.durations
-            .iter()
-            .filter(|(path, _)| &***path != OVERFLOW_PATH)
-            .map(|(_, by_key)| by_key.len())
-            .sum()
     }
 
     /// Removes every series; returns how many went.
@@ -601,6 +603,31 @@ impl IdentitySeries {
             removed += 2;
         }
         removed
+    }
+}
+
+/// The room left in the workloads' series budgets.
+struct Room<'a> {
+    per_workload: &'a mut HashMap<WorkloadKey, usize>,
+    max: usize,
+    refused: &'a IntCounter,
+}
+
+impl Room<'_> {
+    /// Takes room for one new series of `series`'s workload; a refusal is
+    /// counted.
+    fn take(&mut self, series: &mut IdentitySeries) -> bool {
+        let made = self
+            .per_workload
+            .entry(series.workload.clone())
+            .or_default();
+        if *made >= self.max {
+            self.refused.inc();
+            return false;
+        }
+        *made += 1;
+        series.counted += 1;
+        true
     }
 }
 
@@ -828,7 +855,7 @@ impl RequestMetrics {
         let identity = &attributed.identity;
         let exchange = &attributed.exchange;
         let method = exported_method(exchange.method.as_str());
-        let status = exchange.status;
+        let exact = StatusLabel::of(exchange.status);
         if !self.series.contains_key(identity) {
             self.series
                 .insert(identity.clone(), IdentitySeries::new(identity));
@@ -837,30 +864,22 @@ impl RequestMetrics {
             return;
         };
         let grouped = self.options.group_by.value(route);
-        let path = if series.has_route(method, grouped, status) {
-            grouped.clone()
-        } else {
-            // New series: within the workload's budget, else under the
-            // overflow path (bounded by methods and statuses, and not
-            // counted against the budget).
-            let count = self
-                .series_per_workload
-                .entry(series.workload.clone())
-                .or_default();
-            let path =
-                if *count >= self.options.max_series_per_workload && &**grouped != OVERFLOW_PATH {
-                    self.series_budget.inc();
-                    Arc::from(OVERFLOW_PATH)
-                } else {
-                    grouped.clone()
-                };
-            if &*path != OVERFLOW_PATH && !series.has_route(method, &path, status) {
-                *count += 1;
-            }
-            path
+        // A new series is made within the workload's budget; past it the
+        // request counts under the overflow path and its status's class,
+        // series bounded by methods and classes and not counted.
+        let mut room = Room {
+            per_workload: &mut self.series_per_workload,
+            max: self.options.max_series_per_workload,
+            refused: &self.series_budget,
         };
+        let (path, status, counted) =
+            if series.has_route(method, grouped, exact) || room.take(series) {
+                (grouped.clone(), exact, true)
+            } else {
+                (Arc::from(OVERFLOW_PATH), exact.class(), false)
+            };
         let (route_series, label_values) =
-            series.route(&self.families, method, path.clone(), status);
+            series.route(&self.families, method, path.clone(), status, counted);
         let seconds = exchange.duration_seconds();
         if let Some(latency) = &route_series.latency {
             latency.observe(seconds);
@@ -916,6 +935,13 @@ impl RequestMetrics {
             series.workers.insert(attributed.tgid);
         }
         if self.options.names.flask() {
+            // flask_http_request_total carries no path: past the budget, a
+            // new status counts under its class.
+            let status = if series.totals.contains_key(&(method, exact)) || room.take(series) {
+                exact
+            } else {
+                exact.class()
+            };
             let (requests, exceptions) = series.totals(&self.families, method, status);
             requests.inc();
             if let Some(exceptions) = exceptions {
@@ -1059,7 +1085,7 @@ impl RequestMetrics {
         let Some(series) = self.series.remove(identity) else {
             return 0;
         };
-        self.forget_durations(&series.workload, series.durations_counted());
+        self.forget_durations(&series.workload, series.counted);
         series.remove_all(&self.families)
     }
 
@@ -1067,13 +1093,17 @@ impl RequestMetrics {
     /// series go (its requests count under the template from now on; the
     /// request totals carry no path and stay). Returns how many.
     pub fn retire_route(&mut self, workload: &WorkloadKey, path: &str) -> usize {
-        let removed = self
+        let (mut removed, mut freed) = (0, 0);
+        for series in self
             .series
             .values_mut()
             .filter(|series| series.workload == *workload)
-            .map(|series| series.remove_path(path, &self.families))
-            .sum();
-        self.forget_durations(workload, removed);
+        {
+            let counted = series.counted;
+            removed += series.remove_path(path, &self.families);
+            freed += counted - series.counted;
+        }
+        self.forget_durations(workload, freed);
         removed
     }
 
@@ -1336,12 +1366,31 @@ mod tests {
         );
     }
 
+    /// The `label` values of the lines of `family` (by prefix), sorted.
+    fn label_values(registry: &Registry, family: &str, label: &str) -> Vec<String> {
+        let text = encode(registry).expect("encode");
+        let mut values: Vec<String> = text
+            .lines()
+            .filter(|line| line.starts_with(family))
+            .filter_map(|line| {
+                line.split(&format!("{label}=\""))
+                    .nth(1)?
+                    .split('"')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .collect();
+        values.sort();
+        values
+    }
+
     #[test]
     fn a_workload_past_its_series_budget_counts_under_other() {
         let registry = Registry::new();
         let budgets = budgets(&registry);
+        // Room for the request total of (GET, 200) and three durations.
         let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"], &budgets, options(3))
+            RequestMetrics::register(&registry, &["process", "port"], &budgets, options(4))
                 .expect("metrics");
         let identity = server("8000");
         for n in 0..10 {
@@ -1368,9 +1417,62 @@ mod tests {
         };
         assert_eq!(paths(&registry), ["/p0", "/p1", "/p2", OVERFLOW_PATH]);
         assert_eq!(budgets.counter("series").get(), 7);
+        assert_eq!(
+            label_values(
+                &registry,
+                "flask_http_request_duration_seconds_count",
+                "status"
+            ),
+            ["200", "200", "200", "2xx"]
+        );
         // A retired route frees its room.
         assert_eq!(metrics.retire_route(&identity.workload, "/p0"), 1);
         metrics.observe(&exchange(&identity, "GET", 200, 0.01), &route("/p9"));
         assert_eq!(paths(&registry), ["/p1", "/p2", "/p9", OVERFLOW_PATH]);
+    }
+
+    /// Statuses are written by the app: any three digits parse. Those
+    /// outside HTTP's share one value, and no family grows past the
+    /// budget by statuses, the request total included.
+    #[test]
+    fn statuses_share_one_value_outside_http_and_stay_within_the_budget() {
+        let registry = Registry::new();
+        let budgets = budgets(&registry);
+        let mut metrics =
+            RequestMetrics::register(&registry, &["process", "port"], &budgets, options(20))
+                .expect("metrics");
+        let identity = server("8000");
+        for status in [600, 999, 0, 700] {
+            metrics.observe(&exchange(&identity, "GET", status, 0.01), &route("/"));
+        }
+        assert_eq!(
+            label_values(&registry, "flask_http_request_total", "status"),
+            ["<other>"]
+        );
+        for status in 100..600 {
+            metrics.observe(&exchange(&identity, "GET", status, 0.01), &route("/"));
+        }
+        let totals = label_values(&registry, "flask_http_request_total", "status");
+        let durations = label_values(
+            &registry,
+            "flask_http_request_duration_seconds_count",
+            "status",
+        );
+        // 20 series of room: the <other> duration and total, then nine of
+        // each; past it, the classes.
+        assert_eq!(
+            totals.len() + durations.len(),
+            20 + 2 * 5,
+            "{totals:?} {durations:?}"
+        );
+        for classes in [&totals, &durations] {
+            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+                assert!(
+                    classes.iter().any(|value| value == class),
+                    "{class} in {classes:?}"
+                );
+            }
+        }
+        assert_eq!(budgets.counter("series").get(), 2 * (500 - 9));
     }
 }

@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use super::status::StatusLabel;
+
 /// The labels of the per-route families, before the identity's.
 const ROUTE_LABELS: [&str; 7] = [
     "http_request_method",
@@ -169,7 +171,7 @@ impl OtelFamilies {
     fn with_values<R>(
         variant: &Variant,
         method: &'static str,
-        status: u16,
+        status: StatusLabel,
         identity: &[String],
         with: impl FnOnce(&[&str]) -> R,
     ) -> R {
@@ -186,7 +188,7 @@ impl OtelFamilies {
         &self,
         variant: &Variant,
         method: &'static str,
-        status: u16,
+        status: StatusLabel,
         identity: &[String],
     ) -> RouteHandles {
         Self::with_values(variant, method, status, identity, |values| RouteHandles {
@@ -201,7 +203,7 @@ impl OtelFamilies {
         &self,
         variant: &Variant,
         method: &'static str,
-        status: u16,
+        status: StatusLabel,
         identity: &[String],
     ) {
         Self::with_values(variant, method, status, identity, |values| {
