@@ -9,6 +9,7 @@ use regex::Regex;
 use crate::{
     metrics::{DURATION_BUCKETS, GroupBy, MetricNames, SeriesOptions},
     routes::{PathLabelMode, discovery::RouteDiscovery},
+    server::accept::ListenerLimits,
 };
 
 #[derive(Clone, Debug, Parser)]
@@ -135,6 +136,18 @@ pub struct Config {
     )]
     pub debug_listen: SocketAddr,
 
+    /// Connections each listener (/metrics, /debug/*) serves at once; it
+    /// accepts and closes the rest, counted.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_HTTP_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub http_max_connections: u32,
+
+    /// Time a client of the agent's listeners has to send a request's
+    /// headers, from its connection or its previous response: a slow or
+    /// idle connection is closed after it, counted.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
     /// Serve /debug/routes, /debug/pods and /debug/connections.
     #[arg(long, env = "FLASK_EBPF_EXPORTER_DEBUG_ENDPOINTS", default_value_t = true,
           action = clap::ArgAction::Set)]
@@ -260,6 +273,20 @@ pub enum Mode {
 const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 impl Config {
+    /// The bounds of each listener's connections.
+    pub fn listener_limits(&self) -> Result<ListenerLimits, String> {
+        if self.http_header_timeout < Duration::from_millis(100) {
+            return Err(format!(
+                "--http-header-timeout {} is too short for any client",
+                humantime::format_duration(self.http_header_timeout)
+            ));
+        }
+        Ok(ListenerLimits {
+            connections: self.http_max_connections as usize,
+            header_timeout: self.http_header_timeout,
+        })
+    }
+
     /// The request series' options; errors on buckets that do not increase.
     pub fn series_options(&self) -> Result<SeriesOptions, String> {
         let mut buckets = if self.buckets.is_empty() {

@@ -21,7 +21,10 @@ use flask_ebpf_exporter::{
     pipeline::{Pipeline, Stages as PipelineStages},
     preflight::{self, Granted},
     routes::{discovery::helper::child as helper, flask_rules::RuleSet},
-    server::{self, ServerState},
+    server::{
+        self, ServerState,
+        accept::{self, ConnectionFamilies, ListenerLimits},
+    },
 };
 use prometheus::Registry;
 use tracing::info;
@@ -64,6 +67,9 @@ async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
     let (user_rules, rule_errors) =
         RuleSet::parse(&config.user_rules_text().map_err(anyhow::Error::msg)?);
     config.series_options().map_err(anyhow::Error::msg)?;
+    let limits = config.listener_limits().map_err(anyhow::Error::msg)?;
+    let connections =
+        ConnectionFamilies::register(&registry).context("registering connection metrics")?;
     if let Some(error) = rule_errors.first() {
         anyhow::bail!("{error} (in --route or --routes-file)");
     }
@@ -102,7 +108,13 @@ async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
         health,
         debug,
     };
-    serve(listener, debug_listener, state).await?;
+    let listeners = Listeners {
+        metrics: listener,
+        debug: debug_listener,
+        limits,
+        connections,
+    };
+    serve(listeners, state).await;
     shutdown.store(true, Ordering::SeqCst);
     pipeline_thread
         .join()
@@ -111,34 +123,45 @@ async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves the endpoints until SIGTERM or Ctrl-C: `/metrics`, `/healthz`
-/// and `/readyz` on `listener`, the debug pages on `debug_listener`.
-async fn serve(
-    listener: tokio::net::TcpListener,
-    debug_listener: Option<tokio::net::TcpListener>,
-    state: ServerState,
-) -> anyhow::Result<()> {
+/// The agent's two listeners and their bounds.
+struct Listeners {
+    /// `/metrics`, `/healthz` and `/readyz`.
+    metrics: tokio::net::TcpListener,
+    /// The debug pages, when on.
+    debug: Option<tokio::net::TcpListener>,
+    limits: ListenerLimits,
+    connections: ConnectionFamilies,
+}
+
+/// Serves the endpoints until SIGTERM or Ctrl-C.
+async fn serve(listeners: Listeners, state: ServerState) {
     let (stop, stopped) = tokio::sync::watch::channel(());
-    let debug_server = debug_listener.map(|listener| {
+    let debug_server = listeners.debug.map(|listener| {
         let mut stopped = stopped.clone();
-        let server = axum::serve(listener, server::debug_router(state.clone()))
-            .with_graceful_shutdown(async move {
+        tokio::spawn(accept::serve(
+            listener,
+            server::debug_router(state.clone()),
+            listeners.limits,
+            listeners.connections.listener("debug"),
+            async move {
                 let _ = stopped.changed().await;
-            });
-        tokio::spawn(async move { server.await })
+            },
+        ))
     });
-    axum::serve(listener, server::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    accept::serve(
+        listeners.metrics,
+        server::router(state),
+        listeners.limits,
+        listeners.connections.listener("metrics"),
+        shutdown_signal(),
+    )
+    .await;
     let _ = stop.send(());
-    if let Some(debug_server) = debug_server {
-        debug_server
-            .await
-            .context("debug server task")?
-            .context("serving the debug pages")?;
+    if let Some(debug_server) = debug_server
+        && let Err(error) = debug_server.await
+    {
+        tracing::error!(%error, "the debug pages' server failed");
     }
-    Ok(())
 }
 
 /// Local mode's process filters, or Kubernetes mode's pod watch (started

@@ -402,3 +402,95 @@ fn statuses_a_client_chooses_stay_few() {
         );
     }
 }
+
+/// Whether the agent closed `stream` within `within` (EOF or reset).
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).expect("read timeout");
+    let mut byte = [0u8; 512];
+    loop {
+        match std::io::Read::read(stream, &mut byte) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Anyone who reaches the node reaches /metrics: connections that send
+/// nothing, send a head a byte at a time, or idle after a response are
+/// closed at the header timeout; past the connection limit a connection
+/// is closed at once. Each is counted, and scrapes go on.
+#[test]
+fn the_agents_own_port_bounds_its_connections() {
+    let exporter = Exporter::start(&["--http-max-connections", "4", "--http-header-timeout", "1s"]);
+    let counted = |name: &str| labelled(&exporter.metrics(), name, "listener", "metrics");
+    let refused_before = counted("flask_ebpf_exporter_http_connections_refused_total");
+    let mut silent: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(exporter.address).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut one_too_many = TcpStream::connect(exporter.address).expect("connect");
+    assert!(
+        closed_within(&mut one_too_many, Duration::from_millis(500)),
+        "a fifth connection was served"
+    );
+    // The silent four go at the header timeout.
+    for stream in &mut silent {
+        assert!(closed_within(stream, Duration::from_secs(3)), "still open");
+    }
+    // A head sent a byte every 200 ms does not keep its connection.
+    let mut trickle = TcpStream::connect(exporter.address).expect("connect");
+    let started = Instant::now();
+    for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" {
+        if trickle.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    assert!(closed_within(&mut trickle, Duration::from_secs(2)));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A kept-alive connection idle after its response goes as well.
+    let mut idle = TcpStream::connect(exporter.address).expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    let mut answer = [0u8; 64];
+    let read = std::io::Read::read(&mut idle, &mut answer).expect("answer");
+    assert!(answer[..read].starts_with(b"HTTP/1.1 200"));
+    assert!(closed_within(&mut idle, Duration::from_secs(3)));
+
+    let samples = eventually(
+        Duration::from_secs(5),
+        || exporter.metrics(),
+        |samples| {
+            labelled(
+                samples,
+                "flask_ebpf_exporter_http_connections_timed_out_total",
+                "listener",
+                "metrics",
+            ) >= 6.0
+        },
+    );
+    let of_metrics = |name: &str| labelled(&samples, name, "listener", "metrics");
+    assert_eq!(
+        of_metrics("flask_ebpf_exporter_http_connections_refused_total") - refused_before,
+        1.0
+    );
+    assert_eq!(
+        of_metrics("flask_ebpf_exporter_http_connections_timed_out_total"),
+        6.0
+    );
+    // Only the scrape that read these is open.
+    assert_eq!(of_metrics("flask_ebpf_exporter_http_connections"), 1.0);
+    assert_eq!(exporter.status_of("/healthz"), 200);
+}

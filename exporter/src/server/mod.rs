@@ -1,5 +1,8 @@
 //! HTTP endpoints: /metrics, /healthz, /readyz (see [`crate::health`]),
-//! and /debug/* (see [`crate::debug`]).
+//! and /debug/* (see [`crate::debug`]), served by [`accept`]'s bounded
+//! loop.
+
+pub mod accept;
 
 use std::sync::Arc;
 
