@@ -90,12 +90,8 @@ pub fn unified_cgroup_is_own(cgroups: &ProcessCGroups, container: &ContainerRef)
 /// The pod and container named by one cgroup path.
 pub fn parse_cgroup_path(path: &str) -> Option<ContainerRef> {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    // The deepest pod component: a nested kubelet's pods sit below the outer one's.
-    let (pod_index, pod_uid) = components
-        .iter()
-        .enumerate()
-        .rev()
-        .find_map(|(index, component)| Some((index, pod_uid_of(component)?)))?;
+    let pod_index = kubelet_pod_index(&components)?;
+    let pod_uid = pod_uid_of(components[pod_index])?;
     let container_id = components
         .get(pod_index + 1)
         .and_then(|component| container_id_of(component));
@@ -103,6 +99,48 @@ pub fn parse_cgroup_path(path: &str) -> Option<ContainerRef> {
         pod_uid,
         container_id,
     })
+}
+
+/// Where the kubelet's layout puts a pod: right below the kubelet's root,
+/// or below the root's QoS class. The root is the shallowest `kubepods`
+/// component: a container may make sub-cgroups named like another pod's
+/// below its own, never above it. Seen from inside a cgroup namespace the
+/// root may lie above the view (`..`): the path then starts at the QoS
+/// class or the pod.
+fn kubelet_pod_index(components: &[&str]) -> Option<usize> {
+    let start = match components.iter().position(|c| is_kubelet_root(c)) {
+        Some(root) => root + 1,
+        None => match components.iter().take_while(|c| **c == "..").count() {
+            0 => return None,
+            above => above,
+        },
+    };
+    let is_pod = |index: usize| {
+        components
+            .get(index)
+            .is_some_and(|c| pod_uid_of(c).is_some())
+    };
+    if is_pod(start) {
+        return Some(start);
+    }
+    let below_qos = components.get(start).is_some_and(|c| is_qos_class(c));
+    (below_qos && is_pod(start + 1)).then_some(start + 1)
+}
+
+/// `kubepods` (cgroupfs) or `[<cgroup root>-]kubepods.slice` (systemd; kind's
+/// kubelet has `kubelet-kubepods.slice`).
+fn is_kubelet_root(component: &str) -> bool {
+    component == "kubepods"
+        || component == "kubepods.slice"
+        || component.ends_with("-kubepods.slice")
+}
+
+/// `burstable` or `besteffort` (cgroupfs), or the systemd slices named so.
+fn is_qos_class(component: &str) -> bool {
+    matches!(component, "burstable" | "besteffort")
+        || (component.contains("kubepods")
+            && (component.ends_with("-burstable.slice")
+                || component.ends_with("-besteffort.slice")))
 }
 
 /// `pod<uid>` (cgroupfs) or `[kubelet-]kubepods[-<qos>]-pod<uid>.slice` (systemd).
@@ -143,6 +181,9 @@ mod tests {
 
     const UID: &str = "4f0c5b5e-8d1a-4c1e-9d3e-6b2f6a1c2d3e";
     const ID: &str = "9b2f1c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcdef";
+    /// Another tenant's pod and container.
+    const OTHER_UID: &str = "0a1b2c3d-0000-4000-8000-00000000beef";
+    const OTHER_ID: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 
     fn container(id: Option<&str>) -> Option<ContainerRef> {
         Some(ContainerRef {
@@ -182,6 +223,7 @@ mod tests {
     #[test]
     fn kubelet_layouts() {
         let uid_ = UID.replace('-', "_");
+        let other_ = OTHER_UID.replace('-', "_");
         let table: Vec<(String, Option<ContainerRef>)> = vec![
             // systemd driver, containerd, cgroup v2
             (
@@ -253,6 +295,27 @@ mod tests {
                 ),
                 container(Some(ID)),
             ),
+            // A container's own sub-cgroups named like another pod's: the
+            // kubelet's layout still names the container they sit in.
+            (
+                format!(
+                    "0::/kubepods/burstable/pod{UID}/{ID}/kubepods/besteffort/pod{OTHER_UID}/{OTHER_ID}"
+                ),
+                container(Some(ID)),
+            ),
+            (
+                format!(
+                    "0::/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope/kubepods-besteffort-pod{other_}.slice/cri-containerd-{OTHER_ID}.scope"
+                ),
+                container(Some(ID)),
+            ),
+            (
+                format!("0::/kubepods/burstable/pod{UID}/pod{OTHER_UID}/{OTHER_ID}"),
+                container(None),
+            ),
+            // pod-like names outside the kubelet's layout
+            (format!("0::/system.slice/pod{UID}/{ID}"), None),
+            (format!("0::/kubepods/guaranteed/pod{UID}/{ID}"), None),
             // not pods
             ("0::/system.slice/containerd.service".to_owned(), None),
             (
