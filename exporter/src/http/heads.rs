@@ -252,6 +252,14 @@ pub fn parse_head_across<T>(
     }
     let held = buffer.len();
     buffer.extend_from_slice(segment_bytes);
+    // Parsed again only when the new bytes may end the head (or pass its
+    // bound): a head sent a byte at a time costs its length once, not its
+    // length squared. Bytes the parser would refuse are then found at the
+    // head's end rather than at once; the bound holds either way.
+    let seam = held.saturating_sub(2);
+    if buffer.len() < MAX_HEAD_BYTES && !may_end_a_head(&buffer[seam..]) {
+        return HeadParse::Partial;
+    }
     match parse(buffer) {
         HeadParse::Complete { head, consumed } => HeadParse::Complete {
             head,
@@ -259,6 +267,14 @@ pub fn parse_head_across<T>(
         },
         other => other,
     }
+}
+
+/// Whether `bytes` hold the empty line that ends a head (`\n\n`, or
+/// `\n\r\n`: httparse takes a bare LF as a line's end).
+fn may_end_a_head(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .any(|pair| pair == b"\n\n" || pair == b"\n\r")
 }
 
 /// Whether copied bytes at a segment start look like a request line.
@@ -360,5 +376,45 @@ mod tests {
             ("GET", "/items/7?q=1")
         );
         assert!(start_line(b"GET /items/7?q=1 HTTP/1", parse_request_head).is_none());
+    }
+
+    /// A head of nearly 64 KiB sent a byte at a time is parsed at its end,
+    /// not at every byte; its framing and where it ends are the same.
+    #[test]
+    fn a_head_sent_a_byte_at_a_time_is_parsed_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static PARSED_BYTES: AtomicUsize = AtomicUsize::new(0);
+        fn counting(bytes: &[u8]) -> HeadParse<RequestHead> {
+            PARSED_BYTES.fetch_add(bytes.len(), Ordering::Relaxed);
+            parse_request_head(bytes)
+        }
+        let mut head = b"POST /items HTTP/1.1\r\nContent-Length: 5\r\n".to_vec();
+        while head.len() < MAX_HEAD_BYTES - 700 {
+            let line = format!("X-Filler: {}\r\n", "a".repeat(600));
+            head.extend_from_slice(line.as_bytes());
+        }
+        head.extend_from_slice(b"\r\nhello");
+        let mut buffer = Vec::new();
+        let mut ended = None;
+        for (at, byte) in head.iter().enumerate() {
+            match parse_head_across(&mut buffer, std::slice::from_ref(byte), counting) {
+                HeadParse::Partial => {}
+                HeadParse::Complete { head, consumed } => {
+                    ended = Some((at, consumed, head.framing));
+                    break;
+                }
+                HeadParse::Invalid => panic!("invalid at {at}"),
+            }
+        }
+        let body_at = head.len() - b"hello".len();
+        assert_eq!(ended, Some((body_at - 1, 1, Framing::Length(5))));
+        // Each line's end is a candidate; the head's length is parsed a few
+        // times, never once per byte.
+        let parsed = PARSED_BYTES.load(Ordering::Relaxed);
+        assert!(
+            parsed < 4 * head.len(),
+            "{parsed} bytes parsed for a {}-byte head",
+            head.len()
+        );
     }
 }
