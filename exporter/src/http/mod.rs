@@ -8,8 +8,6 @@
 //! lines must lie in copied bytes, and when they do not the reader says so
 //! and resynchronises at the next message that starts a segment.
 
-use std::collections::VecDeque;
-
 use prometheus::{IntCounter, Registry};
 
 use self::{
@@ -18,6 +16,7 @@ use self::{
         Framing, HeadParse, RequestHead, ResponseHead, looks_like_request_start, parse_head_across,
         parse_request_head, parse_response_head, start_line,
     },
+    pending::{PendingRequest, PendingRequests},
 };
 use crate::{
     exchange::{Exchange, LostRequests},
@@ -26,6 +25,7 @@ use crate::{
 
 mod body;
 mod heads;
+mod pending;
 
 /// Bytes one syscall moved on the connection.
 #[derive(Clone, Copy, Debug)]
@@ -96,23 +96,6 @@ impl HttpCounters {
     }
 }
 
-/// Most pipelined requests waiting for responses on one connection.
-const MAX_PENDING_REQUESTS: usize = 256;
-
-#[derive(Debug)]
-struct PendingRequest {
-    method: http::Method,
-    target: String,
-    version: http::Version,
-    started_ns: u64,
-    bytes: u64,
-    /// Its body's payload bytes so far, when its head was read whole and
-    /// its framing kept.
-    body_bytes: Option<u64>,
-    /// Framing the server must refuse: its answer makes no exchange.
-    refused: bool,
-}
-
 /// Where one direction's reader is.
 #[derive(Debug)]
 enum ReaderState {
@@ -151,7 +134,7 @@ struct InFlightResponse {
 pub struct HttpConnection {
     request: ReaderState,
     response: ReaderState,
-    pending: VecDeque<PendingRequest>,
+    pending: PendingRequests,
     in_flight: Option<InFlightResponse>,
     /// Whether any request has parsed: garbage before the first one makes the
     /// whole connection opaque; garbage later is a desync.
@@ -435,7 +418,7 @@ impl HttpConnection {
         HttpConnection {
             request: ReaderState::fresh_head(),
             response: ReaderState::fresh_head(),
-            pending: VecDeque::new(),
+            pending: PendingRequests::default(),
             in_flight: None,
             seen_request: false,
             request_awaits_boundary: false,
@@ -453,13 +436,8 @@ impl HttpConnection {
     /// connection allocates nothing).
     pub fn recycle(mut self) -> Self {
         const KEPT_QUEUE: usize = 8;
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.clear();
-        if pending.capacity() > KEPT_QUEUE {
-            pending = VecDeque::new();
-        }
         HttpConnection {
-            pending,
+            pending: std::mem::take(&mut self.pending).recycled(KEPT_QUEUE),
             ..HttpConnection::new()
         }
     }
@@ -707,12 +685,7 @@ impl HttpConnection {
         refused: bool,
         counters: &HttpCounters,
     ) {
-        if self.pending.len() >= MAX_PENDING_REQUESTS {
-            self.pending.pop_front();
-            counters.abandoned_requests.inc();
-            self.lost.abandoned += 1;
-        }
-        self.pending.push_back(PendingRequest {
+        let made_room = self.pending.push(PendingRequest {
             method: head.method,
             target: head.target,
             version: head.version,
@@ -721,6 +694,29 @@ impl HttpConnection {
             body_bytes,
             refused,
         });
+        for _ in made_room {
+            counters.abandoned_requests.inc();
+            self.lost.abandoned += 1;
+        }
+    }
+
+    /// Bytes of the targets of requests waiting for their responses.
+    pub fn pending_target_bytes(&self) -> usize {
+        self.pending.target_bytes()
+    }
+
+    /// Gives up the oldest request waiting for its response that holds
+    /// target bytes, counted as abandoned; its response will pair with it
+    /// and make no exchange. False when none holds any.
+    pub fn abandon_oldest_request(&mut self, counters: &HttpCounters) -> bool {
+        let Some(counted) = self.pending.hollow_oldest() else {
+            return false;
+        };
+        if counted {
+            counters.abandoned_requests.inc();
+            self.lost.abandoned += 1;
+        }
+        true
     }
 
     /// A response began whose head could not be read: it answers the

@@ -1,3 +1,4 @@
+use super::pending::MAX_PENDING_REQUESTS;
 use super::*;
 use proptest::prelude::*;
 

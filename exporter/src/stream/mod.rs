@@ -19,6 +19,11 @@ use crate::{
 /// beyond it the oldest are given up first.
 pub const MAX_PARTIAL_HEAD_BYTES: usize = 16 * 1024 * 1024;
 
+/// Bytes all connections together may hold of the targets of requests
+/// waiting for their responses; past it the connection that went over
+/// gives up its oldest.
+pub const MAX_PENDING_TARGET_BYTES: usize = 16 * 1024 * 1024;
+
 /// HTTP states of closed connections kept for new ones, at most.
 const MAX_SPARE_CONNECTIONS: usize = 256;
 
@@ -62,6 +67,8 @@ struct Connection {
     /// Its entry in the table's partial-head index, while it holds one:
     /// (bytes, when the oldest began).
     partial: Option<(usize, u64)>,
+    /// Its share of the table's pending-target bytes, when last counted.
+    pending_target_bytes: usize,
     /// The listening fd it was accepted on; `None` when picked up mid-stream.
     listener: Option<u32>,
     /// Every event since the accept arrived (no sequence gap): the first
@@ -93,6 +100,9 @@ pub struct StreamCounters {
     pub connections_evicted: IntCounter,
     /// Partial heads given up to stay within [`MAX_PARTIAL_HEAD_BYTES`].
     pub partial_head_budget: IntCounter,
+    /// Waiting requests given up to stay within
+    /// [`MAX_PENDING_TARGET_BYTES`].
+    pub pending_target_budget: IntCounter,
     /// Accepted connections whose handshake the kernel's map no longer
     /// held: no queue time for them.
     pub handshakes_forgotten: IntCounter,
@@ -103,6 +113,7 @@ impl StreamCounters {
     pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(StreamCounters {
             partial_head_budget: budgets.counter("partial_head_bytes"),
+            pending_target_budget: budgets.counter("pending_target_bytes"),
             handshakes_forgotten: counter(
                 registry,
                 "flask_ebpf_exporter_handshakes_forgotten_total",
@@ -183,12 +194,60 @@ impl PartialHeads {
     }
 }
 
+/// The bytes of the waiting requests' targets, over all connections: the
+/// sum of each connection's share when it was last counted.
+#[derive(Debug, Default)]
+struct PendingTargets {
+    bytes: usize,
+}
+
+impl PendingTargets {
+    fn account(&mut self, connection: &mut Connection) {
+        let now = connection.http.pending_target_bytes();
+        self.bytes = self.bytes - connection.pending_target_bytes + now;
+        connection.pending_target_bytes = now;
+    }
+
+    fn forget(&mut self, connection: &Connection) {
+        self.bytes -= connection.pending_target_bytes;
+    }
+
+    /// Past `max`, `connection` (the one that went over) gives up its
+    /// oldest waiting requests, counted, until the rest fit or it holds
+    /// none.
+    fn enforce(&mut self, max: usize, connection: &mut Connection, counters: &StreamCounters) {
+        while self.bytes > max && connection.http.abandon_oldest_request(&counters.http) {
+            counters.pending_target_budget.inc();
+            self.account(connection);
+        }
+    }
+}
+
+/// What all connections together may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct HeldBytes {
+    /// Heads not complete yet.
+    pub partial_heads: usize,
+    /// Targets of requests waiting for their responses.
+    pub pending_targets: usize,
+}
+
+impl Default for HeldBytes {
+    fn default() -> Self {
+        HeldBytes {
+            partial_heads: MAX_PARTIAL_HEAD_BYTES,
+            pending_targets: MAX_PENDING_TARGET_BYTES,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ConnectionTable {
     connections: HashMap<(u32, u32), Connection>,
     counters: StreamCounters,
     partial_heads: PartialHeads,
-    max_partial_head_bytes: usize,
+    pending_targets: PendingTargets,
+    max_held: HeldBytes,
     /// Decisions for the kernel side, until the pipeline takes them.
     kernel_filters: Vec<KernelFilter>,
     /// Exchanges one event finished, before they are tagged (kept so that
@@ -203,20 +262,17 @@ pub struct ConnectionTable {
 
 impl ConnectionTable {
     pub fn new(counters: StreamCounters) -> Self {
-        Self::with_partial_head_budget(counters, MAX_PARTIAL_HEAD_BYTES)
+        Self::holding_at_most(counters, HeldBytes::default())
     }
 
-    /// A table whose connections hold at most `max_partial_head_bytes` of
-    /// heads not complete yet, all together.
-    pub fn with_partial_head_budget(
-        counters: StreamCounters,
-        max_partial_head_bytes: usize,
-    ) -> Self {
+    /// A table whose connections hold at most `max_held`, all together.
+    pub fn holding_at_most(counters: StreamCounters, max_held: HeldBytes) -> Self {
         ConnectionTable {
             connections: HashMap::new(),
             counters,
             partial_heads: PartialHeads::default(),
-            max_partial_head_bytes,
+            pending_targets: PendingTargets::default(),
+            max_held,
             kernel_filters: Vec::new(),
             finished: Vec::new(),
             losses: Vec::new(),
@@ -235,9 +291,14 @@ impl ConnectionTable {
         self.partial_heads.bytes
     }
 
+    /// Bytes of waiting requests' targets, over all connections.
+    pub fn pending_target_bytes(&self) -> usize {
+        self.pending_targets.bytes
+    }
+
     /// Gives up the oldest partial heads until the rest fit the budget.
     fn enforce_partial_head_budget(&mut self) {
-        while self.partial_heads.bytes > self.max_partial_head_bytes {
+        while self.partial_heads.bytes > self.max_held.partial_heads {
             let Some(&(since, key)) = self.partial_heads.oldest.first() else {
                 return;
             };
@@ -308,10 +369,18 @@ impl ConnectionTable {
                 if closed {
                     let gone = entry.remove();
                     self.partial_heads.forget(key, &gone);
+                    self.pending_targets.forget(&gone);
                     self.counters.connections_tracked.dec();
                     self.keep_spare(gone.http);
                 } else {
-                    self.partial_heads.account(key, entry.get_mut());
+                    let connection = entry.into_mut();
+                    self.pending_targets.account(connection);
+                    self.pending_targets.enforce(
+                        self.max_held.pending_targets,
+                        connection,
+                        &self.counters,
+                    );
+                    self.partial_heads.account(key, connection);
                     self.enforce_partial_head_budget();
                 }
                 return Handled::Done;
@@ -321,6 +390,7 @@ impl ConnectionTable {
             self.counters.connections_evicted.inc();
             let mut old = entry.remove();
             self.partial_heads.forget(key, &old);
+            self.pending_targets.forget(&old);
             self.counters.connections_tracked.dec();
             old.http.on_close(&self.counters.http, &mut self.finished);
             tag(
@@ -372,6 +442,7 @@ impl ConnectionTable {
             http: self.spare.pop().unwrap_or_default(),
             last_event_ns: header.timestamp_ns,
             partial: None,
+            pending_target_bytes: 0,
             listener: accepted_on,
             complete: accepted_on.is_some(),
             server_spoke: false,
@@ -402,6 +473,12 @@ impl ConnectionTable {
         let key = (header.tgid, header.fd);
         decide_kernel_side(key, &mut connection, event, &mut self.kernel_filters);
         if !closed {
+            self.pending_targets.account(&mut connection);
+            self.pending_targets.enforce(
+                self.max_held.pending_targets,
+                &mut connection,
+                &self.counters,
+            );
             self.partial_heads.account(key, &mut connection);
             self.connections.insert(key, connection);
             self.counters.connections_tracked.inc();
@@ -440,6 +517,7 @@ impl ConnectionTable {
         let mut alive: HashMap<u32, bool> = HashMap::new();
         let counters = &self.counters;
         let partial_heads = &mut self.partial_heads;
+        let pending_targets = &mut self.pending_targets;
         let losses = &mut self.losses;
         let mut eviction_checks = 0;
         self.connections.retain(|&key @ (tgid, fd), connection| {
@@ -467,6 +545,7 @@ impl ConnectionTable {
             if !keep {
                 connection.http.on_close(&counters.http, &mut exchanges);
                 partial_heads.forget(key, connection);
+                pending_targets.forget(connection);
             }
             tag(
                 tgid,

@@ -531,7 +531,13 @@ fn event_on(fd: u32, kind: EventKind, seq: u32, data: &[u8]) -> RawEvent<'_> {
 
 #[test]
 fn partial_heads_stay_within_their_budget_oldest_given_up_first() {
-    let mut table = ConnectionTable::with_partial_head_budget(counters(), 1000);
+    let mut table = ConnectionTable::holding_at_most(
+        counters(),
+        HeldBytes {
+            partial_heads: 1000,
+            ..HeldBytes::default()
+        },
+    );
     let mut out = Vec::new();
     let head_start = |n: u64| format!("GET /r{n} HTTP/1.1\r\nCookie: {}", "c".repeat(300));
     for fd in 0..5u32 {
@@ -559,6 +565,68 @@ fn partial_heads_stay_within_their_budget_oldest_given_up_first() {
         table.handle(&event_on(fd, EventKind::Close, 1, b""), &mut out);
     }
     assert_eq!(table.partial_head_bytes(), 0);
+}
+
+/// Requests pipelined with long targets on connections whose server has
+/// not answered: their targets stay within the node-wide budget, the
+/// connection that goes over gives up its oldest (counted), and every
+/// response still pairs with its own request.
+#[test]
+fn waiting_requests_targets_stay_within_their_budget() {
+    let mut table = ConnectionTable::holding_at_most(
+        counters(),
+        HeldBytes {
+            pending_targets: 10_000,
+            ..HeldBytes::default()
+        },
+    );
+    let mut out = Vec::new();
+    let request = |n: usize| format!("GET /r{n}/{} HTTP/1.1\r\n\r\n", "t".repeat(3000));
+    let target_len = request(0).find(" HTTP").expect("target") - 4;
+    // fd 1 holds one waiting request; fd 2 pipelines five.
+    let first = request(0);
+    let event = event_on(1, EventKind::Read, 0, first.as_bytes());
+    if let Handled::NewConnection(origin) = table.handle(&event, &mut out) {
+        table.open(&event, labels(&origin), None, &mut out);
+    }
+    let pipelined: String = (1..=5).map(request).collect();
+    let (mut seq, mut offset) = (0, 0);
+    for piece in pipelined.as_bytes().chunks(request(1).len()) {
+        let mut event = event_on(2, EventKind::Read, seq, piece);
+        event.header.offset = offset;
+        if let Handled::NewConnection(origin) = table.handle(&event, &mut out) {
+            table.open(&event, labels(&origin), None, &mut out);
+        }
+        seq += 1;
+        offset += piece.len() as u32;
+        assert!(
+            table.pending_target_bytes() <= 10_000,
+            "{}",
+            table.pending_target_bytes()
+        );
+    }
+    // Six targets of ~3 KiB in 10,000 bytes: fd 2 gave up its three oldest.
+    assert_eq!(table.counters().pending_target_budget.get(), 3);
+    assert_eq!(table.counters().http.abandoned_requests.get(), 3);
+    assert_eq!(table.pending_target_bytes(), 3 * target_len);
+    // Five answers on fd 2: the three given up make no exchange, the last
+    // two pair with their own requests; fd 1's request kept its target.
+    let mut written = 0;
+    for n in 0..5 {
+        let answer = format!("HTTP/1.1 20{n} OK\r\nContent-Length: 0\r\n\r\n");
+        let mut event = event_on(2, EventKind::Write, seq + n, answer.as_bytes());
+        event.header.offset = written;
+        written += answer.len() as u32;
+        table.handle(&event, &mut out);
+    }
+    let answered: Vec<(u16, &str)> = out
+        .iter()
+        .map(|c| (c.exchange.status, c.exchange.target.get(..4).unwrap_or("")))
+        .collect();
+    assert_eq!(answered, [(203, "/r4/"), (204, "/r5/")]);
+    table.handle(&event_on(1, EventKind::Write, 1, OK_EMPTY), &mut out);
+    assert!(out[2].exchange.target.starts_with("/r0/"));
+    assert_eq!(table.pending_target_bytes(), 0);
 }
 
 /// The kernel programs' bookkeeping for one connection, as
