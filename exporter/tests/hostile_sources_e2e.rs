@@ -140,12 +140,20 @@ fn no_source_an_app_holds_takes_the_agent_down() {
             })
             .sum::<f64>()
     };
+    let parse_budget_spent = |samples: &[Sample]| {
+        labelled(
+            samples,
+            "flask_ebpf_exporter_budget_exhausted_total",
+            "budget",
+            "route_discovery_parse",
+        )
+    };
     let all_counted = |samples: &Vec<Sample>| {
         hostile
             .iter()
             .all(|(_, _, _, port)| paths_for(samples, *port).values().sum::<f64>() == 12.0)
             && paths_for(samples, good.port).values().sum::<f64>() == 12.0
-            && gave_up(samples) >= 1.0
+            && gave_up(samples) + parse_budget_spent(samples) >= 2.0
     };
     let samples = eventually(Duration::from_secs(60), || exporter.metrics(), all_counted);
     println!(
@@ -194,22 +202,20 @@ fn no_source_an_app_holds_takes_the_agent_down() {
         outcome("timed_out"),
         outcome("not_retried")
     );
+    // nested_calls runs out of its parse time in the helper. memory_hog
+    // runs out of memory, or of time first on a fast machine (the helper
+    // killed, or its harvest cut at the budget): counted either way.
     assert!(
-        gave_up(&samples) >= 1.0,
-        "memory_hog's helper died or was killed, counted"
+        parse_budget_spent(&samples) >= 1.0,
+        "nested_calls ran out of time, counted"
+    );
+    assert!(
+        gave_up(&samples) + parse_budget_spent(&samples) >= 2.0,
+        "memory_hog's helper died, was killed or ran out of time, counted"
     );
     // Each well-behaved or bounded app harvested once, its workers after
     // it unchanged.
-    assert!(outcome("harvested") >= 9.0);
-    assert!(
-        labelled(
-            &samples,
-            "flask_ebpf_exporter_budget_exhausted_total",
-            "budget",
-            "route_discovery_parse"
-        ) >= 1.0,
-        "nested_calls ran out of time, counted"
-    );
+    assert!(outcome("harvested") + gave_up(&samples) >= 10.0);
 
     let rss_after = rss_kib(exporter.process.child.id());
     println!("agent RSS {rss_before} KiB before, {rss_after} KiB after");
