@@ -21,7 +21,10 @@ use crate::{
     exchange::RouteSource,
     identity::{IdentityStage, attribution::Attribution, pods::lock_index},
     metrics::ServerLoad,
-    routes::{SourceRulesView, WorkloadRoutesView},
+    routes::{
+        SourceRulesView, WorkloadRoutesView,
+        discovery::{HarvestedRule, rules::SourceRules},
+    },
     stream::ConnectionTable,
 };
 
@@ -46,27 +49,51 @@ pub struct WorkloadReport {
     pub source_rules: Option<SourceRulesReport>,
 }
 
-/// What route discovery found for a workload.
-#[derive(Clone, Debug, Serialize)]
+/// What route discovery found for a workload: the harvest itself, shared
+/// with the routes stage (a harvest may hold thousands of rules, so the
+/// snapshot taken every second copies none of them), written out only
+/// when a page is asked for.
+#[derive(Clone, Debug)]
 pub struct SourceRulesReport {
-    /// How the app was found (`gunicorn shop.wsgi:app`).
-    pub entrypoint: Option<String>,
-    /// `METHODS RULE`, with where it is registered.
-    pub rules: Vec<SourceRuleReport>,
-    pub files_parsed: usize,
-    /// What could not be followed, and why.
-    pub unresolved: Vec<String>,
+    pub harvest: Arc<SourceRules>,
     /// Requests the app served that no rule read from its source takes.
     pub misses: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct SourceRuleReport {
-    pub rule: String,
-    pub methods: Vec<String>,
-    pub endpoint: String,
-    /// `file:line`, inside the app's container.
-    pub at: String,
+/// As JSON: `entrypoint` (how the app was found, `gunicorn shop.wsgi:app`),
+/// `rules` (each with its methods, endpoint and `file:line` inside the
+/// app's container), `files_parsed`, `unresolved` (what could not be
+/// followed, and why) and `misses`.
+impl Serialize for SourceRulesReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        /// One rule, with where it was registered.
+        struct RuleAt<'a>(&'a HarvestedRule);
+        impl Serialize for RuleAt<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut rule = serializer.serialize_struct("SourceRule", 4)?;
+                rule.serialize_field("rule", &self.0.rule)?;
+                rule.serialize_field("methods", &self.0.methods)?;
+                rule.serialize_field("endpoint", &self.0.endpoint)?;
+                rule.serialize_field("at", &registered_at(self.0))?;
+                rule.end()
+            }
+        }
+        let discovery = &self.harvest.discovery;
+        let rules: Vec<RuleAt<'_>> = discovery.rules.iter().map(RuleAt).collect();
+        let mut report = serializer.serialize_struct("SourceRulesReport", 5)?;
+        report.serialize_field("entrypoint", &discovery.entrypoint)?;
+        report.serialize_field("rules", &rules)?;
+        report.serialize_field("files_parsed", &discovery.files.len())?;
+        report.serialize_field("unresolved", &discovery.unresolved)?;
+        report.serialize_field("misses", &self.misses)?;
+        report.end()
+    }
+}
+
+/// `file:line` of a rule's registration.
+fn registered_at(rule: &HarvestedRule) -> String {
+    format!("{}:{}", rule.file.display(), rule.line)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -100,24 +127,9 @@ impl RoutesReport {
             .map(|view| WorkloadReport {
                 workload: owned_pairs(view.workload.pairs()),
                 learned_nodes: view.learned_nodes,
-                source_rules: view.source_rules.as_ref().map(|source| {
-                    let discovery = &source.rules.discovery;
-                    SourceRulesReport {
-                        entrypoint: discovery.entrypoint.clone(),
-                        rules: discovery
-                            .rules
-                            .iter()
-                            .map(|rule| SourceRuleReport {
-                                rule: rule.rule.clone(),
-                                methods: rule.methods.iter().cloned().collect(),
-                                endpoint: rule.endpoint.clone(),
-                                at: format!("{}:{}", rule.file.display(), rule.line),
-                            })
-                            .collect(),
-                        files_parsed: discovery.files.len(),
-                        unresolved: discovery.unresolved.clone(),
-                        misses: source.misses,
-                    }
+                source_rules: view.source_rules.as_ref().map(|source| SourceRulesReport {
+                    harvest: source.rules.clone(),
+                    misses: source.misses,
                 }),
                 routes: view
                     .routes
@@ -151,15 +163,9 @@ fn why(source: RouteSource, path: &str, source_rules: Option<&SourceRulesView>) 
             "matched a rule given by --route, --routes-file or the pod's annotation".to_owned()
         }
         RouteSource::SourceRule => {
-            let at = source_rules.and_then(|rules| {
-                rules
-                    .rules
-                    .discovery
-                    .rules
-                    .iter()
-                    .find(|rule| rule.rule == path)
-                    .map(|rule| format!("{}:{}", rule.file.display(), rule.line))
-            });
+            let at = source_rules
+                .and_then(|source| source.rules.registered(path))
+                .map(registered_at);
             match at {
                 Some(at) => format!("matched the rule registered at {at} in the app's source"),
                 None => "matched a rule read from the app's source".to_owned(),
@@ -543,26 +549,27 @@ pub fn routes_html(snapshot: &DebugSnapshot, options: &PageOptions) -> Markup {
                     }
                 }
                 @if let Some(source) = &workload.source_rules {
+                    @let discovery = &source.harvest.discovery;
                     h3 { "Rules read from the app's source" }
                     p {
-                        "Entrypoint: " code { (source.entrypoint.as_deref().unwrap_or("not found")) }
-                        "; " (source.files_parsed) " files parsed; "
+                        "Entrypoint: " code { (discovery.entrypoint.as_deref().unwrap_or("not found")) }
+                        "; " (discovery.files.len()) " files parsed; "
                         (source.misses) " served requests no rule takes."
                     }
                     table {
                         tr { th { "rule" } th { "methods" } th { "endpoint" } th { "registered at" } }
-                        @for rule in &source.rules {
+                        @for rule in &discovery.rules {
                             tr {
                                 td { code { (rule.rule) } }
-                                td { (rule.methods.join(", ")) }
+                                td { (rule.methods.iter().map(String::as_str).collect::<Vec<_>>().join(", ")) }
                                 td { code { (rule.endpoint) } }
-                                td { code { (rule.at) } }
+                                td { code { (registered_at(rule)) } }
                             }
                         }
                     }
-                    @if !source.unresolved.is_empty() {
+                    @if !discovery.unresolved.is_empty() {
                         p { "Not followed:" }
-                        ul { @for reason in &source.unresolved { li { (reason) } } }
+                        ul { @for reason in &discovery.unresolved { li { (reason) } } }
                     }
                 }
             }

@@ -20,7 +20,7 @@ use flask_ebpf_exporter::{
     metrics::Budgets,
     pipeline::{Pipeline, Stages as PipelineStages},
     preflight::{self, Granted},
-    routes::{discovery::helper::child as helper, flask_rules::RuleSet},
+    routes::{discovery::helper::child as helper, flask_rules::RuleSet, rule_regexes::RegexMemory},
     server::{
         self, ServerState,
         accept::{self, ConnectionFamilies, ListenerLimits},
@@ -229,6 +229,7 @@ fn pipeline(
     } = stages;
     let registering = "registering metrics";
     let budgets = Budgets::register(registry).context(registering)?;
+    RegexMemory::node().count_refusals_in(budgets.counter("rule_regex_bytes"));
     let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
         .context(registering)?;
     let capture = Capture::load(

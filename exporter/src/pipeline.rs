@@ -37,10 +37,11 @@ use crate::{
     metrics::{Budgets, RequestMetrics},
     procfs,
     routes::{
-        ExcludedPaths, RouteCounters, RouteLabeler, RouteOptions, SourceRules,
+        ExcludedPaths, RouteCounters, RouteLabeler, RouteOptions,
         discovery::{
             Discovery, ParseBudget, RouteDiscovery,
             helper::HelperProgram,
+            rules::SourceRules,
             worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
         },
         flask_rules::RuleSet,
@@ -438,7 +439,7 @@ impl Stages {
             }
             for (workload, outcome) in discovery.finished() {
                 let rules = match outcome {
-                    Outcome::Harvested(found) => Some(Arc::new(SourceRules::new(*found))),
+                    Outcome::Harvested(rules) => Some(rules),
                     Outcome::Unchanged => None,
                     // No rules: the workload's routes are learned. The
                     // reason shows on /debug/routes.

@@ -7,7 +7,7 @@ mod support;
 use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
 use flask_ebpf_exporter::routes::{
-    SourceRules,
+    discovery::rules::SourceRules,
     discovery::worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
     discovery::{
         Discovery, ParseBudget, ProcessRoot, discover,
@@ -347,7 +347,12 @@ fn a_workloads_harvest_is_kept_until_a_process_runs_other_files() {
     let Outcome::Harvested(harvest) = answer(&worker) else {
         panic!("the first process is read");
     };
-    assert_eq!(harvest.rules.len(), flask_rules(&venv, spec).len());
+    assert_eq!(
+        harvest.discovery.rules.len(),
+        flask_rules(&venv, spec).len()
+    );
+    // Compiled on the worker's thread: the matcher comes with the harvest.
+    assert_eq!(harvest.set.len(), harvest.discovery.rules.len());
     drop(first);
 
     let same = serve(&venv, dir.path(), spec);
@@ -369,11 +374,12 @@ fn a_workloads_harvest_is_kept_until_a_process_runs_other_files() {
     };
     assert!(
         again
+            .discovery
             .rules
             .iter()
             .any(|rule| rule.rule == "/catalog/new/<int:new_id>"),
         "{:?}",
-        again.rules_text()
+        again.discovery.rules_text()
     );
     assert_eq!(counters.harvested.get(), 2);
     assert_eq!(counters.unchanged.get(), 1);

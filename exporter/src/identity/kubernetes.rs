@@ -268,7 +268,7 @@ impl PodWatch {
         if info.selected
             && let Some(text) = PodInfo::routes_text(pod)
         {
-            info.routes = Some(self.routes_annotation(&info, text));
+            info.routes = Some(self.routes_annotation(&info, text).await);
         }
         let uid = info.uid.clone();
         lock_index(&self.index).apply(info, Instant::now());
@@ -277,14 +277,29 @@ impl PodWatch {
 
     /// The pod's routes annotation parsed, or as parsed before for its
     /// workload. Parsing (regexes included) happens outside the index's
-    /// lock, which the pipeline needs per exchange.
-    fn routes_annotation(&self, info: &PodInfo, text: &str) -> RoutesAnnotation {
+    /// lock, which the pipeline needs per exchange, and on a blocking
+    /// thread: whoever writes the annotation decides what it costs, and
+    /// the runtime's threads serve /metrics and /healthz.
+    async fn routes_annotation(&self, info: &PodInfo, text: &str) -> RoutesAnnotation {
         let workload = info.workload_key();
         let text_hash = text_hash(text);
         if let Some(known) = lock_index(&self.index).parsed_annotation(&workload, text_hash) {
             return known;
         }
-        let (routes, errors) = parse_routes_annotation(text);
+        let owned = text.to_owned();
+        let (routes, errors) =
+            match tokio::task::spawn_blocking(move || parse_routes_annotation(&owned)).await {
+                Ok(parsed) => parsed,
+                // Only a panic while parsing: the pod's rules are refused.
+                Err(error) => {
+                    warn!(pod = %info.name, %error, "parsing the routes annotation failed");
+                    self.metrics.route_rule_errors.inc();
+                    return RoutesAnnotation {
+                        text_hash,
+                        rules: Arc::default(),
+                    };
+                }
+            };
         for error in &errors {
             warn!(pod = %info.name, namespace = %info.namespace, %error,
                 "refused in the {ROUTES_ANNOTATION} annotation; the pod's other rules apply (see flask_ebpf_exporter_kubernetes_route_rule_errors_total)");

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use super::cgroup::{ContainerRef, PodUid, bare_container_id};
 use crate::{
     exchange::{Identity, IdentityLabels, UNKNOWN, WorkloadKey},
-    routes::flask_rules::RuleSet,
+    routes::{flask_rules::RuleSet, rule_regexes::RegexMemory},
 };
 
 /// Pod annotation that selects a pod in or out (`"true"` / `"false"`).
@@ -77,7 +77,7 @@ pub fn parse_routes_annotation(text: &str) -> (RoutesAnnotation, Vec<AnnotationE
         errors.push(AnnotationError::TooManyRules { rules: lines.len() });
     }
     let kept = lines[..lines.len().min(MAX_ANNOTATION_RULES)].join("\n");
-    let (rules, rule_errors) = RuleSet::parse(&kept);
+    let (rules, rule_errors) = RuleSet::parse_within(&kept, RegexMemory::node());
     errors.extend(rule_errors.into_iter().map(AnnotationError::from));
     let rules = Arc::new(rules);
     (RoutesAnnotation { text_hash, rules }, errors)

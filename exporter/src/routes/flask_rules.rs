@@ -7,7 +7,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use regex::{Regex, RegexBuilder};
+use regex_automata::meta::Regex;
+
+use super::rule_regexes::{MAX_SET_REGEX_BYTES, RegexCache, RegexMemory, RegexRefused};
 
 /// The label of requests no rule matched, as prometheus-flask-exporter's
 /// `group_by='url_rule'` has it (`str(None)`).
@@ -29,8 +31,8 @@ pub enum RuleError {
     TooLong { start: String, bytes: usize },
     #[error("rule {rule:?}: more than {MAX_RULE_PARTS} parts")]
     TooManyParts { rule: String },
-    #[error("rule {rule:?}: its converters make a regex past {REGEX_SIZE_LIMIT} bytes")]
-    RegexTooBig { rule: String },
+    #[error("rule {rule:?}: {refused}")]
+    Regex { rule: String, refused: RegexRefused },
 }
 
 /// Longest rule line accepted (rules can come from pod annotations, which
@@ -38,8 +40,6 @@ pub enum RuleError {
 pub const MAX_RULE_BYTES: usize = 1024;
 /// Most `/`-separated parts in one rule: it bounds the matcher's depth.
 pub const MAX_RULE_PARTS: usize = 32;
-/// Most memory one converter's compiled regex may take.
-pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 
 /// What a converter checks after its regex matched (Werkzeug's `to_python`).
 #[derive(Clone, Debug, PartialEq)]
@@ -280,8 +280,8 @@ enum Part {
 
 /// `rule` split at slashes into static and dynamic parts (Werkzeug's
 /// `Rule._parse_rule`).
-fn parse_parts(rule: &str) -> Result<Vec<Part>, RuleError> {
-    let mut parser = PartParser::new(rule);
+fn parse_parts(rule: &str, regexes: &mut RegexCache) -> Result<Vec<Part>, RuleError> {
+    let mut parser = PartParser::new(rule, regexes);
     let mut rest = rule;
     while !rest.is_empty() {
         if let Some(after) = rest.strip_prefix('/') {
@@ -303,6 +303,8 @@ fn parse_parts(rule: &str) -> Result<Vec<Part>, RuleError> {
 /// The part of a rule being read, and the parts before it.
 struct PartParser<'a> {
     rule: &'a str,
+    /// The rule set's compiled regexes.
+    regexes: &'a mut RegexCache,
     parts: Vec<Part>,
     /// The part's text, or once it has a converter, its regex source.
     content: String,
@@ -316,9 +318,10 @@ struct PartParser<'a> {
 }
 
 impl<'a> PartParser<'a> {
-    fn new(rule: &'a str) -> Self {
+    fn new(rule: &'a str, regexes: &'a mut RegexCache) -> Self {
         PartParser {
             rule,
+            regexes,
             parts: Vec::new(),
             content: String::new(),
             is_static: true,
@@ -425,15 +428,15 @@ impl<'a> PartParser<'a> {
             argument_weights,
         };
         let source = format!("^(?:{content})\\z");
-        let regex = RegexBuilder::new(&source)
-            .size_limit(REGEX_SIZE_LIMIT)
-            .dfa_size_limit(REGEX_SIZE_LIMIT)
-            .build()
-            .map_err(|error| match error {
-                regex::Error::CompiledTooBig(_) => RuleError::RegexTooBig {
+        let regex = self
+            .regexes
+            .compile(&source)
+            .map_err(|refused| match refused {
+                RegexRefused::Malformed => self.malformed(&content),
+                refused => RuleError::Regex {
                     rule: self.rule.to_owned(),
+                    refused,
                 },
-                _ => self.malformed(&content),
             })?;
         Ok(Part::Dynamic(DynamicPart {
             content,
@@ -500,6 +503,7 @@ pub enum RuleMatch<'a> {
 pub struct RuleSet {
     rules: Vec<Rule>,
     root: State,
+    regexes: RegexCache,
 }
 
 const METHODS: [&str; 9] = [
@@ -511,7 +515,30 @@ impl RuleSet {
     /// comment. Without methods a rule takes every method; with them, HEAD
     /// comes with GET and OPTIONS with any, as Flask adds them.
     pub fn parse(text: &str) -> (RuleSet, Vec<RuleError>) {
-        let mut set = RuleSet::default();
+        RuleSet::default().with_lines(text)
+    }
+
+    /// As [`RuleSet::parse`], its regexes counted against `memory`.
+    pub fn parse_within(text: &str, memory: &RegexMemory) -> (RuleSet, Vec<RuleError>) {
+        RuleSet::counted_in(memory).with_lines(text)
+    }
+
+    /// An empty set whose regexes count against `memory` as well as the
+    /// set's own budget.
+    pub fn counted_in(memory: &RegexMemory) -> RuleSet {
+        RuleSet {
+            regexes: RegexCache::new(MAX_SET_REGEX_BYTES, Some(memory.clone())),
+            ..RuleSet::default()
+        }
+    }
+
+    /// Bytes the set's compiled regexes take.
+    pub fn regex_bytes(&self) -> usize {
+        self.regexes.bytes()
+    }
+
+    fn with_lines(self, text: &str) -> (RuleSet, Vec<RuleError>) {
+        let mut set = self;
         let mut errors = Vec::new();
         for line in text.lines() {
             let line = line.split('#').next().unwrap_or_default().trim();
@@ -608,7 +635,7 @@ impl RuleSet {
                 merged.push(c);
             }
         }
-        let parts = parse_parts(&merged)?;
+        let parts = parse_parts(&merged, &mut self.regexes)?;
         if parts.len() > MAX_RULE_PARTS {
             return Err(RuleError::TooManyParts {
                 rule: text.chars().take(80).collect(),
@@ -712,26 +739,31 @@ impl RuleSet {
             } else {
                 (part, rest)
             };
-            let Some(captures) = test.regex.captures(target) else {
+            let mut captures = test.regex.create_captures();
+            test.regex.captures(target, &mut captures);
+            if !captures.is_match() {
                 continue;
+            }
+            let text_of = |name: &str| {
+                captures
+                    .get_group_by_name(name)
+                    .and_then(|span| target.get(span.range()))
             };
             if test.suffixed {
-                let slash = captures.name("slash");
+                let slash = captures.get_group_by_name("slash");
                 // Werkzeug's `(?<!/)`: the text before the optional slash
                 // must not end in one.
-                let before = slash.map_or(target.len(), |m| m.start());
+                let before = slash.map_or(target.len(), |span| span.start);
                 if target[..before].ends_with('/') {
                     continue;
                 }
-                if slash.is_some_and(|m| m.as_str() == "/") {
+                if text_of("slash") == Some("/") {
                     remaining = &[""];
                 }
             }
             let pushed = test.checks.len();
             for (index, check) in test.checks.iter().enumerate() {
-                let value = captures
-                    .name(&format!("c{index}"))
-                    .map_or_else(String::new, |m| m.as_str().to_owned());
+                let value = text_of(&format!("c{index}")).unwrap_or_default().to_owned();
                 values.push((check, value));
             }
             let outcome = self.walk(next, remaining, values, method);
@@ -857,14 +889,62 @@ mod tests {
             matches!(errors[1], RuleError::TooManyParts { .. }),
             "{errors:?}"
         );
-        assert!(
-            matches!(errors[2], RuleError::RegexTooBig { .. }),
-            "{errors:?}"
-        );
-        assert!(
-            matches!(errors[3], RuleError::RegexTooBig { .. }),
-            "{errors:?}"
-        );
+        for error in &errors[2..4] {
+            assert!(
+                matches!(
+                    error,
+                    RuleError::Regex {
+                        refused: RegexRefused::TooBig,
+                        ..
+                    }
+                ),
+                "{errors:?}"
+            );
+        }
         assert_eq!(label(&rules, "GET", "/ok/7"), "/ok/<int:id>");
+    }
+
+    /// Rules of a set share the regex of one source: a thousand rules with
+    /// the same converter take the memory of one.
+    #[test]
+    fn rules_share_the_regex_of_one_source() {
+        let one = RuleSet::parse("/a0/<int:id>").0.regex_bytes();
+        let text: String = (0..1000).map(|n| format!("/a{n}/<int:id>\n")).collect();
+        let (rules, errors) = RuleSet::parse(&text);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(one > 0);
+        assert_eq!(rules.regex_bytes(), one);
+        assert_eq!(label(&rules, "GET", "/a999/7"), "/a999/<int:id>");
+    }
+
+    /// Rule sets read from pods share the node's budget: past it a rule is
+    /// refused (the rest of its set applies), and a set that goes gives
+    /// its memory back.
+    #[test]
+    fn the_node_budget_is_shared_and_given_back() {
+        let distinct = |prefix: &str| -> String {
+            (1..=40)
+                .map(|n| format!("/{prefix}{n}/<string(length={n}):x>\n"))
+                .collect()
+        };
+        let alone = RuleSet::parse(&distinct("a")).0.regex_bytes();
+        let memory = RegexMemory::with_limit(alone + alone / 2);
+        let (first, errors) = RuleSet::parse_within(&distinct("a"), &memory);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(memory.used(), first.regex_bytes());
+        let (second, errors) = RuleSet::parse_within(&distinct("b"), &memory);
+        assert!(!errors.is_empty() && second.len() < 40 && !second.is_empty());
+        assert!(errors.iter().all(|error| matches!(
+            error,
+            RuleError::Regex {
+                refused: RegexRefused::NodeBudget,
+                ..
+            }
+        )));
+        assert!(memory.used() <= alone + alone / 2);
+        drop((first, second));
+        assert_eq!(memory.used(), 0);
+        let (again, errors) = RuleSet::parse_within(&distinct("b"), &memory);
+        assert!(errors.is_empty() && again.len() == 40);
     }
 }

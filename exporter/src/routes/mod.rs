@@ -19,6 +19,7 @@
 pub mod discovery;
 pub mod flask_rules;
 pub mod learned;
+pub mod rule_regexes;
 pub mod stats;
 
 use std::{
@@ -34,6 +35,7 @@ use regex::RegexSet;
 
 use self::stats::RouteStats;
 use self::{
+    discovery::rules::SourceRules,
     flask_rules::{NO_RULE, RuleSet},
     learned::{Learned, RouteLearner},
 };
@@ -180,34 +182,6 @@ pub struct RouteOptions {
     pub discovery: bool,
     /// Requests not counted at all.
     pub excluded_paths: ExcludedPaths,
-}
-
-/// A workload's rules as read from its source, matched as user rules are.
-#[derive(Debug)]
-pub struct SourceRules {
-    pub discovery: discovery::Discovery,
-    pub set: RuleSet,
-}
-
-impl SourceRules {
-    /// The matcher over a harvest; rules it cannot take are added to what
-    /// could not be resolved.
-    pub fn new(mut discovery: discovery::Discovery) -> Self {
-        let mut set = RuleSet::default();
-        for rule in &discovery.rules {
-            let methods: Vec<&str> = rule.methods.iter().map(String::as_str).collect();
-            if let Err(error) = set.add(
-                &rule.rule,
-                Some(&methods),
-                rule.strict_slashes,
-                Some(&rule.endpoint),
-            ) {
-                discovery.unresolved.push(error.to_string());
-            }
-        }
-        set.finish();
-        SourceRules { discovery, set }
-    }
 }
 
 /// What `/debug/routes` shows of a workload's harvest.

@@ -8,6 +8,7 @@
 pub mod entrypoint;
 pub mod harvest;
 pub mod helper;
+pub mod rules;
 pub mod tree;
 pub mod worker;
 

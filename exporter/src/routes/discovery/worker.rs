@@ -12,7 +12,10 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::PathBuf,
-    sync::mpsc::{self, Receiver, Sender},
+    sync::{
+        Arc,
+        mpsc::{self, Receiver, Sender},
+    },
     thread,
 };
 
@@ -22,6 +25,7 @@ use tracing::{info, warn};
 use super::{
     Discovery, FileStamp, ParseBudget, ProcessRoot, SourceTree as _,
     helper::{self, HelperOutcome, HelperProgram},
+    rules::SourceRules,
 };
 use crate::{exchange::WorkloadKey, metrics::Budgets, procfs};
 
@@ -34,8 +38,9 @@ pub const CONCURRENT_HELPERS: usize = 4;
 /// What became of one process's source.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Read (the first process of its workload, or one whose files differ).
-    Harvested(Box<Discovery>),
+    /// Read (the first process of its workload, or one whose files differ),
+    /// and compiled into a matcher here, off the pipeline's thread.
+    Harvested(Arc<SourceRules>),
     /// The same entrypoint and files as the workload's last harvest.
     Unchanged,
     /// No rules from the source: the helper failed (now or, with the same
@@ -262,7 +267,9 @@ impl Harvests {
             }
         };
         let outcome = match &last {
-            Last::Harvested(discovery) => Outcome::Harvested(Box::new(discovery.clone())),
+            Last::Harvested(discovery) => {
+                Outcome::Harvested(Arc::new(SourceRules::new(discovery.clone())))
+            }
             Last::Failed { reason, .. } => Outcome::Failed(reason.clone()),
         };
         if self.last.len() >= CACHED_WORKLOADS
