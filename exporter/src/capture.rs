@@ -449,6 +449,9 @@ pub struct Capture {
     connections: BpfHashMap<MapData, ConnKey, ConnState>,
     unmonitored_cgroups: BpfHashMap<MapData, u64, u32>,
     ignored_listeners: IgnoredListeners,
+    /// Processes whose sockets were looked at for a verdict on a listener
+    /// past the remembered budget.
+    scans: procfs::ScanThrottle,
     /// Pids the kernel may hold as servers (seeded, or seen accepting).
     servers: ServerProcesses,
     counters: CaptureCounters,
@@ -545,6 +548,7 @@ impl Capture {
             ),
             servers,
             counters,
+            scans: procfs::ScanThrottle::new(Duration::from_secs(1), MAX_IGNORED_LISTENERS),
             malformed_logged: false,
         })
     }
@@ -649,7 +653,16 @@ impl Capture {
                         "connections on this listening socket are no longer followed"
                     );
                 }
-                if !judged_before {
+                // A listener past the remembered budget is judged again at
+                // each of its connections: its process is looked at once a
+                // second at most.
+                let remembered = self.ignored_listeners.reason_of(&listener).is_some();
+                if !judged_before
+                    && (remembered
+                        || self
+                            .scans
+                            .may_scan(listener.tgid, std::time::Instant::now()))
+                {
                     self.forget_server_if_nothing_to_follow(listener);
                 }
             }
