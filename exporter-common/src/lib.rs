@@ -131,6 +131,10 @@ pub enum EventKind {
     /// errno is `aux`). Nothing moved (`byte_count` is 0); the captured
     /// bytes are the start of what the server tried to send.
     WriteFailed = 6,
+    /// A server process's main thread exited (`sched:sched_process_exit`):
+    /// its pid may be reused at once, so what is kept by pid is forgotten
+    /// before any event of a process that reuses it.
+    ProcessExit = 7,
 }
 
 impl EventKind {
@@ -141,6 +145,7 @@ impl EventKind {
             4 => Self::Close,
             5 => Self::Heartbeat,
             6 => Self::WriteFailed,
+            7 => Self::ProcessExit,
             _ => return None,
         })
     }

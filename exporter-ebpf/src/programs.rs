@@ -822,6 +822,28 @@ fn copy_prefix(
     copy_len
 }
 
+// ---------------------------------------------------------------- exit
+
+/// A server process's main thread exits: userspace forgets what it keeps
+/// by its pid before a process that reuses the pid makes any event (the
+/// ring buffer keeps their order). The server bit stays: userspace clears
+/// it once the process is gone (threads may outlive the main one).
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if id as u32 != tgid || !is_server(tgid) {
+        return 0;
+    }
+    emit_header(&EventHeader {
+        kind: EventKind::ProcessExit as u32,
+        tgid,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        ..EventHeader::default()
+    });
+    0
+}
+
 // ---------------------------------------------------------------- close
 
 #[tracepoint]

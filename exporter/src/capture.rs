@@ -246,6 +246,7 @@ pub const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     ("sendfile_exit", "syscalls", &["sys_exit_sendfile64"]),
     ("close_enter", "syscalls", &["sys_enter_close"]),
     ("tcp_state_change", "sock", &["inet_sock_set_state"]),
+    ("process_exit", "sched", &["sched_process_exit"]),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -766,6 +767,21 @@ impl Capture {
 
     /// Forgets the listener verdicts and server marks of processes that
     /// exited.
+    /// A server's main thread exited: its listener verdicts go (a process
+    /// that reuses the pid is judged anew). Its server bit stays until it
+    /// is gone ([`Self::forget_exited`]).
+    pub fn forget_verdicts_of(&mut self, tgid: u32) {
+        for listener in self
+            .ignored_listeners
+            .forget_where(|listener, _| listener.tgid == tgid)
+        {
+            let _ = self.listeners.remove(&listener);
+        }
+        self.counters
+            .listeners_ignored
+            .set(self.ignored_listeners.len() as i64);
+    }
+
     pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
         for listener in self.ignored_listeners.forget_exited(alive) {
             let _ = self.listeners.remove(&listener);

@@ -253,6 +253,12 @@ impl Pipeline {
                 self.health.heartbeat(event.header.timestamp_ns);
                 continue;
             }
+            if event.kind == EventKind::ProcessExit {
+                let tgid = event.header.tgid;
+                drop(item);
+                self.forget_process(tgid);
+                continue;
+            }
             self.stages.handle(&event, captured);
             drop(item);
             // What the connections showed: what the kernel need not follow.
@@ -261,6 +267,19 @@ impl Pipeline {
             }
         }
         Drained::More
+    }
+
+    /// A server's main thread exited: what is kept by its pid goes now, not
+    /// at the next reap, so that a process reusing the pid is never taken
+    /// for it (its connections end at the reap, or at the kernel's sight
+    /// of a new connection on their descriptors).
+    fn forget_process(&mut self, tgid: u32) {
+        let other = |process: u32| process != tgid;
+        self.stages.identity.forget_exited(&other);
+        if let Some(ports) = &mut self.stages.server_ports {
+            ports.forget_exited(&other);
+        }
+        self.capture.forget_verdicts_of(tgid);
     }
 
     /// Once a second: identities gone past their grace period leave the

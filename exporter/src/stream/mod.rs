@@ -645,7 +645,7 @@ fn direction_of(kind: EventKind) -> Option<u32> {
     match kind {
         EventKind::Read => Some(DIRECTION_READ),
         EventKind::Write | EventKind::WriteFailed => Some(DIRECTION_WRITE),
-        EventKind::Close | EventKind::Heartbeat => None,
+        EventKind::Close | EventKind::Heartbeat | EventKind::ProcessExit => None,
     }
 }
 
