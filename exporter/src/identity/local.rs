@@ -31,10 +31,20 @@ pub struct ProcessFilter {
 /// A listening socket and the process tree serving it.
 #[derive(Debug)]
 struct Server {
+    /// Start time of the process that accepted (it tells a reused pid).
+    process_start: u64,
     root_pid: u32,
     root_name: String,
     port: Option<u16>,
     command_line: String,
+}
+
+/// What a (pid, listening fd) resolved to, and the start time of the
+/// process then under the pid.
+#[derive(Debug)]
+struct Accepted {
+    identity: Option<Arc<Identity>>,
+    process_start: u64,
 }
 
 /// Resolves and caches identities for local mode.
@@ -42,8 +52,9 @@ struct Server {
 pub struct LocalIdentity {
     filter: ProcessFilter,
     /// What accepted connections resolve to, by (tgid, listening fd):
-    /// their server, or `None` when filtered out or the process was gone.
-    servers: HashMap<(u32, u32), Option<Arc<Identity>>>,
+    /// their server, or `None` when filtered out or the process was gone;
+    /// with the process's start time, so that a reused pid is told apart.
+    servers: HashMap<(u32, u32), Accepted>,
     identities: HashMap<(String, Option<u16>), Arc<Identity>>,
 }
 
@@ -71,16 +82,23 @@ impl LocalIdentity {
         };
         let key = (origin.tgid, listen_fd);
         if let Some(cached) = self.servers.get(&key) {
-            return cached.clone();
+            return cached.identity.clone();
         }
-        let admitted = match find_server(origin.tgid, socket_inode(origin.tgid, listen_fd)) {
-            Ok(server) => self.admit(origin.tgid, &server),
-            Err(NotFound::Gone) => None,
-            // Not remembered: asked again at the next connection.
-            Err(NotFound::ScanCut) => return None,
-        };
-        self.servers.insert(key, admitted.clone());
-        admitted
+        let (identity, process_start) =
+            match find_server(origin.tgid, socket_inode(origin.tgid, listen_fd)) {
+                Ok(server) => (self.admit(origin.tgid, &server), server.process_start),
+                Err(NotFound::Gone) => (None, 0),
+                // Not remembered: asked again at the next connection.
+                Err(NotFound::ScanCut) => return None,
+            };
+        self.servers.insert(
+            key,
+            Accepted {
+                identity: identity.clone(),
+                process_start,
+            },
+        );
+        identity
     }
 
     /// Applies the filters to a server and returns its identity, shared by
@@ -127,7 +145,7 @@ impl LocalIdentity {
         let mut rows: Vec<_> = self
             .servers
             .iter()
-            .map(|(&(tgid, fd), labels)| (tgid, fd, labels.clone()))
+            .map(|(&(tgid, fd), accepted)| (tgid, fd, accepted.identity.clone()))
             .collect();
         rows.sort_by_key(|(tgid, fd, _)| (*tgid, *fd));
         rows
@@ -136,7 +154,12 @@ impl LocalIdentity {
     /// Drops what is cached about processes that exited (their pids may be
     /// reused).
     pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
-        self.servers.retain(|&(tgid, _), _| alive(tgid));
+        // A pid that runs again under another start time is another
+        // process (its exit was not seen: the event was lost).
+        self.servers.retain(|&(tgid, _), accepted| {
+            alive(tgid)
+                && procfs::stat(tgid).is_some_and(|stat| stat.start_ticks == accepted.process_start)
+        });
     }
 }
 
@@ -154,6 +177,7 @@ enum NotFound {
 fn find_server(tgid: u32, listening_inode: Option<u64>) -> Result<Server, NotFound> {
     let mut root = tgid;
     let mut root_stat = procfs::stat(tgid).ok_or(NotFound::Gone)?;
+    let process_start = root_stat.start_ticks;
     if let Some(inode) = listening_inode {
         for _ in 0..MAX_ANCESTORS {
             let parent = root_stat.ppid;
@@ -180,6 +204,7 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Result<Server, NotFou
             .map(|socket| socket.local_port),
     };
     Ok(Server {
+        process_start,
         root_pid: root,
         root_name: root_stat.name,
         port,
@@ -256,5 +281,28 @@ mod tests {
             ..Default::default()
         });
         assert!(by_pid.resolve(&origin).is_some());
+    }
+
+    /// A cached identity whose pid now runs under another start time is
+    /// another process's: the reap drops it (when the exit went unseen).
+    #[test]
+    fn a_pid_under_another_start_time_is_forgotten() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener) as u32;
+        let tgid = std::process::id();
+        let origin = Origin {
+            tgid,
+            fd: 0,
+            listen_fd: Some(fd),
+        };
+        let mut identity = LocalIdentity::new(ProcessFilter::default());
+        assert!(identity.resolve(&origin).is_some());
+        identity.forget_exited(&|_| true);
+        assert_eq!(identity.servers().len(), 1, "the same process stays");
+        for accepted in identity.servers.values_mut() {
+            accepted.process_start += 1;
+        }
+        identity.forget_exited(&|_| true);
+        assert!(identity.servers().is_empty());
     }
 }
