@@ -694,10 +694,7 @@ impl Capture {
     /// even when past the remembered budget.)
     fn forget_server_if_nothing_to_follow(&mut self, listener: ConnKey) {
         let tgid = listener.tgid;
-        // Cut scans cannot tell: the process stays a server.
-        let Some(held) = procfs::tcp_sockets_held(tgid) else {
-            return;
-        };
+        let held = procfs::tcp_sockets_held(tgid);
         let ignored: HashSet<u64> = self
             .ignored_listeners
             .fds_of(tgid)

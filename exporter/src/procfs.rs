@@ -5,45 +5,18 @@
 //!
 //! Any process may exit between two reads, so every read answers "nothing"
 //! rather than an error.
-//!
-//! A process in any pod decides how many descriptors it holds and how many
-//! sockets its network namespace has: a scan of either reads at most
-//! [`MAX_SCAN_ENTRIES`] entries within [`MAX_SCAN_TIME`]. A scan cut there
-//! answers `None` (counted), and its callers act as if they could not tell.
 
 use std::{
     collections::{HashMap, HashSet},
-    io::BufRead as _,
     path::PathBuf,
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use procfs::{
-    FromBufReadSI as _, ProcessCGroups,
-    net::{TcpNetEntries, TcpNetEntry, TcpState},
+    ProcessCGroups,
+    net::{TcpNetEntry, TcpState},
     process::{FDTarget, Process, Stat},
 };
-use prometheus::IntCounter;
-
-/// Most entries one scan reads: descriptors of a process, or rows of its
-/// namespace's TCP tables (v4 and v6 together).
-pub const MAX_SCAN_ENTRIES: usize = 65_536;
-/// Most time one scan takes.
-pub const MAX_SCAN_TIME: Duration = Duration::from_millis(200);
-
-static SCANS_CUT: OnceLock<IntCounter> = OnceLock::new();
-
-/// Where scans cut at their bound are counted (once set).
-pub fn count_cut_scans_in(counter: IntCounter) {
-    let _ = SCANS_CUT.set(counter);
-}
-
-fn scan_cut() {
-    if let Some(counter) = SCANS_CUT.get() {
-        counter.inc();
-    }
-}
 
 /// When each process was last scanned, so that one is scanned at most
 /// once per interval however many of its connections ask; within a
@@ -80,35 +53,6 @@ impl ScanThrottle {
             self.last.retain(|_, at| *at > median);
         }
         self.last.insert(tgid, now);
-        true
-    }
-}
-
-/// The bounds of one scan: entries left, and when it must end.
-struct ScanBudget {
-    entries: usize,
-    deadline: Instant,
-}
-
-impl ScanBudget {
-    fn new() -> Self {
-        Self::of(MAX_SCAN_ENTRIES, MAX_SCAN_TIME)
-    }
-
-    fn of(entries: usize, time: Duration) -> Self {
-        ScanBudget {
-            entries,
-            deadline: Instant::now() + time,
-        }
-    }
-
-    /// Takes one entry; false (counted) once the scan is past a bound.
-    fn take(&mut self) -> bool {
-        if self.entries == 0 || Instant::now() >= self.deadline {
-            scan_cut();
-            return false;
-        }
-        self.entries -= 1;
         true
     }
 }
@@ -287,74 +231,36 @@ pub fn socket_local_port(tgid: u32, fd: u32) -> Option<u16> {
 /// The local port of the TCP socket `inode` in the network namespace of
 /// `tgid`.
 pub fn tcp_local_port(tgid: u32, inode: u64) -> Option<u16> {
-    tcp_sockets(tgid)?
+    tcp_sockets(tgid)
         .into_iter()
         .find(|socket| socket.inode == inode)
         .map(|socket| socket.local_port)
 }
 
-/// Inodes of all sockets a process holds; `None` when the scan was cut.
-pub fn socket_inodes(tgid: u32) -> Option<Vec<u64>> {
-    socket_inodes_within(tgid, ScanBudget::new())
-}
-
-fn socket_inodes_within(tgid: u32, mut budget: ScanBudget) -> Option<Vec<u64>> {
+/// Inodes of all sockets a process holds.
+pub fn socket_inodes(tgid: u32) -> Vec<u64> {
     let Some(fds) = process(tgid).and_then(|process| process.fd().ok()) else {
-        return Some(Vec::new());
+        return Vec::new();
     };
-    let mut inodes = Vec::new();
-    for info in fds.flatten() {
-        if !budget.take() {
-            return None;
-        }
-        if let FDTarget::Socket(inode) = info.target {
-            inodes.push(inode);
-        }
-    }
-    Some(inodes)
+    fds.flatten()
+        .filter_map(|info| match info.target {
+            FDTarget::Socket(inode) => Some(inode),
+            _ => None,
+        })
+        .collect()
 }
 
-/// TCP sockets (v4 and v6) in the network namespace of `tgid`; `None`
-/// when the scan was cut.
-pub fn tcp_sockets(tgid: u32) -> Option<Vec<TcpSocket>> {
-    tcp_sockets_within(tgid, ScanBudget::new())
-}
-
-fn tcp_sockets_within(tgid: u32, mut budget: ScanBudget) -> Option<Vec<TcpSocket>> {
-    let mut sockets = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        sockets.extend(tcp_table(tgid, table, &mut budget)?);
-    }
-    Some(sockets)
-}
-
-/// One of `/proc/<tgid>/net/tcp{,6}`, read a row at a time within the
-/// scan's budget and parsed by procfs; empty when unreadable.
-fn tcp_table(tgid: u32, table: &str, budget: &mut ScanBudget) -> Option<Vec<TcpSocket>> {
-    let Ok(file) = std::fs::File::open(format!("/proc/{tgid}/net/{table}")) else {
-        return Some(Vec::new());
+/// TCP sockets (v4 and v6) in the network namespace of `tgid`.
+pub fn tcp_sockets(tgid: u32) -> Vec<TcpSocket> {
+    let Some(process) = process(tgid) else {
+        return Vec::new();
     };
-    let mut reader = std::io::BufReader::new(file);
-    let mut text = Vec::new();
-    let mut header = true;
-    loop {
-        let start = text.len();
-        match reader.read_until(b'\n', &mut text) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(_) => return Some(Vec::new()),
-        }
-        if !std::mem::take(&mut header) && !budget.take() {
-            return None;
-        }
-        if !text[start..].ends_with(b"\n") {
-            break;
-        }
-    }
-    let entries = TcpNetEntries::from_buf_read(text.as_slice(), procfs::current_system_info())
-        .map(|TcpNetEntries(entries)| entries)
-        .unwrap_or_default();
-    Some(entries.iter().map(TcpSocket::from).collect())
+    [process.tcp(), process.tcp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| TcpSocket::from(&entry))
+        .collect()
 }
 
 /// The TCP sockets a process holds: its listening ones (inode → local
@@ -366,11 +272,10 @@ pub struct HeldTcpSockets {
     pub connection_ports: HashSet<u16>,
 }
 
-/// `None` when a scan was cut.
-pub fn tcp_sockets_held(tgid: u32) -> Option<HeldTcpSockets> {
-    let inodes: HashSet<u64> = socket_inodes(tgid)?.into_iter().collect();
+pub fn tcp_sockets_held(tgid: u32) -> HeldTcpSockets {
+    let inodes: HashSet<u64> = socket_inodes(tgid).into_iter().collect();
     let mut held = HeldTcpSockets::default();
-    for socket in tcp_sockets(tgid)? {
+    for socket in tcp_sockets(tgid) {
         if !inodes.contains(&socket.inode) {
             continue;
         }
@@ -380,19 +285,16 @@ pub fn tcp_sockets_held(tgid: u32) -> Option<HeldTcpSockets> {
             held.connection_ports.insert(socket.local_port);
         }
     }
-    Some(held)
+    held
 }
 
-/// Inodes of listening TCP sockets in the network namespace of `tgid`;
-/// `None` when the scan was cut.
-pub fn listening_inodes(tgid: u32) -> Option<HashSet<u64>> {
-    Some(
-        tcp_sockets(tgid)?
-            .into_iter()
-            .filter(|socket| socket.listening)
-            .map(|socket| socket.inode)
-            .collect(),
-    )
+/// Inodes of listening TCP sockets in the network namespace of `tgid`.
+pub fn listening_inodes(tgid: u32) -> HashSet<u64> {
+    tcp_sockets(tgid)
+        .into_iter()
+        .filter(|socket| socket.listening)
+        .map(|socket| socket.inode)
+        .collect()
 }
 
 /// Whether a filesystem of this type is mounted in the agent's namespace.
@@ -406,10 +308,9 @@ pub fn is_mounted(filesystem_type: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Processes holding a listening TCP socket, or whose scans were cut (they
-/// may hold one).
+/// Processes holding a listening TCP socket.
 pub fn listening_processes() -> HashSet<u32> {
-    let mut listening_by_netns: HashMap<u64, Option<HashSet<u64>>> = HashMap::new();
+    let mut listening_by_netns: HashMap<u64, HashSet<u64>> = HashMap::new();
     let mut servers = HashSet::new();
     let Ok(processes) = procfs::process::all_processes() else {
         return servers;
@@ -428,13 +329,11 @@ pub fn listening_processes() -> HashSet<u32> {
         let listening = listening_by_netns
             .entry(netns.identifier)
             .or_insert_with(|| listening_inodes(tgid));
-        let holds_one = match (listening, socket_inodes(tgid)) {
-            (Some(listening), Some(held)) => {
-                !listening.is_empty() && held.iter().any(|inode| listening.contains(inode))
-            }
-            _ => true,
-        };
-        if holds_one {
+        if !listening.is_empty()
+            && socket_inodes(tgid)
+                .iter()
+                .any(|inode| listening.contains(inode))
+        {
             servers.insert(tgid);
         }
     }
@@ -501,49 +400,10 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&listener) as u32;
         let tgid = std::process::id();
         let inode = socket_inode(tgid, fd).expect("inode");
-        assert!(listening_inodes(tgid).expect("scanned").contains(&inode));
-        assert!(socket_inodes(tgid).expect("scanned").contains(&inode));
+        assert!(listening_inodes(tgid).contains(&inode));
+        assert!(socket_inodes(tgid).contains(&inode));
         assert!(listening_processes().contains(&tgid));
         assert!(!command_line(tgid).is_empty());
-    }
-
-    /// A process holding more descriptors, or a namespace more sockets,
-    /// than a scan may read: the scan answers that it cannot tell, and is
-    /// counted; within the bound it reads them all.
-    #[test]
-    fn scans_past_their_bound_cannot_tell() {
-        let registry = prometheus::Registry::new();
-        let budgets = crate::metrics::Budgets::register(&registry).expect("budgets");
-        count_cut_scans_in(budgets.counter("proc_scan"));
-        let listeners: Vec<std::net::TcpListener> = (0..40)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let tgid = std::process::id();
-        let roomy = || ScanBudget::of(usize::MAX, Duration::from_secs(5));
-        let held = socket_inodes_within(tgid, roomy()).expect("within bounds");
-        let sockets = tcp_sockets_within(tgid, roomy()).expect("within bounds");
-        for listener in &listeners {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(listener) as u32;
-            let inode = socket_inode(tgid, fd).expect("inode");
-            assert!(held.contains(&inode));
-            assert!(sockets.iter().any(|s| s.inode == inode && s.listening));
-        }
-        let cut_before = budgets.counter("proc_scan").get();
-        assert_eq!(
-            socket_inodes_within(tgid, ScanBudget::of(10, Duration::from_secs(5))),
-            None
-        );
-        assert_eq!(
-            tcp_sockets_within(tgid, ScanBudget::of(10, Duration::from_secs(5))),
-            None
-        );
-        assert_eq!(
-            tcp_sockets_within(tgid, ScanBudget::of(usize::MAX, Duration::ZERO)),
-            None
-        );
-        // Counted where the agent registers it (a process-wide counter:
-        // other tests may count too).
-        assert!(budgets.counter("proc_scan").get() >= cut_before + 3);
     }
 
     /// However many connections ask, a process is scanned once per

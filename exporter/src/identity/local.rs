@@ -73,11 +73,9 @@ impl LocalIdentity {
             // Picked up mid-stream: find the listener by the connection's
             // port or, when the server already closed the connection, as the
             // only listening socket the process holds.
-            let listener = match listener_for_connection(origin.tgid, origin.fd)? {
-                Some(listener) => Some(listener),
-                None => sole_listener(origin.tgid)?,
-            };
-            let server = find_server(origin.tgid, listener).ok()?;
+            let listener = listener_for_connection(origin.tgid, origin.fd)
+                .or_else(|| sole_listener(origin.tgid));
+            let server = find_server(origin.tgid, listener)?;
             return self.admit(origin.tgid, &server);
         };
         let key = (origin.tgid, listen_fd);
@@ -86,10 +84,8 @@ impl LocalIdentity {
         }
         let (identity, process_start) =
             match find_server(origin.tgid, socket_inode(origin.tgid, listen_fd)) {
-                Ok(server) => (self.admit(origin.tgid, &server), server.process_start),
-                Err(NotFound::Gone) => (None, 0),
-                // Not remembered: asked again at the next connection.
-                Err(NotFound::ScanCut) => return None,
+                Some(server) => (self.admit(origin.tgid, &server), server.process_start),
+                None => (None, 0),
             };
         self.servers.insert(
             key,
@@ -163,29 +159,16 @@ impl LocalIdentity {
     }
 }
 
-/// Why no server was found behind a socket.
-enum NotFound {
-    /// The process is gone.
-    Gone,
-    /// A scan of `/proc` was cut at its bound: it cannot tell (a guess
-    /// would make a series of its own).
-    ScanCut,
-}
-
 /// The server behind a listening socket held by `tgid`: its root is the
 /// topmost ancestor that still holds the same socket.
-fn find_server(tgid: u32, listening_inode: Option<u64>) -> Result<Server, NotFound> {
+fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
     let mut root = tgid;
-    let mut root_stat = procfs::stat(tgid).ok_or(NotFound::Gone)?;
+    let mut root_stat = procfs::stat(tgid)?;
     let process_start = root_stat.start_ticks;
     if let Some(inode) = listening_inode {
         for _ in 0..MAX_ANCESTORS {
             let parent = root_stat.ppid;
-            if parent <= 1 {
-                break;
-            }
-            let held = socket_inodes(parent).ok_or(NotFound::ScanCut)?;
-            if !held.contains(&inode) {
+            if parent <= 1 || !socket_inodes(parent).contains(&inode) {
                 break;
             }
             let Some(parent_stat) = procfs::stat(parent) else {
@@ -195,15 +178,8 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Result<Server, NotFou
             root_stat = parent_stat;
         }
     }
-    let port = match listening_inode {
-        None => None,
-        Some(inode) => tcp_sockets(tgid)
-            .ok_or(NotFound::ScanCut)?
-            .into_iter()
-            .find(|socket| socket.inode == inode)
-            .map(|socket| socket.local_port),
-    };
-    Ok(Server {
+    let port = listening_inode.and_then(|inode| procfs::tcp_local_port(tgid, inode));
+    Some(Server {
         process_start,
         root_pid: root,
         root_name: root_stat.name,
@@ -213,39 +189,31 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Result<Server, NotFou
 }
 
 /// The listening socket in `tgid`'s network namespace on the local port of
-/// the connection behind `fd`; `None` when a scan was cut.
-fn listener_for_connection(tgid: u32, fd: u32) -> Option<Option<u64>> {
-    let Some(inode) = socket_inode(tgid, fd) else {
-        return Some(None);
-    };
-    let sockets = tcp_sockets(tgid)?;
-    let Some(port) = sockets
+/// the connection behind `fd`.
+fn listener_for_connection(tgid: u32, fd: u32) -> Option<u64> {
+    let inode = socket_inode(tgid, fd)?;
+    let sockets = tcp_sockets(tgid);
+    let port = sockets
         .iter()
-        .find(|socket| socket.inode == inode)
-        .map(|socket| socket.local_port)
-    else {
-        return Some(None);
-    };
-    let held: HashSet<u64> = socket_inodes(tgid)?.into_iter().collect();
-    Some(
-        sockets
-            .iter()
-            .find(|socket| {
-                socket.listening && socket.local_port == port && held.contains(&socket.inode)
-            })
-            .map(|socket| socket.inode),
-    )
+        .find(|socket| socket.inode == inode)?
+        .local_port;
+    let held: HashSet<u64> = socket_inodes(tgid).into_iter().collect();
+    sockets
+        .iter()
+        .find(|socket| {
+            socket.listening && socket.local_port == port && held.contains(&socket.inode)
+        })
+        .map(|socket| socket.inode)
 }
 
-/// The listening socket a process holds, if it holds exactly one; `None`
-/// when a scan was cut.
-fn sole_listener(tgid: u32) -> Option<Option<u64>> {
-    let listening = procfs::listening_inodes(tgid)?;
-    let mut held = socket_inodes(tgid)?
+/// The listening socket a process holds, if it holds exactly one.
+fn sole_listener(tgid: u32) -> Option<u64> {
+    let listening = procfs::listening_inodes(tgid);
+    let mut held = socket_inodes(tgid)
         .into_iter()
         .filter(|inode| listening.contains(inode));
-    let first = held.next();
-    Some(first.filter(|_| held.next().is_none()))
+    let first = held.next()?;
+    held.next().is_none().then_some(first)
 }
 
 #[cfg(test)]
