@@ -215,11 +215,12 @@ impl Pipeline {
                     &|tgid, fd, conn_id| capture.follows(tgid, fd, conn_id),
                     &mut hand_offs.captured,
                 );
-                self.stages.identity.forget_exited(&procfs::is_running);
+                self.stages.identity.forget_exited(&procfs::runs);
                 if let Some(ports) = &mut self.stages.server_ports {
-                    ports.forget_exited(&procfs::is_running);
+                    ports.forget_exited(&procfs::runs);
                 }
-                self.capture.forget_exited(&procfs::is_running);
+                self.capture
+                    .forget_exited(&procfs::is_running, &procfs::runs);
             }
             self.stages.record(&mut hand_offs);
             if upkeep {
@@ -274,7 +275,7 @@ impl Pipeline {
     /// for it (its connections end at the reap, or at the kernel's sight
     /// of a new connection on their descriptors).
     fn forget_process(&mut self, tgid: u32) {
-        let other = |process: u32| process != tgid;
+        let other = |process: u32, _start: u64| process != tgid;
         self.stages.identity.forget_exited(&other);
         if let Some(ports) = &mut self.stages.server_ports {
             ports.forget_exited(&other);

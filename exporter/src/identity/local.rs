@@ -3,16 +3,16 @@
 //! worker) and the port it listens on (two servers on different ports stay
 //! apart).
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use regex::Regex;
 
 use crate::{
     exchange::{Identity, IdentityLabels, Origin},
-    procfs::{self, command_line, socket_inode, socket_inodes, tcp_sockets},
+    procfs::{
+        self, command_line,
+        sockets::{self, socket_inode},
+    },
 };
 
 /// How far up the process tree a server's root is looked for.
@@ -70,11 +70,8 @@ impl LocalIdentity {
     /// its process is already gone.
     pub fn resolve(&mut self, origin: &Origin) -> Option<Arc<Identity>> {
         let Some(listen_fd) = origin.listen_fd else {
-            // Picked up mid-stream: find the listener by the connection's
-            // port or, when the server already closed the connection, as the
-            // only listening socket the process holds.
-            let listener = listener_for_connection(origin.tgid, origin.fd)
-                .or_else(|| sole_listener(origin.tgid));
+            // Picked up mid-stream.
+            let listener = listener_for_connection(origin.tgid, origin.fd);
             let server = find_server(origin.tgid, listener)?;
             return self.admit(origin.tgid, &server);
         };
@@ -147,15 +144,12 @@ impl LocalIdentity {
         rows
     }
 
-    /// Drops what is cached about processes that exited (their pids may be
-    /// reused).
-    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
-        // A pid that runs again under another start time is another
-        // process (its exit was not seen: the event was lost).
-        self.servers.retain(|&(tgid, _), accepted| {
-            alive(tgid)
-                && procfs::stat(tgid).is_some_and(|stat| stat.start_ticks == accepted.process_start)
-        });
+    /// Drops what is cached about processes that exited, or whose pid now
+    /// names another process (its exit was not seen: the event was lost).
+    /// `runs`: whether a pid still names the process started at a time.
+    pub fn forget_exited(&mut self, runs: &dyn Fn(u32, u64) -> bool) {
+        self.servers
+            .retain(|&(tgid, _), accepted| runs(tgid, accepted.process_start));
     }
 }
 
@@ -168,7 +162,9 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
     if let Some(inode) = listening_inode {
         for _ in 0..MAX_ANCESTORS {
             let parent = root_stat.ppid;
-            if parent <= 1 || !socket_inodes(parent).contains(&inode) {
+            // A parent whose scan was cut is not taken for the root: the
+            // server is named after the process that accepted.
+            if parent <= 1 || !sockets::holds_socket(parent, inode).found {
                 break;
             }
             let Some(parent_stat) = procfs::stat(parent) else {
@@ -178,7 +174,7 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
             root_stat = parent_stat;
         }
     }
-    let port = listening_inode.and_then(|inode| procfs::tcp_local_port(tgid, inode));
+    let port = listening_inode.and_then(|inode| sockets::listener_port(tgid, inode).found);
     Some(Server {
         process_start,
         root_pid: root,
@@ -188,32 +184,24 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
     })
 }
 
-/// The listening socket in `tgid`'s network namespace on the local port of
-/// the connection behind `fd`.
+/// The listening socket a connection picked up mid-stream came from: the
+/// only one its process holds or, when it holds several, the one on the
+/// connection's local port (unknown once the connection is closed).
 fn listener_for_connection(tgid: u32, fd: u32) -> Option<u64> {
-    let inode = socket_inode(tgid, fd)?;
-    let sockets = tcp_sockets(tgid);
-    let port = sockets
-        .iter()
-        .find(|socket| socket.inode == inode)?
-        .local_port;
-    let held: HashSet<u64> = socket_inodes(tgid).into_iter().collect();
-    sockets
-        .iter()
-        .find(|socket| {
-            socket.listening && socket.local_port == port && held.contains(&socket.inode)
-        })
-        .map(|socket| socket.inode)
-}
-
-/// The listening socket a process holds, if it holds exactly one.
-fn sole_listener(tgid: u32) -> Option<u64> {
-    let listening = procfs::listening_inodes(tgid);
-    let mut held = socket_inodes(tgid)
+    let held = sockets::socket_inodes(tgid).found;
+    let listening: Vec<(u64, u16)> = sockets::listening_sockets(tgid)
+        .found
         .into_iter()
-        .filter(|inode| listening.contains(inode));
-    let first = held.next()?;
-    held.next().is_none().then_some(first)
+        .filter(|(inode, _)| held.contains(inode))
+        .collect();
+    if let [(only, _)] = listening[..] {
+        return Some(only);
+    }
+    let port = sockets::connection_port(tgid, socket_inode(tgid, fd)?).found?;
+    listening
+        .iter()
+        .find(|(_, listening_port)| *listening_port == port)
+        .map(|(inode, _)| *inode)
 }
 
 #[cfg(test)]
@@ -265,12 +253,12 @@ mod tests {
         };
         let mut identity = LocalIdentity::new(ProcessFilter::default());
         assert!(identity.resolve(&origin).is_some());
-        identity.forget_exited(&|_| true);
+        identity.forget_exited(&procfs::runs);
         assert_eq!(identity.servers().len(), 1, "the same process stays");
         for accepted in identity.servers.values_mut() {
             accepted.process_start += 1;
         }
-        identity.forget_exited(&|_| true);
+        identity.forget_exited(&procfs::runs);
         assert!(identity.servers().is_empty());
     }
 }

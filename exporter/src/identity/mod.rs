@@ -80,9 +80,10 @@ impl IdentityStage {
     }
 
     /// Forgets processes that exited or whose pid now names another process.
-    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
+    /// `runs`: whether a pid still names the process started at a time.
+    pub fn forget_exited(&mut self, runs: &dyn Fn(u32, u64) -> bool) {
         match self {
-            IdentityStage::Local(local) => local.forget_exited(alive),
+            IdentityStage::Local(local) => local.forget_exited(runs),
             IdentityStage::Pods(pods) => pods.forget_exited(),
         }
     }

@@ -93,7 +93,9 @@ const MAX_IGNORED_LISTENERS: usize = 4_096;
 /// is cleared in the kernel even when it is not remembered.
 #[derive(Debug)]
 struct IgnoredListeners {
-    listeners: HashMap<ConnKey, IgnoreReason>,
+    /// Why each is ignored, and the start time of its process (a reused
+    /// pid is another process, whose listeners are judged anew).
+    listeners: HashMap<ConnKey, (IgnoreReason, u64)>,
     max: usize,
     /// Some verdict went unremembered: the kernel may hold ones not here.
     unremembered: bool,
@@ -110,11 +112,11 @@ impl IgnoredListeners {
         }
     }
 
-    /// Remembers a listener told to be ignored, and why; whether it is new
-    /// here.
-    fn remember(&mut self, listener: ConnKey, reason: IgnoreReason) -> bool {
+    /// Remembers a listener told to be ignored, and why, for the process
+    /// started at `process_start`; whether it is new here.
+    fn remember(&mut self, listener: ConnKey, reason: IgnoreReason, process_start: u64) -> bool {
         if let Some(known) = self.listeners.get_mut(&listener) {
-            *known = reason;
+            *known = (reason, process_start);
             return false;
         }
         if self.listeners.len() >= self.max {
@@ -122,23 +124,25 @@ impl IgnoredListeners {
             self.budget.inc();
             return false;
         }
-        self.listeners.insert(listener, reason).is_none()
+        self.listeners
+            .insert(listener, (reason, process_start))
+            .is_none()
     }
 
     /// Why the listener is remembered as ignored.
     fn reason_of(&self, listener: &ConnKey) -> Option<IgnoreReason> {
-        self.listeners.get(listener).copied()
+        self.listeners.get(listener).map(|&(reason, _)| reason)
     }
 
     /// Forgets the listeners ignored for `reason`; returns them.
     fn forget_ignored_for(&mut self, reason: IgnoreReason) -> Vec<ConnKey> {
-        self.forget_where(|_, why| why == reason)
+        self.forget_where(|_, why, _| why == reason)
     }
 
     /// Forgets the listeners `pick` names; returns them.
-    fn forget_where(&mut self, pick: impl Fn(&ConnKey, IgnoreReason) -> bool) -> Vec<ConnKey> {
+    fn forget_where(&mut self, pick: impl Fn(&ConnKey, IgnoreReason, u64) -> bool) -> Vec<ConnKey> {
         self.listeners
-            .extract_if(|listener, why| pick(listener, *why))
+            .extract_if(|listener, &mut (why, start)| pick(listener, why, start))
             .map(|(listener, _)| listener)
             .collect()
     }
@@ -158,9 +162,11 @@ impl IgnoredListeners {
             .map(|listener| listener.fd)
     }
 
-    /// Forgets the listeners of processes that exited; returns them.
-    fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) -> Vec<ConnKey> {
-        self.forget_where(|listener, _| !alive(listener.tgid))
+    /// Forgets the listeners of processes that exited, or whose pid names
+    /// another process now (`runs`: whether a pid still names the process
+    /// started then); returns them.
+    fn forget_exited(&mut self, runs: &dyn Fn(u32, u64) -> bool) -> Vec<ConnKey> {
+        self.forget_where(|listener, _, start| !runs(listener.tgid, start))
     }
 
     fn len(&self) -> usize {
@@ -452,7 +458,7 @@ pub struct Capture {
     ignored_listeners: IgnoredListeners,
     /// Processes whose sockets were looked at for a verdict on a listener
     /// past the remembered budget.
-    scans: procfs::ScanThrottle,
+    scans: procfs::throttle::ScanThrottle,
     /// Pids the kernel may hold as servers (seeded, or seen accepting).
     servers: ServerProcesses,
     counters: CaptureCounters,
@@ -549,7 +555,10 @@ impl Capture {
             ),
             servers,
             counters,
-            scans: procfs::ScanThrottle::new(Duration::from_secs(1), MAX_IGNORED_LISTENERS),
+            scans: procfs::throttle::ScanThrottle::new(
+                Duration::from_secs(1),
+                MAX_IGNORED_LISTENERS,
+            ),
             malformed_logged: false,
         })
     }
@@ -646,7 +655,11 @@ impl Capture {
                 // Connections accepted before the verdict reach here one by
                 // one: the process's sockets are looked at once.
                 let judged_before = self.ignored_listeners.reason_of(&listener) == Some(reason);
-                if self.ignored_listeners.remember(listener, reason) {
+                let process_start = procfs::stat(listener.tgid).map_or(0, |stat| stat.start_ticks);
+                if self
+                    .ignored_listeners
+                    .remember(listener, reason, process_start)
+                {
                     info!(
                         tgid = listener.tgid,
                         listen_fd = listener.fd,
@@ -694,12 +707,18 @@ impl Capture {
     /// even when past the remembered budget.)
     fn forget_server_if_nothing_to_follow(&mut self, listener: ConnKey) {
         let tgid = listener.tgid;
-        let held = procfs::tcp_sockets_held(tgid);
+        // A scan cut at its bound cannot tell: the process stays followed
+        // (costing time, never an exchange).
+        let held = procfs::sockets::tcp_sockets_held(tgid);
+        if !held.complete {
+            return;
+        }
+        let held = held.found;
         let ignored: HashSet<u64> = self
             .ignored_listeners
             .fds_of(tgid)
             .chain([listener.fd])
-            .filter_map(|fd| procfs::socket_inode(tgid, fd))
+            .filter_map(|fd| procfs::sockets::socket_inode(tgid, fd))
             .collect();
         // A listener not judged yet has nothing to follow now when the
         // process holds no connection on its port (its next accept makes the
@@ -770,7 +789,7 @@ impl Capture {
     pub fn forget_verdicts_of(&mut self, tgid: u32) {
         for listener in self
             .ignored_listeners
-            .forget_where(|listener, _| listener.tgid == tgid)
+            .forget_where(|listener, _, _| listener.tgid == tgid)
         {
             let _ = self.listeners.remove(&listener);
         }
@@ -779,8 +798,10 @@ impl Capture {
             .set(self.ignored_listeners.len() as i64);
     }
 
-    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool) {
-        for listener in self.ignored_listeners.forget_exited(alive) {
+    /// `alive`: whether a pid runs; `runs`: whether it still names the
+    /// process started at a start time.
+    pub fn forget_exited(&mut self, alive: &dyn Fn(u32) -> bool, runs: &dyn Fn(u32, u64) -> bool) {
+        for listener in self.ignored_listeners.forget_exited(runs) {
             let _ = self.listeners.remove(&listener);
         }
         for tgid in self.servers.forget_exited(alive) {
@@ -892,7 +913,7 @@ fn seed_servers(ebpf: &mut Ebpf) -> Result<HashSet<u32>, CaptureError> {
     let mut server_pids: Array<_, u64> =
         Array::try_from(map_mut(ebpf, "SERVER_PIDS")?).map_err(map_error("SERVER_PIDS"))?;
     let self_tgid = std::process::id();
-    let seeded: HashSet<u32> = crate::procfs::listening_processes()
+    let seeded: HashSet<u32> = crate::procfs::sockets::listening_processes()
         .into_iter()
         .filter(|&tgid| tgid != self_tgid && tgid < PID_LIMIT)
         .collect();
@@ -1061,14 +1082,15 @@ mod tests {
         let budget = budgets.counter("ignored_listeners");
         let mut ignored = IgnoredListeners::new(2, budget.clone());
         let listener = |fd| ConnKey { tgid: 100, fd };
-        assert!(ignored.remember(listener(3), IgnoreReason::NotHttp));
+        const START: u64 = 5;
+        assert!(ignored.remember(listener(3), IgnoreReason::NotHttp, START));
         assert!(
-            !ignored.remember(listener(3), IgnoreReason::NotHttp),
+            !ignored.remember(listener(3), IgnoreReason::NotHttp, START),
             "already remembered"
         );
-        assert!(ignored.remember(listener(4), IgnoreReason::NotHttp));
+        assert!(ignored.remember(listener(4), IgnoreReason::NotHttp, START));
         // Past the budget: not remembered, counted.
-        assert!(!ignored.remember(listener(5), IgnoreReason::NotHttp));
+        assert!(!ignored.remember(listener(5), IgnoreReason::NotHttp, START));
         assert_eq!(ignored.len(), 2);
         assert_eq!(budget.get(), 1);
         // A remembered listener found speaking HTTP is cleared; so is one
@@ -1076,10 +1098,16 @@ mod tests {
         assert_eq!(ignored.forget(&listener(3)), (true, true));
         assert_eq!(ignored.forget(&listener(5)), (false, true));
         // Listeners of exited processes are let go.
-        assert!(ignored.remember(listener(6), IgnoreReason::NotHttp));
-        let gone = ignored.forget_exited(&|tgid| tgid != 100);
+        assert!(ignored.remember(listener(6), IgnoreReason::NotHttp, START));
+        let gone = ignored.forget_exited(&|tgid, _| tgid != 100);
         assert_eq!(gone.len(), 2);
         assert_eq!(ignored.len(), 0);
+        // So are those of a process whose pid now names another.
+        assert!(ignored.remember(listener(7), IgnoreReason::NotHttp, START + 1));
+        assert!(ignored.remember(listener(8), IgnoreReason::NotHttp, START));
+        let runs = |tgid, start| tgid == 100 && start == START;
+        assert_eq!(ignored.forget_exited(&runs), vec![listener(7)]);
+        assert_eq!(ignored.len(), 1);
         // Within budget, nothing unknown is cleared in the kernel.
         let mut within = IgnoredListeners::new(2, budget);
         assert_eq!(within.forget(&listener(9)), (false, false));
