@@ -187,8 +187,9 @@ pub struct EventHeader {
     /// On the first event of a connection whose accept the kernel saw:
     /// when the kernel completed its TCP handshake (`bpf_ktime_get_ns`),
     /// so `conn_id - handshake_ns` is the time it waited in the listener's
-    /// accept queue. 0 when the accept gave no peer address to look it up
-    /// by; [`HANDSHAKE_FORGOTTEN`] when it did, and none was kept for it.
+    /// accept queue. 0 when the kernel side could not find the accepted
+    /// socket (see [`SocketOffsets`]); [`HANDSHAKE_FORGOTTEN`] when it did,
+    /// and none was kept for it.
     pub handshake_ns: u64,
 }
 
@@ -236,22 +237,12 @@ pub struct ConnState {
     pub handshake_ns: u64,
 }
 
-/// A peer of a connection the kernel completed the handshake of, key of
-/// its handshake map: the remote address (IPv4 as IPv4-mapped IPv6) and
-/// port, as the accept that takes the connection reports them.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PeerKey {
-    pub address: [u8; 16],
-    pub port: u32,
-}
-
 /// Entries of the kernel's handshake map: connections whose handshake is
 /// done and whose accept has not come yet, node-wide (LRU: the oldest is
 /// forgotten, and its connection has no queue time).
 pub const HANDSHAKE_ENTRIES: u32 = 16_384;
 
-/// `handshake_ns` of an accept whose peer had no handshake kept: the map
+/// `handshake_ns` of an accept whose socket had no handshake kept: the map
 /// forgot it (more connections waited at once than it holds), or the
 /// handshake ended before the programs were attached. No kernel time is 1.
 pub const HANDSHAKE_FORGOTTEN: u64 = 1;
@@ -271,6 +262,31 @@ pub struct CaptureConfig {
     /// only then does an accept look its cgroup up.
     pub cgroup_filter: u32,
     pub _pad: u32,
+    pub sockets: SocketOffsets,
+}
+
+/// Where, in the running kernel's structures, an accept finds the socket
+/// it returned: from the task, its descriptor table, then the file's
+/// socket and its `struct sock` (byte offsets, read from the kernel's BTF
+/// by userspace). The handshake map is keyed by that `struct sock`, which
+/// the TCP state tracepoint names too, so connections of different network
+/// namespaces or ports never share an entry. `socket_sk` zero: unknown,
+/// and no accept looks a handshake up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOffsets {
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdtable_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdtable_fd: u32,
+    /// `file.private_data` (a socket file's `struct socket`)
+    pub file_private_data: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
 }
 
 #[cfg(feature = "user")]
@@ -279,7 +295,6 @@ mod user {
     // matter to the kernel (padding is explicit).
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnState {}
-    unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::ListenerState {}
     unsafe impl aya::Pod for super::CaptureConfig {}
 }

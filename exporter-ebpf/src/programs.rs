@@ -18,8 +18,8 @@ use exporter_common::{
     ConnState, ControlRequest, DIRECTION_WRITE, EVENT_HEADER_LEN, EventHeader, EventKind,
     FILTERED_AT_ACCEPT, FILTERED_BY_CGROUP, FILTERED_ON_REQUEST, FILTERED_SLOTS, HANDSHAKE_ENTRIES,
     HANDSHAKE_FORGOTTEN, HEARTBEAT_FD, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED,
-    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, PeerKey, SERVER_PID_WORDS,
-    SERVERS_MAP,
+    LISTENER_RECHECK_EVERY, ListenerState, MAP_SLOTS, MAX_CAPTURE_BYTES, SERVER_PID_WORDS,
+    SERVERS_MAP, SocketOffsets,
 };
 
 /// Offsets in the syscall tracepoint records (see
@@ -85,10 +85,10 @@ static MAP_INSERT_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP
 static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
 
 /// When the kernel completed the handshake of each connection not yet
-/// accepted, by peer: the accept that takes the connection off the
-/// listener's queue looks it up and removes it.
+/// accepted, by its `struct sock`: the accept that takes the connection
+/// off the listener's queue looks it up and removes it.
 #[map]
-static HANDSHAKES: LruHashMap<PeerKey, u64> = LruHashMap::with_max_entries(HANDSHAKE_ENTRIES, 0);
+static HANDSHAKES: LruHashMap<u64, u64> = LruHashMap::with_max_entries(HANDSHAKE_ENTRIES, 0);
 
 /// Events the ring buffer had no room for, per CPU.
 #[map]
@@ -239,7 +239,7 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         count_filtered(FILTERED_BY_CGROUP);
         return 0;
     }
-    let Some([listen_fd, peer, _]) = syscall_args() else {
+    let Some([listen_fd, _, _]) = syscall_args() else {
         return 0;
     };
     let listen_fd = listen_fd as u32;
@@ -277,7 +277,11 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
             0
         },
         listener: listen_fd.wrapping_add(1),
-        handshake_ns: if ignored { 0 } else { take_handshake(peer) },
+        handshake_ns: if ignored {
+            0
+        } else {
+            take_handshake(&config.sockets, ret as u32)
+        },
         ..ConnState::default()
     };
     if CONNS.insert(&key, &state, 0).is_err() {
@@ -298,64 +302,68 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
 }
 
 /// When the kernel completed the handshake of the connection an accept
-/// returned, from the peer address the accept wrote to user memory at
-/// `sockaddr`: 0 when the caller did not ask for it (or it is not TCP's),
-/// [`HANDSHAKE_FORGOTTEN`] when no handshake was kept for the peer.
+/// returned as `fd`: 0 when its socket cannot be found (offsets unknown, a
+/// read failed), [`HANDSHAKE_FORGOTTEN`] when no handshake was kept for it.
 #[inline(always)]
-fn take_handshake(sockaddr: u64) -> u64 {
-    if sockaddr == 0 {
+fn take_handshake(offsets: &SocketOffsets, fd: u32) -> u64 {
+    let Some(sock) = accepted_sock(offsets, fd) else {
         return 0;
-    }
-    // sockaddr_in: family, port (network order), address; sockaddr_in6:
-    // family, port, flowinfo, address. One read covers either (servers
-    // pass a sockaddr_storage); a buffer that ends sooner is read again
-    // for its first 8 bytes.
-    let mut sockaddr_bytes = [0u8; 24];
-    match unsafe { bpf_probe_read_user(sockaddr as *const [u8; 24]) } {
-        Ok(bytes) => sockaddr_bytes = bytes,
-        Err(_) => match unsafe { bpf_probe_read_user(sockaddr as *const [u8; 8]) } {
-            Ok(head) => sockaddr_bytes[..8].copy_from_slice(&head),
-            Err(_) => return 0,
-        },
-    }
-    let family = u16::from_ne_bytes([sockaddr_bytes[0], sockaddr_bytes[1]]);
-    let port = u16::from_be_bytes([sockaddr_bytes[2], sockaddr_bytes[3]]) as u32;
-    let mut key = PeerKey {
-        address: [0; 16],
-        port,
     };
-    if family == AF_INET {
-        key.address[10] = 0xff;
-        key.address[11] = 0xff;
-        key.address[12..16].copy_from_slice(&sockaddr_bytes[4..8]);
-    } else if family == AF_INET6 {
-        key.address.copy_from_slice(&sockaddr_bytes[8..24]);
-    } else {
-        return 0;
-    }
-    let Some(&at) = (unsafe { HANDSHAKES.get(&key) }) else {
+    let Some(&at) = (unsafe { HANDSHAKES.get(&sock) }) else {
         return HANDSHAKE_FORGOTTEN;
     };
-    let _ = HANDSHAKES.remove(&key);
+    let _ = HANDSHAKES.remove(&sock);
     at
+}
+
+/// The `struct sock` behind the current task's `fd`: task → files → fdt →
+/// fd[fd] → file → socket → sk.
+#[inline(always)]
+fn accepted_sock(offsets: &SocketOffsets, fd: u32) -> Option<u64> {
+    if offsets.socket_sk == 0 {
+        return None;
+    }
+    // SAFETY: every read goes through bpf_probe_read_kernel, which fails
+    // cleanly on a bad address; the offsets come from this kernel's BTF.
+    unsafe {
+        let task = bpf_get_current_task_btf() as u64;
+        let files = read_kernel_u64(task + offsets.task_files as u64)?;
+        let table = read_kernel_u64(files + offsets.files_fdt as u64)?;
+        let max_fds =
+            bpf_probe_read_kernel((table + offsets.fdtable_max_fds as u64) as *const u32).ok()?;
+        if fd >= max_fds {
+            return None;
+        }
+        let descriptors = read_kernel_u64(table + offsets.fdtable_fd as u64)?;
+        let file = read_kernel_u64(descriptors + fd as u64 * 8)?;
+        let socket = read_kernel_u64(file + offsets.file_private_data as u64)?;
+        let sock = read_kernel_u64(socket + offsets.socket_sk as u64)?;
+        (sock != 0).then_some(sock)
+    }
+}
+
+/// A pointer-sized kernel value at `address`; `None` when unreadable or
+/// null.
+#[inline(always)]
+unsafe fn read_kernel_u64(address: u64) -> Option<u64> {
+    let value = unsafe { bpf_probe_read_kernel(address as *const u64) }.ok()?;
+    (value != 0).then_some(value)
 }
 
 // ---------------------------------------------------------------- TCP
 
 /// Offsets in the `sock:inet_sock_set_state` record
-/// (/sys/kernel/tracing/events/sock/inet_sock_set_state/format); ports in
-/// host order, IPv4 addresses also as IPv4-mapped IPv6 ones.
+/// (/sys/kernel/tracing/events/sock/inet_sock_set_state/format).
+/// `skaddr`: the `struct sock`.
+const STATE_SKADDR: usize = 8;
 /// `oldstate` and `newstate`, read as one u64.
 const STATE_OLD_NEW: usize = 16;
 /// `sport`, `dport`, `family`, `protocol`, read as one u64.
 const STATE_PORTS: usize = 24;
-const STATE_REMOTE_ADDRESS_V6: usize = 56;
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
 const IPPROTO_TCP: u16 = 6;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 /// A passive connection's handshake is done (SYN_RECV → ESTABLISHED): it
 /// now waits in its listener's accept queue. Its time is kept for the
@@ -376,22 +384,9 @@ pub fn tcp_state_change(ctx: TracePointContext) -> u32 {
     if (ports >> 48) as u16 != IPPROTO_TCP {
         return 0;
     }
-    let (low, high) = unsafe {
-        (
-            core::ptr::read(record.add(STATE_REMOTE_ADDRESS_V6 / 8)),
-            core::ptr::read(record.add(STATE_REMOTE_ADDRESS_V6 / 8 + 1)),
-        )
-    };
-    let mut address = [0u8; 16];
-    address[..8].copy_from_slice(&low.to_ne_bytes());
-    address[8..].copy_from_slice(&high.to_ne_bytes());
-    let key = PeerKey {
-        address,
-        // dport: the peer's.
-        port: ((ports >> 16) & 0xffff) as u32,
-    };
+    let sock = unsafe { core::ptr::read(record.add(STATE_SKADDR / 8)) };
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = HANDSHAKES.insert(&key, &now, 0);
+    let _ = HANDSHAKES.insert(&sock, &now, 0);
     0
 }
 

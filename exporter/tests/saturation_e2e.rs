@@ -584,3 +584,93 @@ fn accept_queue_overflows_are_counted_for_a_server_alone_in_its_network() {
     drop(exporter);
     drop(server);
 }
+
+/// Two connections from one client address and port, to two servers at
+/// once: the kernel keeps each handshake by its own socket, so neither
+/// accept takes the other's. (Keyed by the client's address and port, the
+/// second handshake replaced the first: the busy server's connection lost
+/// its queue time, counted as forgotten.)
+#[test]
+fn handshakes_from_one_client_port_to_two_servers_stay_apart() {
+    use std::io::{Read as _, Write as _};
+
+    use socket2::{Domain, Socket, Type};
+
+    let venv = require_prerequisites();
+    let (_busy_server, busy) = gunicorn_sync(&venv, 1);
+    let (_idle_server, idle) = gunicorn_sync(&venv, 1);
+    let exporter = Exporter::start(&["--port", &format!("{busy},{idle}")]);
+    let forgotten =
+        |samples: &[Sample]| value(samples, "flask_ebpf_exporter_handshakes_forgotten_total");
+    let requests =
+        |samples: &[Sample], port| sum_for_port(samples, "flask_http_request_total", port);
+    at_once(busy, "/", 1);
+    at_once(idle, "/", 1);
+    let before = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| requests(samples, busy) == 1.0 && requests(samples, idle) == 1.0,
+    );
+
+    // The busy server's only worker is held for a second.
+    let slow = std::thread::spawn(move || http_get(busy, "/slow?seconds=1"));
+    std::thread::sleep(Duration::from_millis(200));
+    let client = |port: u16, local: u16| {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], local)).into())
+            .expect("bind");
+        socket
+            .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+            .expect("connect");
+        let mut stream = std::net::TcpStream::from(socket);
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        stream
+    };
+    // Waits in the busy server's accept queue...
+    let mut waiting = client(busy, 0);
+    let local = waiting.local_addr().expect("local address").port();
+    std::thread::sleep(Duration::from_millis(100));
+    // ...while the same client port is accepted at once by the other.
+    let mut at_once_stream = client(idle, local);
+    let mut response = Vec::new();
+    at_once_stream.read_to_end(&mut response).expect("response");
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    response.clear();
+    waiting.read_to_end(&mut response).expect("response");
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(
+        slow.join().expect("slow client").expect("response").status,
+        200
+    );
+
+    let after = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| requests(samples, busy) == 3.0 && requests(samples, idle) == 2.0,
+    );
+    let waited = |port| accept_queue(&after, port).1 - accept_queue(&before, port).1;
+    println!(
+        "client port {local}: waited {:.3} s at the busy server, {:.3} s at the idle one",
+        waited(busy),
+        waited(idle)
+    );
+    assert_eq!(
+        forgotten(&after),
+        forgotten(&before),
+        "no handshake forgotten"
+    );
+    assert!(
+        waited(busy) >= 0.5,
+        "the busy server's wait: {}",
+        waited(busy)
+    );
+    assert!(
+        waited(idle) < 0.1,
+        "the idle server's wait: {}",
+        waited(idle)
+    );
+}

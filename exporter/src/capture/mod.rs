@@ -1,6 +1,8 @@
 //! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
 //! set of server processes, and reads events from the BPF ring buffer.
 
+mod socket_offsets;
+
 use std::{
     collections::{HashMap, HashSet},
     os::fd::AsRawFd,
@@ -16,7 +18,7 @@ use exporter_common::{
     CONTROL_FD, CONTROL_FORGET_SERVER, CONTROL_IGNORE_CONNECTION, CONTROL_MARK_SERVER,
     CONTROL_SKIP_BODY, CaptureConfig, ConnKey, ConnState, ControlRequest, EVENT_HEADER_LEN,
     EventHeader, EventKind, FILTERED_NAMES, LISTENER_CGROUP_UNMONITORED, LISTENER_IGNORED,
-    ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT,
+    ListenerState, MAP_NAMES, MAX_CAPTURE_BYTES, PID_LIMIT, SocketOffsets,
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
@@ -896,10 +898,19 @@ impl Capture {
 fn configure(ebpf: &mut Ebpf, options: CaptureOptions) -> Result<(), CaptureError> {
     let mut config: Array<_, CaptureConfig> =
         Array::try_from(map_mut(ebpf, "CONFIG")?).map_err(map_error("CONFIG"))?;
+    let sockets = socket_offsets::socket_offsets().unwrap_or_else(|error| {
+        warn!(
+            %error,
+            "accepted connections' sockets cannot be found: no queue time \
+             (flask_http_request_queue_seconds phase=\"accept_queue\") is measured"
+        );
+        SocketOffsets::default()
+    });
     let settings = CaptureConfig {
         self_tgid: std::process::id(),
         capture_bytes: options.capture_bytes,
         wakeup_bytes: u64::from(options.ring_buffer_bytes / 4),
+        sockets,
         ..CaptureConfig::default()
     };
     config.set(0, settings, 0).map_err(map_error("CONFIG"))
