@@ -199,7 +199,9 @@ impl Pipeline {
                 request_heartbeat();
                 last_heartbeat = Some(Instant::now());
             }
-            match self.drain_events(&mut hand_offs.captured) {
+            let drained = self.drain_events(&mut hand_offs.captured);
+            self.capture.settle_server_scans();
+            match drained {
                 Drained::More => {}
                 Drained::Some => self.capture.wait(POLL_TIMEOUT),
                 Drained::None => self.capture.wait(IDLE_POLL_TIMEOUT),

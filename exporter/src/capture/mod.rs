@@ -1,6 +1,7 @@
 //! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
 //! set of server processes, and reads events from the BPF ring buffer.
 
+mod server_scans;
 mod socket_offsets;
 
 use std::{
@@ -23,6 +24,7 @@ use exporter_common::{
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
+use self::server_scans::{ServerScan, ServerScanned, ServerScans};
 use crate::{
     metrics::{Budgets, counter, gauge},
     preflight::Granted,
@@ -282,6 +284,8 @@ pub enum CaptureError {
     Missing(&'static str),
     #[error("--capture-bytes must be between 1 and {MAX_CAPTURE_BYTES}")]
     CaptureBytes,
+    #[error("could not start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -458,9 +462,8 @@ pub struct Capture {
     connections: BpfHashMap<MapData, ConnKey, ConnState>,
     unmonitored_cgroups: BpfHashMap<MapData, u64, u32>,
     ignored_listeners: IgnoredListeners,
-    /// Processes whose sockets were looked at for a verdict on a listener
-    /// past the remembered budget.
-    scans: procfs::throttle::ScanThrottle,
+    /// Looks at a process's sockets once one of its listeners is ignored.
+    server_scans: ServerScans,
     /// Pids the kernel may hold as servers (seeded, or seen accepting).
     servers: ServerProcesses,
     counters: CaptureCounters,
@@ -557,10 +560,11 @@ impl Capture {
             ),
             servers,
             counters,
-            scans: procfs::throttle::ScanThrottle::new(
+            server_scans: ServerScans::start(procfs::throttle::ScanThrottle::new(
                 Duration::from_secs(1),
                 MAX_IGNORED_LISTENERS,
-            ),
+            ))
+            .map_err(CaptureError::Thread)?,
             malformed_logged: false,
         })
     }
@@ -669,17 +673,15 @@ impl Capture {
                         "connections on this listening socket are no longer followed"
                     );
                 }
-                // A listener past the remembered budget is judged again at
-                // each of its connections: its process is looked at once a
-                // second at most.
-                let remembered = self.ignored_listeners.reason_of(&listener).is_some();
-                if !judged_before
-                    && (remembered
-                        || self
-                            .scans
-                            .may_scan(listener.tgid, std::time::Instant::now()))
-                {
-                    self.forget_server_if_nothing_to_follow(listener);
+                // Whether the process has anything left to follow is looked
+                // at on another thread, and settled when it answers.
+                if !judged_before {
+                    let remembered = self.ignored_listeners.reason_of(&listener).is_some();
+                    let scan = ServerScan {
+                        listener,
+                        ignored_fds: self.ignored_fds_with(listener),
+                    };
+                    self.server_scans.ask(scan, remembered);
                 }
             }
             None => {
@@ -702,52 +704,44 @@ impl Capture {
             .set(self.ignored_listeners.len() as i64);
     }
 
-    /// A process with nothing to follow (each listening socket it holds is
-    /// ignored, or holds no connection) is no server to the kernel: its
-    /// reads and writes stop at the first check, and its later connections
-    /// on ignored listeners leave no entry. (`listener` counts as ignored
-    /// even when past the remembered budget.)
-    fn forget_server_if_nothing_to_follow(&mut self, listener: ConnKey) {
-        let tgid = listener.tgid;
-        // A scan cut at its bound cannot tell: the process stays followed
-        // (costing time, never an exchange).
-        let held = procfs::sockets::tcp_sockets_held(tgid);
-        if !held.complete {
-            return;
+    /// The listening fds of `listener`'s process that are ignored, itself
+    /// included (even when past the remembered budget), in order.
+    fn ignored_fds_with(&self, listener: ConnKey) -> Vec<u32> {
+        let mut fds: Vec<u32> = self.ignored_listeners.fds_of(listener.tgid).collect();
+        fds.push(listener.fd);
+        fds.sort_unstable();
+        fds.dedup();
+        fds
+    }
+
+    /// Settles the looks at processes that answered: a process with nothing
+    /// to follow is no server to the kernel (its reads and writes stop at
+    /// the first check, and its later connections on ignored listeners
+    /// leave no entry). An answer about listeners whose verdicts changed
+    /// since it was asked is stale and let go.
+    pub fn settle_server_scans(&mut self) {
+        let answered: Vec<ServerScanned> = self.server_scans.answers().collect();
+        for answer in answered {
+            let listener = answer.scan.listener;
+            let still_ignored = self
+                .listeners
+                .get(&listener, 0)
+                .is_ok_and(|state| state.verdict & LISTENER_IGNORED != 0);
+            if !answer.nothing_to_follow
+                || !still_ignored
+                || self.ignored_fds_with(listener) != answer.scan.ignored_fds
+            {
+                continue;
+            }
+            let tgid = listener.tgid;
+            forget_server(tgid);
+            self.servers.forget(tgid);
+            self.counters.processes_ignored.inc();
+            debug!(
+                tgid,
+                "nothing this process holds is followed: the kernel stops at its pid"
+            );
         }
-        let held = held.found;
-        let ignored: HashSet<u64> = self
-            .ignored_listeners
-            .fds_of(tgid)
-            .chain([listener.fd])
-            .filter_map(|fd| procfs::sockets::socket_inode(tgid, fd))
-            .collect();
-        // A listener not judged yet has nothing to follow now when the
-        // process holds no connection on its port (its next accept makes the
-        // process a server again), or when an ignored listener shares that
-        // port (Redis's 127.0.0.1 and ::1: one protocol, and connections by
-        // port cannot tell the two apart).
-        let ignored_ports: HashSet<u16> = held
-            .listening
-            .iter()
-            .filter(|(inode, _)| ignored.contains(inode))
-            .map(|(_, port)| *port)
-            .collect();
-        let nothing_to_follow = held.listening.iter().all(|(inode, port)| {
-            ignored.contains(inode)
-                || ignored_ports.contains(port)
-                || !held.connection_ports.contains(port)
-        });
-        if held.listening.is_empty() || !nothing_to_follow {
-            return;
-        }
-        forget_server(tgid);
-        self.servers.forget(tgid);
-        self.counters.processes_ignored.inc();
-        debug!(
-            tgid,
-            "nothing this process holds is followed: the kernel stops at its pid"
-        );
     }
 
     /// Follows again every listener and cgroup ignored as not monitored,

@@ -9,6 +9,7 @@
 
 pub mod sockets;
 pub mod throttle;
+pub mod worker;
 
 use std::path::PathBuf;
 
