@@ -260,7 +260,7 @@ fn main() {
     let mut regex_bytes = 0;
     for _ in 0..rounds {
         let started = Instant::now();
-        let rules = SourceRules::new(discovery.clone());
+        let rules = SourceRules::new(discovery.clone(), Default::default());
         compile_times.push(started.elapsed());
         assert_eq!(rules.set.len(), discovery.rules.len());
         regex_bytes = rules.set.regex_bytes();

@@ -230,6 +230,7 @@ fn pipeline(
     let registering = "registering metrics";
     let budgets = Budgets::register(registry).context(registering)?;
     RegexMemory::node().count_refusals_in(budgets.counter("rule_regex_bytes"));
+    RegexMemory::count_workload_refusals_in(budgets.counter("workload_rule_regex_bytes"));
     flask_ebpf_exporter::procfs::sockets::count_cut_scans_in(budgets.counter("proc_scan"));
     let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
         .context(registering)?;

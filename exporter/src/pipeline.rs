@@ -45,6 +45,7 @@ use crate::{
             worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
         },
         flask_rules::RuleSet,
+        rule_regexes::SharedBudgets,
     },
     stream::{ConnectionTable, Handled, StreamCounters},
 };
@@ -465,10 +466,13 @@ impl Stages {
                     Outcome::Unchanged => None,
                     // No rules: the workload's routes are learned. The
                     // reason shows on /debug/routes.
-                    Outcome::Failed(reason) => Some(Arc::new(SourceRules::new(Discovery {
-                        unresolved: vec![reason],
-                        ..Discovery::default()
-                    }))),
+                    Outcome::Failed(reason) => Some(Arc::new(SourceRules::new(
+                        Discovery {
+                            unresolved: vec![reason],
+                            ..Discovery::default()
+                        },
+                        SharedBudgets::default(),
+                    ))),
                 };
                 self.labeler.source_rules_answered(&workload, rules);
             }

@@ -103,7 +103,7 @@ fn a_script_run_directly_is_found_too() {
 fn trailing_slashes_are_routed_as_flask_routes_them() {
     let venv = require_prerequisites();
     for spec in ["slashes:app", "slashes:lenient"] {
-        let rules = SourceRules::new(discovered(&format!("gunicorn {spec}")));
+        let rules = SourceRules::new(discovered(&format!("gunicorn {spec}")), Default::default());
         let mut requests = String::new();
         for path in [
             "/strict",

@@ -277,7 +277,17 @@ mod tests {
             container_ids: vec![("app".to_owned(), ID.to_owned())],
             app_containers: vec!["app".to_owned(), "proxy".to_owned()],
             selected,
-            routes: Some(parse_routes_annotation("GET /orders/<int:id>\n/bad/<nope:x>\n").0),
+            routes: Some(
+                parse_routes_annotation(
+                    "GET /orders/<int:id>\n/bad/<nope:x>\n",
+                    &WorkloadKey::Pod {
+                        namespace: "shop".to_owned(),
+                        workload: "web".to_owned(),
+                        workload_kind: "Deployment".to_owned(),
+                    },
+                )
+                .0,
+            ),
         }
     }
 
@@ -341,7 +351,10 @@ mod tests {
             start + Duration::from_secs(1),
         );
         assert!(later.is_empty());
-        let (_, refused) = parse_routes_annotation("GET /orders/<int:id>\n/bad/<nope:x>\n");
+        let (_, refused) = parse_routes_annotation(
+            "GET /orders/<int:id>\n/bad/<nope:x>\n",
+            &pod_info(true).workload_key(),
+        );
         assert_eq!(refused.len(), 1, "one bad rule line");
         lock_index(&index).apply(pod_info(true), start);
         // The annotation's rules reach the attributed exchange (the bad line skipped).

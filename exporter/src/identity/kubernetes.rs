@@ -287,19 +287,23 @@ impl PodWatch {
             return known;
         }
         let owned = text.to_owned();
-        let (routes, errors) =
-            match tokio::task::spawn_blocking(move || parse_routes_annotation(&owned)).await {
-                Ok(parsed) => parsed,
-                // Only a panic while parsing: the pod's rules are refused.
-                Err(error) => {
-                    warn!(pod = %info.name, %error, "parsing the routes annotation failed");
-                    self.metrics.route_rule_errors.inc();
-                    return RoutesAnnotation {
-                        text_hash,
-                        rules: Arc::default(),
-                    };
-                }
-            };
+        let key = workload.clone();
+        let (routes, errors) = match tokio::task::spawn_blocking(move || {
+            parse_routes_annotation(&owned, &key)
+        })
+        .await
+        {
+            Ok(parsed) => parsed,
+            // Only a panic while parsing: the pod's rules are refused.
+            Err(error) => {
+                warn!(pod = %info.name, %error, "parsing the routes annotation failed");
+                self.metrics.route_rule_errors.inc();
+                return RoutesAnnotation {
+                    text_hash,
+                    rules: Arc::default(),
+                };
+            }
+        };
         for error in &errors {
             warn!(pod = %info.name, namespace = %info.namespace, %error,
                 "refused in the {ROUTES_ANNOTATION} annotation; the pod's other rules apply (see flask_ebpf_exporter_kubernetes_route_rule_errors_total)");

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use super::cgroup::{ContainerRef, PodUid, bare_container_id};
 use crate::{
     exchange::{Identity, IdentityLabels, UNKNOWN, WorkloadKey},
-    routes::{flask_rules::RuleSet, rule_regexes::RegexMemory},
+    routes::{flask_rules::RuleSet, rule_regexes::SharedBudgets},
 };
 
 /// Pod annotation that selects a pod in or out (`"true"` / `"false"`).
@@ -61,7 +61,10 @@ pub fn text_hash(text: &str) -> u64 {
 
 /// Parses a routes annotation within its bounds: what is refused is
 /// returned beside the rules that apply.
-pub fn parse_routes_annotation(text: &str) -> (RoutesAnnotation, Vec<AnnotationError>) {
+pub fn parse_routes_annotation(
+    text: &str,
+    workload: &WorkloadKey,
+) -> (RoutesAnnotation, Vec<AnnotationError>) {
     let text_hash = text_hash(text);
     if text.len() > MAX_ROUTES_ANNOTATION_BYTES {
         let refused = AnnotationError::TooLarge { bytes: text.len() };
@@ -77,7 +80,7 @@ pub fn parse_routes_annotation(text: &str) -> (RoutesAnnotation, Vec<AnnotationE
         errors.push(AnnotationError::TooManyRules { rules: lines.len() });
     }
     let kept = lines[..lines.len().min(MAX_ANNOTATION_RULES)].join("\n");
-    let (rules, rule_errors) = RuleSet::parse_within(&kept, RegexMemory::node());
+    let (rules, rule_errors) = RuleSet::parse_within(&kept, SharedBudgets::of_workload(workload));
     errors.extend(rule_errors.into_iter().map(AnnotationError::from));
     let rules = Arc::new(rules);
     (RoutesAnnotation { text_hash, rules }, errors)
@@ -761,8 +764,13 @@ mod tests {
 
     #[test]
     fn routes_annotations_are_read_within_bounds() {
+        let key = WorkloadKey::Pod {
+            namespace: "test".into(),
+            workload: "bounds".into(),
+            workload_kind: "Deployment".into(),
+        };
         let huge = format!("GET /a\n{}", "x".repeat(MAX_ROUTES_ANNOTATION_BYTES));
-        let (routes, refused) = parse_routes_annotation(&huge);
+        let (routes, refused) = parse_routes_annotation(&huge, &key);
         assert!(routes.rules.is_empty());
         assert!(
             matches!(refused[..], [AnnotationError::TooLarge { .. }]),
@@ -772,7 +780,7 @@ mod tests {
         let many: String = (0..MAX_ANNOTATION_RULES + 100)
             .map(|n| format!("GET /r{n}\n# a comment\n\n"))
             .collect();
-        let (routes, refused) = parse_routes_annotation(&many);
+        let (routes, refused) = parse_routes_annotation(&many, &key);
         assert_eq!(routes.rules.len(), MAX_ANNOTATION_RULES);
         assert!(
             matches!(refused[..], [AnnotationError::TooManyRules { rules }] if rules == MAX_ANNOTATION_RULES + 100)
@@ -780,12 +788,13 @@ mod tests {
 
         // A 5,000-segment rule fits the annotation, not a rule.
         let deep: String = (0..5_000).map(|n| format!("/s{n}")).collect();
-        let (routes, refused) = parse_routes_annotation(&format!("{deep}\nGET /ok/<int:id>\n"));
+        let (routes, refused) =
+            parse_routes_annotation(&format!("{deep}\nGET /ok/<int:id>\n"), &key);
         assert_eq!(routes.rules.rules().collect::<Vec<_>>(), ["/ok/<int:id>"]);
         assert_eq!(refused.len(), 1);
         assert_eq!(
             routes,
-            parse_routes_annotation(&format!("{deep}\nGET /ok/<int:id>\n")).0
+            parse_routes_annotation(&format!("{deep}\nGET /ok/<int:id>\n"), &key).0
         );
     }
 }

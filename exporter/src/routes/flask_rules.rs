@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use regex_automata::meta::Regex;
 
-use super::rule_regexes::{MAX_SET_REGEX_BYTES, RegexCache, RegexMemory, RegexRefused};
+use super::rule_regexes::{MAX_SET_REGEX_BYTES, RegexCache, RegexRefused, SharedBudgets};
 
 /// The label of requests no rule matched, as prometheus-flask-exporter's
 /// `group_by='url_rule'` has it (`str(None)`).
@@ -518,16 +518,16 @@ impl RuleSet {
         RuleSet::default().with_lines(text)
     }
 
-    /// As [`RuleSet::parse`], its regexes counted against `memory`.
-    pub fn parse_within(text: &str, memory: &RegexMemory) -> (RuleSet, Vec<RuleError>) {
-        RuleSet::counted_in(memory).with_lines(text)
+    /// As [`RuleSet::parse`], its regexes counted against `shared` too.
+    pub fn parse_within(text: &str, shared: SharedBudgets) -> (RuleSet, Vec<RuleError>) {
+        RuleSet::counted_in(shared).with_lines(text)
     }
 
-    /// An empty set whose regexes count against `memory` as well as the
-    /// set's own budget.
-    pub fn counted_in(memory: &RegexMemory) -> RuleSet {
+    /// An empty set whose regexes count against `shared` (its workload's
+    /// and the node's budgets) as well as the set's own budget.
+    pub fn counted_in(shared: SharedBudgets) -> RuleSet {
         RuleSet {
-            regexes: RegexCache::new(MAX_SET_REGEX_BYTES, Some(memory.clone())),
+            regexes: RegexCache::new(MAX_SET_REGEX_BYTES, shared),
             ..RuleSet::default()
         }
     }
@@ -928,11 +928,15 @@ mod tests {
                 .collect()
         };
         let alone = RuleSet::parse(&distinct("a")).0.regex_bytes();
-        let memory = RegexMemory::with_limit(alone + alone / 2);
-        let (first, errors) = RuleSet::parse_within(&distinct("a"), &memory);
+        let memory = super::super::rule_regexes::RegexMemory::with_limit(alone + alone / 2);
+        let node = || SharedBudgets {
+            workload: None,
+            node: Some(memory.clone()),
+        };
+        let (first, errors) = RuleSet::parse_within(&distinct("a"), node());
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(memory.used(), first.regex_bytes());
-        let (second, errors) = RuleSet::parse_within(&distinct("b"), &memory);
+        let (second, errors) = RuleSet::parse_within(&distinct("b"), node());
         assert!(!errors.is_empty() && second.len() < 40 && !second.is_empty());
         assert!(errors.iter().all(|error| matches!(
             error,
@@ -944,7 +948,7 @@ mod tests {
         assert!(memory.used() <= alone + alone / 2);
         drop((first, second));
         assert_eq!(memory.used(), 0);
-        let (again, errors) = RuleSet::parse_within(&distinct("b"), &memory);
+        let (again, errors) = RuleSet::parse_within(&distinct("b"), node());
         assert!(errors.is_empty() && again.len() == 40);
     }
 }

@@ -844,7 +844,7 @@ mod tests {
                 line: 1,
             });
         }
-        Arc::new(SourceRules::new(harvest))
+        Arc::new(SourceRules::new(harvest, Default::default()))
     }
 
     /// A new process of a known workload (a restart, a new pod of it) may

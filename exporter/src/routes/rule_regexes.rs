@@ -1,12 +1,13 @@
 //! The compiled regexes of a rule set. A rule's converters come from
 //! whoever wrote the rule (a pod annotation, an app's source), so the
-//! memory their regexes take is bounded per converter, per rule set and
-//! per node, and the rules of a set share the regex of one source.
+//! memory their regexes take is bounded per converter, per rule set, per
+//! workload and per node, and the rules of a set share the regex of one
+//! source.
 
 use std::{
     collections::HashMap,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock, PoisonError, Weak,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -14,12 +15,18 @@ use std::{
 use prometheus::IntCounter;
 use regex_automata::meta::{Config, Regex};
 
+use crate::exchange::WorkloadKey;
+
 /// Most memory one converter's compiled regex may take (its NFA, and the
 /// lazy DFA's cache when it matches).
 pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 /// Most memory the regexes of one rule set take: an annotation's rules, a
 /// workload's harvest, or the flags' rules.
 pub const MAX_SET_REGEX_BYTES: usize = 8 * 1024 * 1024;
+/// Most memory the regexes of one workload's rule sets take together: its
+/// pods' annotations (one set per distinct text) and its harvest, so that
+/// one workload cannot take the node's budget from the others.
+pub const MAX_WORKLOAD_REGEX_BYTES: usize = 16 * 1024 * 1024;
 /// Most memory the regexes of all rule sets read from pods take together:
 /// annotations and harvests of every workload on the node.
 pub const MAX_NODE_REGEX_BYTES: usize = 64 * 1024 * 1024;
@@ -31,11 +38,15 @@ pub enum RegexRefused {
     TooBig,
     #[error("its regexes pass its rule set's {MAX_SET_REGEX_BYTES} bytes of compiled regex")]
     SetBudget,
+    #[error("its regexes pass its workload's {MAX_WORKLOAD_REGEX_BYTES} bytes of compiled regex")]
+    WorkloadBudget,
     #[error("its regexes pass the node's {MAX_NODE_REGEX_BYTES} bytes of compiled regex")]
     NodeBudget,
     #[error("its regex does not compile")]
     Malformed,
 }
+
+static WORKLOAD_REFUSALS: OnceLock<IntCounter> = OnceLock::new();
 
 /// Regex memory shared by the rule sets that count against one budget.
 #[derive(Clone, Debug)]
@@ -61,6 +72,35 @@ impl RegexMemory {
     pub fn node() -> &'static RegexMemory {
         static NODE: OnceLock<RegexMemory> = OnceLock::new();
         NODE.get_or_init(|| RegexMemory::with_limit(MAX_NODE_REGEX_BYTES))
+    }
+
+    /// The workload's: every rule set of its pods and its source counts
+    /// against it (and against the node's). Kept while a set of the
+    /// workload lives.
+    pub fn workload(workload: &WorkloadKey) -> RegexMemory {
+        static WORKLOADS: OnceLock<Mutex<HashMap<WorkloadKey, Weak<Shared>>>> = OnceLock::new();
+        let mut workloads = WORKLOADS
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(shared) = workloads.get(workload).and_then(Weak::upgrade) {
+            return RegexMemory(shared);
+        }
+        // Workloads whose sets are all gone are let go here, so the map
+        // holds no more workloads than live sets.
+        workloads.retain(|_, shared| shared.strong_count() > 0);
+        let memory = RegexMemory::with_limit(MAX_WORKLOAD_REGEX_BYTES);
+        if let Some(counter) = WORKLOAD_REFUSALS.get() {
+            memory.count_refusals_in(counter.clone());
+        }
+        workloads.insert(workload.clone(), Arc::downgrade(&memory.0));
+        memory
+    }
+
+    /// Where regexes refused for any workload's budget are counted (set
+    /// once, at start).
+    pub fn count_workload_refusals_in(counter: IntCounter) {
+        let _ = WORKLOAD_REFUSALS.set(counter);
     }
 
     /// Where regexes refused for this budget are counted (once set).
@@ -92,30 +132,72 @@ impl RegexMemory {
     }
 }
 
+/// What a set's regexes count against besides its own budget, and what a
+/// refusal by each is called.
+#[derive(Clone, Debug, Default)]
+pub struct SharedBudgets {
+    pub workload: Option<RegexMemory>,
+    pub node: Option<RegexMemory>,
+}
+
+impl SharedBudgets {
+    /// A workload's set: its workload's budget, then the node's.
+    pub fn of_workload(workload: &WorkloadKey) -> Self {
+        SharedBudgets {
+            workload: Some(RegexMemory::workload(workload)),
+            node: Some(RegexMemory::node().clone()),
+        }
+    }
+
+    /// Charges every budget or none.
+    fn charge(&self, bytes: usize) -> Result<(), RegexRefused> {
+        if let Some(workload) = &self.workload
+            && !workload.charge(bytes)
+        {
+            return Err(RegexRefused::WorkloadBudget);
+        }
+        if let Some(node) = &self.node
+            && !node.charge(bytes)
+        {
+            if let Some(workload) = &self.workload {
+                workload.release(bytes);
+            }
+            return Err(RegexRefused::NodeBudget);
+        }
+        Ok(())
+    }
+
+    fn release(&self, bytes: usize) {
+        for memory in [&self.workload, &self.node].into_iter().flatten() {
+            memory.release(bytes);
+        }
+    }
+}
+
 /// A rule set's regexes by source, and the memory they take; given back
-/// to the node's budget when the set goes.
+/// to the shared budgets when the set goes.
 #[derive(Debug)]
 pub struct RegexCache {
     by_source: HashMap<String, Regex>,
     bytes: usize,
     max_bytes: usize,
-    memory: Option<RegexMemory>,
+    shared: SharedBudgets,
 }
 
 impl Default for RegexCache {
     fn default() -> Self {
-        RegexCache::new(MAX_SET_REGEX_BYTES, None)
+        RegexCache::new(MAX_SET_REGEX_BYTES, SharedBudgets::default())
     }
 }
 
 impl RegexCache {
-    /// A set of at most `max_bytes`, counted against `memory` when given.
-    pub fn new(max_bytes: usize, memory: Option<RegexMemory>) -> Self {
+    /// A set of at most `max_bytes`, counted against `shared` too.
+    pub fn new(max_bytes: usize, shared: SharedBudgets) -> Self {
         RegexCache {
             by_source: HashMap::new(),
             bytes: 0,
             max_bytes,
-            memory,
+            shared,
         }
     }
 
@@ -141,11 +223,7 @@ impl RegexCache {
         if self.bytes + bytes > self.max_bytes {
             return Err(RegexRefused::SetBudget);
         }
-        if let Some(memory) = &self.memory
-            && !memory.charge(bytes)
-        {
-            return Err(RegexRefused::NodeBudget);
-        }
+        self.shared.charge(bytes)?;
         self.bytes += bytes;
         self.by_source.insert(source.to_owned(), regex.clone());
         Ok(regex)
@@ -159,9 +237,7 @@ impl RegexCache {
 
 impl Drop for RegexCache {
     fn drop(&mut self) {
-        if let Some(memory) = &self.memory {
-            memory.release(self.bytes);
-        }
+        self.shared.release(self.bytes);
     }
 }
 
@@ -174,7 +250,13 @@ mod tests {
     #[test]
     fn a_set_stays_within_its_own_budget() {
         let node = RegexMemory::with_limit(usize::MAX);
-        let mut cache = RegexCache::new(100_000, Some(node.clone()));
+        let mut cache = RegexCache::new(
+            100_000,
+            SharedBudgets {
+                workload: None,
+                node: Some(node.clone()),
+            },
+        );
         let mut compiled = 0;
         let refused =
             (1..200).find_map(
@@ -202,5 +284,51 @@ mod tests {
         );
         drop(cache);
         assert_eq!(node.used(), 0);
+    }
+
+    /// One workload's sets together stay within its budget, and what a
+    /// refused regex would have taken is given back to the node's.
+    #[test]
+    fn a_workloads_sets_share_its_budget() {
+        let node = RegexMemory::with_limit(usize::MAX);
+        let workload = RegexMemory::with_limit(150_000);
+        let shared = SharedBudgets {
+            workload: Some(workload.clone()),
+            node: Some(node.clone()),
+        };
+        let fill = |cache: &mut RegexCache, tag: &str| {
+            (1..400).find_map(|n| {
+                cache
+                    .compile(&format!(r"^(?:(?P<{tag}>[^/]{{{n}}}))\z"))
+                    .err()
+            })
+        };
+        let mut first = RegexCache::new(100_000, shared.clone());
+        assert_eq!(fill(&mut first, "a"), Some(RegexRefused::SetBudget));
+        let mut second = RegexCache::new(100_000, shared);
+        assert_eq!(fill(&mut second, "b"), Some(RegexRefused::WorkloadBudget));
+        assert!(workload.used() <= 150_000);
+        assert_eq!(node.used(), first.bytes() + second.bytes());
+        assert_eq!(workload.used(), node.used());
+        drop((first, second));
+        assert_eq!((workload.used(), node.used()), (0, 0));
+    }
+
+    /// A workload's budget is one while any of its sets lives.
+    #[test]
+    fn a_workload_has_one_budget_while_its_sets_live() {
+        let key = |name: &str| WorkloadKey::Pod {
+            namespace: "test".into(),
+            workload: name.into(),
+            workload_kind: "Deployment".into(),
+        };
+        let one = RegexMemory::workload(&key("regex-budget-one"));
+        let again = RegexMemory::workload(&key("regex-budget-one"));
+        let other = RegexMemory::workload(&key("regex-budget-other"));
+        assert!(Arc::ptr_eq(&one.0, &again.0));
+        assert!(!Arc::ptr_eq(&one.0, &other.0));
+        assert!(one.charge(10));
+        assert_eq!(again.used(), 10);
+        assert_eq!(other.used(), 0);
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::{Discovery, HarvestedRule};
-use crate::routes::{flask_rules::RuleSet, rule_regexes::RegexMemory};
+use crate::routes::{flask_rules::RuleSet, rule_regexes::SharedBudgets};
 
 /// A workload's rules as read from its source, matched as user rules are.
 #[derive(Debug)]
@@ -17,10 +17,11 @@ pub struct SourceRules {
 }
 
 impl SourceRules {
-    /// The matcher over a harvest; rules it cannot take are added to what
-    /// could not be resolved.
-    pub fn new(mut discovery: Discovery) -> Self {
-        let mut set = RuleSet::counted_in(RegexMemory::node());
+    /// The matcher over a harvest, its regexes counted against `shared`
+    /// (its workload's and the node's budgets); rules it cannot take are
+    /// added to what could not be resolved.
+    pub fn new(mut discovery: Discovery, shared: SharedBudgets) -> Self {
+        let mut set = RuleSet::counted_in(shared);
         for rule in &discovery.rules {
             let methods: Vec<&str> = rule.methods.iter().map(String::as_str).collect();
             if let Err(error) = set.add(

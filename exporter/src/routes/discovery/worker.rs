@@ -27,7 +27,7 @@ use super::{
     helper::{self, HelperOutcome, HelperProgram},
     rules::SourceRules,
 };
-use crate::{exchange::WorkloadKey, metrics::Budgets, procfs};
+use crate::{exchange::WorkloadKey, metrics::Budgets, procfs, routes::rule_regexes::SharedBudgets};
 
 /// Workloads whose last harvest (or failure) is kept; past it, one is
 /// dropped (and read again if it comes back).
@@ -267,9 +267,10 @@ impl Harvests {
             }
         };
         let outcome = match &last {
-            Last::Harvested(discovery) => {
-                Outcome::Harvested(Arc::new(SourceRules::new(discovery.clone())))
-            }
+            Last::Harvested(discovery) => Outcome::Harvested(Arc::new(SourceRules::new(
+                discovery.clone(),
+                SharedBudgets::of_workload(workload),
+            ))),
             Last::Failed { reason, .. } => Outcome::Failed(reason.clone()),
         };
         if self.last.len() >= CACHED_WORKLOADS
