@@ -93,7 +93,20 @@ pub fn build_agent_image(root: &Path, tag: &str) -> anyhow::Result<()> {
         .args(["-f", "Dockerfile", "-t", tag, "."])
         .current_dir(root))?;
     eprintln!("built {tag}");
-    Ok(())
+    prune_untagged()
+}
+
+/// Removes the untagged images builds of this project leave (the builder
+/// stage, an image a rebuild took the tag from): each carries the recipe
+/// label, and the builder stage alone is gigabytes.
+fn prune_untagged() -> anyhow::Result<()> {
+    run(podman().args([
+        "image",
+        "prune",
+        "--force",
+        "--filter",
+        &format!("label={RECIPE_LABEL}"),
+    ]))
 }
 
 /// The app image the container tests run.
@@ -124,7 +137,8 @@ pub fn build_app_image(root: &Path) -> anyhow::Result<()> {
     run(podman_build(&hash)
         .args(["--build-arg", &format!("BASE={debian}")])
         .args(["-f", recipe, "-t", APP_IMAGE, "tests/fixtures"])
-        .current_dir(root))
+        .current_dir(root))?;
+    prune_untagged()
 }
 
 /// A Debian bookworm root made by debootstrap, imported as an image, with

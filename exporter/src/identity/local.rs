@@ -160,7 +160,12 @@ fn find_server(tgid: u32, listening_inode: Option<u64>) -> Option<Server> {
     let mut root_stat = procfs::stat(tgid)?;
     let process_start = root_stat.start_ticks;
     if let Some(inode) = listening_inode {
+        let started = std::time::Instant::now();
         for _ in 0..MAX_ANCESTORS {
+            // The walk as a whole stays within one scan's time.
+            if started.elapsed() >= sockets::MAX_TIME {
+                break;
+            }
             let parent = root_stat.ppid;
             // A parent whose scan was cut is not taken for the root: the
             // server is named after the process that accepted.
