@@ -48,6 +48,38 @@ fn discovered(argv: &str) -> Discovery {
     harvest_entrypoint(&entrypoint, &tree, ParseBudget::default())
 }
 
+/// With Flask itself on the search path (`PYTHONPATH` naming the
+/// site-packages, as a container without a venv may run it), the harvest
+/// still knows `Flask` as Flask: its rules are Flask's own.
+#[test]
+fn flask_on_the_search_path_is_still_flask() {
+    let venv = require_prerequisites();
+    let site_packages = std::fs::read_dir(venv.join("lib"))
+        .expect("venv lib")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("site-packages"))
+        .find(|path| path.join("flask").is_dir())
+        .expect("flask in the venv");
+    let start = ProcessStart {
+        argv: ["python3", "-m", "gunicorn", "-k", "gthread", "app:app"]
+            .map(str::to_owned)
+            .to_vec(),
+        environment: vec![("PYTHONPATH".to_owned(), site_packages.display().to_string())],
+        cwd: workspace().join("tests/fixtures"),
+        executable: None,
+    };
+    let tree = ProcessRoot::of(std::process::id());
+    let entrypoint = entrypoint::find(&start, &|_| None).expect("entrypoint");
+    let discovery = harvest_entrypoint(&entrypoint, &tree, ParseBudget::default());
+    let rules: BTreeSet<String> = discovery.rules_text().lines().map(str::to_owned).collect();
+    assert_eq!(
+        rules,
+        flask_rules(&venv, "app:app"),
+        "{:?}",
+        discovery.unresolved
+    );
+}
+
 #[test]
 fn harvested_rules_are_flasks_own() {
     let venv = require_prerequisites();

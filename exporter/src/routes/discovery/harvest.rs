@@ -38,6 +38,11 @@ pub const MAX_STRING_BYTES: usize = 64 * 1024;
 pub const MAX_STRINGS: usize = 4096;
 /// Most rules one harvest collects.
 pub const MAX_RULES: usize = 10_000;
+/// The packages whose constructors and classes the harvester knows
+/// (`Flask`, `Blueprint`, `MethodView`; Flask-RESTful's `Api` and
+/// `Resource`).
+const MODELED_PACKAGES: &[&str] = &["flask", "flask_restful"];
+
 /// Methods a view class may define, as Flask's `MethodView` maps them.
 const HTTP_METHODS: [&str; 7] = ["get", "post", "put", "delete", "patch", "head", "options"];
 
@@ -440,8 +445,15 @@ impl Harvester<'_> {
     }
 
     /// Loads a module of the app's own packages; `None` when it is not one
-    /// (the standard library, Flask itself) or could not be read.
+    /// (the standard library, Flask itself) or could not be read. The
+    /// libraries this harvester models are never read, even where the
+    /// search path has them (`PYTHONPATH` naming a site-packages): read,
+    /// `Flask` would be a class like any other.
     fn load(&mut self, module: &str) -> Option<&Env> {
+        let top = module.split('.').next().unwrap_or(module);
+        if MODELED_PACKAGES.contains(&top) {
+            self.modules.entry(module.to_owned()).or_insert(None);
+        }
         if !self.modules.contains_key(module)
             && !self.loading.contains(module)
             && !self.over_budget()
