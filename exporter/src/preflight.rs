@@ -62,6 +62,9 @@ pub enum Missing {
     TracefsUnreadable,
     /// No BTF for the running kernel.
     KernelBtf,
+    /// A kernel older than [`MINIMUM_KERNEL`]: `release` as it names
+    /// itself.
+    KernelTooOld { release: String },
     /// System calls the kernel never saw: a seccomp filter (mode 2 in
     /// /proc/self/status) answered them, although the capabilities are
     /// held. With the errno it answered.
@@ -113,6 +116,11 @@ impl fmt::Display for Missing {
                  syscall's arguments from the task's registers at its exit, which needs a \
                  kernel built with CONFIG_DEBUG_INFO_BTF (Linux 5.15 or later; distribution \
                  kernels have it)"
+            ),
+            Missing::KernelTooOld { release } => write!(
+                f,
+                "this kernel is Linux {release}, and the agent needs Linux {}.{} or newer",
+                MINIMUM_KERNEL.0, MINIMUM_KERNEL.1
             ),
             Missing::SeccompRefuses(calls) => write!(
                 f,
@@ -171,6 +179,10 @@ pub struct Granted(());
 /// into the effective set first. Capabilities belong to a thread and pass
 /// to the threads it starts: call this before starting any.
 pub fn check() -> Result<Granted, NotGranted> {
+    // Below the minimum nothing else matters: one sentence says so.
+    if let Some(release) = kernel_too_old() {
+        return Err(NotGranted(vec![Missing::KernelTooOld { release }]));
+    }
     let mut missing = Vec::new();
     let lacking = raise_capabilities();
     if !lacking.is_empty() {
@@ -210,6 +222,17 @@ pub fn check() -> Result<Granted, NotGranted> {
         true => Ok(Granted(())),
         false => Err(NotGranted(missing)),
     }
+}
+
+/// The oldest kernel the programs load on: they read a syscall's arguments
+/// from the task's registers at its exit (`bpf_task_pt_regs`, Linux 5.15).
+pub const MINIMUM_KERNEL: (u8, u8) = (5, 15);
+
+/// The running kernel's release, when it is older than [`MINIMUM_KERNEL`].
+fn kernel_too_old() -> Option<String> {
+    let version = procfs::KernelVersion::current().ok()?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    ((version.major, version.minor) < MINIMUM_KERNEL).then(|| release.trim().to_owned())
 }
 
 /// Raises each required capability found in the permitted set; returns the
@@ -348,6 +371,26 @@ mod tests {
             assert!(all.contains(wanted), "{wanted:?} not in {all}");
         }
         assert!(!all.contains("CAP_PERFMON"), "{all}");
+    }
+
+    /// Below the minimum, one sentence names the kernel found and the one
+    /// needed; this host's kernel is not refused.
+    #[test]
+    fn an_old_kernel_is_refused_in_one_sentence() {
+        let refused = NotGranted(vec![Missing::KernelTooOld {
+            release: "5.10.0-32-cloud-amd64".to_owned(),
+        }])
+        .to_string();
+        assert_eq!(
+            refused,
+            "cannot capture: this kernel is Linux 5.10.0-32-cloud-amd64, and the agent needs \
+             Linux 5.15 or newer"
+        );
+        assert_eq!(
+            kernel_too_old(),
+            None,
+            "the tests' own kernel is new enough"
+        );
     }
 
     /// Tests run as root on a host: every piece is granted, and each probe
