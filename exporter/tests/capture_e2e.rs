@@ -549,3 +549,39 @@ fn threads_blocked_in_reads_never_hide_new_traffic() {
     assert_eq!(maps.len(), exporter_common::MAP_NAMES.len(), "{maps:?}");
     drop(idle);
 }
+
+/// With the kernel's BPF statistics on (as `kernel.bpf_stats_enabled=1`
+/// sets them, here for as long as this test holds the fd), the agent
+/// exports what each of its programs ran and cost: every accepted
+/// connection ran `accept_exit`.
+#[test]
+fn the_kernel_programs_cost_is_exported_while_statistics_are_on() {
+    let venv = require_prerequisites();
+    let _statistics =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS (root)");
+    let app = App::start(&venv, Server::GunicornGthread, false);
+    let exporter = Exporter::start(&["--port", &app.port.to_string()]);
+    for _ in 0..5 {
+        assert_eq!(http_get(app.port, "/").expect("response").status, 200);
+    }
+    let program = |samples: &[Sample], family: &str| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == family
+                    && s.labels.get("program").map(String::as_str) == Some("accept_exit")
+            })
+            .map_or(0.0, |s| s.value)
+    };
+    let samples = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| program(samples, "flask_ebpf_exporter_bpf_program_runs_total") >= 5.0,
+    );
+    assert!(program(&samples, "flask_ebpf_exporter_bpf_program_runs_total") >= 5.0);
+    let seconds = program(
+        &samples,
+        "flask_ebpf_exporter_bpf_program_run_seconds_total",
+    );
+    assert!(seconds > 0.0 && seconds < 1.0, "{seconds} s");
+}

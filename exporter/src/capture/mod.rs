@@ -1,6 +1,7 @@
 //! Loads the kernel programs, attaches them to syscall tracepoints, seeds the
 //! set of server processes, and reads events from the BPF ring buffer.
 
+mod program_stats;
 mod server_scans;
 mod socket_offsets;
 
@@ -24,6 +25,7 @@ use exporter_common::{
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
+use self::program_stats::ProgramStats;
 use self::server_scans::{ServerScan, ServerScanned, ServerScans};
 use crate::{
     metrics::{Budgets, counter, gauge},
@@ -380,6 +382,8 @@ pub struct CaptureCounters {
     pub server_processes: IntGauge,
     /// Server processes past what this side remembers.
     pub server_processes_budget: IntCounter,
+    /// The kernel programs' runs and run time.
+    programs: ProgramStats,
 }
 
 impl CaptureCounters {
@@ -446,6 +450,7 @@ impl CaptureCounters {
                 "flask_ebpf_exporter_events_malformed_total",
                 "Ring buffer records that did not decode as events",
             )?,
+            programs: ProgramStats::register(registry)?,
         })
     }
 }
@@ -815,6 +820,7 @@ impl Capture {
     /// Brings the counters the kernel keeps (events the ring buffer had no
     /// room for, failed map inserts) up to date, and says so when they grew.
     pub fn sync_kernel_counters(&self) {
+        self.counters.programs.sync(&self._ebpf);
         self.counters
             .server_processes
             .set(self.servers.len() as i64);
