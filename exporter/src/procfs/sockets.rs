@@ -36,6 +36,12 @@ pub const MAX_ROWS: usize = 65_536;
 pub const MAX_DESCRIPTORS: usize = 65_536;
 /// How long one scan may take.
 pub const MAX_TIME: Duration = Duration::from_millis(50);
+/// Rows a scan made on a thread of its own reads at most ([`tcp_sockets_held`]):
+/// only CPU is at stake there, and a busy namespace's TIME_WAIT rows alone
+/// reach the kernel's default bound of 262,144.
+pub const MAX_ROWS_OFF_THREAD: usize = 1 << 20;
+/// How long a scan made on a thread of its own may take.
+pub const MAX_TIME_OFF_THREAD: Duration = Duration::from_secs(1);
 
 /// How much one scan may read.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +55,12 @@ const BOUND: Bound = Bound {
     rows: MAX_ROWS,
     descriptors: MAX_DESCRIPTORS,
     time: MAX_TIME,
+};
+
+const OFF_THREAD: Bound = Bound {
+    rows: MAX_ROWS_OFF_THREAD,
+    descriptors: MAX_DESCRIPTORS,
+    time: MAX_TIME_OFF_THREAD,
 };
 
 /// Rows handed to the table parser at once.
@@ -89,7 +101,7 @@ impl<T> Scanned<T> {
                     max_time_ms = MAX_TIME.as_millis() as u64,
                     "a /proc scan stopped at its bound: this process holds, or its network \
                      namespace has, more sockets than one scan reads (counted in \
-                     flask_ebpf_exporter_budget_exceeded_total{{budget=\"proc_scan\"}}; later ones \
+                     flask_ebpf_exporter_budget_exhausted_total{{budget=\"proc_scan\"}}; later ones \
                      are logged at debug level)"
                 );
             }
@@ -251,8 +263,12 @@ pub fn socket_inode(tgid: u32, fd: u32) -> Option<u64> {
 
 /// Inodes of the sockets a process holds.
 pub fn socket_inodes(tgid: u32) -> Scanned<HashSet<u64>> {
+    socket_inodes_within(tgid, BOUND)
+}
+
+fn socket_inodes_within(tgid: u32, bound: Bound) -> Scanned<HashSet<u64>> {
     let mut inodes = HashSet::new();
-    let complete = visit_socket_inodes(tgid, BOUND, |inode| {
+    let complete = visit_socket_inodes(tgid, bound, |inode| {
         inodes.insert(inode);
         ControlFlow::Continue(())
     });
@@ -319,10 +335,11 @@ pub struct HeldTcpSockets {
     pub connection_ports: HashSet<u16>,
 }
 
+/// Made on a thread of its own: within the wider bounds of such scans.
 pub fn tcp_sockets_held(tgid: u32) -> Scanned<HeldTcpSockets> {
-    let inodes = socket_inodes(tgid);
+    let inodes = socket_inodes_within(tgid, OFF_THREAD);
     let mut held = HeldTcpSockets::default();
-    let complete = visit_tcp_rows(tgid, Rows::All, BOUND, |socket| {
+    let complete = visit_tcp_rows(tgid, Rows::All, OFF_THREAD, |socket| {
         if inodes.found.contains(&socket.inode) {
             if socket.listening {
                 held.listening.insert(socket.inode, socket.local_port);
