@@ -13,7 +13,9 @@ use std::{
 use anyhow::{Context as _, bail};
 
 mod demo;
+mod guest_root;
 mod image;
+mod kernels;
 
 /// Debian packages of the BPF toolchain (rustc-web with a prebuilt bpf
 /// `core`). The LLVM that bpf-linker links against follows rustc-web's LLVM,
@@ -100,6 +102,10 @@ fn main() -> anyhow::Result<()> {
             setup(&root)?;
             fuzz(&root, rest)
         }
+        "kernels" => {
+            setup(&root)?;
+            kernels::kernels(&root, rest)
+        }
         "bench" => {
             setup(&root)?;
             // exporter/benches/overhead.rs (arguments go to it), then the
@@ -125,7 +131,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all)"
             );
             if task == "help" {
                 Ok(())
@@ -341,6 +347,9 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .env("FLASK_EBPF_IMAGE", image::AGENT_IMAGE)
         .env("FLASK_EBPF_APP_IMAGE", image::APP_IMAGE)
         .current_dir(root))?;
+    // One kernel that is not this machine's, in a VM: the fastest to boot
+    // of `cargo xtask kernels`' list, Debian 13's.
+    kernels::kernels(root, &["--kernel".to_owned(), "trixie-cloud".to_owned()])?;
     // A smoke run of each fuzz target: it builds and finds nothing quickly.
     fuzz(
         root,
