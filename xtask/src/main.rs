@@ -2,7 +2,7 @@
 //!
 //! `setup` is idempotent: it installs only what is missing (Debian packages,
 //! bpf-linker built against Debian's LLVM, tracefs, the Python venv the tests
-//! and benchmark use). README.md, "Building the kernel programs", says why.
+//! and benchmark use). docs/architecture.md, "Building the kernel programs", says why.
 
 use std::{
     env,

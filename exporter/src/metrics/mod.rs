@@ -289,7 +289,7 @@ impl Budgets {
             Opts::new(
                 "flask_ebpf_exporter_budget_exhausted_total",
                 "Times a bound on what captured traffic or pod specs can make the agent hold \
-                 was reached, by budget (see README, Limits and budgets)",
+                 was reached, by budget (see docs/limits.md)",
             ),
             &["budget"],
         )?;
