@@ -80,7 +80,8 @@ pub fn parse_routes_annotation(
         errors.push(AnnotationError::TooManyRules { rules: lines.len() });
     }
     let kept = lines[..lines.len().min(MAX_ANNOTATION_RULES)].join("\n");
-    let (rules, rule_errors) = RuleSet::parse_within(&kept, SharedBudgets::of_workload(workload));
+    let (rules, rule_errors) =
+        RuleSet::parse_within(&kept, SharedBudgets::of_workload(&format!("{workload:?}")));
     errors.extend(rule_errors.into_iter().map(AnnotationError::from));
     let rules = Arc::new(rules);
     (RoutesAnnotation { text_hash, rules }, errors)

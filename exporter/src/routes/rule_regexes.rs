@@ -15,8 +15,6 @@ use std::{
 use prometheus::IntCounter;
 use regex_automata::meta::{Config, Regex};
 
-use crate::exchange::WorkloadKey;
-
 /// Most memory one converter's compiled regex may take (its NFA, and the
 /// lazy DFA's cache when it matches).
 pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
@@ -74,11 +72,11 @@ impl RegexMemory {
         NODE.get_or_init(|| RegexMemory::with_limit(MAX_NODE_REGEX_BYTES))
     }
 
-    /// The workload's: every rule set of its pods and its source counts
-    /// against it (and against the node's). Kept while a set of the
-    /// workload lives.
-    pub fn workload(workload: &WorkloadKey) -> RegexMemory {
-        static WORKLOADS: OnceLock<Mutex<HashMap<WorkloadKey, Weak<Shared>>>> = OnceLock::new();
+    /// The workload's, by a name that tells workloads apart: every rule
+    /// set of its pods and its source counts against it (and against the
+    /// node's). Kept while a set of the workload lives.
+    pub fn workload(workload: &str) -> RegexMemory {
+        static WORKLOADS: OnceLock<Mutex<HashMap<String, Weak<Shared>>>> = OnceLock::new();
         let mut workloads = WORKLOADS
             .get_or_init(Mutex::default)
             .lock()
@@ -93,7 +91,7 @@ impl RegexMemory {
         if let Some(counter) = WORKLOAD_REFUSALS.get() {
             memory.count_refusals_in(counter.clone());
         }
-        workloads.insert(workload.clone(), Arc::downgrade(&memory.0));
+        workloads.insert(workload.to_owned(), Arc::downgrade(&memory.0));
         memory
     }
 
@@ -142,7 +140,8 @@ pub struct SharedBudgets {
 
 impl SharedBudgets {
     /// A workload's set: its workload's budget, then the node's.
-    pub fn of_workload(workload: &WorkloadKey) -> Self {
+    /// `workload`: a name that tells workloads apart.
+    pub fn of_workload(workload: &str) -> Self {
         SharedBudgets {
             workload: Some(RegexMemory::workload(workload)),
             node: Some(RegexMemory::node().clone()),
@@ -317,14 +316,9 @@ mod tests {
     /// A workload's budget is one while any of its sets lives.
     #[test]
     fn a_workload_has_one_budget_while_its_sets_live() {
-        let key = |name: &str| WorkloadKey::Pod {
-            namespace: "test".into(),
-            workload: name.into(),
-            workload_kind: "Deployment".into(),
-        };
-        let one = RegexMemory::workload(&key("regex-budget-one"));
-        let again = RegexMemory::workload(&key("regex-budget-one"));
-        let other = RegexMemory::workload(&key("regex-budget-other"));
+        let one = RegexMemory::workload("test/regex-budget-one");
+        let again = RegexMemory::workload("test/regex-budget-one");
+        let other = RegexMemory::workload("test/regex-budget-other");
         assert!(Arc::ptr_eq(&one.0, &again.0));
         assert!(!Arc::ptr_eq(&one.0, &other.0));
         assert!(one.charge(10));

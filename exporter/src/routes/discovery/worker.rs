@@ -269,7 +269,7 @@ impl Harvests {
         let outcome = match &last {
             Last::Harvested(discovery) => Outcome::Harvested(Arc::new(SourceRules::new(
                 discovery.clone(),
-                SharedBudgets::of_workload(workload),
+                SharedBudgets::of_workload(&format!("{workload:?}")),
             ))),
             Last::Failed { reason, .. } => Outcome::Failed(reason.clone()),
         };
