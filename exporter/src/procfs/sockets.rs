@@ -85,7 +85,7 @@ pub struct Scanned<T> {
 }
 
 impl<T> Scanned<T> {
-    fn new(found: T, complete: bool, tgid: u32, what: &'static str) -> Self {
+    fn new(found: T, complete: bool, tgid: u32, what: &'static str, bound: Bound) -> Self {
         if !complete {
             if let Some(counter) = CUT_SCANS.get() {
                 counter.inc();
@@ -96,9 +96,9 @@ impl<T> Scanned<T> {
                 warn!(
                     tgid,
                     what,
-                    max_rows = MAX_ROWS,
-                    max_descriptors = MAX_DESCRIPTORS,
-                    max_time_ms = MAX_TIME.as_millis() as u64,
+                    max_rows = bound.rows,
+                    max_descriptors = bound.descriptors,
+                    max_time_ms = bound.time.as_millis() as u64,
                     "a /proc scan stopped at its bound: this process holds, or its network \
                      namespace has, more sockets than one scan reads (counted in \
                      flask_ebpf_exporter_budget_exhausted_total{{budget=\"proc_scan\"}}; later ones \
@@ -272,7 +272,7 @@ fn socket_inodes_within(tgid: u32, bound: Bound) -> Scanned<HashSet<u64>> {
         inodes.insert(inode);
         ControlFlow::Continue(())
     });
-    Scanned::new(inodes, complete, tgid, "descriptors")
+    Scanned::new(inodes, complete, tgid, "descriptors", bound)
 }
 
 /// Whether a process holds the socket `inode`.
@@ -286,7 +286,7 @@ pub fn holds_socket(tgid: u32, inode: u64) -> Scanned<bool> {
             ControlFlow::Continue(())
         }
     });
-    Scanned::new(held, complete, tgid, "descriptors")
+    Scanned::new(held, complete, tgid, "descriptors", BOUND)
 }
 
 /// The listening TCP sockets (v4 and v6) in the network namespace of
@@ -299,7 +299,7 @@ pub fn listening_sockets(tgid: u32) -> Scanned<HashMap<u64, u16>> {
         }
         ControlFlow::Continue(())
     });
-    Scanned::new(listening, complete, tgid, "listening sockets")
+    Scanned::new(listening, complete, tgid, "listening sockets", BOUND)
 }
 
 /// The port the listening socket `inode` in the network namespace of
@@ -323,7 +323,7 @@ fn port_of(tgid: u32, inode: u64, rows: Rows, what: &'static str) -> Scanned<Opt
         }
         ControlFlow::Continue(())
     });
-    Scanned::new(port, complete, tgid, what)
+    Scanned::new(port, complete, tgid, what, BOUND)
 }
 
 /// The TCP sockets a process holds: its listening ones (inode → local
@@ -349,7 +349,13 @@ pub fn tcp_sockets_held(tgid: u32) -> Scanned<HeldTcpSockets> {
         }
         ControlFlow::Continue(())
     });
-    Scanned::new(held, complete && inodes.complete, tgid, "TCP sockets")
+    Scanned::new(
+        held,
+        complete && inodes.complete,
+        tgid,
+        "TCP sockets",
+        OFF_THREAD,
+    )
 }
 
 /// Processes holding a listening TCP socket (at start: what the kernel
@@ -522,9 +528,9 @@ mod tests {
         let counter = IntCounter::new("cut", "cut").expect("counter");
         count_cut_scans_in(counter);
         let before = CUT_SCANS.get().map_or(0, IntCounter::get);
-        let scanned = Scanned::new((), false, 1, "test");
+        let scanned = Scanned::new((), false, 1, "test", BOUND);
         assert!(!scanned.complete);
-        let _ = Scanned::new((), true, 1, "test");
+        let _ = Scanned::new((), true, 1, "test", BOUND);
         assert_eq!(CUT_SCANS.get().map_or(0, IntCounter::get), before + 1);
     }
 }
