@@ -672,7 +672,7 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
     }
 
     // Accept-queue overflows, counted in orders-0's own network namespace:
-    // one sync worker, a backlog of 1, twenty clients at once.
+    // one sync worker, a backlog of 1, eight clients at once.
     let orders_pid = orders.containers[0].pid;
     let before = kernel_listen_overflows(orders_pid);
     let started = eventually(
@@ -699,7 +699,9 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
         "orders-0 is alone in its network namespace: its overflows are exported"
     );
     let address = orders.address(8000);
-    let clients: Vec<_> = (0..20)
+    // Eight clients overflow a queue that holds two, yet every dropped
+    // handshake is retried within the kernel's first few SYN timeouts.
+    let clients: Vec<_> = (0..8)
         .map(|_| {
             std::thread::spawn(move || {
                 http_get_within(address, "/slow?seconds=0.3", Duration::from_secs(90))
@@ -708,9 +710,10 @@ fn pods_in_containers(driver: Driver, first_pod: usize) {
         })
         .collect();
     for client in clients {
-        let status = client.join().expect("client");
-        assert_eq!(status.ok(), Some(200), "every client is served in the end");
-        orders_served += 1;
+        match client.join().expect("client") {
+            Ok(200) => orders_served += 1,
+            other => panic!("every client is served in the end, but one got {other:?}"),
+        }
     }
     let overflowed = kernel_listen_overflows(orders_pid) - before;
     expected.insert(count("orders-0", "orders"), orders_served);
