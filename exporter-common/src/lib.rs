@@ -191,6 +191,11 @@ pub struct EventHeader {
     /// socket (see [`SocketOffsets`]); [`HANDSHAKE_FORGOTTEN`] when it did,
     /// and none was kept for it.
     pub handshake_ns: u64,
+    /// The local TCP port of the connection's socket: for an accepted
+    /// connection, the port its server listens on. 0 when the kernel side
+    /// could not read it (see [`SocketOffsets`]).
+    pub local_port: u32,
+    pub _pad: u32,
 }
 
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
@@ -232,7 +237,9 @@ pub struct ConnState {
     /// ([`CONTROL_SKIP_BODY`]).
     pub read_skip: u32,
     pub write_skip: u32,
-    pub _pad: u32,
+    /// The local port of its socket, 0 if unknown: see
+    /// [`EventHeader::local_port`].
+    pub local_port: u32,
     /// When the kernel completed the connection's handshake, if seen.
     pub handshake_ns: u64,
 }
@@ -265,13 +272,14 @@ pub struct CaptureConfig {
     pub sockets: SocketOffsets,
 }
 
-/// Where, in the running kernel's structures, an accept finds the socket
-/// it returned: from the task, its descriptor table, then the file's
-/// socket and its `struct sock` (byte offsets, read from the kernel's BTF
-/// by userspace). The handshake map is keyed by that `struct sock`, which
-/// the TCP state tracepoint names too, so connections of different network
-/// namespaces or ports never share an entry. `socket_sk` zero: unknown,
-/// and no accept looks a handshake up.
+/// Where, in the running kernel's structures, the kernel side finds the
+/// socket behind a descriptor: from the task, its descriptor table, then
+/// the file's socket and its `struct sock` (byte offsets, read from the
+/// kernel's BTF by userspace). The handshake map is keyed by that `struct
+/// sock`, which the TCP state tracepoint names too, so connections of
+/// different network namespaces or ports never share an entry; the sock
+/// also holds the connection's local port. `socket_sk` zero: unknown, and
+/// no socket is looked up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketOffsets {
@@ -287,6 +295,9 @@ pub struct SocketOffsets {
     pub file_private_data: u32,
     /// `socket.sk`
     pub socket_sk: u32,
+    /// `sock.__sk_common.skc_num`: the local port, in host byte order.
+    pub sock_num: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

@@ -268,6 +268,12 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
         count_filtered(FILTERED_AT_ACCEPT);
         return 0;
     }
+    // An ignored connection makes no event: its socket is not needed.
+    let sock = if ignored {
+        None
+    } else {
+        socket_of(&config.sockets, ret as u32)
+    };
     let state = ConnState {
         conn_id: now,
         seq: 0,
@@ -277,11 +283,8 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
             0
         },
         listener: listen_fd.wrapping_add(1),
-        handshake_ns: if ignored {
-            0
-        } else {
-            take_handshake(&config.sockets, ret as u32)
-        },
+        handshake_ns: sock.map_or(0, take_handshake),
+        local_port: sock.map_or(0, |sock| local_port(&config.sockets, sock)),
         ..ConnState::default()
     };
     if CONNS.insert(&key, &state, 0).is_err() {
@@ -302,13 +305,9 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
 }
 
 /// When the kernel completed the handshake of the connection an accept
-/// returned as `fd`: 0 when its socket cannot be found (offsets unknown, a
-/// read failed), [`HANDSHAKE_FORGOTTEN`] when no handshake was kept for it.
+/// returned as `sock`: [`HANDSHAKE_FORGOTTEN`] when none was kept for it.
 #[inline(always)]
-fn take_handshake(offsets: &SocketOffsets, fd: u32) -> u64 {
-    let Some(sock) = accepted_sock(offsets, fd) else {
-        return 0;
-    };
+fn take_handshake(sock: u64) -> u64 {
     let Some(&at) = (unsafe { HANDSHAKES.get(&sock) }) else {
         return HANDSHAKE_FORGOTTEN;
     };
@@ -317,9 +316,10 @@ fn take_handshake(offsets: &SocketOffsets, fd: u32) -> u64 {
 }
 
 /// The `struct sock` behind the current task's `fd`: task → files → fdt →
-/// fd[fd] → file → socket → sk.
+/// fd[fd] → file → socket → sk. `None` when the offsets are unknown or a
+/// read failed.
 #[inline(always)]
-fn accepted_sock(offsets: &SocketOffsets, fd: u32) -> Option<u64> {
+fn socket_of(offsets: &SocketOffsets, fd: u32) -> Option<u64> {
     if offsets.socket_sk == 0 {
         return None;
     }
@@ -340,6 +340,14 @@ fn accepted_sock(offsets: &SocketOffsets, fd: u32) -> Option<u64> {
         let sock = read_kernel_u64(socket + offsets.socket_sk as u64)?;
         (sock != 0).then_some(sock)
     }
+}
+
+/// The local port of `sock` (0 when unreadable).
+#[inline(always)]
+fn local_port(offsets: &SocketOffsets, sock: u64) -> u32 {
+    // SAFETY: as in `socket_of`.
+    unsafe { bpf_probe_read_kernel((sock + offsets.sock_num as u64) as *const u16) }
+        .map_or(0, u32::from)
 }
 
 /// A pointer-sized kernel value at `address`; `None` when unreadable or
@@ -629,10 +637,10 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     let moved = if failed_write { 0 } else { ret as u32 };
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(at) = next_in_connection(state, &key, &args, buffer, moved, now) else {
+    let config = config();
+    let Some(at) = next_in_connection(state, &key, &args, buffer, moved, now, &config) else {
         return 0;
     };
-    let config = config();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -666,6 +674,8 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
             0
         },
         handshake_ns: if at.seq == 1 { at.handshake_ns } else { 0 },
+        local_port: at.local_port,
+        _pad: 0,
     };
     unsafe { core::ptr::write_unaligned(scratch.as_mut_ptr() as *mut EventHeader, header) };
     let Some(event) = scratch.get(..EVENT_HEADER_LEN + copy_len) else {
@@ -690,6 +700,8 @@ struct Position {
     skipped: u32,
     /// When its handshake completed, 0 if unknown.
     handshake_ns: u64,
+    /// Its socket's local port, 0 if unknown.
+    local_port: u32,
 }
 
 /// Where this syscall's `moved` bytes fall in the connection, from its
@@ -705,6 +717,7 @@ fn next_in_connection(
     buffer: UserBuffer,
     moved: u32,
     now: u64,
+    config: &CaptureConfig,
 ) -> Option<Position> {
     if let Some(state) = state {
         // SAFETY: a valid entry of CONNS. Plain updates: two threads of one
@@ -739,6 +752,7 @@ fn next_in_connection(
                 offset: start.wrapping_add(skipped),
                 skipped,
                 handshake_ns: (*state).handshake_ns,
+                local_port: (*state).local_port,
             }
         });
     }
@@ -752,9 +766,14 @@ fn next_in_connection(
     if !starts_like_request(prefix) {
         return None;
     }
+    // Rare (connections older than the agent): the socket walk is paid
+    // once per connection picked up.
+    let local_port =
+        socket_of(&config.sockets, key.fd).map_or(0, |sock| local_port(&config.sockets, sock));
     let state = ConnState {
         conn_id: now,
         read_offset: moved,
+        local_port,
         ..ConnState::default()
     };
     if CONNS.insert(key, &state, 0).is_err() {
@@ -768,6 +787,7 @@ fn next_in_connection(
         offset: 0,
         skipped: 0,
         handshake_ns: 0,
+        local_port,
     })
 }
 

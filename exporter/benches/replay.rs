@@ -121,6 +121,8 @@ impl Recorder<'_> {
             captured_len: captured.len() as u32,
             aux,
             handshake_ns: 0,
+            local_port: 8000,
+            _pad: 0,
         };
         *offset = offset.wrapping_add(moved as u32);
         conn.seq = conn.seq.wrapping_add(1);
@@ -345,27 +347,34 @@ fn replay(stream: &Stream, budget: Duration) -> Figures {
         .expect("default flags");
     let registry = Registry::new();
     let budgets = Budgets::register(&registry).expect("metrics");
-    let identity = IdentityStage::Local(LocalIdentity::new(ProcessFilter::default()));
+    let identity = IdentityStage::Local(
+        LocalIdentity::new(ProcessFilter::default()).expect("the local servers' thread"),
+    );
     let mut stages =
         Stages::new(&config, identity, RuleSet::parse("").0, &registry, &budgets).expect("stages");
     let mut hand_offs = HandOffs::default();
-    let mut pass = |stages: &mut Stages| {
+    let pass = |stages: &mut Stages, hand_offs: &mut HandOffs| {
         for (i, &(start, len)) in stream.events.iter().enumerate() {
             let event = decode_event(&stream.bytes[start..start + len]).expect("valid event");
             stages.handle(&event, &mut hand_offs.captured);
             stages.table.take_kernel_filters().for_each(drop);
             if i % RECORD_EVERY == RECORD_EVERY - 1 {
-                stages.record(&mut hand_offs);
+                stages.record(hand_offs);
             }
         }
-        stages.record(&mut hand_offs);
+        stages.record(hand_offs);
     };
-    pass(&mut stages);
+    pass(&mut stages, &mut hand_offs);
+    // The warm-up's first exchanges wait for their server's lookup.
+    while stages.attribution.counters().held.get() > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+        stages.record(&mut hand_offs);
+    }
     let (mut passes, mut cpu) = (0u64, Duration::ZERO);
     let allocations_before = ALLOCATIONS.load(Ordering::Relaxed);
     while passes == 0 || cpu < budget {
         let started = thread_cpu();
-        pass(&mut stages);
+        pass(&mut stages, &mut hand_offs);
         cpu += thread_cpu() - started;
         passes += 1;
     }

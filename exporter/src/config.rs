@@ -231,8 +231,9 @@ pub struct Config {
     )]
     pub pod_selection: PodSelection,
 
-    /// How long requests of a process whose pod is not known yet are held
-    /// before they are exported with identity "<unknown>".
+    /// How long requests of a process whose pod (or, in local mode, whose
+    /// server) is not known yet are held before they are exported with
+    /// identity "<unknown>".
     #[arg(long, env = "FLASK_EBPF_EXPORTER_POD_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub pod_wait: Duration,
 

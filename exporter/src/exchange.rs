@@ -13,7 +13,7 @@
 
 use std::{
     hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use serde::Serialize;
@@ -198,6 +198,9 @@ pub struct Origin {
     pub fd: u32,
     /// The listening fd it was accepted from, when the accept was seen.
     pub listen_fd: Option<u32>,
+    /// Its socket's local port (its server's, for an accepted connection),
+    /// as the kernel read it.
+    pub port: Option<u16>,
 }
 
 /// Whom a connection's exchanges belong to, as found when it was first seen.
@@ -205,9 +208,29 @@ pub struct Origin {
 pub enum ServedBy {
     /// Known at once (local mode: the server process tree).
     Server(Arc<Identity>),
+    /// Local mode, a listener whose server is being looked up in `/proc`
+    /// off the pipeline thread: the answer fills the slot.
+    PendingServer(Arc<ServerSlot>),
     /// A process in a pod; the pod is looked up per exchange, because it
     /// may become known only after its first requests.
     Container(Arc<ContainerRef>),
+}
+
+/// Where a local server's identity lands once looked up: `Some(None)`
+/// when its filters leave it out.
+#[derive(Debug, Default, PartialEq)]
+pub struct ServerSlot(OnceLock<Option<Arc<Identity>>>);
+
+impl ServerSlot {
+    /// The answer, once there (`Some(None)`: not monitored).
+    pub fn get(&self) -> Option<Option<&Arc<Identity>>> {
+        self.0.get().map(Option::as_ref)
+    }
+
+    /// Fills the slot; the first answer stays.
+    pub fn fill(&self, identity: Option<Arc<Identity>>) {
+        let _ = self.0.set(identity);
+    }
 }
 
 /// An exchange and the connection's [`ServedBy`].
@@ -246,6 +269,14 @@ pub enum IdentityLabels {
 }
 
 impl IdentityLabels {
+    /// A local server whose lookup did not answer in time.
+    pub fn unknown_server() -> Self {
+        IdentityLabels::Server {
+            process: UNKNOWN.to_owned(),
+            port: UNKNOWN.to_owned(),
+        }
+    }
+
     /// A pod's container the node's watch does not know.
     pub fn unknown_pod() -> Self {
         IdentityLabels::Pod {

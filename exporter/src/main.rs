@@ -174,11 +174,13 @@ async fn identity_stage(
 ) -> anyhow::Result<IdentityStage> {
     let (kubeconfig, node_name) = match mode {
         Mode::Local => {
-            return Ok(IdentityStage::Local(LocalIdentity::new(ProcessFilter {
+            let local = LocalIdentity::new(ProcessFilter {
                 pids: config.pids.clone(),
                 command: config.command.clone(),
                 ports: config.ports.clone(),
-            })));
+            })
+            .context("starting the thread that finds local servers")?;
+            return Ok(IdentityStage::Local(local));
         }
         Mode::Kubernetes {
             kubeconfig,
@@ -222,7 +224,7 @@ fn pipeline(
     health: &Arc<Health>,
 ) -> anyhow::Result<Pipeline> {
     let Stages {
-        identity,
+        mut identity,
         user_rules,
         debug,
         granted,
@@ -232,6 +234,9 @@ fn pipeline(
     RegexMemory::node().count_refusals_in(budgets.counter("rule_regex_bytes"));
     RegexMemory::count_workload_refusals_in(budgets.counter("workload_rule_regex_bytes"));
     flask_ebpf_exporter::procfs::sockets::count_cut_scans_in(budgets.counter("proc_scan"));
+    if let IdentityStage::Local(local) = &mut identity {
+        local.count_refusals_in(budgets.counter("local_server_lookups"));
+    }
     let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
         .context(registering)?;
     let capture = Capture::load(

@@ -32,7 +32,6 @@ use crate::{
     identity::{
         IdentityStage,
         attribution::{self, Attribution, AttributionCounters, HoldLimits},
-        ports::ServerPorts,
     },
     metrics::{Budgets, RequestMetrics},
     procfs,
@@ -94,9 +93,9 @@ pub struct Pipeline {
 pub struct Stages {
     pub table: ConnectionTable,
     pub identity: IdentityStage,
-    /// Each connection's server port, read only for OpenTelemetry's
-    /// `server_port` label.
-    pub server_ports: Option<ServerPorts>,
+    /// Whether connections keep their server's port: only OpenTelemetry's
+    /// names have a `server_port` label.
+    pub server_port_label: bool,
     pub attribution: Attribution,
     /// How long a deleted or relabelled pod's series stay.
     pub deleted_pod_grace: Duration,
@@ -219,9 +218,6 @@ impl Pipeline {
                     &mut hand_offs.captured,
                 );
                 self.stages.identity.forget_exited(&procfs::runs);
-                if let Some(ports) = &mut self.stages.server_ports {
-                    ports.forget_exited(&procfs::runs);
-                }
                 self.capture
                     .forget_exited(&procfs::is_running, &procfs::runs);
             }
@@ -280,9 +276,6 @@ impl Pipeline {
     fn forget_process(&mut self, tgid: u32) {
         let other = |process: u32, _start: u64| process != tgid;
         self.stages.identity.forget_exited(&other);
-        if let Some(ports) = &mut self.stages.server_ports {
-            ports.forget_exited(&other);
-        }
         self.capture.forget_verdicts_of(tgid);
     }
 
@@ -342,10 +335,7 @@ impl Stages {
         budgets: &Budgets,
     ) -> Result<Self, prometheus::Error> {
         let series_options = config.series_options().map_err(prometheus::Error::Msg)?;
-        let server_ports = series_options
-            .names
-            .otel()
-            .then(|| ServerPorts::new(budgets.counter("server_ports")));
+        let server_port_label = series_options.names.otel();
         let discovery = match config.route_discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
                 HelperProgram::default(),
@@ -369,7 +359,7 @@ impl Stages {
                 series_options,
             )?,
             identity,
-            server_ports,
+            server_port_label,
             attribution: Attribution::new(
                 HoldLimits {
                     wait: config.pod_wait,
@@ -407,10 +397,7 @@ impl Stages {
             let served_by = self.identity.resolve(&origin);
             let cgroup_unmonitored =
                 served_by.is_none() && self.identity.cgroup_selected_out(origin.tgid);
-            let server_port = match (&served_by, &mut self.server_ports) {
-                (Some(_), Some(ports)) => ports.port(&origin),
-                _ => None,
-            };
+            let server_port = origin.port.filter(|_| self.server_port_label);
             self.table.open(event, served_by, server_port, captured);
             if cgroup_unmonitored {
                 self.table.ignore_cgroup(event);
@@ -421,6 +408,9 @@ impl Stages {
     /// attribution → routes → metrics, for the exchanges in `captured`
     /// (some may wait in attribution for their pod).
     pub fn record(&mut self, hand_offs: &mut HandOffs) {
+        if self.identity.settle() {
+            self.attribution.retry_held();
+        }
         // Requests read that will make no exchange count against their
         // server's completeness at once.
         for (served_by, lost) in self.table.take_losses() {

@@ -320,6 +320,13 @@ impl RawEvent<'_> {
             _ => None,
         }
     }
+
+    /// The local port of the connection's socket, when the kernel read it.
+    pub fn local_port(&self) -> Option<u16> {
+        u16::try_from(self.header.local_port)
+            .ok()
+            .filter(|&port| port != 0)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -1165,12 +1172,15 @@ mod tests {
             captured_len: 5,
             aux: 0,
             handshake_ns: 19,
+            local_port: 8000,
+            _pad: 0,
         };
         let bytes = event_bytes(header, b"GET /");
         let event = decode_event(&bytes).expect("valid event");
         assert_eq!(event.kind, EventKind::Read);
         assert_eq!(event.header, header);
         assert_eq!(event.data, b"GET /");
+        assert_eq!(event.local_port(), Some(8000));
     }
 
     #[test]

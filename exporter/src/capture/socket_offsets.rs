@@ -1,8 +1,8 @@
-//! Where the kernel side finds the socket an accept returned: member
-//! offsets of the running kernel's structures, read from its BTF
-//! (`/sys/kernel/btf/vmlinux`) with the `btf-rs` crate.
+//! Where the kernel side finds the socket behind a descriptor, and the
+//! local port in it: member offsets of the running kernel's structures,
+//! read from its BTF (`/sys/kernel/btf/vmlinux`) with the `btf-rs` crate.
 
-use btf_rs::{Backend, Btf, Type};
+use btf_rs::{Backend, Btf, Struct, Type};
 use exporter_common::SocketOffsets;
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -32,29 +32,51 @@ pub fn socket_offsets() -> Result<SocketOffsets, SocketOffsetsError> {
         fdtable_fd: offset("fdtable", "fd")?,
         file_private_data: offset("file", "private_data")?,
         socket_sk: offset("socket", "sk")?,
+        // `struct sock` begins with its `sock_common`, where the port sits
+        // in an anonymous union.
+        sock_num: offset("sock", "__sk_common")? + offset("sock_common", "skc_num")?,
+        _pad: 0,
     })
 }
 
-/// The byte offset of a direct, non-bitfield member of a struct.
+/// Anonymous structs and unions looked into, at most: the kernel's own
+/// nest one or two deep.
+const MAX_ANONYMOUS_DEPTH: usize = 4;
+
+/// The byte offset of a non-bitfield member of a struct, directly or in
+/// its anonymous structs and unions.
 fn member_offset(
     btf: &Btf,
     structure: &'static str,
     member: &'static str,
 ) -> Result<u32, SocketOffsetsError> {
-    let types = btf.resolve_types_by_name(structure)?;
-    types
+    btf.resolve_types_by_name(structure)?
         .iter()
-        .filter_map(|found| match found {
-            Type::Struct(fields) => Some(fields),
+        .find_map(|found| match found {
+            Type::Struct(fields) => find_member(btf, fields, member, 0),
             _ => None,
         })
-        .flat_map(|fields| fields.members.iter())
-        .find(|field| {
-            field.bitfield_size().unwrap_or(0) == 0
-                && btf.resolve_name(*field).is_ok_and(|name| name == member)
-        })
-        .map(|field| field.bit_offset() / 8)
+        .map(|bits| bits / 8)
         .ok_or(SocketOffsetsError::Missing { structure, member })
+}
+
+/// The bit offset of `member` in `fields`, looking into anonymous members.
+fn find_member(btf: &Btf, fields: &Struct, member: &str, depth: usize) -> Option<u32> {
+    fields.members.iter().find_map(|field| {
+        let name = btf.resolve_name(field).ok()?;
+        if name == member {
+            return (field.bitfield_size().unwrap_or(0) == 0).then(|| field.bit_offset());
+        }
+        if !name.is_empty() || depth >= MAX_ANONYMOUS_DEPTH {
+            return None;
+        }
+        match btf.resolve_chained_type(field).ok()? {
+            Type::Struct(inner) | Type::Union(inner) => {
+                find_member(btf, &inner, member, depth + 1).map(|bits| field.bit_offset() + bits)
+            }
+            _ => None,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -72,6 +94,9 @@ mod tests {
         assert_eq!(offsets.fdtable_max_fds, 0);
         assert_eq!(offsets.fdtable_fd, 8);
         assert!(offsets.task_files > 0 && offsets.socket_sk > 0);
+        // `skc_num` follows `skc_dport` in the union after the address
+        // pair and the hash: inside the first 16 bytes of `struct sock`.
+        assert_eq!(offsets.sock_num, 14);
         let btf = Btf::from_file(VMLINUX_BTF).expect("btf");
         assert!(matches!(
             member_offset(&btf, "socket", "no_such_member"),

@@ -1,8 +1,10 @@
 //! Gives each captured exchange the identity that served it. In Kubernetes
 //! mode a pod may become known only after its first requests, so exchanges
 //! of an unknown pod are held (bounded in time and number) and retried when
-//! the pod index changes; after that they count as `<unknown>`. Nothing is
-//! dropped but the traffic of pods selected out.
+//! the pod index changes; after that they count as `<unknown>`. Local
+//! mode's servers are looked up off the pipeline thread, and their first
+//! exchanges are held the same way. Nothing is dropped but the traffic of
+//! pods or servers selected out.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -79,7 +81,11 @@ pub struct Attribution {
     held_bytes: usize,
     /// Index generation the held exchanges were last tried against.
     tried_generation: u64,
+    /// Held exchanges are tried again at the next turn: answers came in
+    /// that are no pod index's.
+    retry: bool,
     unknown: Arc<Identity>,
+    unknown_server: Arc<Identity>,
     counters: AttributionCounters,
 }
 
@@ -90,8 +96,24 @@ impl Attribution {
             held: VecDeque::new(),
             held_bytes: 0,
             tried_generation: 0,
+            retry: false,
             unknown: Arc::new(Identity::new(IdentityLabels::unknown_pod())),
+            unknown_server: Arc::new(Identity::new(IdentityLabels::unknown_server())),
             counters,
+        }
+    }
+
+    /// Held exchanges are tried again at the next [`Self::attribute`]
+    /// (local servers were found).
+    pub fn retry_held(&mut self) {
+        self.retry = true;
+    }
+
+    /// The identity of a connection whose server is not known in time.
+    fn unknown_for(&self, served_by: &ServedBy) -> Arc<Identity> {
+        match served_by {
+            ServedBy::Container(_) => self.unknown.clone(),
+            ServedBy::Server(_) | ServedBy::PendingServer(_) => self.unknown_server.clone(),
         }
     }
 
@@ -110,7 +132,7 @@ impl Attribution {
         let mut index = index.map(lock_index);
         match lookup_now(index.as_deref_mut(), served_by, true) {
             Some(Lookup::Known(identity)) => Some(identity),
-            Some(Lookup::Pending) | None => Some(self.unknown.clone()),
+            Some(Lookup::Pending) | None => Some(self.unknown_for(served_by)),
             Some(Lookup::Excluded) => None,
         }
     }
@@ -135,8 +157,9 @@ impl Attribution {
             .held
             .front()
             .is_some_and(|(deadline, _)| *deadline <= now);
-        if !self.held.is_empty() && (due || generation != self.tried_generation) {
+        if !self.held.is_empty() && (due || self.retry || generation != self.tried_generation) {
             self.tried_generation = generation;
+            self.retry = false;
             self.held_bytes = 0;
             for (deadline, exchange) in std::mem::take(&mut self.held) {
                 self.place(index.as_deref_mut(), exchange, deadline, now, out);
@@ -151,29 +174,26 @@ impl Attribution {
 
     fn place(
         &mut self,
-        index: Option<&mut PodIndex>,
+        mut index: Option<&mut PodIndex>,
         captured: CapturedExchange,
         deadline: Instant,
         now: Instant,
         out: &mut Vec<AttributedExchange>,
     ) {
-        let container = match &captured.served_by {
-            ServedBy::Server(identity) => {
-                let identity = identity.clone();
-                return out.push(attributed(identity, None, captured));
-            }
-            ServedBy::Container(container) => container.clone(),
-        };
+        if let ServedBy::Server(identity) = &captured.served_by {
+            let identity = identity.clone();
+            return out.push(attributed(identity, None, captured));
+        }
         let size = held_size(&captured);
         let no_room_left = self.held_bytes + size > self.limits.max_held_bytes;
         let give_up = deadline <= now || self.held.len() >= self.limits.max_held || no_room_left;
-        let Some(index) = index else {
+        let Some(lookup) = lookup_now(index.as_deref_mut(), &captured.served_by, give_up) else {
             self.counters.unattributed.inc();
             return out.push(attributed(self.unknown.clone(), None, captured));
         };
-        match index.lookup(&container, give_up) {
+        match lookup {
             Lookup::Known(identity) => {
-                let rules = index.workload_rules(&identity.workload);
+                let rules = index.and_then(|index| index.workload_rules(&identity.workload));
                 out.push(attributed(identity, rules, captured));
             }
             Lookup::Excluded => self.counters.excluded.inc(),
@@ -182,11 +202,11 @@ impl Attribution {
                     self.counters.held_bytes_budget.inc();
                 }
                 if self.counters.unattributed.get() == 0 {
-                    warn!(pod_uid = %container.pod_uid, container_id = ?container.container_id,
-                        "traffic of a pod this node's watch does not know: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)");
+                    warn_unknown(&captured.served_by);
                 }
                 self.counters.unattributed.inc();
-                out.push(attributed(self.unknown.clone(), None, captured));
+                let unknown = self.unknown_for(&captured.served_by);
+                out.push(attributed(unknown, None, captured));
             }
             Lookup::Pending => {
                 self.held_bytes += size;
@@ -212,13 +232,31 @@ pub fn by_identity<'a>(
     sums
 }
 
-/// Whom a connection's server is now: a local server is known at once, a
-/// container's pod is looked up (`give_up`: see [`PodIndex::lookup`]);
+/// Whom a connection's server is now: a local server is known once found,
+/// a container's pod is looked up (`give_up`: see [`PodIndex::lookup`]);
 /// `None` without an index to look it up in.
 fn lookup_now(index: Option<&mut PodIndex>, served_by: &ServedBy, give_up: bool) -> Option<Lookup> {
     match served_by {
         ServedBy::Server(identity) => Some(Lookup::Known(identity.clone())),
+        ServedBy::PendingServer(slot) => Some(match slot.get() {
+            Some(Some(identity)) => Lookup::Known(identity.clone()),
+            Some(None) => Lookup::Excluded,
+            None => Lookup::Pending,
+        }),
         ServedBy::Container(container) => Some(index?.lookup(container, give_up)),
+    }
+}
+
+/// Says once, at the first exchange exported as unknown, why.
+fn warn_unknown(served_by: &ServedBy) {
+    match served_by {
+        ServedBy::Container(container) => warn!(
+            pod_uid = %container.pod_uid, container_id = ?container.container_id,
+            "traffic of a pod this node's watch does not know: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)"
+        ),
+        ServedBy::Server(_) | ServedBy::PendingServer(_) => warn!(
+            "traffic of a server not found in /proc in time: exported with identity labels \"<unknown>\" (logged once; see flask_ebpf_exporter_unattributed_requests_total)"
+        ),
     }
 }
 

@@ -17,7 +17,6 @@ pub mod containers;
 pub mod kubernetes;
 pub mod local;
 pub mod pods;
-pub mod ports;
 
 use std::{
     sync::Arc,
@@ -39,8 +38,17 @@ impl IdentityStage {
     /// out, not in a pod, or its process is already gone).
     pub fn resolve(&mut self, origin: &Origin) -> Option<ServedBy> {
         match self {
-            IdentityStage::Local(local) => local.resolve(origin).map(ServedBy::Server),
+            IdentityStage::Local(local) => local.resolve(origin),
             IdentityStage::Pods(pods) => pods.resolve(origin.tgid).map(ServedBy::Container),
+        }
+    }
+
+    /// Takes the answers of lookups made off the pipeline thread; whether
+    /// any came (exchanges held for them may go on).
+    pub fn settle(&mut self) -> bool {
+        match self {
+            IdentityStage::Local(local) => local.settle(),
+            IdentityStage::Pods(_) => false,
         }
     }
 

@@ -305,25 +305,15 @@ pub fn listening_sockets(tgid: u32) -> Scanned<HashMap<u64, u16>> {
 /// The port the listening socket `inode` in the network namespace of
 /// `tgid` serves.
 pub fn listener_port(tgid: u32, inode: u64) -> Scanned<Option<u16>> {
-    port_of(tgid, inode, Rows::Listening, "listening sockets")
-}
-
-/// The local port of the TCP connection `inode` in the network namespace
-/// of `tgid` (an accepted one has its listener's).
-pub fn connection_port(tgid: u32, inode: u64) -> Scanned<Option<u16>> {
-    port_of(tgid, inode, Rows::All, "TCP sockets")
-}
-
-fn port_of(tgid: u32, inode: u64, rows: Rows, what: &'static str) -> Scanned<Option<u16>> {
     let mut port = None;
-    let complete = visit_tcp_rows(tgid, rows, BOUND, |socket| {
+    let complete = visit_tcp_rows(tgid, Rows::Listening, BOUND, |socket| {
         if socket.inode == inode {
             port = Some(socket.local_port);
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     });
-    Scanned::new(port, complete, tgid, what, BOUND)
+    Scanned::new(port, complete, tgid, "listening sockets", BOUND)
 }
 
 /// The TCP sockets a process holds: its listening ones (inode → local
@@ -461,7 +451,6 @@ mod tests {
         );
         // A connection is not among the listening rows, only among all.
         assert_eq!(listener_port(tgid, accepted_inode).found, None);
-        assert_eq!(connection_port(tgid, accepted_inode).found, Some(port));
         assert!(socket_inodes(tgid).found.contains(&inode));
         assert!(holds_socket(tgid, accepted_inode).found);
         let held = tcp_sockets_held(tgid);

@@ -411,6 +411,7 @@ impl ConnectionTable {
             tgid: header.tgid,
             fd: header.fd,
             listen_fd: event.accepted_on(),
+            port: event.local_port(),
         })
     }
 

@@ -55,6 +55,8 @@ fn event_at(
             // where (LISTENER, + 1); others say nothing.
             aux: if seq == 1 { LISTENER + 1 } else { 0 },
             handshake_ns: 0,
+            local_port: 0,
+            _pad: 0,
         },
         data,
     }
@@ -524,6 +526,8 @@ fn event_on(fd: u32, kind: EventKind, seq: u32, data: &[u8]) -> RawEvent<'_> {
             captured_len: data.len() as u32,
             aux: 0,
             handshake_ns: 0,
+            local_port: 0,
+            _pad: 0,
         },
         data,
     }
@@ -674,6 +678,8 @@ impl KernelModel {
                 captured_len: copied.len() as u32,
                 aux: if self.seq == 1 { LISTENER + 1 } else { 0 },
                 handshake_ns: 0,
+                local_port: 0,
+                _pad: 0,
             },
             data: copied,
         })
