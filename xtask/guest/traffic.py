@@ -108,17 +108,20 @@ def main():
         key = f"{method} {rule} {status}"
         sent[key] = sent.get(key, 0) + 1
 
+    def on_its_own_connection(method, path, rule, body=None):
+        connection = http.client.HTTPConnection(APP_HOST, APP_PORT, timeout=60)
+        connection.request(method, path, body=body, headers={"Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        answered(method, rule, response.status)
+        connection.close()
+
     # Requests reach the workers until route discovery has answered for
     # both: under TCG a harvest may take longer than the agent waits for
     # one, and what this run checks is the kernel side, not that race.
     # "/" is the same text whether learned or read from the source.
     def warm_up():
-        connection = http.client.HTTPConnection(APP_HOST, APP_PORT, timeout=30)
-        connection.request("GET", "/", headers={"Connection": "close"})
-        response = connection.getresponse()
-        response.read()
-        answered("GET", "/", response.status)
-        connection.close()
+        on_its_own_connection("GET", "/", "/")
         return discovery_answers() >= WORKERS
 
     wait_for("route discovery", warm_up, 120)
@@ -132,13 +135,8 @@ def main():
         answered("GET", "/items/<int:item_id>", response.status)
     connection.close()
     # A connection each.
-    for n in range(50):
-        connection = http.client.HTTPConnection(APP_HOST, APP_PORT, timeout=30)
-        connection.request("GET", "/", headers={"Connection": "close"})
-        response = connection.getresponse()
-        response.read()
-        answered("GET", "/", response.status)
-        connection.close()
+    for _ in range(50):
+        on_its_own_connection("GET", "/", "/")
     # Pipelined: 20 requests in one write, then their 20 responses.
     with socket.create_connection((APP_HOST, APP_PORT), timeout=30) as raw:
         batch = b"".join(
@@ -151,21 +149,11 @@ def main():
     # 1 MiB bodies.
     body = b"x" * (1024 * 1024)
     for _ in range(5):
-        connection = http.client.HTTPConnection(APP_HOST, APP_PORT, timeout=60)
-        connection.request("POST", "/echo", body=body)
-        response = connection.getresponse()
-        response.read()
-        answered("POST", "/echo", response.status)
-        connection.close()
+        on_its_own_connection("POST", "/echo", "/echo", body)
     # Errors: a 404 by the app, a 500 by an exception.
     for path, rule in (("/status/404", "/status/<int:code>"), ("/boom", "/boom")):
         for _ in range(10):
-            connection = http.client.HTTPConnection(APP_HOST, APP_PORT, timeout=30)
-            connection.request("GET", path)
-            response = connection.getresponse()
-            response.read()
-            answered("GET", rule, response.status)
-            connection.close()
+            on_its_own_connection("GET", path, rule)
     total = sum(sent.values())
     for series, count in sorted(sent.items()):
         say("sent", series, count)
