@@ -31,7 +31,10 @@ fn main() -> anyhow::Result<()> {
     }
     if failed {
         eprint!("{}", String::from_utf8_lossy(&output.stderr));
-        bail!("building the kernel programs failed ({}): see the lines above", output.status);
+        bail!(
+            "building the kernel programs failed ({}): see the lines above",
+            output.status
+        );
     }
     Ok(())
 }
