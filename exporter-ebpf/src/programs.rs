@@ -637,10 +637,10 @@ fn io_exit(ctx: &TracePointContext, kind: EventKind, shape: BufferShape) -> u32 
     let moved = if failed_write { 0 } else { ret as u32 };
     let buffer = user_buffer(&args);
     let now = unsafe { bpf_ktime_get_ns() };
-    let config = config();
-    let Some(at) = next_in_connection(state, &key, &args, buffer, moved, now, &config) else {
+    let Some(at) = next_in_connection(state, &key, &args, buffer, moved, now) else {
         return 0;
     };
+    let config = config();
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -717,7 +717,6 @@ fn next_in_connection(
     buffer: UserBuffer,
     moved: u32,
     now: u64,
-    config: &CaptureConfig,
 ) -> Option<Position> {
     if let Some(state) = state {
         // SAFETY: a valid entry of CONNS. Plain updates: two threads of one
@@ -766,10 +765,10 @@ fn next_in_connection(
     if !starts_like_request(prefix) {
         return None;
     }
-    // Rare (connections older than the agent): the socket walk is paid
-    // once per connection picked up.
-    let local_port =
-        socket_of(&config.sockets, key.fd).map_or(0, |sock| local_port(&config.sockets, sock));
+    // Rare (connections older than the agent): the settings and the
+    // socket walk are paid once per connection picked up, not per syscall.
+    let offsets = config().sockets;
+    let local_port = socket_of(&offsets, key.fd).map_or(0, |sock| local_port(&offsets, sock));
     let state = ConnState {
         conn_id: now,
         read_offset: moved,
