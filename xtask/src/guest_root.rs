@@ -43,8 +43,8 @@ const APP_PACKAGES: &[&str] = &[
     "packaging",
 ];
 
-/// Builds `work/root.cpio.gz` and returns its path.
-pub fn build(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
+/// Builds `work/root.cpio.gz` around the `agent` binary and returns its path.
+pub fn build(root: &Path, work: &Path, agent_binary: &Path) -> anyhow::Result<PathBuf> {
     let staging = work.join("root");
     if staging.exists() {
         fs::remove_dir_all(&staging)?;
@@ -73,7 +73,7 @@ pub fn build(root: &Path, work: &Path) -> anyhow::Result<PathBuf> {
     let agent = staging.join("flask-ebpf-exporter");
     run(Command::new("objcopy")
         .arg("--strip-debug")
-        .arg(root.join("target/release/flask-ebpf-exporter"))
+        .arg(agent_binary)
         .arg(&agent))?;
     elves.push(agent);
 

@@ -96,6 +96,27 @@ pub fn build_agent_image(root: &Path, tag: &str) -> anyhow::Result<()> {
     prune_untagged()
 }
 
+/// Copies the agent's binary out of the image `tag` to `dest`.
+pub fn copy_agent_binary(tag: &str, dest: &Path) -> anyhow::Result<()> {
+    let output = podman()
+        .args(["create", tag])
+        .output()
+        .context("podman create")?;
+    if !output.status.success() {
+        bail!(
+            "podman create {tag}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let container = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let copied = run(podman()
+        .arg("cp")
+        .arg(format!("{container}:/usr/local/bin/flask-ebpf-exporter"))
+        .arg(dest));
+    run(podman().args(["rm", &container]))?;
+    copied
+}
+
 /// Removes the untagged images builds of this project leave (the builder
 /// stage, an image a rebuild took the tag from): each carries the recipe
 /// label, and the builder stage alone is gigabytes.

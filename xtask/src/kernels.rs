@@ -68,12 +68,17 @@ const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 const MARKER: &str = "KERNEL-MATRIX";
 
+/// `cargo xtask kernels [--kernel NAME]… [--agent-image TAG]`: with
+/// `--agent-image`, the guests run the binary of that image (what users
+/// deploy) instead of a release build made here.
 pub fn kernels(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let mut names = Vec::new();
+    let mut agent_image = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--kernel" => names.push(args.next().context("--kernel NAME")?.clone()),
+            "--agent-image" => agent_image = Some(args.next().context("--agent-image TAG")?),
             other => bail!("unknown option {other}"),
         }
     }
@@ -94,10 +99,20 @@ pub fn kernels(root: &Path, args: &[String]) -> anyhow::Result<()> {
     install_missing(&packages, &mut false)?;
     let work = root.join("target/kernels");
     fs::create_dir_all(&work)?;
-    run(Command::new("cargo")
-        .args(["build", "--release", "-p", "flask-ebpf-exporter"])
-        .current_dir(root))?;
-    let initramfs = crate::guest_root::build(root, &work)?;
+    let agent = match agent_image {
+        Some(tag) => {
+            let agent = work.join("flask-ebpf-exporter");
+            crate::image::copy_agent_binary(tag, &agent)?;
+            agent
+        }
+        None => {
+            run(Command::new("cargo")
+                .args(["build", "--release", "-p", "flask-ebpf-exporter"])
+                .current_dir(root))?;
+            root.join("target/release/flask-ebpf-exporter")
+        }
+    };
+    let initramfs = crate::guest_root::build(root, &work, &agent)?;
     let apt = Apt::new(&work)?;
     let mut failures = Vec::new();
     for kernel in chosen {

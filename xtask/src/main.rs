@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all)"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
             );
             if task == "help" {
                 Ok(())
@@ -348,8 +348,17 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         .env("FLASK_EBPF_APP_IMAGE", image::APP_IMAGE)
         .current_dir(root))?;
     // One kernel that is not this machine's, in a VM: the fastest to boot
-    // of `cargo xtask kernels`' list, Debian 13's.
-    kernels::kernels(root, &["--kernel".to_owned(), "trixie-cloud".to_owned()])?;
+    // of `cargo xtask kernels`' list, Debian 13's, running the image's
+    // binary (a second release build would cost CI minutes).
+    kernels::kernels(
+        root,
+        &[
+            "--kernel".to_owned(),
+            "trixie-cloud".to_owned(),
+            "--agent-image".to_owned(),
+            image::AGENT_IMAGE.to_owned(),
+        ],
+    )?;
     // A smoke run of each fuzz target: it builds and finds nothing quickly.
     fuzz(
         root,
