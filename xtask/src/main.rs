@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 mod demo;
+mod e2e;
 mod guest_root;
 mod image;
 mod kernels;
@@ -108,23 +109,30 @@ fn main() -> anyhow::Result<()> {
         }
         "bench" => {
             setup(&root)?;
-            // exporter/benches/overhead.rs (arguments go to it), then the
+            // e2e/benches/overhead.rs (arguments go to it), then the
             // userspace replay, exporter/benches/replay.rs, and route
-            // discovery's harvest, exporter/benches/route_discovery.rs.
+            // discovery's harvest, e2e/benches/route_discovery.rs. The
+            // e2e benchmarks start the release binary built here.
+            run(Command::new("cargo")
+                .args(["build", "--release", "-p", "flask-ebpf-exporter"])
+                .current_dir(&root))?;
             run(Command::new("cargo")
                 .args([
                     "bench",
                     "-p",
-                    "flask-ebpf-exporter",
+                    "flask-ebpf-exporter-e2e",
                     "--bench",
                     "overhead",
                     "--",
                 ])
                 .args(rest)
                 .current_dir(&root))?;
-            for bench in ["replay", "route_discovery"] {
+            for (package, bench) in [
+                ("flask-ebpf-exporter", "replay"),
+                ("flask-ebpf-exporter-e2e", "route_discovery"),
+            ] {
                 run(Command::new("cargo")
-                    .args(["bench", "-p", "flask-ebpf-exporter", "--bench", bench])
+                    .args(["bench", "-p", package, "--bench", bench])
                     .current_dir(&root))?;
             }
             Ok(())
@@ -339,14 +347,25 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
             "warnings",
         ])
         .current_dir(root))?;
-    // eBPF end-to-end tests load programs into the real kernel: they need root.
+    // Arguments before `--` go to cargo, those after it to the tests.
+    let (cargo_args, test_args) = match extra.iter().position(|arg| arg == "--") {
+        Some(at) => (&extra[..at], &extra[at + 1..]),
+        None => (extra, &[][..]),
+    };
     run(Command::new("cargo")
-        .args(["test", "--workspace", "--all-targets"])
-        .args(extra)
-        .env("FLASK_EBPF_VENV", root.join(".venv"))
-        .env("FLASK_EBPF_IMAGE", image::AGENT_IMAGE)
-        .env("FLASK_EBPF_APP_IMAGE", image::APP_IMAGE)
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "flask-ebpf-exporter-e2e",
+        ])
+        .arg("--all-targets")
+        .args(cargo_args)
+        .arg("--")
+        .args(test_args)
         .current_dir(root))?;
+    // The end-to-end tests load programs into the real kernel: root only.
+    e2e::run_all(root, cargo_args, test_args)?;
     // One kernel that is not this machine's, in a VM: the fastest to boot
     // of `cargo xtask kernels`' list, Debian 13's, running the image's
     // binary (a second release build would cost CI minutes).

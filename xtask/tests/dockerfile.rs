@@ -1,6 +1,6 @@
 //! What the Dockerfile relies on, checked without building it (the image
 //! itself is built by `cargo xtask image` and run by
-//! exporter/tests/containers_e2e.rs): its base images are build arguments
+//! e2e/tests/e2e/containers_e2e.rs): its base images are build arguments
 //! defaulting to the public ones, the set-up step it runs works, the binary
 //! path it copies is the one cargo produces, and the port and entrypoint
 //! match the DaemonSet.

@@ -232,6 +232,10 @@ impl ServerProcesses {
 /// The compiled kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exporter-ebpf"));
 
+/// Programs that do nothing on the same hooks (exporter-ebpf/src/floor.rs):
+/// the overhead benchmark's floor, what attaching anything there costs.
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+
 /// Each program, the tracepoint category, and the tracepoints it is
 /// attached to: syscalls, then the TCP handshake's end (for the accept
 /// queue's wait).

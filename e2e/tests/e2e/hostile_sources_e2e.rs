@@ -6,7 +6,7 @@
 //! app's routes are learned from traffic, and the well-behaved app keeps
 //! Flask's own rule text with exact counts.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     collections::BTreeMap,

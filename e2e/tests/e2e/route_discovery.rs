@@ -2,7 +2,7 @@
 //! reads from each fixture app's source, without running it, must be the
 //! rules Flask's url_map has once the app is built (`print_rules.py`).
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
@@ -363,7 +363,7 @@ fn a_workloads_harvest_is_kept_until_a_process_runs_other_files() {
     let budgets = Budgets::register(&registry).expect("budgets");
     let counters = DiscoveryCounters::register(&registry, &budgets).expect("counters");
     let worker = DiscoveryWorker::start(
-        HelperProgram(env!("CARGO_BIN_EXE_flask-ebpf-exporter").into()),
+        HelperProgram(support::agent_binary()),
         ParseBudget::default(),
         counters.clone(),
     )

@@ -3,7 +3,7 @@
 //! gunicorn sync worker accepts them, measured from the kernel's end of the
 //! TCP handshake (`sock:inet_sock_set_state`) to the accept.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     process::Command,

@@ -8,12 +8,11 @@
 //! building its url_map. Prints harvest time, peak heap and what the result
 //! keeps, and checks the rules equal Flask's own.
 //!
-//! `cargo bench -p flask-ebpf-exporter --bench route_discovery` harvests 20
+//! `cargo bench -p flask-ebpf-exporter-e2e --bench route_discovery` harvests 20
 //! times; under `cargo test` a 20-file app once, as a check (the venv is
 //! needed either way, for Flask's side).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -337,7 +336,7 @@ fn helper_times(
             .current_dir(dir),
     );
     wait_for_port(port, Duration::from_secs(30));
-    let program = HelperProgram(env!("CARGO_BIN_EXE_flask-ebpf-exporter").into());
+    let program = HelperProgram(support::agent_binary());
     let mut times: Vec<Duration> = (0..rounds)
         .map(|_| {
             let started = Instant::now();

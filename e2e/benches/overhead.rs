@@ -14,14 +14,11 @@
 //! the do-nothing programs, alternated: its throughput, its own CPU per
 //! operation, and what the kernel side ran and read per operation.
 //!
-//! `cargo xtask bench` (or `cargo bench -p flask-ebpf-exporter --bench
+//! `cargo xtask bench` (or `cargo bench -p flask-ebpf-exporter-e2e --bench
 //! overhead -- [--rounds N] [--seconds S]`) runs 3 rounds of 5 s; under
 //! `cargo test` the same code runs one round of 2 s and checks that the
 //! exporter counted every request wrk completed. Root and the venv are
 //! needed either way.
-
-#[path = "../tests/support/mod.rs"]
-mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,6 +27,8 @@ use std::{
     time::Duration,
 };
 
+use flask_ebpf_exporter::capture::FLOOR_OBJECT;
+use flask_ebpf_exporter_e2e as support;
 use support::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,9 +53,6 @@ impl Variant {
         }
     }
 }
-
-/// The benchmark's do-nothing programs (exporter-ebpf/src/floor.rs).
-static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
 
 /// Loads and attaches the do-nothing program of a floor variant; it stays
 /// attached while the returned object lives.

@@ -1,11 +1,11 @@
 //! Kubernetes mode end to end, on the real kernel: real Flask apps run as
 //! "pods" inside kubelet-style cgroups this test creates (systemd driver in
 //! the v2 and v1 name=systemd hierarchies, cgroupfs driver in v1 memory and
-//! pids), the in-test API server (support/kube_api.rs) serves the matching
+//! pids), the in-test API server (e2e/src/kube_api.rs) serves the matching
 //! Pod objects, and the real exporter binary runs in Kubernetes mode with
 //! the real `kube` client.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -1,10 +1,10 @@
 //! The exporter's pod watch, driven by the real `kube` client against the
-//! in-test API server (support/kube_api.rs; no real API server can run
+//! in-test API server (e2e/src/kube_api.rs; no real API server can run
 //! here): list + watch of one node's pods, owner resolution with a cache,
 //! resumed and cut watches, 410 Gone with a relist, and an API server that
 //! is down at start or goes away.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     sync::Arc,

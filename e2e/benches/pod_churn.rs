@@ -5,12 +5,11 @@
 //! pods overlap). Prints the exporter's resident memory after warm-up and
 //! at the end, and checks that nothing of the deleted pods stays behind.
 //!
-//! `cargo bench -p flask-ebpf-exporter --bench pod_churn` runs 1,000 cycles
+//! `cargo bench -p flask-ebpf-exporter-e2e --bench pod_churn` runs 1,000 cycles
 //! (`POD_CHURN_CYCLES` sets another number); under `cargo test` the same
 //! code runs 30 as a check (root and the venv are needed either way).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     collections::VecDeque,

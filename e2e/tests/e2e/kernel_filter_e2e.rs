@@ -7,7 +7,7 @@
 //! The tests take turns (one lock): they count the agent's events, which
 //! another test's traffic would add to.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     io::{Read, Write},

@@ -1,13 +1,13 @@
 //! The agent as users deploy it: the image `cargo xtask image` builds, run
 //! by a real containerd (Debian's, with runc) with exactly the security
-//! context manifests/daemonset.yaml asks for (support/daemonset.rs derives
+//! context manifests/daemonset.yaml asks for (e2e/src/daemonset.rs derives
 //! the runtime options from the manifest), watching Flask apps that run in
 //! real containers: an overlay root unpacked from an image, a network
 //! namespace per pod set up by the CNI bridge plugin, and the cgroups each
 //! kubelet driver gives them, made by runc. The in-test API server
-//! (support/kube_api.rs) reports the containers' IDs as the kubelet does.
+//! (e2e/src/kube_api.rs) reports the containers' IDs as the kubelet does.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 

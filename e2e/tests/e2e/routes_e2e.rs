@@ -1,6 +1,6 @@
 //! Route labels on the real kernel with a real Flask app of 21 rules
 //! (tests/fixtures/routes_app.py) under gunicorn, driven by randomized
-//! traffic (support/routes_traffic.rs):
+//! traffic (e2e/src/routes_traffic.rs):
 //!
 //! - with the app's rules given, every request's `path` equals Flask's
 //!   `url_rule`, checked against prometheus-flask-exporter with
@@ -9,7 +9,7 @@
 //! - a flood of random URLs stays under the cap;
 //! - the debug endpoints show the routes and never a query string or header.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

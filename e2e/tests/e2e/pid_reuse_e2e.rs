@@ -3,9 +3,10 @@
 //! identity of a listening socket, its verdicts) must not carry over: the
 //! new server's requests count under its own labels. Real kernel, real
 //! servers; the pid is handed over with `ns_last_pid`, as CRIU does. In a
-//! test binary of its own, so no other test forks in between.
+//! module of its own (`cargo xtask test` runs modules one after another), so
+//! no other test forks in between.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     process::Command,

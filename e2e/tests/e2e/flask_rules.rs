@@ -3,7 +3,7 @@
 //! asks routes_app's own url_map) on thousands of randomized
 //! requests.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use flask_ebpf_exporter::routes::{
     flask_rules::{NO_RULE, RuleMatch, RuleSet},

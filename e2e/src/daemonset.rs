@@ -406,7 +406,7 @@ fn reject_unknown(object: &Value, known: &[(&str, &str)]) {
     {
         assert!(
             known.iter().any(|(field, _)| field == key),
-            "{key} is not translated for the container tests (support/daemonset.rs)"
+            "{key} is not translated for the container tests (e2e/src/daemonset.rs)"
         );
     }
 }

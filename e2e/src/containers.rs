@@ -357,7 +357,7 @@ impl PodNetwork {
             MADE.fetch_add(1, Ordering::SeqCst)
         );
         // One address book for every pod network, as on a node.
-        let ipam_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-addresses");
+        let ipam_dir = super::target_tmpdir().join("cni-addresses");
         let status = Command::new("ip")
             .args(["netns", "add", &name])
             .status()

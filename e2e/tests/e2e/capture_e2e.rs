@@ -4,7 +4,7 @@
 //! exported counts compared with what was served and with
 //! prometheus-flask-exporter running inside the app (where it can).
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     collections::BTreeMap,

@@ -7,7 +7,7 @@
 //! With `DEBUG_PAGE_SCREENSHOT=FILE` it also saves a screenshot of
 //! /debug/routes (README's).
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 

@@ -1,8 +1,8 @@
-//! Shared parts of the end-to-end tests: the real exporter binary, real
-//! Flask apps under real servers, a raw HTTP/1.1 client (so tests control
-//! keep-alive, pipelining and 100-continue byte for byte), and a reader of
-//! the Prometheus text format.
-#![allow(dead_code)]
+//! Shared parts of the end-to-end tests and benchmarks: the real exporter
+//! binary, real Flask apps under real servers, a raw HTTP/1.1 client (so
+//! tests control keep-alive, pipelining and 100-continue byte for byte),
+//! and a reader of the Prometheus text format. README.md says how to run
+//! and write them.
 
 pub mod cgroups;
 pub mod containers;
@@ -23,6 +23,84 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The agent under test: `FLASK_EBPF_EXPORTER_BIN`, or the binary cargo
+/// built in this test's own target directory and profile. It is not a
+/// dependency cargo can build for us, so a stale one is refused.
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLASK_EBPF_EXPORTER_BIN") {
+        return path.into();
+    }
+    let agent = built_binary("flask-ebpf-exporter");
+    let built = modified(&agent);
+    for crate_dir in ["exporter", "exporter-ebpf", "exporter-common"] {
+        if let Some((newest, source)) = newest_source(&workspace().join(crate_dir).join("src")) {
+            assert!(
+                newest <= built,
+                "{} is older than {}: build it again (`cargo build -p flask-ebpf-exporter`; \
+                 `cargo xtask test` does)",
+                agent.display(),
+                source.display()
+            );
+        }
+    }
+    agent
+}
+
+/// A binary of this workspace, from the target directory and profile this
+/// test or benchmark was built in (`target/<profile>/deps/<test>`).
+pub fn built_binary(name: &str) -> PathBuf {
+    let test = std::env::current_exe().expect("the test's own path");
+    let binary = test
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("a test binary sits in <target>/<profile>/deps")
+        .join(name);
+    assert!(
+        binary.exists(),
+        "no {} (build it first: `cargo build -p {name}`, or run `cargo xtask test`)",
+        binary.display()
+    );
+    binary
+}
+
+/// Scratch space kept with the build (`<target>/tmp`), as cargo gives
+/// integration tests in `CARGO_TARGET_TMPDIR`.
+pub fn target_tmpdir() -> PathBuf {
+    let test = std::env::current_exe().expect("the test's own path");
+    let dir = test
+        .ancestors()
+        .nth(3)
+        .expect("a test binary sits in <target>/<profile>/deps")
+        .join("tmp");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+fn modified(path: &std::path::Path) -> std::time::SystemTime {
+    std::fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The most recently modified file under `dir`, and when.
+fn newest_source(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_source(&path)
+        } else {
+            Some((modified(&path), path))
+        };
+        if let Some(candidate) = candidate
+            && newest.as_ref().is_none_or(|(time, _)| candidate.0 > *time)
+        {
+            newest = Some(candidate);
+        }
+    }
+    newest
+}
+
 /// These tests load BPF programs into the running kernel and start real
 /// servers: without root or the venv they must fail loudly, not pass.
 pub fn require_prerequisites() -> PathBuf {
@@ -32,6 +110,11 @@ pub fn require_prerequisites() -> PathBuf {
         0,
         "eBPF end-to-end tests must run as root"
     );
+    require_venv()
+}
+
+/// The Python venv `cargo xtask setup` makes (Flask, gunicorn, the tools).
+pub fn require_venv() -> PathBuf {
     let venv = std::env::var("FLASK_EBPF_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace().join(".venv"));
@@ -191,7 +274,7 @@ impl Exporter {
     /// answers 200.
     pub fn start_on(address: SocketAddr, extra_args: &[&str], endpoint: &str) -> Exporter {
         let debug_address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_flask-ebpf-exporter"));
+        let mut command = Command::new(agent_binary());
         command
             .arg(format!("--listen={address}"))
             .arg(format!("--debug-listen={debug_address}"))

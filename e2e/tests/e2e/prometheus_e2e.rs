@@ -5,7 +5,7 @@
 //! Debian's Prometheus has no kubernetes_sd, so the targets come from
 //! file_sd carrying the labels `role: node` produces.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     fs,

@@ -6,7 +6,7 @@
 //! /metrics small, learn nothing the app does not serve, stay alive, and
 //! afterwards count legitimate requests exactly.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     collections::BTreeSet,

@@ -1,9 +1,9 @@
 //! A flood the agent cannot keep up with, on the real kernel. It lives in a
-//! test binary of its own: cargo runs test binaries one after another, so
+//! module of its own: `cargo xtask test` runs modules one after another, so
 //! its 40 s of wrk never share the node with another test's exporter (a
 //! small ring buffer elsewhere would lose that test's traffic to it).
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     process::{Command, Stdio},

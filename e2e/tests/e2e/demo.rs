@@ -5,9 +5,10 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
-    path::Path,
     process::{Command, Stdio},
 };
+
+use flask_ebpf_exporter_e2e as support;
 
 /// GET `url` (http://host:port/path); the status and the body.
 fn get(url: &str) -> (u16, String) {
@@ -27,19 +28,10 @@ fn get(url: &str) -> (u16, String) {
 
 #[test]
 fn the_demo_prints_urls_that_answer_and_metrics_of_its_traffic() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf();
-    let agent = root.join("target/debug/flask-ebpf-exporter");
-    assert!(
-        agent.exists(),
-        "{} is built by `cargo test --workspace --all-targets` (cargo xtask test)",
-        agent.display()
-    );
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_xtask"))
+    let agent = support::agent_binary();
+    let mut demo = Command::new(support::built_binary("xtask"))
         .args(["demo", "--seconds", "4"])
-        .env("CARGO_MANIFEST_DIR", env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_MANIFEST_DIR", support::workspace().join("xtask"))
         .env("FLASK_EBPF_EXPORTER_BIN", &agent)
         .stdout(Stdio::piped())
         .spawn()

@@ -3,7 +3,7 @@
 //! keep up with is in flood.rs). Real kernel, real binary; the tracefs case
 //! runs in a private mount namespace.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{
     process::{Command, Stdio},
@@ -28,7 +28,7 @@ fn refused_under_setpriv(setpriv_args: &[&str]) -> String {
     let (code, stderr) = run_to_exit(
         Command::new("setpriv")
             .args(setpriv_args)
-            .arg(env!("CARGO_BIN_EXE_flask-ebpf-exporter"))
+            .arg(support::agent_binary())
             .args(["--listen", &listen, "--debug-listen", "127.0.0.1:0"]),
     );
     assert_ne!(code, 0);
@@ -73,7 +73,7 @@ fn without_tracefs_it_exits_saying_how_to_mount_it() {
     let script = format!(
         "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
          umount /sys/kernel/debug 2>/dev/null; exec {} --listen {listen} --debug-listen 127.0.0.1:0",
-        env!("CARGO_BIN_EXE_flask-ebpf-exporter")
+        support::agent_binary().display()
     );
     let (code, stderr) = run_to_exit(Command::new("unshare").args([
         "--mount",

@@ -9,7 +9,7 @@
 //! sees the test's scrape of it, so it is given `--excluded-paths /metrics$`
 //! as well. prometheus_client's `_created` samples have no counterpart.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{collections::BTreeMap, time::Duration};
 

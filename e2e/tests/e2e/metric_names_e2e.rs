@@ -2,7 +2,7 @@
 //! of, prometheus-flask-exporter's, on the real kernel with
 //! tests/fixtures/routes_app.py under gunicorn gthread.
 
-mod support;
+use flask_ebpf_exporter_e2e as support;
 
 use std::{collections::BTreeMap, io::Write as _, time::Duration};
 
