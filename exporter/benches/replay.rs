@@ -37,9 +37,9 @@ use flask_ebpf_exporter::{
         IdentityStage,
         local::{LocalIdentity, ProcessFilter},
     },
-    metrics::Budgets,
     pipeline::{HandOffs, Stages},
     routes::flask_rules::RuleSet,
+    telemetry::Budgets,
 };
 use prometheus::Registry;
 

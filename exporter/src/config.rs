@@ -22,6 +22,7 @@ pub struct Config {
     /// Address of the HTTP endpoints (/metrics, /healthz, /readyz).
     #[arg(
         long,
+        value_name = "ADDR:PORT",
         env = "FLASK_EBPF_EXPORTER_LISTEN",
         default_value = "0.0.0.0:9810"
     )]
@@ -41,13 +42,14 @@ pub struct Config {
     /// prometheus-flask-exporter's `excluded_paths`: requests whose path (no query string)
     /// matches this regular expression from its start, as Python's `re.match`, are not
     /// counted. Repeatable; the environment variable takes one a line.
-    #[arg(long = "excluded-paths", env = "FLASK_EBPF_EXPORTER_EXCLUDED_PATHS",
+    #[arg(long = "excluded-paths", value_name = "REGEX", env = "FLASK_EBPF_EXPORTER_EXCLUDED_PATHS",
           value_delimiter = '\n', value_parser = parse_regex)]
     pub excluded_paths: Vec<String>,
 
     /// prometheus-flask-exporter's `buckets`: upper bounds of the duration histogram's
-    /// buckets in seconds, increasing, comma-separated (+Inf is always added).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_BUCKETS", value_delimiter = ',',
+    /// buckets in seconds, increasing, comma-separated (+Inf is always added);
+    /// by default prometheus-flask-exporter's.
+    #[arg(long, value_name = "SECONDS", env = "FLASK_EBPF_EXPORTER_BUCKETS", value_delimiter = ',',
           value_parser = parse_bucket)]
     pub buckets: Vec<f64>,
 
@@ -93,7 +95,8 @@ pub struct Config {
     /// further paths are exported as `<other>`.
     #[arg(
         long,
-        alias = "max-paths-per-server",
+        value_name = "N",
+        visible_alias = "max-paths-per-server",
         env = "FLASK_EBPF_EXPORTER_MAX_PATHS_PER_WORKLOAD",
         default_value_t = 500
     )]
@@ -105,6 +108,7 @@ pub struct Config {
     /// class (`5xx`).
     #[arg(
         long,
+        value_name = "N",
         env = "FLASK_EBPF_EXPORTER_MAX_SERIES_PER_WORKLOAD",
         default_value_t = 2000
     )]
@@ -113,16 +117,20 @@ pub struct Config {
     /// A Flask rule, `[METHODS ]RULE` (e.g. `GET,PUT /items/<int:item_id>`):
     /// requests it matches get the rule as `path`. Repeatable; the
     /// environment variable takes one rule a line.
-    #[arg(long = "route", env = "FLASK_EBPF_EXPORTER_ROUTES")]
+    #[arg(
+        long = "route",
+        value_name = "RULE",
+        env = "FLASK_EBPF_EXPORTER_ROUTES"
+    )]
     pub routes: Vec<String>,
 
     /// A file of Flask rules, one a line (`#` comments).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_ROUTES_FILE")]
+    #[arg(long, value_name = "FILE", env = "FLASK_EBPF_EXPORTER_ROUTES_FILE")]
     pub routes_file: Option<PathBuf>,
 
     /// Distinct values a path position may take under the same prefix
     /// before it is learned as a parameter.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_ROUTE_SEGMENT_CAP", default_value_t = 16,
+    #[arg(long, value_name = "N", env = "FLASK_EBPF_EXPORTER_ROUTE_SEGMENT_CAP", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub route_segment_cap: u32,
 
@@ -131,6 +139,7 @@ pub struct Config {
     /// (`kubectl port-forward` reaches them).
     #[arg(
         long,
+        value_name = "ADDR:PORT",
         env = "FLASK_EBPF_EXPORTER_DEBUG_LISTEN",
         default_value = "127.0.0.1:9811"
     )]
@@ -138,14 +147,14 @@ pub struct Config {
 
     /// Connections each listener (/metrics, /debug/*) serves at once; it
     /// accepts and closes the rest, counted.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_HTTP_MAX_CONNECTIONS", default_value_t = 64,
+    #[arg(long, value_name = "N", env = "FLASK_EBPF_EXPORTER_HTTP_MAX_CONNECTIONS", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub http_max_connections: u32,
 
     /// Time a client of the agent's listeners has to send a request's
     /// headers, from its connection or its previous response: a slow or
     /// idle connection is closed after it, counted.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "FLASK_EBPF_EXPORTER_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
 
     /// Serve /debug/routes, /debug/pods and /debug/connections.
@@ -154,41 +163,51 @@ pub struct Config {
     pub debug_endpoints: bool,
 
     /// Bytes copied from the start of each read or write (request line and headers must fit).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_CAPTURE_BYTES", default_value_t = 4096,
+    #[arg(long, value_name = "BYTES", env = "FLASK_EBPF_EXPORTER_CAPTURE_BYTES", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(64..=exporter_common::MAX_CAPTURE_BYTES as i64))]
     pub capture_bytes: u32,
 
     /// Size of the BPF ring buffer in bytes (a power of two, a multiple of the page size).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_RING_BUFFER_BYTES", default_value_t = 8 * 1024 * 1024,
+    #[arg(long, value_name = "BYTES", env = "FLASK_EBPF_EXPORTER_RING_BUFFER_BYTES", default_value_t = 8 * 1024 * 1024,
           value_parser = parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
 
     /// Connections the kernel side follows at once, at most (its connection map, ≈ 100 bytes
     /// each). Past it the least recently used is forgotten (counted in
     /// flask_ebpf_exporter_connections_evicted_total).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_KERNEL_CONNECTIONS", default_value_t = 65_536,
+    #[arg(long, value_name = "N", env = "FLASK_EBPF_EXPORTER_KERNEL_CONNECTIONS", default_value_t = 65_536,
           value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
     pub kernel_connections: u32,
 
     /// Connections whose handshake the kernel side remembers until their accept, all
     /// listeners of the node together (≈ 30 bytes each), for queue time. Past it the
     /// oldest is forgotten (counted in flask_ebpf_exporter_handshakes_forgotten_total).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_KERNEL_HANDSHAKES",
+    #[arg(long, value_name = "N", env = "FLASK_EBPF_EXPORTER_KERNEL_HANDSHAKES",
           default_value_t = exporter_common::HANDSHAKE_ENTRIES,
           value_parser = clap::value_parser!(u32).range(16..=1 << 22))]
     pub kernel_handshakes: u32,
 
     /// Watch only these processes (or the process groups they lead). Repeat or comma-separate.
-    #[arg(long = "pid", env = "FLASK_EBPF_EXPORTER_PIDS", value_delimiter = ',')]
+    #[arg(
+        long = "pid",
+        value_name = "PID",
+        env = "FLASK_EBPF_EXPORTER_PIDS",
+        value_delimiter = ','
+    )]
     pub pids: Vec<u32>,
 
     /// Watch only processes whose command line matches this regular expression.
-    #[arg(long = "command", env = "FLASK_EBPF_EXPORTER_COMMAND")]
+    #[arg(
+        long = "command",
+        value_name = "REGEX",
+        env = "FLASK_EBPF_EXPORTER_COMMAND"
+    )]
     pub command: Option<Regex>,
 
     /// Watch only servers listening on these ports. Repeat or comma-separate.
     #[arg(
         long = "port",
+        value_name = "PORT",
         env = "FLASK_EBPF_EXPORTER_PORTS",
         value_delimiter = ','
     )]
@@ -206,16 +225,17 @@ pub struct Config {
 
     /// Kubeconfig to reach the API server with (Kubernetes mode); in a pod the
     /// service account is used instead.
-    #[arg(long, env = "KUBECONFIG")]
+    #[arg(long, value_name = "FILE", env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
     /// This node's name (Kubernetes mode): only its pods are watched.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
 
     /// Monitor only pods in these namespaces (Kubernetes mode). Repeat or comma-separate.
     #[arg(
         long = "namespace",
+        value_name = "NS",
         env = "FLASK_EBPF_EXPORTER_NAMESPACES",
         value_delimiter = ','
     )]
@@ -233,16 +253,21 @@ pub struct Config {
 
     /// How long requests of a process whose pod (or, in local mode, whose
     /// server) is not known yet are held before they are exported with
-    /// identity "<unknown>".
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_POD_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// identity `<unknown>`.
+    #[arg(long, value_name = "DURATION", env = "FLASK_EBPF_EXPORTER_POD_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub pod_wait: Duration,
 
     /// How long a deleted pod's series stay, so the last scrapes see their final values.
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_DELETED_POD_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "FLASK_EBPF_EXPORTER_DELETED_POD_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
     pub deleted_pod_grace: Duration,
 
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `debug`, `flask_ebpf_exporter=debug`).
-    #[arg(long, env = "FLASK_EBPF_EXPORTER_LOG", default_value = "info")]
+    #[arg(
+        long,
+        value_name = "FILTER",
+        env = "FLASK_EBPF_EXPORTER_LOG",
+        default_value = "info"
+    )]
     pub log: String,
 }
 

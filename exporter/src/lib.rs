@@ -25,3 +25,4 @@ pub mod procfs;
 pub mod routes;
 pub mod server;
 pub mod stream;
+pub mod telemetry;

@@ -17,7 +17,6 @@ use flask_ebpf_exporter::{
         local::{LocalIdentity, ProcessFilter},
         pods::{Selection, SharedPodIndex},
     },
-    metrics::Budgets,
     pipeline::{Pipeline, Stages as PipelineStages},
     preflight::{self, Granted},
     routes::{discovery::helper::child as helper, flask_rules::RuleSet, rule_regexes::RegexMemory},
@@ -25,6 +24,7 @@ use flask_ebpf_exporter::{
         self, ServerState,
         accept::{self, ConnectionFamilies, ListenerLimits},
     },
+    telemetry::{Budget, Budgets},
 };
 use prometheus::Registry;
 use tracing::info;
@@ -231,11 +231,11 @@ fn pipeline(
     } = stages;
     let registering = "registering metrics";
     let budgets = Budgets::register(registry).context(registering)?;
-    RegexMemory::node().count_refusals_in(budgets.counter("rule_regex_bytes"));
-    RegexMemory::count_workload_refusals_in(budgets.counter("workload_rule_regex_bytes"));
-    flask_ebpf_exporter::procfs::sockets::count_cut_scans_in(budgets.counter("proc_scan"));
+    RegexMemory::node().count_refusals_in(budgets.counter(Budget::RuleRegexBytes));
+    RegexMemory::count_workload_refusals_in(budgets.counter(Budget::WorkloadRuleRegexBytes));
+    flask_ebpf_exporter::procfs::sockets::count_cut_scans_in(budgets.counter(Budget::ProcScan));
     if let IdentityStage::Local(local) = &mut identity {
-        local.count_refusals_in(budgets.counter("local_server_lookups"));
+        local.count_refusals_in(budgets.counter(Budget::LocalServerLookups));
     }
     let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
         .context(registering)?;

@@ -33,7 +33,7 @@ use crate::{
         IdentityStage,
         attribution::{self, Attribution, AttributionCounters, HoldLimits},
     },
-    metrics::{Budgets, RequestMetrics},
+    metrics::RequestMetrics,
     procfs,
     routes::{
         ExcludedPaths, RouteCounters, RouteLabeler, RouteOptions,
@@ -47,6 +47,7 @@ use crate::{
         rule_regexes::SharedBudgets,
     },
     stream::{ConnectionTable, Handled, StreamCounters},
+    telemetry::{Budget, Budgets},
 };
 
 /// How often the ring buffer is drained while events come: the kernel wakes
@@ -385,7 +386,7 @@ impl Stages {
             held_for_source_rules: HeldForSourceRules::new(
                 MAX_HELD_FOR_SOURCE_RULES,
                 MAX_HELD_FOR_SOURCE_RULES_BYTES,
-                budgets.counter("source_rules_wait"),
+                budgets.counter(Budget::SourceRulesWait),
             ),
         })
     }
@@ -511,7 +512,7 @@ mod tests {
     fn exchanges_held_for_source_rules_stay_within_their_budget() {
         let registry = Registry::new();
         let budgets = Budgets::register(&registry).expect("budgets");
-        let budget = budgets.counter("source_rules_wait");
+        let budget = budgets.counter(Budget::SourceRulesWait);
         // Two entries, 20 bytes of method and target ("GET" + target).
         let mut holding = HeldForSourceRules::new(2, 20, budget.clone());
         assert!(holding.hold(held("/a")).is_none());
@@ -540,7 +541,7 @@ mod tests {
     fn exchanges_of_released_identities_are_taken_from_the_hold() {
         let registry = Registry::new();
         let budgets = Budgets::register(&registry).expect("budgets");
-        let mut holding = HeldForSourceRules::new(10, 20, budgets.counter("source_rules_wait"));
+        let mut holding = HeldForSourceRules::new(10, 20, budgets.counter(Budget::SourceRulesWait));
         let mut other = held("/b");
         other.identity = Arc::new(Identity::new(IdentityLabels::Server {
             process: "gunicorn".to_owned(),

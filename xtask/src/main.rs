@@ -103,6 +103,19 @@ fn main() -> anyhow::Result<()> {
             setup(&root)?;
             fuzz(&root, rest)
         }
+        "docs" => {
+            // The generated reference tables (exporter/tests/reference_docs.rs).
+            run(Command::new("cargo")
+                .args([
+                    "test",
+                    "-p",
+                    "flask-ebpf-exporter",
+                    "--test",
+                    "reference_docs",
+                ])
+                .env("UPDATE_DOCS", "1")
+                .current_dir(&root))
+        }
         "kernels" => {
             setup(&root)?;
             kernels::kernels(&root, rest)
@@ -139,7 +152,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest\n  docs    rewrite the manual's generated tables (docs/configuration.md's flags) from the code\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
             );
             if task == "help" {
                 Ok(())

@@ -17,7 +17,7 @@ use flask_ebpf_exporter::routes::{
     },
     flask_rules::{NO_RULE, RuleMatch},
 };
-use flask_ebpf_exporter::{exchange::WorkloadKey, metrics::Budgets};
+use flask_ebpf_exporter::{exchange::WorkloadKey, telemetry::Budgets};
 use support::*;
 
 /// Flask's own rules of `spec` (`module:app` or `module:factory()`).

@@ -28,9 +28,9 @@ use tracing::{debug, info, warn};
 use self::program_stats::ProgramStats;
 use self::server_scans::{ServerScan, ServerScanned, ServerScans};
 use crate::{
-    metrics::{Budgets, counter, gauge},
     preflight::Granted,
     procfs,
+    telemetry::{Budget, Budgets, counter, gauge},
 };
 
 /// What the kernel side should stop (or resume) following or copying,
@@ -416,8 +416,8 @@ impl CaptureCounters {
         )?;
         registry.register(Box::new(ignored.clone()))?;
         Ok(CaptureCounters {
-            ignored_listeners_budget: budgets.counter("ignored_listeners"),
-            server_processes_budget: budgets.counter("server_processes"),
+            ignored_listeners_budget: budgets.counter(Budget::IgnoredListeners),
+            server_processes_budget: budgets.counter(Budget::ServerProcesses),
             server_processes: gauge(
                 registry,
                 "flask_ebpf_exporter_server_processes",
@@ -1101,7 +1101,7 @@ mod tests {
     fn ignored_listeners_stay_within_their_budget_and_still_clear() {
         let registry = Registry::new();
         let budgets = Budgets::register(&registry).expect("budgets");
-        let budget = budgets.counter("ignored_listeners");
+        let budget = budgets.counter(Budget::IgnoredListeners);
         let mut ignored = IgnoredListeners::new(2, budget.clone());
         let listener = |fd| ConnKey { tgid: 100, fd };
         const START: u64 = 5;
@@ -1139,7 +1139,7 @@ mod tests {
     fn server_processes_stay_within_their_budget() {
         let registry = Registry::new();
         let budgets = Budgets::register(&registry).expect("budgets");
-        let budget = budgets.counter("server_processes");
+        let budget = budgets.counter(Budget::ServerProcesses);
         let mut servers = ServerProcesses::new(2, budget.clone());
         servers.remember(10);
         servers.remember(10);

@@ -20,7 +20,7 @@ use self::{
 };
 use crate::{
     exchange::{Exchange, LostRequests},
-    metrics::counter,
+    telemetry::counter,
 };
 
 mod body;

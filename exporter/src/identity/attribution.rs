@@ -18,8 +18,8 @@ use tracing::warn;
 use super::pods::{Lookup, PodIndex, SharedPodIndex, lock_index};
 use crate::{
     exchange::{AttributedExchange, CapturedExchange, Identity, IdentityLabels, ServedBy},
-    metrics::{Budgets, counter, gauge},
     routes::flask_rules::RuleSet,
+    telemetry::{Budget, Budgets, counter, gauge},
 };
 
 /// Limits on traffic held while its pod is looked up.
@@ -52,7 +52,7 @@ pub struct AttributionCounters {
 impl AttributionCounters {
     pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(AttributionCounters {
-            held_bytes_budget: budgets.counter("held_request_bytes"),
+            held_bytes_budget: budgets.counter(Budget::HeldRequestBytes),
             unattributed: counter(
                 registry,
                 "flask_ebpf_exporter_unattributed_requests_total",

@@ -6,7 +6,7 @@
 //! handles of its series ([`IdentitySeries`]), so releasing an identity or
 //! retiring one of its routes removes exactly those series and nothing is
 //! looked up by family name. The stages' own health counters are registered
-//! by the stages themselves, with [`counter`] and [`gauge`].
+//! by the stages themselves, with `telemetry`'s helpers.
 
 pub mod otel;
 pub mod status;
@@ -20,8 +20,8 @@ use std::{
 use serde::Serialize;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use self::{
@@ -29,8 +29,11 @@ use self::{
     status::StatusLabel,
     summary::{Summary, SummaryVec, summary_vec},
 };
-use crate::exchange::{
-    AttributedExchange, Identity, LostRequests, OVERFLOW_PATH, Route, RouteSource, WorkloadKey,
+use crate::{
+    exchange::{
+        AttributedExchange, Identity, LostRequests, OVERFLOW_PATH, Route, RouteSource, WorkloadKey,
+    },
+    telemetry::{Budget, Budgets, counter},
 };
 
 /// What names a request's route in the per-route series, as
@@ -257,57 +260,6 @@ pub fn exported_method(method: &str) -> &'static str {
         .find(|known| known.eq_ignore_ascii_case(method))
         .copied()
         .unwrap_or("OTHER")
-}
-
-/// A counter registered in `registry`.
-pub fn counter(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-) -> Result<IntCounter, prometheus::Error> {
-    let counter = IntCounter::new(name, help)?;
-    registry.register(Box::new(counter.clone()))?;
-    Ok(counter)
-}
-
-/// A gauge registered in `registry`.
-pub fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
-    let gauge = IntGauge::new(name, help)?;
-    registry.register(Box::new(gauge.clone()))?;
-    Ok(gauge)
-}
-
-/// `flask_ebpf_exporter_budget_exhausted_total{budget}`: one family for every
-/// bound on what input can make the agent hold; each stage takes the
-/// counters of its own budgets.
-#[derive(Clone, Debug)]
-pub struct Budgets(IntCounterVec);
-
-impl Budgets {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let family = IntCounterVec::new(
-            Opts::new(
-                "flask_ebpf_exporter_budget_exhausted_total",
-                "Times a bound on what captured traffic or pod specs can make the agent hold \
-                 was reached, by budget (see docs/limits.md)",
-            ),
-            &["budget"],
-        )?;
-        registry.register(Box::new(family.clone()))?;
-        Ok(Budgets(family))
-    }
-
-    /// The counter of one budget, exported from zero.
-    pub fn counter(&self, budget: &str) -> IntCounter {
-        self.0.with_label_values(&[budget])
-    }
-}
-
-/// The text exposition format of everything registered.
-pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
-    let mut buffer = Vec::new();
-    TextEncoder::new().encode(&registry.gather(), &mut buffer)?;
-    String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
 }
 
 /// A series' label values: its own, then its identity's.
@@ -841,7 +793,7 @@ impl RequestMetrics {
             series: HashMap::new(),
             series_per_workload: HashMap::new(),
             options,
-            series_budget: budgets.counter("series"),
+            series_budget: budgets.counter(Budget::Series),
             identities_removed: counter(
                 registry,
                 "flask_ebpf_exporter_identities_removed_total",
@@ -1120,7 +1072,10 @@ impl RequestMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exchange::{Exchange, IdentityLabels, RouteSource};
+    use crate::{
+        exchange::{Exchange, IdentityLabels, RouteSource},
+        telemetry::encode,
+    };
 
     fn exchange(
         identity: &Arc<Identity>,
@@ -1416,7 +1371,7 @@ mod tests {
             paths
         };
         assert_eq!(paths(&registry), ["/p0", "/p1", "/p2", OVERFLOW_PATH]);
-        assert_eq!(budgets.counter("series").get(), 7);
+        assert_eq!(budgets.counter(Budget::Series).get(), 7);
         assert_eq!(
             label_values(
                 &registry,
@@ -1473,6 +1428,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(budgets.counter("series").get(), 2 * (500 - 9));
+        assert_eq!(budgets.counter(Budget::Series).get(), 2 * (500 - 9));
     }
 }

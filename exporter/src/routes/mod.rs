@@ -41,7 +41,7 @@ use self::{
 };
 use crate::{
     exchange::{AttributedExchange, Exchange, Identity, Route, RouteSource, WorkloadKey},
-    metrics::{Budgets, counter},
+    telemetry::{Budget, Budgets, counter},
 };
 
 /// How the `path` label is made.
@@ -213,9 +213,9 @@ pub struct RouteCounters {
 impl RouteCounters {
     pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(RouteCounters {
-            learner_budget: budgets.counter("learned_route_nodes"),
-            discovery_asks_budget: budgets.counter("route_discovery_asks"),
-            label_budget: budgets.counter("path_label_bytes"),
+            learner_budget: budgets.counter(Budget::LearnedRouteNodes),
+            discovery_asks_budget: budgets.counter(Budget::RouteDiscoveryAsks),
+            label_budget: budgets.counter(Budget::PathLabelBytes),
             path_overflow: counter(
                 registry,
                 "flask_ebpf_exporter_path_overflow_total",

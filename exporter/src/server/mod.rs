@@ -19,7 +19,7 @@ use prometheus::Registry;
 use crate::{
     debug::{self, DebugSnapshot, DebugState, PageOptions},
     health::{Health, monotonic_ns},
-    metrics,
+    telemetry,
 };
 
 pub const METRICS_PATH: &str = "/metrics";
@@ -140,7 +140,7 @@ async fn debug_page<T: serde::Serialize>(
 }
 
 async fn metrics_text(State(state): State<ServerState>) -> impl IntoResponse {
-    match metrics::encode(&state.registry) {
+    match telemetry::encode(&state.registry) {
         Ok(text) => (
             StatusCode::OK,
             [(

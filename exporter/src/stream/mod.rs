@@ -12,7 +12,7 @@ use crate::{
     capture::{IgnoreReason, KernelFilter, RawEvent},
     exchange::{CapturedExchange, Exchange, LostRequests, Origin, Queued, ServedBy},
     http::{HttpConnection, HttpCounters, Segment},
-    metrics::{Budgets, counter, gauge},
+    telemetry::{Budget, Budgets, counter, gauge},
 };
 
 /// Bytes all connections together may hold of heads not complete yet;
@@ -112,8 +112,8 @@ pub struct StreamCounters {
 impl StreamCounters {
     pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
         Ok(StreamCounters {
-            partial_head_budget: budgets.counter("partial_head_bytes"),
-            pending_target_budget: budgets.counter("pending_target_bytes"),
+            partial_head_budget: budgets.counter(Budget::PartialHeadBytes),
+            pending_target_budget: budgets.counter(Budget::PendingTargetBytes),
             handshakes_forgotten: counter(
                 registry,
                 "flask_ebpf_exporter_handshakes_forgotten_total",

@@ -27,7 +27,12 @@ use super::{
     helper::{self, HelperOutcome, HelperProgram},
     rules::SourceRules,
 };
-use crate::{exchange::WorkloadKey, metrics::Budgets, procfs, routes::rule_regexes::SharedBudgets};
+use crate::{
+    exchange::WorkloadKey,
+    procfs,
+    routes::rule_regexes::SharedBudgets,
+    telemetry::{Budget, Budgets},
+};
 
 /// Workloads whose last harvest (or failure) is kept; past it, one is
 /// dropped (and read again if it comes back).
@@ -74,8 +79,8 @@ impl DiscoveryCounters {
         )?;
         registry.register(Box::new(processes.clone()))?;
         Ok(DiscoveryCounters {
-            budget_spent: budgets.counter("route_discovery_parse"),
-            cache_budget: budgets.counter("route_discovery_cache"),
+            budget_spent: budgets.counter(Budget::RouteDiscoveryParse),
+            cache_budget: budgets.counter(Budget::RouteDiscoveryCache),
             harvested: processes.with_label_values(&["harvested"]),
             unchanged: processes.with_label_values(&["unchanged"]),
             failed: processes.with_label_values(&["failed"]),
