@@ -38,7 +38,7 @@ use flask_ebpf_exporter::{
         local::{LocalIdentity, ProcessFilter},
     },
     pipeline::{HandOffs, Stages},
-    routes::flask_rules::RuleSet,
+    rules::flask::RuleSet,
     telemetry::Budgets,
 };
 use prometheus::Registry;

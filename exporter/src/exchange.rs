@@ -12,13 +12,14 @@
 //! the next.
 
 use std::{
+    fmt,
     hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher},
     sync::{Arc, OnceLock},
 };
 
 use serde::Serialize;
 
-use crate::{identity::cgroup::ContainerRef, routes::flask_rules::RuleSet};
+use crate::rules::flask::RuleSet;
 
 /// Spare request-target strings. A target is copied into one when its
 /// request is read and handed back once its exchange is recorded, so the
@@ -462,6 +463,44 @@ pub struct Route {
     /// Flask's `request.endpoint`: from a rule read from the app's source.
     pub endpoint: Option<Arc<str>>,
     pub source: RouteSource,
+}
+
+/// A pod UID in its canonical form (`8-4-4-4-12` lower-case hex).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodUid(String);
+
+impl PodUid {
+    /// Accepts the UID as the API has it or as systemd slice names spell it
+    /// (underscores for dashes).
+    pub fn parse(text: &str) -> Option<PodUid> {
+        let canonical = text.replace('_', "-").to_ascii_lowercase();
+        let groups: Vec<&str> = canonical.split('-').collect();
+        let shaped = groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12]);
+        let hex = groups
+            .iter()
+            .all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()));
+        (shaped && hex).then_some(PodUid(canonical))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a process sits in the kubelet's cgroup tree.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ContainerRef {
+    pub pod_uid: PodUid,
+    /// The runtime's container ID, without the `containerd://` style prefix
+    /// the pod status adds. `None` when the process sits in the pod's cgroup
+    /// itself rather than a container's.
+    pub container_id: Option<String>,
 }
 
 #[cfg(test)]

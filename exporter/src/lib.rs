@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod preflight;
 pub mod procfs;
 pub mod routes;
+pub mod rules;
 pub mod server;
 pub mod stream;
 pub mod telemetry;

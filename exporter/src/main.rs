@@ -19,7 +19,8 @@ use flask_ebpf_exporter::{
     },
     pipeline::{Pipeline, Stages as PipelineStages},
     preflight::{self, Granted},
-    routes::{discovery::helper::child as helper, flask_rules::RuleSet, rule_regexes::RegexMemory},
+    routes::discovery::helper::child as helper,
+    rules::{flask::RuleSet, regexes::RegexMemory},
     server::{
         self, ServerState,
         accept::{self, ConnectionFamilies, ListenerLimits},

@@ -43,9 +43,8 @@ use crate::{
             rules::SourceRules,
             worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
         },
-        flask_rules::RuleSet,
-        rule_regexes::SharedBudgets,
     },
+    rules::{flask::RuleSet, regexes::SharedBudgets},
     stream::{ConnectionTable, Handled, StreamCounters},
     telemetry::{Budget, Budgets},
 };

@@ -3,7 +3,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use flask_ebpf_exporter::routes::flask_rules::{RuleMatch, RuleSet};
+use flask_ebpf_exporter::rules::flask::{RuleMatch, RuleSet};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]

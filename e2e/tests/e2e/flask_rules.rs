@@ -5,9 +5,9 @@
 
 use flask_ebpf_exporter_e2e as support;
 
-use flask_ebpf_exporter::routes::{
-    flask_rules::{NO_RULE, RuleMatch, RuleSet},
-    request_path,
+use flask_ebpf_exporter::{
+    routes::request_path,
+    rules::flask::{NO_RULE, RuleMatch, RuleSet},
 };
 use support::{routes_traffic::Traffic, *};
 

@@ -12,10 +12,9 @@ use std::{
 };
 
 use flask_ebpf_exporter::{
-    exchange::IdentityLabels,
+    exchange::{ContainerRef, IdentityLabels, PodUid},
     health::Health,
     identity::{
-        cgroup::{ContainerRef, PodUid},
         kubernetes::{PodWatch, WatchMetrics, client},
         pods::{Lookup, MONITOR_ANNOTATION, Selection, SharedPodIndex, lock_index},
     },

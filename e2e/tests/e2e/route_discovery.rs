@@ -15,9 +15,12 @@ use flask_ebpf_exporter::routes::{
         harvest_entrypoint,
         helper::HelperProgram,
     },
-    flask_rules::{NO_RULE, RuleMatch},
 };
-use flask_ebpf_exporter::{exchange::WorkloadKey, telemetry::Budgets};
+use flask_ebpf_exporter::{
+    exchange::WorkloadKey,
+    rules::flask::{NO_RULE, RuleMatch},
+    telemetry::Budgets,
+};
 use support::*;
 
 /// Flask's own rules of `spec` (`module:app` or `module:factory()`).

@@ -18,7 +18,7 @@ use tracing::warn;
 use super::pods::{Lookup, PodIndex, SharedPodIndex, lock_index};
 use crate::{
     exchange::{AttributedExchange, CapturedExchange, Identity, IdentityLabels, ServedBy},
-    routes::flask_rules::RuleSet,
+    rules::flask::RuleSet,
     telemetry::{Budget, Budgets, counter, gauge},
 };
 
@@ -282,11 +282,8 @@ fn attributed(
 mod tests {
     use super::*;
     use crate::{
-        exchange::{Exchange, UNKNOWN, WorkloadKey},
-        identity::{
-            cgroup::{ContainerRef, PodUid},
-            pods::{PodInfo, Workload, parse_routes_annotation},
-        },
+        exchange::{ContainerRef, Exchange, PodUid, UNKNOWN, WorkloadKey},
+        identity::pods::{PodInfo, Workload, parse_routes_annotation},
     };
 
     const UID: &str = "11111111-2222-3333-4444-555555555555";

@@ -9,47 +9,9 @@
 //! cgroup namespace they start with `/../..`, and nested clusters (kind) put
 //! the kubelet's tree under another one.
 
-use std::fmt;
-
 use procfs::ProcessCGroups;
 
-/// A pod UID in its canonical form (`8-4-4-4-12` lower-case hex).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PodUid(String);
-
-impl PodUid {
-    /// Accepts the UID as the API has it or as systemd slice names spell it
-    /// (underscores for dashes).
-    pub fn parse(text: &str) -> Option<PodUid> {
-        let canonical = text.replace('_', "-").to_ascii_lowercase();
-        let groups: Vec<&str> = canonical.split('-').collect();
-        let shaped = groups.iter().map(|group| group.len()).eq([8, 4, 4, 4, 12]);
-        let hex = groups
-            .iter()
-            .all(|group| group.bytes().all(|b| b.is_ascii_hexdigit()));
-        (shaped && hex).then_some(PodUid(canonical))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for PodUid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Where a process sits in the kubelet's cgroup tree.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ContainerRef {
-    pub pod_uid: PodUid,
-    /// The runtime's container ID, without the `containerd://` style prefix
-    /// the pod status adds. `None` when the process sits in the pod's cgroup
-    /// itself rather than a container's.
-    pub container_id: Option<String>,
-}
+use crate::exchange::{ContainerRef, PodUid};
 
 /// Strips the runtime prefix from a pod status `containerID`
 /// (`containerd://<id>`, `cri-o://<id>`, `docker://<id>`).
@@ -187,7 +149,7 @@ mod tests {
 
     fn container(id: Option<&str>) -> Option<ContainerRef> {
         Some(ContainerRef {
-            pod_uid: PodUid(UID.to_owned()),
+            pod_uid: PodUid::parse(UID).expect("a uid"),
             container_id: id.map(str::to_owned),
         })
     }
@@ -364,7 +326,8 @@ mod tests {
     #[test]
     fn uids_and_status_ids() {
         assert_eq!(
-            PodUid::parse("4F0C5B5E_8D1A_4C1E_9D3E_6B2F6A1C2D3E").map(|uid| uid.0),
+            PodUid::parse("4F0C5B5E_8D1A_4C1E_9D3E_6B2F6A1C2D3E")
+                .map(|uid| uid.as_str().to_owned()),
             Some(UID.to_owned())
         );
         assert_eq!(PodUid::parse("4f0c5b5e-8d1a-4c1e-9d3e"), None);

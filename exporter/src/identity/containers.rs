@@ -8,10 +8,13 @@ use prometheus::IntGauge;
 use tracing::info;
 
 use super::{
-    cgroup::{ContainerRef, container_of, unified_cgroup_is_own},
+    cgroup::{container_of, unified_cgroup_is_own},
     pods::{SharedPodIndex, lock_index},
 };
-use crate::{exchange::Identity, procfs};
+use crate::{
+    exchange::{ContainerRef, Identity},
+    procfs,
+};
 
 #[derive(Debug)]
 pub struct ProcessEntry {

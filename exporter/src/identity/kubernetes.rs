@@ -25,14 +25,14 @@ use kube::{
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{debug, info, warn};
 
-use super::{
-    cgroup::PodUid,
-    pods::{
-        PodInfo, ROUTES_ANNOTATION, RoutesAnnotation, Selection, SharedPodIndex, Workload,
-        lock_index, parse_routes_annotation, text_hash,
-    },
+use super::pods::{
+    PodInfo, ROUTES_ANNOTATION, RoutesAnnotation, Selection, SharedPodIndex, Workload, lock_index,
+    parse_routes_annotation, text_hash,
 };
-use crate::health::{Health, WatchRunning};
+use crate::{
+    exchange::PodUid,
+    health::{Health, WatchRunning},
+};
 
 /// How long an owner lookup may take before the name heuristic is used.
 const OWNER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,10 +10,11 @@ use std::{
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use super::cgroup::{ContainerRef, PodUid, bare_container_id};
+use super::cgroup::bare_container_id;
+use crate::exchange::{ContainerRef, PodUid};
 use crate::{
     exchange::{Identity, IdentityLabels, UNKNOWN, WorkloadKey},
-    routes::{flask_rules::RuleSet, rule_regexes::SharedBudgets},
+    rules::{flask::RuleSet, regexes::SharedBudgets},
 };
 
 /// Pod annotation that selects a pod in or out (`"true"` / `"false"`).
@@ -50,7 +51,7 @@ pub enum AnnotationError {
     #[error("{rules} rules, more than {MAX_ANNOTATION_RULES}: the rest refused")]
     TooManyRules { rules: usize },
     #[error(transparent)]
-    Rule(#[from] crate::routes::flask_rules::RuleError),
+    Rule(#[from] crate::rules::flask::RuleError),
 }
 
 /// The hash [`RoutesAnnotation::text_hash`] has.

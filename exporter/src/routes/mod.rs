@@ -2,7 +2,7 @@
 //! Flask's `url_rule` would be, from, in order:
 //!
 //! 1. user rules in Flask's syntax (`--route`, `--routes-file`, a pod's
-//!    annotation), matched as Werkzeug matches them ([`flask_rules`]);
+//!    annotation), matched as Werkzeug matches them (`crate::rules`);
 //! 2. the rules read from the app's own source ([`discovery`]), matched
 //!    the same way; a request the app served that none of them takes shows
 //!    the harvest incomplete (a miss, counted) and goes on to
@@ -17,9 +17,7 @@
 //! Per-route statistics ([`stats`]) feed `/debug/routes`.
 
 pub mod discovery;
-pub mod flask_rules;
 pub mod learned;
-pub mod rule_regexes;
 pub mod stats;
 
 use std::{
@@ -36,11 +34,11 @@ use regex::RegexSet;
 use self::stats::RouteStats;
 use self::{
     discovery::rules::SourceRules,
-    flask_rules::{NO_RULE, RuleSet},
     learned::{Learned, RouteLearner},
 };
 use crate::{
     exchange::{AttributedExchange, Exchange, Identity, Route, RouteSource, WorkloadKey},
+    rules::flask::{NO_RULE, RuleSet},
     telemetry::{Budget, Budgets, counter},
 };
 

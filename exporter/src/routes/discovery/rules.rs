@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::{Discovery, HarvestedRule};
-use crate::routes::{flask_rules::RuleSet, rule_regexes::SharedBudgets};
+use crate::rules::{flask::RuleSet, regexes::SharedBudgets};
 
 /// A workload's rules as read from its source, matched as user rules are.
 #[derive(Debug)]

@@ -30,7 +30,7 @@ use super::{
 use crate::{
     exchange::WorkloadKey,
     procfs,
-    routes::rule_regexes::SharedBudgets,
+    rules::regexes::SharedBudgets,
     telemetry::{Budget, Budgets},
 };
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use regex_automata::meta::Regex;
 
-use super::rule_regexes::{MAX_SET_REGEX_BYTES, RegexCache, RegexRefused, SharedBudgets};
+use super::regexes::{MAX_SET_REGEX_BYTES, RegexCache, RegexRefused, SharedBudgets};
 
 /// The label of requests no rule matched, as prometheus-flask-exporter's
 /// `group_by='url_rule'` has it (`str(None)`).
@@ -928,7 +928,7 @@ mod tests {
                 .collect()
         };
         let alone = RuleSet::parse(&distinct("a")).0.regex_bytes();
-        let memory = super::super::rule_regexes::RegexMemory::with_limit(alone + alone / 2);
+        let memory = super::super::regexes::RegexMemory::with_limit(alone + alone / 2);
         let node = || SharedBudgets {
             workload: None,
             node: Some(memory.clone()),
