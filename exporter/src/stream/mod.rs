@@ -1,28 +1,28 @@
 //! Per-connection reassembly: routes each kernel event to the connection it
 //! belongs to (keyed by tgid, fd and generation), notices lost events from
-//! sequence gaps, and hands bytes in order to the HTTP stage.
+//! sequence gaps, and hands bytes in order to the HTTP stage. What the
+//! kernel side should stop following is decided in `kernel_side.rs`; the
+//! node-wide budgets of held bytes are in `held_bytes.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry};
+mod counters;
+mod held_bytes;
+mod kernel_side;
 
-use exporter_common::{DIRECTION_READ, DIRECTION_WRITE, EventKind, HANDSHAKE_FORGOTTEN};
-use prometheus::{IntCounter, IntGauge, Registry};
+pub use self::counters::StreamCounters;
+pub use self::held_bytes::{HeldBytes, MAX_PARTIAL_HEAD_BYTES, MAX_PENDING_TARGET_BYTES};
+use self::held_bytes::{PartialHeads, PendingTargets};
+use self::kernel_side::{decide_kernel_side, direction_of};
+
+use std::collections::{BTreeMap, HashMap, hash_map::Entry};
+
+use exporter_common::{EventKind, HANDSHAKE_FORGOTTEN};
 use tracing::debug;
 
 use crate::{
-    capture::{IgnoreReason, KernelFilter, RawEvent},
+    capture::{KernelFilter, RawEvent},
     exchange::{CapturedExchange, Exchange, LostRequests, Origin, Queued, ServedBy},
-    http::{HttpConnection, HttpCounters, Segment},
-    telemetry::{Budget, Budgets, counter, gauge},
+    http::{HttpConnection, Segment},
 };
-
-/// Bytes all connections together may hold of heads not complete yet;
-/// beyond it the oldest are given up first.
-pub const MAX_PARTIAL_HEAD_BYTES: usize = 16 * 1024 * 1024;
-
-/// Bytes all connections together may hold of the targets of requests
-/// waiting for their responses; past it the connection that went over
-/// gives up its oldest.
-pub const MAX_PENDING_TARGET_BYTES: usize = 16 * 1024 * 1024;
 
 /// HTTP states of closed connections kept for new ones, at most.
 const MAX_SPARE_CONNECTIONS: usize = 256;
@@ -38,21 +38,6 @@ const EVICTION_CHECK_IDLE_NS: u64 = 5 * 1_000_000_000;
 const MAX_EVICTION_CHECKS: usize = 4_096;
 /// A response whose framing was lost ends after this long without writes.
 const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
-/// A body with at least this many bytes still to come is skipped in the
-/// kernel (one control write), rather than copied syscall by syscall.
-const MIN_BODY_SKIP_BYTES: u64 = 32 * 1024;
-/// Most body bytes one skip request covers (the kernel's offsets are 32-bit).
-const MAX_BODY_SKIP_BYTES: u64 = 1 << 30;
-
-/// A connection that is not HTTP is followed until the server has written
-/// (what it writes classifies the listener), or for this many events.
-const EVENTS_TO_HEAR_THE_SERVER: u32 = 8;
-
-/// Whether the first bytes a server wrote can start an HTTP/1.x response.
-fn starts_like_response(bytes: &[u8]) -> bool {
-    const START: &[u8] = b"HTTP/";
-    bytes.starts_with(START) || START.starts_with(bytes)
-}
 
 #[derive(Debug)]
 struct Connection {
@@ -87,71 +72,6 @@ struct Connection {
     queued: Option<Queued>,
 }
 
-/// What this stage and the HTTP stage under it count. The stage owns these
-/// counters: `/metrics` and `/debug/connections` read them as they are.
-#[derive(Clone, Debug)]
-pub struct StreamCounters {
-    pub connections_opened: IntCounter,
-    pub sequence_gaps: IntCounter,
-    pub connections_tracked: IntGauge,
-    /// Body bytes the kernel counted without copying or reporting them.
-    pub body_bytes_skipped: IntCounter,
-    /// Connections the kernel forgot while this side followed them.
-    pub connections_evicted: IntCounter,
-    /// Partial heads given up to stay within [`MAX_PARTIAL_HEAD_BYTES`].
-    pub partial_head_budget: IntCounter,
-    /// Waiting requests given up to stay within
-    /// [`MAX_PENDING_TARGET_BYTES`].
-    pub pending_target_budget: IntCounter,
-    /// Accepted connections whose handshake the kernel's map no longer
-    /// held: no queue time for them.
-    pub handshakes_forgotten: IntCounter,
-    pub http: HttpCounters,
-}
-
-impl StreamCounters {
-    pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
-        Ok(StreamCounters {
-            partial_head_budget: budgets.counter(Budget::PartialHeadBytes),
-            pending_target_budget: budgets.counter(Budget::PendingTargetBytes),
-            handshakes_forgotten: counter(
-                registry,
-                "flask_ebpf_exporter_handshakes_forgotten_total",
-                "Accepted connections with no queue time because the kernel's handshake map \
-                 (--kernel-handshakes entries, node-wide) had forgotten their handshake: more \
-                 connections waited to be accepted at once than it holds, or their handshake \
-                 ended before the agent started",
-            )?,
-            connections_opened: counter(
-                registry,
-                "flask_ebpf_exporter_connections_total",
-                "Server-side connections followed since start",
-            )?,
-            sequence_gaps: counter(
-                registry,
-                "flask_ebpf_exporter_sequence_gaps_total",
-                "Connections on which events went missing",
-            )?,
-            body_bytes_skipped: counter(
-                registry,
-                "flask_ebpf_exporter_body_bytes_skipped_total",
-                "Request and response body bytes the kernel side counted without copying them, at the agent's request",
-            )?,
-            connections_evicted: counter(
-                registry,
-                "flask_ebpf_exporter_connections_evicted_total",
-                "Connections whose end this side never saw because the kernel side forgot them: evicted from its connection map when more than --kernel-connections were followed at once (or, rarely, their close event was lost to a full ring buffer, which events_lost_total also counts)",
-            )?,
-            connections_tracked: gauge(
-                registry,
-                "flask_ebpf_exporter_connections_tracked",
-                "Server-side connections currently followed",
-            )?,
-            http: HttpCounters::register(registry)?,
-        })
-    }
-}
-
 /// What [`ConnectionTable::handle`] did with an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Handled {
@@ -159,86 +79,6 @@ pub enum Handled {
     /// The event opens a connection the table does not know: find whom it
     /// is served by and hand the event to [`ConnectionTable::open`].
     NewConnection(Origin),
-}
-
-/// Connections holding partial heads, oldest first, and their bytes.
-#[derive(Debug, Default)]
-struct PartialHeads {
-    oldest: BTreeSet<(u64, (u32, u32))>,
-    bytes: usize,
-}
-
-impl PartialHeads {
-    /// Brings the index up to date with what `connection` holds now.
-    fn account(&mut self, key: (u32, u32), connection: &mut Connection) {
-        let now = connection.http.partial_heads();
-        if now == connection.partial {
-            return;
-        }
-        if let Some((bytes, since)) = connection.partial.take() {
-            self.oldest.remove(&(since, key));
-            self.bytes -= bytes;
-        }
-        if let Some((bytes, since)) = now {
-            self.oldest.insert((since, key));
-            self.bytes += bytes;
-        }
-        connection.partial = now;
-    }
-
-    fn forget(&mut self, key: (u32, u32), connection: &Connection) {
-        if let Some((bytes, since)) = connection.partial {
-            self.oldest.remove(&(since, key));
-            self.bytes -= bytes;
-        }
-    }
-}
-
-/// The bytes of the waiting requests' targets, over all connections: the
-/// sum of each connection's share when it was last counted.
-#[derive(Debug, Default)]
-struct PendingTargets {
-    bytes: usize,
-}
-
-impl PendingTargets {
-    fn account(&mut self, connection: &mut Connection) {
-        let now = connection.http.pending_target_bytes();
-        self.bytes = self.bytes - connection.pending_target_bytes + now;
-        connection.pending_target_bytes = now;
-    }
-
-    fn forget(&mut self, connection: &Connection) {
-        self.bytes -= connection.pending_target_bytes;
-    }
-
-    /// Past `max`, `connection` (the one that went over) gives up its
-    /// oldest waiting requests, counted, until the rest fit or it holds
-    /// none.
-    fn enforce(&mut self, max: usize, connection: &mut Connection, counters: &StreamCounters) {
-        while self.bytes > max && connection.http.abandon_oldest_request(&counters.http) {
-            counters.pending_target_budget.inc();
-            self.account(connection);
-        }
-    }
-}
-
-/// What all connections together may hold.
-#[derive(Clone, Copy, Debug)]
-pub struct HeldBytes {
-    /// Heads not complete yet.
-    pub partial_heads: usize,
-    /// Targets of requests waiting for their responses.
-    pub pending_targets: usize,
-}
-
-impl Default for HeldBytes {
-    fn default() -> Self {
-        HeldBytes {
-            partial_heads: MAX_PARTIAL_HEAD_BYTES,
-            pending_targets: MAX_PENDING_TARGET_BYTES,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -638,133 +478,6 @@ fn feed(
     }
     tag(event.header.tgid, connection, exchanges, out);
     event.kind == EventKind::Close
-}
-
-/// The stream direction of an event's bytes ([`DIRECTION_READ`],
-/// [`DIRECTION_WRITE`]); `None` for a close.
-fn direction_of(kind: EventKind) -> Option<u32> {
-    match kind {
-        EventKind::Read => Some(DIRECTION_READ),
-        EventKind::Write | EventKind::WriteFailed => Some(DIRECTION_WRITE),
-        EventKind::Close | EventKind::Heartbeat | EventKind::ProcessExit => None,
-    }
-}
-
-/// What the kernel side should do differently for `connection` after
-/// `event`: stop following it or its listener, or skip a body.
-fn decide_kernel_side(
-    key: (u32, u32),
-    connection: &mut Connection,
-    event: &RawEvent<'_>,
-    out: &mut Vec<KernelFilter>,
-) {
-    decide_kernel_filter(key, connection, event, out);
-    ask_to_skip_body(key, connection, event, out);
-}
-
-/// Asks the kernel to count, not copy, the rest of a long body in the
-/// event's direction (a slow upload, a streamed download): only the byte
-/// counts matter, and the head or chunk-size line after it is copied.
-fn ask_to_skip_body(
-    (tgid, fd): (u32, u32),
-    connection: &mut Connection,
-    event: &RawEvent<'_>,
-    out: &mut Vec<KernelFilter>,
-) {
-    let Some(direction) = direction_of(event.kind) else {
-        return;
-    };
-    if connection.ignored || connection.served_by.is_none() {
-        return;
-    }
-    let Some(left) = connection.http.body_left(direction == DIRECTION_READ) else {
-        return;
-    };
-    if left < MIN_BODY_SKIP_BYTES {
-        return;
-    }
-    let slot = direction as usize;
-    let until = connection.next_offset[slot].wrapping_add(left.min(MAX_BODY_SKIP_BYTES) as u32);
-    if connection.skip_asked[slot] == Some(until) {
-        return;
-    }
-    connection.skip_asked[slot] = Some(until);
-    out.push(KernelFilter::SkipBody {
-        tgid,
-        fd,
-        conn_id: connection.conn_id,
-        direction,
-        until,
-    });
-}
-
-/// Whether the kernel side should stop following `connection` or the
-/// connections of its listener, after `event`. A listener is judged by what
-/// its server writes, never by what a client sends: a Flask server answers
-/// a client's garbage with `HTTP/1.1 400`, Redis with `-ERR`.
-fn decide_kernel_filter(
-    (tgid, fd): (u32, u32),
-    connection: &mut Connection,
-    event: &RawEvent<'_>,
-    out: &mut Vec<KernelFilter>,
-) {
-    // A closing connection needs no request: the kernel forgets it itself.
-    if connection.ignored || event.kind == EventKind::Close {
-        return;
-    }
-    connection.events = connection.events.saturating_add(1);
-    let ignore = if connection.served_by.is_none() {
-        if let Some(listen_fd) = connection.listener {
-            out.push(KernelFilter::Listener {
-                tgid,
-                listen_fd,
-                ignore: Some(IgnoreReason::Unmonitored),
-            });
-        }
-        Some(IgnoreReason::Unmonitored)
-    } else {
-        hear_the_server(tgid, connection, event, out)
-    };
-    if let Some(reason) = ignore {
-        connection.ignored = true;
-        out.push(KernelFilter::IgnoreConnection {
-            tgid,
-            fd,
-            conn_id: connection.conn_id,
-            reason,
-        });
-    }
-}
-
-/// Judges the listener by the server's first bytes on a connection whose
-/// every event arrived; whether the connection is not HTTP.
-fn hear_the_server(
-    tgid: u32,
-    connection: &mut Connection,
-    event: &RawEvent<'_>,
-    out: &mut Vec<KernelFilter>,
-) -> Option<IgnoreReason> {
-    let wrote = matches!(event.kind, EventKind::Write | EventKind::WriteFailed);
-    if wrote && !connection.server_spoke {
-        connection.server_spoke = true;
-        // Only the server's very first bytes say what it speaks, and only
-        // when the kernel could copy them.
-        if connection.complete && !event.data.is_empty() {
-            let http = starts_like_response(event.data);
-            if let Some(listen_fd) = connection.listener {
-                out.push(KernelFilter::Listener {
-                    tgid,
-                    listen_fd,
-                    ignore: (!http).then_some(IgnoreReason::NotHttp),
-                });
-            }
-            if !http {
-                return Some(IgnoreReason::NotHttp);
-            }
-        }
-    }
-    let heard = connection.server_spoke || connection.events >= EVENTS_TO_HEAR_THE_SERVER;
-    (connection.http.is_not_http() && heard).then_some(IgnoreReason::NotHttp)
 }
 
 /// Where a connection's exchanges and lost requests go, tagged with whom

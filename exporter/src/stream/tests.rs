@@ -1,10 +1,15 @@
 use std::sync::Arc;
 
-use exporter_common::EventHeader;
+use exporter_common::{DIRECTION_READ, DIRECTION_WRITE, EventHeader};
+use prometheus::Registry;
 use proptest::prelude::*;
 
 use super::*;
-use crate::exchange::{Identity, IdentityLabels};
+use crate::{
+    capture::IgnoreReason,
+    exchange::{Identity, IdentityLabels},
+    telemetry::Budgets,
+};
 
 const OK_EMPTY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
 
