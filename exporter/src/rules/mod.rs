@@ -4,5 +4,7 @@
 //! regexes bounded ([`regexes`]). It uses no stage: attribution compiles a
 //! pod's rules, the hand-off carries them, the routes stage matches them.
 
+mod converters;
 pub mod flask;
+mod parts;
 pub mod regexes;
