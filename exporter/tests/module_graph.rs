@@ -236,7 +236,7 @@ fn the_modules_depend_on_each_other_in_one_direction() {
         ("identity::attribution", "identity::pods"),
         ("routes", "exchange"),
         ("metrics", "exchange"),
-        ("debug", "routes"),
+        ("debug::reports", "routes"),
     ] {
         assert!(
             graph
