@@ -1,7 +1,8 @@
 //! The agent's modules depend on each other in one direction only, so a
 //! reader follows a byte from stage to stage without coming back: the
 //! graph of which source file uses which (through `use` or any path into
-//! the crate) has no cycle. Files are parsed with `syn`, not searched as
+//! the crate) has no cycle, apart from a file's uses of the module folder
+//! it belongs to. Files are parsed with `syn`, not searched as
 //! text.
 
 use std::{
@@ -166,7 +167,10 @@ fn dependency_graph(src: &Path) -> BTreeMap<ModulePath, BTreeSet<ModulePath>> {
             used: BTreeSet::new(),
         };
         uses.visit_file(&file);
-        uses.used.remove(module);
+        // A file may use the module it belongs to: a component split into a
+        // folder shares its own types (Rust's privacy is built for it). The
+        // direction that matters is between siblings and components.
+        uses.used.retain(|used| !module.starts_with(used));
         graph.insert(module.clone(), uses.used);
     }
     graph

@@ -9,41 +9,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+pub use super::error::{MAX_RULE_BYTES, MAX_RULE_PARTS, RuleError};
 use super::{
     converters::Check,
     parts::{DynamicPart, Part, parse_parts},
-    regexes::{MAX_SET_REGEX_BYTES, RegexCache, RegexRefused, SharedBudgets},
+    regexes::{MAX_SET_REGEX_BYTES, RegexCache, SharedBudgets},
 };
 
 /// The label of requests no rule matched, as prometheus-flask-exporter's
 /// `group_by='url_rule'` has it (`str(None)`).
 pub const NO_RULE: &str = "None";
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RuleError {
-    #[error("malformed rule {0:?}: it must start with '/'")]
-    NoLeadingSlash(String),
-    #[error("malformed rule {rule:?} at {at:?}")]
-    Malformed { rule: String, at: String },
-    #[error("rule {rule:?}: unknown converter {converter:?}")]
-    UnknownConverter { rule: String, converter: String },
-    #[error("rule {rule:?}: bad converter arguments {arguments:?}")]
-    BadArguments { rule: String, arguments: String },
-    #[error("rule {rule:?}: unknown HTTP method {method:?}")]
-    BadMethod { rule: String, method: String },
-    #[error("rule of {bytes} bytes starting {start:?}: longer than {MAX_RULE_BYTES}")]
-    TooLong { start: String, bytes: usize },
-    #[error("rule {rule:?}: more than {MAX_RULE_PARTS} parts")]
-    TooManyParts { rule: String },
-    #[error("rule {rule:?}: {refused}")]
-    Regex { rule: String, refused: RegexRefused },
-}
-
-/// Longest rule line accepted (rules can come from pod annotations, which
-/// anyone who may create a pod writes).
-pub const MAX_RULE_BYTES: usize = 1024;
-/// Most `/`-separated parts in one rule: it bounds the matcher's depth.
-pub const MAX_RULE_PARTS: usize = 32;
 
 /// One user rule.
 #[derive(Clone, Debug)]
@@ -402,6 +377,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::regexes::RegexRefused;
 
     fn label<'a>(rules: &'a RuleSet, method: &str, path: &str) -> &'a str {
         match rules.match_path(path, method) {

@@ -5,6 +5,7 @@
 //! pod's rules, the hand-off carries them, the routes stage matches them.
 
 mod converters;
+mod error;
 pub mod flask;
 mod parts;
 pub mod regexes;

@@ -5,7 +5,7 @@ use regex_automata::meta::Regex;
 
 use super::{
     converters::{Check, ConverterError, converter},
-    flask::RuleError,
+    error::RuleError,
     regexes::{RegexCache, RegexRefused},
 };
 
