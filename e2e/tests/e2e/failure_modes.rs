@@ -108,6 +108,26 @@ fn ring_buffer_overflow_is_counted_and_later_traffic_is_exact() {
         "4096",
     ]);
     let port = app.port;
+    // The agent must be following this server before the burst, or the
+    // burst may pass unseen on a cold machine: a request it has counted
+    // shows that (the small events of "/" fit the page).
+    assert_eq!(http_get(port, "/").expect("get /").status, 200);
+    let root_counted = |samples: &[Sample]| {
+        samples.iter().any(|s| {
+            s.name == "flask_http_request_duration_seconds_count"
+                && s.labels.get("path").map(String::as_str) == Some("/")
+                && s.value >= 1.0
+        })
+    };
+    let before = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |s| root_counted(s),
+    );
+    assert!(
+        root_counted(&before),
+        "the agent counted the request before the burst"
+    );
     let burst: Vec<_> = (0..4)
         .map(|_| {
             std::thread::spawn(move || {
@@ -125,6 +145,7 @@ fn ring_buffer_overflow_is_counted_and_later_traffic_is_exact() {
         .into_iter()
         .map(|t| t.join().expect("burst thread"))
         .sum();
+    assert!(burst_sent > 0, "the app served the burst");
     let after_burst = eventually(
         Duration::from_secs(5),
         || exporter.metrics(),

@@ -16,20 +16,20 @@
 //! `max_paths_per_workload` distinct values; more are `<other>`, counted.
 //! Per-route statistics ([`stats`]) feed `/debug/routes`.
 
+mod counters;
 pub mod discovery;
 pub mod learned;
+mod request_paths;
 pub mod stats;
 
+pub use self::counters::RouteCounters;
+pub use self::request_paths::{ExcludedPaths, request_path};
+
 use std::{
-    borrow::Cow,
     collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
-
-use percent_encoding::percent_decode_str;
-use prometheus::{IntCounter, Registry};
-use regex::RegexSet;
 
 use self::stats::RouteStats;
 use self::{
@@ -39,7 +39,6 @@ use self::{
 use crate::{
     exchange::{AttributedExchange, Exchange, Identity, Route, RouteSource, WorkloadKey},
     rules::flask::{NO_RULE, RuleSet},
-    telemetry::{Budget, Budgets, counter},
 };
 
 /// How the `path` label is made.
@@ -59,48 +58,6 @@ pub const MAX_PATH_LABEL_BYTES: usize = 256;
 
 /// Trie nodes one workload's learner may hold.
 const MAX_LEARNER_NODES: usize = 20_000;
-
-/// What Werkzeug makes `request.path` from a request target: no query or
-/// fragment, percent-decoded as UTF-8 (invalid bytes replaced), one leading
-/// slash.
-/// Borrows from `target` when it is already that (the usual case), so
-/// labelling a request allocates nothing.
-pub fn request_path(target: &str) -> Cow<'_, str> {
-    // Absolute-form targets ("http://host/path") carry scheme and authority.
-    let target = match target.split_once("://") {
-        Some((scheme, rest)) if !scheme.contains('/') => {
-            rest.find('/').map_or("/", |slash| &rest[slash..])
-        }
-        _ => target,
-    };
-    let end = target.find(['?', '#']).unwrap_or(target.len());
-    match percent_decode_str(&target[..end]).decode_utf8_lossy() {
-        Cow::Borrowed(path) if path.starts_with('/') && !path.starts_with("//") => {
-            Cow::Borrowed(path)
-        }
-        decoded => Cow::Owned(format!("/{}", decoded.trim_start_matches('/'))),
-    }
-}
-
-/// Requests not counted (`--excluded-paths`): prometheus-flask-exporter's
-/// `excluded_paths`, each pattern matched from the start of `request.path`
-/// as Python's `re.match` matches.
-#[derive(Clone, Debug, Default)]
-pub struct ExcludedPaths(Option<RegexSet>);
-
-impl ExcludedPaths {
-    pub fn new(patterns: &[String]) -> Result<Self, regex::Error> {
-        if patterns.is_empty() {
-            return Ok(ExcludedPaths(None));
-        }
-        let anchored = patterns.iter().map(|pattern| format!("^(?:{pattern})"));
-        Ok(ExcludedPaths(Some(RegexSet::new(anchored)?)))
-    }
-
-    pub fn excludes(&self, path: &str) -> bool {
-        self.0.as_ref().is_some_and(|set| set.is_match(path))
-    }
-}
 
 /// A copy of one workload's routes, for `/debug/routes`.
 #[derive(Clone, Debug)]
@@ -188,54 +145,6 @@ pub struct SourceRulesView {
     pub rules: Arc<SourceRules>,
     /// Requests the app served that no rule read from its source takes.
     pub misses: u64,
-}
-
-/// What the routes stage counts. It owns these counters: `/metrics` reads
-/// them as they are.
-#[derive(Clone, Debug)]
-pub struct RouteCounters {
-    pub path_overflow: IntCounter,
-    pub routes_retired: IntCounter,
-    /// A served path needed new learner nodes past the workload's budget.
-    pub learner_budget: IntCounter,
-    /// A route longer than [`MAX_PATH_LABEL_BYTES`].
-    pub label_budget: IntCounter,
-    /// Served requests no rule read from the app's source takes.
-    pub source_misses: IntCounter,
-    /// A new process not asked about past [`MAX_OUTSTANDING_ASKS`].
-    pub discovery_asks_budget: IntCounter,
-    /// Requests whose path `--excluded-paths` matches.
-    pub excluded: IntCounter,
-}
-
-impl RouteCounters {
-    pub fn register(registry: &Registry, budgets: &Budgets) -> Result<Self, prometheus::Error> {
-        Ok(RouteCounters {
-            learner_budget: budgets.counter(Budget::LearnedRouteNodes),
-            discovery_asks_budget: budgets.counter(Budget::RouteDiscoveryAsks),
-            label_budget: budgets.counter(Budget::PathLabelBytes),
-            path_overflow: counter(
-                registry,
-                "flask_ebpf_exporter_path_overflow_total",
-                "Requests whose path label was replaced by <other> under the per-server cap",
-            )?,
-            source_misses: counter(
-                registry,
-                "flask_ebpf_exporter_route_discovery_misses_total",
-                "Requests an app served (status other than 404, 405, 308) that no rule read from its source takes: rules registered at run time, or a harvest that could not follow everything; they are labelled from learned templates",
-            )?,
-            excluded: counter(
-                registry,
-                "flask_ebpf_exporter_excluded_path_requests_total",
-                "Requests not counted because --excluded-paths matches their path",
-            )?,
-            routes_retired: counter(
-                registry,
-                "flask_ebpf_exporter_routes_retired_total",
-                "Path labels whose series were removed when a learned parameter replaced them",
-            )?,
-        })
-    }
 }
 
 /// Names routes and keeps route statistics, per workload.
@@ -644,8 +553,10 @@ fn name_route(
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
+    use prometheus::Registry;
+
     use super::*;
-    use crate::exchange::IdentityLabels;
+    use crate::{exchange::IdentityLabels, telemetry::Budgets};
 
     #[test]
     fn request_path_matches_werkzeug() {
