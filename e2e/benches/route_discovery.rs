@@ -44,18 +44,23 @@ fn grew(bytes: usize) {
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
 
+// SAFETY: every call is passed to the system allocator unchanged; the
+// counting beside it does not allocate.
 unsafe impl GlobalAlloc for PeakAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         grew(layout.size());
+        // SAFETY: the caller upholds GlobalAlloc\'s contract, passed on as is.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller upholds GlobalAlloc\'s contract, passed on as is.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
         grew(new_size);
+        // SAFETY: the caller upholds GlobalAlloc\'s contract, passed on as is.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }

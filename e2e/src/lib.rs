@@ -104,8 +104,8 @@ fn newest_source(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBu
 /// These tests load BPF programs into the running kernel and start real
 /// servers: without root or the venv they must fail loudly, not pass.
 pub fn require_prerequisites() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() },
         0,
         "eBPF end-to-end tests must run as root"
@@ -219,6 +219,7 @@ impl Drop for Running {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // SAFETY: kill has no memory preconditions; the group is the child's own.
         unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }

@@ -302,10 +302,13 @@ pub struct SocketOffsets {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data `#[repr(C)]` types with no padding holes that
-    // matter to the kernel (padding is explicit).
+    // SAFETY: plain-old-data `#[repr(C)]` types with no padding
+    // holes that matter to the kernel (padding is explicit).
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CaptureConfig {}
 }

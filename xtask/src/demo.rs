@@ -80,7 +80,7 @@ fn nth_request(n: u64) -> (&'static str, String) {
     }
 }
 
-pub fn demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let seconds: Option<u64> = match args {
         [] => None,
         [flag, value] if flag == "--seconds" => Some(value.parse().context("--seconds N")?),

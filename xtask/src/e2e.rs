@@ -11,7 +11,11 @@ use crate::{image, run};
 const PACKAGE: &str = "flask-ebpf-exporter-e2e";
 
 /// `cargo_args` go to every `cargo test`; `test_args` to the test binary.
-pub fn run_all(root: &Path, cargo_args: &[String], test_args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run_all(
+    root: &Path,
+    cargo_args: &[String],
+    test_args: &[String],
+) -> anyhow::Result<()> {
     // Cargo builds no binary for another package's tests: the tests start
     // the one built here.
     run(Command::new("cargo")

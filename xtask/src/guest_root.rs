@@ -44,7 +44,7 @@ const APP_PACKAGES: &[&str] = &[
 ];
 
 /// Builds `work/root.cpio.gz` around the `agent` binary and returns its path.
-pub fn build(root: &Path, work: &Path, agent_binary: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn build(root: &Path, work: &Path, agent_binary: &Path) -> anyhow::Result<PathBuf> {
     let staging = work.join("root");
     if staging.exists() {
         fs::remove_dir_all(&staging)?;

@@ -21,9 +21,9 @@ use anyhow::{Context as _, bail};
 use crate::run;
 
 /// The agent's image, as the DaemonSet names it (manifests/daemonset.yaml).
-pub const AGENT_IMAGE: &str = "localhost/flask-ebpf-exporter:0.1.0";
+pub(crate) const AGENT_IMAGE: &str = "localhost/flask-ebpf-exporter:0.1.0";
 /// The Flask app the container tests run in their pods.
-pub const APP_IMAGE: &str = "localhost/flask-ebpf-exporter-test/flask-app:1";
+pub(crate) const APP_IMAGE: &str = "localhost/flask-ebpf-exporter-test/flask-app:1";
 const DEBIAN_STAND_IN: &str = "localhost/stand-in/debian:bookworm";
 const BUILDER_STAND_IN: &str = "localhost/stand-in/rust:1.95-bookworm";
 const RUNTIME_STAND_IN: &str = "localhost/stand-in/distroless/cc-debian12";
@@ -34,7 +34,7 @@ const RUST_TOOLCHAIN: &str = "stable-x86_64-unknown-linux-gnu";
 
 /// Podman as this machine can run it: its default runtime (crun) refuses
 /// the host's hybrid cgroups, and its default ulimits exceed the sandbox's.
-pub fn podman() -> Command {
+pub(crate) fn podman() -> Command {
     let mut command = Command::new("podman");
     command.args(["--cgroup-manager", "cgroupfs", "--runtime", "runc"]);
     command
@@ -58,7 +58,7 @@ fn podman_build(recipe_hash: &str) -> Command {
 
 /// `cargo xtask image [--tag NAME] [--test-app]`: the agent's image, from
 /// the Dockerfile; with `--test-app`, the container tests' app image only.
-pub fn image(root: &Path, args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn image(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let mut tag = AGENT_IMAGE.to_owned();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -72,7 +72,7 @@ pub fn image(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Builds the agent's image unless one built from the same sources is there.
-pub fn build_agent_image(root: &Path, tag: &str) -> anyhow::Result<()> {
+pub(crate) fn build_agent_image(root: &Path, tag: &str) -> anyhow::Result<()> {
     let debian = debian_stand_in(root)?;
     let builder = builder_stand_in(root, debian)?;
     let runtime = stand_in(
@@ -97,7 +97,7 @@ pub fn build_agent_image(root: &Path, tag: &str) -> anyhow::Result<()> {
 }
 
 /// Copies the agent's binary out of the image `tag` to `dest`.
-pub fn copy_agent_binary(tag: &str, dest: &Path) -> anyhow::Result<()> {
+pub(crate) fn copy_agent_binary(tag: &str, dest: &Path) -> anyhow::Result<()> {
     let output = podman()
         .args(["create", tag])
         .output()
@@ -131,7 +131,7 @@ fn prune_untagged() -> anyhow::Result<()> {
 }
 
 /// The app image the container tests run.
-pub fn build_app_image(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn build_app_image(root: &Path) -> anyhow::Result<()> {
     let debian = debian_stand_in(root)?;
     let recipe = "tests/fixtures/containers/flask-app.Containerfile";
     let mut files = vec![

@@ -71,7 +71,7 @@ const MARKER: &str = "KERNEL-MATRIX";
 /// `cargo xtask kernels [--kernel NAME]… [--agent-image TAG]`: with
 /// `--agent-image`, the guests run the binary of that image (what users
 /// deploy) instead of a release build made here.
-pub fn kernels(root: &Path, args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn kernels(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let mut names = Vec::new();
     let mut agent_image = None;
     let mut args = args.iter();

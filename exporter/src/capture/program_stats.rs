@@ -8,13 +8,13 @@ use prometheus::{CounterVec, IntCounterVec, Opts, Registry};
 use tracing::debug;
 
 #[derive(Clone, Debug)]
-pub struct ProgramStats {
+pub(super) struct ProgramStats {
     runs: IntCounterVec,
     seconds: CounterVec,
 }
 
 impl ProgramStats {
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub(super) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let runs = IntCounterVec::new(
             Opts::new(
                 "flask_ebpf_exporter_bpf_program_runs_total",
@@ -36,7 +36,7 @@ impl ProgramStats {
     }
 
     /// Brings the counters up to what the kernel counts now.
-    pub fn sync(&self, ebpf: &Ebpf) {
+    pub(super) fn sync(&self, ebpf: &Ebpf) {
         for (name, program) in ebpf.programs() {
             let info = match program.info() {
                 Ok(info) => info,

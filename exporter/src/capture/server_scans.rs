@@ -20,21 +20,21 @@ const QUEUE: usize = 1024;
 /// A listener just ignored, and every listening fd of its process ignored
 /// with it when asked.
 #[derive(Debug, PartialEq, Eq)]
-pub struct ServerScan {
+pub(super) struct ServerScan {
     pub listener: ConnKey,
     pub ignored_fds: Vec<u32>,
 }
 
 /// What the look found.
 #[derive(Debug)]
-pub struct ServerScanned {
+pub(super) struct ServerScanned {
     pub scan: ServerScan,
     /// Nothing the process holds is followed: the kernel may stop at its
     /// pid. `false` also when the look was cut at its bound.
     pub nothing_to_follow: bool,
 }
 
-pub struct ServerScans {
+pub(super) struct ServerScans {
     worker: ScanWorker<ServerScan, ServerScanned>,
     /// Listeners past the remembered budget are judged at each of their
     /// connections: their processes are looked at once a second at most.
@@ -42,7 +42,7 @@ pub struct ServerScans {
 }
 
 impl ServerScans {
-    pub fn start(throttle: ScanThrottle) -> std::io::Result<Self> {
+    pub(super) fn start(throttle: ScanThrottle) -> std::io::Result<Self> {
         Ok(ServerScans {
             worker: ScanWorker::start("server-scans", QUEUE, |scan| {
                 let nothing_to_follow = nothing_to_follow(&scan);
@@ -57,14 +57,14 @@ impl ServerScans {
 
     /// Asks about `scan.listener`'s process; `remembered`: its verdict is
     /// remembered (else the throttle decides).
-    pub fn ask(&mut self, scan: ServerScan, remembered: bool) {
+    pub(super) fn ask(&mut self, scan: ServerScan, remembered: bool) {
         if remembered || self.throttle.may_scan(scan.listener.tgid, Instant::now()) {
             let _ = self.worker.ask(scan);
         }
     }
 
     /// The answers ready now.
-    pub fn answers(&self) -> impl Iterator<Item = ServerScanned> + '_ {
+    pub(super) fn answers(&self) -> impl Iterator<Item = ServerScanned> + '_ {
         self.worker.answers()
     }
 }

@@ -8,7 +8,7 @@ use exporter_common::SocketOffsets;
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
-pub enum SocketOffsetsError {
+pub(super) enum SocketOffsetsError {
     #[error("cannot read the kernel's BTF at {VMLINUX_BTF}: {0}")]
     Btf(#[from] btf_rs::Error),
     #[error("the kernel's BTF has no member {structure}.{member}")]
@@ -19,7 +19,7 @@ pub enum SocketOffsetsError {
 }
 
 /// The offsets of the running kernel.
-pub fn socket_offsets() -> Result<SocketOffsets, SocketOffsetsError> {
+pub(super) fn socket_offsets() -> Result<SocketOffsets, SocketOffsetsError> {
     // Mapping the file avoids parsing every type; kernels that cannot map
     // it are read whole.
     let btf = Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)

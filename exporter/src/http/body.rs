@@ -6,14 +6,14 @@ const MAX_CHUNK_LINE: usize = 1024;
 
 /// A message body being skipped, by how it ends.
 #[derive(Debug)]
-pub enum Body {
+pub(super) enum Body {
     Length(u64),
     Chunked(Chunked),
     UntilClose,
 }
 
 /// What skipping a body did with the bytes a segment has left.
-pub enum BodyStep {
+pub(super) enum BodyStep {
     /// Used all of them; the body goes on.
     Continues(u64),
     /// The body ended after this many of them.
@@ -26,7 +26,7 @@ impl Body {
     /// Bytes that are body for certain from here: the rest of a body of
     /// known length, or of a chunk's data (and its CRLF). Nothing after
     /// them need be copied: the next chunk-size line or head follows.
-    pub fn known_left(&self) -> Option<u64> {
+    pub(super) fn known_left(&self) -> Option<u64> {
         match self {
             Body::Length(left) => Some(*left),
             Body::Chunked(Chunked::Data { remaining }) => Some(*remaining),
@@ -37,7 +37,12 @@ impl Body {
     /// Consumes bytes `[0, available)` of which `captured` are known;
     /// adds to `content` the bytes of them that are the body's payload
     /// (chunk-size lines, chunk CRLFs and trailers are framing).
-    pub fn advance(&mut self, available: u64, captured: &[u8], content: &mut u64) -> BodyStep {
+    pub(super) fn advance(
+        &mut self,
+        available: u64,
+        captured: &[u8],
+        content: &mut u64,
+    ) -> BodyStep {
         match self {
             Body::Length(left) => {
                 let take = (*left).min(available);
@@ -60,7 +65,7 @@ impl Body {
 
 /// Incremental chunked-encoding decoder that skips chunk data by count.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Chunked {
+pub(super) enum Chunked {
     /// Reading a chunk-size line (bytes so far).
     SizeLine(Vec<u8>),
     /// Skipping chunk data, then its CRLF (`remaining` includes the 2 bytes).
@@ -70,7 +75,7 @@ pub enum Chunked {
 }
 
 impl Chunked {
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Chunked::SizeLine(Vec::new())
     }
 

@@ -10,27 +10,27 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header lines parsed in one head.
 const MAX_HEADERS: usize = 128;
 
-pub enum HeadParse<T> {
+pub(super) enum HeadParse<T> {
     Complete { head: T, consumed: usize },
     Partial,
     Invalid,
 }
 
-pub struct RequestHead {
+pub(super) struct RequestHead {
     pub method: http::Method,
     pub target: String,
     pub version: http::Version,
     pub framing: Framing,
 }
 
-pub struct ResponseHead {
+pub(super) struct ResponseHead {
     pub status: u16,
     pub framing: Framing,
 }
 
 /// What a message's headers say about its body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Framing {
+pub(super) enum Framing {
     /// Neither Content-Length nor Transfer-Encoding.
     Unstated,
     Length(u64),
@@ -48,7 +48,7 @@ pub enum Framing {
 
 impl Framing {
     /// The body a request has; `None` for none.
-    pub fn request_body(self) -> Option<Body> {
+    pub(super) fn request_body(self) -> Option<Body> {
         match self {
             Framing::Length(0) | Framing::Unstated => None,
             Framing::Length(length) => Some(Body::Length(length)),
@@ -60,7 +60,7 @@ impl Framing {
 
     /// The body a response has when it has one (not HEAD, 204 or 304);
     /// `None` for none, and for an end that cannot be known.
-    pub fn response_body(self) -> Option<Body> {
+    pub(super) fn response_body(self) -> Option<Body> {
         match self {
             Framing::Length(0) => None,
             Framing::Length(length) => Some(Body::Length(length)),
@@ -168,7 +168,7 @@ fn response_framing(headers: &[httparse::Header<'_>]) -> Framing {
     }
 }
 
-pub fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
+pub(super) fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(bytes) {
@@ -201,7 +201,7 @@ pub fn parse_request_head(bytes: &[u8]) -> HeadParse<RequestHead> {
     }
 }
 
-pub fn parse_response_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
+pub(super) fn parse_response_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     match response.parse(bytes) {
@@ -225,7 +225,7 @@ pub fn parse_response_head(bytes: &[u8]) -> HeadParse<ResponseHead> {
 /// The first line of a head whose rest was not copied, parsed alone: a
 /// request's method and target, or a response's status, survive a head
 /// larger than the capture.
-pub fn start_line<T>(bytes: &[u8], parse: fn(&[u8]) -> HeadParse<T>) -> Option<T> {
+pub(super) fn start_line<T>(bytes: &[u8], parse: fn(&[u8]) -> HeadParse<T>) -> Option<T> {
     let end = bytes.windows(2).position(|pair| pair == b"\r\n")?;
     let mut line = bytes[..end].to_vec();
     line.extend_from_slice(b"\r\n\r\n");
@@ -238,7 +238,7 @@ pub fn start_line<T>(bytes: &[u8], parse: fn(&[u8]) -> HeadParse<T>) -> Option<T
 /// Feeds a head parser the part of the head held from earlier segments plus
 /// the copied bytes of this one. Returns the parse and how many of this
 /// segment's bytes belong to the head (when complete).
-pub fn parse_head_across<T>(
+pub(super) fn parse_head_across<T>(
     buffer: &mut Vec<u8>,
     segment_bytes: &[u8],
     parse: fn(&[u8]) -> HeadParse<T>,
@@ -278,7 +278,7 @@ fn may_end_a_head(bytes: &[u8]) -> bool {
 }
 
 /// Whether copied bytes at a segment start look like a request line.
-pub fn looks_like_request_start(bytes: &[u8]) -> bool {
+pub(super) fn looks_like_request_start(bytes: &[u8]) -> bool {
     let Some(space) = bytes.iter().take(16).position(|&b| b == b' ') else {
         return false;
     };

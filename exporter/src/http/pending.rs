@@ -5,11 +5,11 @@
 use std::collections::VecDeque;
 
 /// Most pipelined requests waiting for responses on one connection.
-pub const MAX_PENDING_REQUESTS: usize = 256;
+pub(super) const MAX_PENDING_REQUESTS: usize = 256;
 
 /// One request waiting for its response.
 #[derive(Debug)]
-pub struct PendingRequest {
+pub(super) struct PendingRequest {
     pub method: http::Method,
     pub target: String,
     pub version: http::Version,
@@ -24,7 +24,7 @@ pub struct PendingRequest {
 
 /// The queue, and the bytes of the targets it holds.
 #[derive(Debug, Default)]
-pub struct PendingRequests {
+pub(super) struct PendingRequests {
     requests: VecDeque<PendingRequest>,
     target_bytes: usize,
 }
@@ -32,7 +32,7 @@ pub struct PendingRequests {
 impl PendingRequests {
     /// Adds a request; the oldest make room past [`MAX_PENDING_REQUESTS`].
     /// Returns the requests that made room.
-    pub fn push(&mut self, request: PendingRequest) -> Vec<PendingRequest> {
+    pub(super) fn push(&mut self, request: PendingRequest) -> Vec<PendingRequest> {
         let mut dropped = Vec::new();
         while self.requests.len() >= MAX_PENDING_REQUESTS {
             dropped.extend(self.pop_front());
@@ -42,29 +42,29 @@ impl PendingRequests {
         dropped
     }
 
-    pub fn pop_front(&mut self) -> Option<PendingRequest> {
+    pub(super) fn pop_front(&mut self) -> Option<PendingRequest> {
         let request = self.requests.pop_front()?;
         self.target_bytes -= request.target.len();
         Some(request)
     }
 
-    pub fn front(&self) -> Option<&PendingRequest> {
+    pub(super) fn front(&self) -> Option<&PendingRequest> {
         self.requests.front()
     }
 
-    pub fn back_mut(&mut self) -> Option<&mut PendingRequest> {
+    pub(super) fn back_mut(&mut self) -> Option<&mut PendingRequest> {
         self.requests.back_mut()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &PendingRequest> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &PendingRequest> {
         self.requests.iter()
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.requests.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.requests.is_empty()
     }
 
@@ -73,7 +73,7 @@ impl PendingRequests {
     /// (and makes no exchange) and later ones pair with their own. Whether
     /// it was one to count as lost (not refused already); `None` when none
     /// holds bytes.
-    pub fn hollow_oldest(&mut self) -> Option<bool> {
+    pub(super) fn hollow_oldest(&mut self) -> Option<bool> {
         let request = self
             .requests
             .iter_mut()
@@ -86,18 +86,18 @@ impl PendingRequests {
     }
 
     /// Bytes of the targets held.
-    pub fn target_bytes(&self) -> usize {
+    pub(super) fn target_bytes(&self) -> usize {
         self.target_bytes
     }
 
-    pub fn clear(&mut self) {
+    pub(super) fn clear(&mut self) {
         self.requests.clear();
         self.target_bytes = 0;
     }
 
     /// Empty, keeping the buffer when it is small (so that a recycled
     /// connection allocates nothing).
-    pub fn recycled(mut self, kept: usize) -> Self {
+    pub(super) fn recycled(mut self, kept: usize) -> Self {
         self.clear();
         if self.requests.capacity() > kept {
             self.requests = VecDeque::new();
