@@ -38,7 +38,6 @@ use flask_ebpf_exporter::{
         local::{LocalIdentity, ProcessFilter},
     },
     pipeline::{HandOffs, Stages},
-    rules::flask::RuleSet,
     telemetry::Budgets,
 };
 use prometheus::Registry;
@@ -355,8 +354,8 @@ fn replay(stream: &Stream, budget: Duration) -> Figures {
     let identity = IdentityStage::Local(
         LocalIdentity::new(ProcessFilter::default()).expect("the local servers' thread"),
     );
-    let mut stages =
-        Stages::new(&config, identity, RuleSet::parse("").0, &registry, &budgets).expect("stages");
+    let settings = config.settings().expect("valid flags");
+    let mut stages = Stages::new(settings.stages, identity, &registry, &budgets).expect("stages");
     let mut hand_offs = HandOffs::default();
     let pass = |stages: &mut Stages, hand_offs: &mut HandOffs| {
         for (i, &(start, len)) in stream.events.iter().enumerate() {

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use flask_ebpf_exporter::{
     capture::{Capture, CaptureCounters, CaptureOptions},
-    config::{Config, Mode, PodSelection},
+    config::{Config, Mode, Settings, StageSettings},
     debug::DebugState,
     health::Health,
     identity::{
@@ -17,10 +17,10 @@ use flask_ebpf_exporter::{
         local::{LocalIdentity, ProcessFilter},
         pods::{Selection, SharedPodIndex},
     },
-    pipeline::{Pipeline, Stages as PipelineStages},
+    pipeline::{Pipeline, Stages},
     preflight::{self, Granted},
     routes::discovery::helper::child as helper,
-    rules::{flask::RuleSet, regexes::RegexMemory},
+    rules::regexes::RegexMemory,
     server::{
         self, ServerState,
         accept::{self, ConnectionFamilies, ListenerLimits},
@@ -40,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
+    let settings = config.settings()?;
     // Before any thread starts: capabilities raised here pass to the
     // threads started after.
     let granted = preflight::check()?;
@@ -48,13 +49,23 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(config, granted))
+    runtime.block_on(run(settings, granted))
 }
 
-async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
+async fn run(settings: Settings, granted: Granted) -> anyhow::Result<()> {
+    let Settings {
+        listen,
+        debug_listen,
+        listener_limits,
+        mode,
+        local_filter,
+        pod_selection,
+        capture,
+        stages,
+    } = settings;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let health = Arc::new(Health::default());
     let registry = Registry::new();
     // The agent's own CPU, memory and file descriptors (process_*), for the
@@ -64,35 +75,30 @@ async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .context("registering process metrics")?;
-    let mode = config.mode().map_err(anyhow::Error::msg)?;
-    let (user_rules, rule_errors) =
-        RuleSet::parse(&config.user_rules_text().map_err(anyhow::Error::msg)?);
-    config.series_options().map_err(anyhow::Error::msg)?;
-    let limits = config.listener_limits().map_err(anyhow::Error::msg)?;
     let connections =
         ConnectionFamilies::register(&registry).context("registering connection metrics")?;
-    if let Some(error) = rule_errors.first() {
-        anyhow::bail!("{error} (in --route or --routes-file)");
-    }
-    let debug_listener = match config.debug_endpoints {
-        true => Some(
-            tokio::net::TcpListener::bind(config.debug_listen)
+    let debug_listener = match debug_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
                 .await
-                .with_context(|| format!("binding {} (--debug-listen)", config.debug_listen))?,
+                .with_context(|| format!("binding {address} (--debug-listen)"))?,
         ),
-        false => None,
+        None => None,
     };
-    let identity = identity_stage(&config, &mode, &registry, &health).await?;
-    let debug = config
-        .debug_endpoints
-        .then(|| Arc::new(DebugState::default()));
-    let stages = Stages {
-        identity,
-        user_rules,
-        debug: debug.clone(),
-        granted,
-    };
-    let pipeline = pipeline(&config, stages, &registry, &health)?;
+    let identity = identity_stage(&mode, local_filter, pod_selection, &registry, &health).await?;
+    let debug = debug_listen.map(|_| Arc::new(DebugState::default()));
+    let path_label = stages.routes.path_label;
+    let pipeline = pipeline(
+        Parts {
+            identity,
+            stages,
+            capture,
+            debug: debug.clone(),
+            granted,
+        },
+        &registry,
+        &health,
+    )?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let pipeline_shutdown = shutdown.clone();
     let pipeline_thread = std::thread::Builder::new()
@@ -100,9 +106,9 @@ async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
         .spawn(move || pipeline.run(pipeline_shutdown))
         .context("starting the pipeline thread")?;
 
-    info!(listen = %config.listen, ?mode, path_label = ?config.path_label, "serving /metrics, /healthz, /readyz");
-    if debug_listener.is_some() {
-        info!(listen = %config.debug_listen, "serving /debug/routes, /debug/pods, /debug/connections");
+    info!(%listen, ?mode, ?path_label, "serving /metrics, /healthz, /readyz");
+    if let Some(listen) = debug_listen {
+        info!(%listen, "serving /debug/routes, /debug/pods, /debug/connections");
     }
     let state = ServerState {
         registry,
@@ -112,7 +118,7 @@ async fn run(config: Config, granted: Granted) -> anyhow::Result<()> {
     let listeners = Listeners {
         metrics: listener,
         debug: debug_listener,
-        limits,
+        limits: listener_limits,
         connections,
     };
     serve(listeners, state).await;
@@ -168,19 +174,16 @@ async fn serve(listeners: Listeners, state: ServerState) {
 /// Local mode's process filters, or Kubernetes mode's pod watch (started
 /// here, on the runtime).
 async fn identity_stage(
-    config: &Config,
     mode: &Mode,
+    local_filter: ProcessFilter,
+    selection: Selection,
     registry: &Registry,
     health: &Arc<Health>,
 ) -> anyhow::Result<IdentityStage> {
     let (kubeconfig, node_name) = match mode {
         Mode::Local => {
-            let local = LocalIdentity::new(ProcessFilter {
-                pids: config.pids.clone(),
-                command: config.command.clone(),
-                ports: config.ports.clone(),
-            })
-            .context("starting the thread that finds local servers")?;
+            let local = LocalIdentity::new(local_filter)
+                .context("starting the thread that finds local servers")?;
             return Ok(IdentityStage::Local(local));
         }
         Mode::Kubernetes {
@@ -196,10 +199,7 @@ async fn identity_stage(
     let watch = PodWatch {
         client,
         node_name: node_name.clone(),
-        selection: Selection {
-            opt_in: config.pod_selection == PodSelection::OptIn,
-            namespaces: config.namespaces.clone(),
-        },
+        selection,
         index: index.clone(),
         metrics: watch_metrics,
         health: health.clone(),
@@ -208,28 +208,26 @@ async fn identity_stage(
     Ok(IdentityStage::Pods(PodIdentity::new(index, pods_known)))
 }
 
-/// What the pipeline is built from besides the flags.
-struct Stages {
+/// What the pipeline is built from: the identity stage started on the
+/// runtime, the other stages' settings, and the capture's.
+struct Parts {
     identity: IdentityStage,
-    user_rules: RuleSet,
+    stages: StageSettings,
+    capture: CaptureOptions,
     debug: Option<Arc<DebugState>>,
     granted: Granted,
 }
 
 /// Every stage, each registering its own counters; the BPF programs are
 /// loaded and attached here.
-fn pipeline(
-    config: &Config,
-    stages: Stages,
-    registry: &Registry,
-    health: &Arc<Health>,
-) -> anyhow::Result<Pipeline> {
-    let Stages {
+fn pipeline(parts: Parts, registry: &Registry, health: &Arc<Health>) -> anyhow::Result<Pipeline> {
+    let Parts {
         mut identity,
-        user_rules,
+        stages,
+        capture,
         debug,
         granted,
-    } = stages;
+    } = parts;
     let registering = "registering metrics";
     let budgets = Budgets::register(registry).context(registering)?;
     RegexMemory::node().count_refusals_in(budgets.counter(Budget::RuleRegexBytes));
@@ -238,16 +236,10 @@ fn pipeline(
     if let IdentityStage::Local(local) = &mut identity {
         local.count_refusals_in(budgets.counter(Budget::LocalServerLookups));
     }
-    let stages = PipelineStages::new(config, identity, user_rules, registry, &budgets)
-        .context(registering)?;
+    let stages = Stages::new(stages, identity, registry, &budgets).context(registering)?;
     let capture = Capture::load(
         &granted,
-        CaptureOptions {
-            capture_bytes: config.capture_bytes,
-            ring_buffer_bytes: config.ring_buffer_bytes,
-            kernel_connections: config.kernel_connections,
-            kernel_handshakes: config.kernel_handshakes,
-        },
+        capture,
         CaptureCounters::register(registry, &budgets).context(registering)?,
     )?;
     Ok(Pipeline {

@@ -25,7 +25,7 @@ use prometheus::{IntCounter, Registry};
 
 use crate::{
     capture::{Capture, RawEvent},
-    config::Config,
+    config::StageSettings,
     debug::{ConnectionsReport, DebugSnapshot, DebugState, PodsReport, RoutesReport},
     exchange::{AttributedExchange, CapturedExchange, Identity, targets},
     health::{Health, monotonic_ns},
@@ -36,7 +36,7 @@ use crate::{
     metrics::RequestMetrics,
     procfs,
     routes::{
-        ExcludedPaths, RouteCounters, RouteLabeler, RouteOptions,
+        RouteCounters, RouteLabeler, RouteOptions,
         discovery::{
             Discovery, ParseBudget, RouteDiscovery,
             helper::HelperProgram,
@@ -44,7 +44,7 @@ use crate::{
             worker::{DiscoveryCounters, DiscoveryWorker, Outcome},
         },
     },
-    rules::{flask::RuleSet, regexes::SharedBudgets},
+    rules::regexes::SharedBudgets,
     stream::{ConnectionTable, Handled, StreamCounters},
     telemetry::{Budget, Budgets},
 };
@@ -328,15 +328,19 @@ impl Stages {
     /// Every stage after capture, each registering its own counters in
     /// `registry`.
     pub fn new(
-        config: &Config,
+        settings: StageSettings,
         identity: IdentityStage,
-        user_rules: RuleSet,
         registry: &Registry,
         budgets: &Budgets,
     ) -> Result<Self, prometheus::Error> {
-        let series_options = config.series_options().map_err(prometheus::Error::Msg)?;
-        let server_port_label = series_options.names.otel();
-        let discovery = match config.route_discovery {
+        let StageSettings {
+            series,
+            routes,
+            pod_wait,
+            deleted_pod_grace,
+        } = settings;
+        let server_port_label = series.names.otel();
+        let discovery = match routes.discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
                 HelperProgram::default(),
                 ParseBudget::default(),
@@ -352,32 +356,26 @@ impl Stages {
         };
         Ok(Stages {
             table: ConnectionTable::new(StreamCounters::register(registry, budgets)?),
-            metrics: RequestMetrics::register(
-                registry,
-                identity.label_names(),
-                budgets,
-                series_options,
-            )?,
+            metrics: RequestMetrics::register(registry, identity.label_names(), budgets, series)?,
             identity,
             server_port_label,
             attribution: Attribution::new(
                 HoldLimits {
-                    wait: config.pod_wait,
+                    wait: pod_wait,
                     max_held: MAX_HELD_REQUESTS,
                     max_held_bytes: MAX_HELD_REQUEST_BYTES,
                 },
                 AttributionCounters::register(registry, budgets)?,
             ),
-            deleted_pod_grace: config.deleted_pod_grace,
+            deleted_pod_grace,
             labeler: RouteLabeler::new(
                 RouteOptions {
                     discovery: discovery.is_some(),
-                    mode: config.path_label_mode(),
-                    excluded_paths: ExcludedPaths::new(&config.excluded_paths)
-                        .map_err(|error| prometheus::Error::Msg(error.to_string()))?,
-                    max_paths_per_workload: config.max_paths_per_workload,
-                    segment_cap: config.route_segment_cap as usize,
-                    user_rules: Arc::new(user_rules),
+                    mode: routes.path_label,
+                    excluded_paths: routes.excluded_paths,
+                    max_paths_per_workload: routes.max_paths_per_workload,
+                    segment_cap: routes.segment_cap,
+                    user_rules: Arc::new(routes.user_rules),
                 },
                 RouteCounters::register(registry, budgets)?,
             ),

@@ -329,7 +329,12 @@ const MAY_USE: &[(&str, &[&str])] = &[
         &["exchange", "identity", "metrics", "routes", "stream"],
     ),
     ("server", &["debug", "health", "telemetry"]),
-    ("config", &["metrics", "routes", "server"]),
+    (
+        "config",
+        &[
+            "capture", "identity", "metrics", "routes", "rules", "server",
+        ],
+    ),
     (
         "pipeline",
         &[

@@ -6,10 +6,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use regex::Regex;
 
+mod settings;
+
+pub use self::settings::{ConfigError, Mode, RouteSettings, Settings, StageSettings};
 use crate::{
-    metrics::{DURATION_BUCKETS, GroupBy, MetricNames, SeriesOptions},
+    metrics::{GroupBy, MetricNames},
     routes::{PathLabelMode, discovery::RouteDiscovery},
-    server::accept::ListenerLimits,
 };
 
 #[derive(Clone, Debug, Parser)]
@@ -284,103 +286,6 @@ pub enum PodSelection {
     OptIn,
 }
 
-/// Where the agent runs, decided from the flags and environment.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Local,
-    Kubernetes {
-        /// `None`: the pod's service account.
-        kubeconfig: Option<PathBuf>,
-        node_name: String,
-    },
-}
-
-/// The service account token every pod gets unless it opts out.
-const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-
-impl Config {
-    /// The bounds of each listener's connections.
-    pub fn listener_limits(&self) -> Result<ListenerLimits, String> {
-        if self.http_header_timeout < Duration::from_millis(100) {
-            return Err(format!(
-                "--http-header-timeout {} is too short for any client",
-                humantime::format_duration(self.http_header_timeout)
-            ));
-        }
-        Ok(ListenerLimits {
-            connections: self.http_max_connections as usize,
-            header_timeout: self.http_header_timeout,
-        })
-    }
-
-    /// The request series' options; errors on buckets that do not increase.
-    pub fn series_options(&self) -> Result<SeriesOptions, String> {
-        let mut buckets = if self.buckets.is_empty() {
-            DURATION_BUCKETS.to_vec()
-        } else {
-            self.buckets.clone()
-        };
-        // prometheus_client takes a trailing +Inf; the exposition adds it.
-        if buckets.last() == Some(&f64::INFINITY) {
-            buckets.pop();
-        }
-        if buckets.is_empty() || buckets.windows(2).any(|pair| pair[0] >= pair[1]) {
-            return Err(format!(
-                "--buckets must increase, and hold a finite bound: {:?}",
-                self.buckets
-            ));
-        }
-        Ok(SeriesOptions {
-            names: self.metric_names,
-            group_by: self.group_by,
-            buckets,
-            latency_as_histogram: self.default_latency_as_histogram,
-            max_series_per_workload: self.max_series_per_workload,
-        })
-    }
-
-    /// How route labels are made: raw paths only where `path` is the
-    /// grouping; `url_rule` and `endpoint` need routes.
-    pub fn path_label_mode(&self) -> PathLabelMode {
-        match self.group_by {
-            GroupBy::Path => self.path_label,
-            GroupBy::UrlRule | GroupBy::Endpoint => PathLabelMode::Route,
-        }
-    }
-
-    /// The user rules of `--route` and `--routes-file`, as one text.
-    pub fn user_rules_text(&self) -> Result<String, String> {
-        let mut text = self.routes.join("\n");
-        if let Some(path) = &self.routes_file {
-            let file = std::fs::read_to_string(path)
-                .map_err(|error| format!("reading --routes-file {}: {error}", path.display()))?;
-            text.push('\n');
-            text.push_str(&file);
-        }
-        Ok(text)
-    }
-
-    pub fn mode(&self) -> Result<Mode, String> {
-        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
-            && std::path::Path::new(SERVICE_ACCOUNT_TOKEN).exists();
-        let kubernetes = match self.mode {
-            ModeChoice::Local => false,
-            ModeChoice::Kubernetes => true,
-            ModeChoice::Auto => self.kubeconfig.is_some() || in_cluster,
-        };
-        if !kubernetes {
-            return Ok(Mode::Local);
-        }
-        let node_name = self.node_name.clone().filter(|name| !name.is_empty()).ok_or(
-            "Kubernetes mode needs this node's name: set NODE_NAME from the downward API (spec.nodeName) or pass --node-name",
-        )?;
-        Ok(Mode::Kubernetes {
-            kubeconfig: self.kubeconfig.clone(),
-            node_name,
-        })
-    }
-}
-
 fn parse_regex(text: &str) -> Result<String, String> {
     Regex::new(text)
         .map(|_| text.to_owned())
@@ -409,6 +314,7 @@ fn parse_ring_buffer_bytes(text: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{metrics::DURATION_BUCKETS, rules::flask::RuleMatch};
 
     #[test]
     fn defaults_and_flags() {
@@ -450,10 +356,18 @@ mod tests {
         assert_eq!(config.path_label, PathLabelMode::Raw);
         assert_eq!(config.pids, vec![5, 6]);
         assert_eq!(config.ports, vec![8000]);
+        let settings = config.settings().expect("valid flags");
+        assert_eq!(settings.stages.routes.user_rules.len(), 2);
         assert_eq!(
-            config.user_rules_text().as_deref(),
-            Ok("GET /items/<int:id>\n/users/<uuid:id>")
+            settings
+                .stages
+                .routes
+                .user_rules
+                .match_path("/items/5", "GET"),
+            RuleMatch::Rule("/items/<int:id>")
         );
+        assert_eq!(settings.debug_listen, None);
+        assert_eq!(settings.local_filter.pids, [5, 6]);
         assert_eq!(config.max_paths_per_workload, 40);
         assert!(!config.debug_endpoints);
         assert!(Config::try_parse_from(["x", "--ring-buffer-bytes", "5000"]).is_err());
@@ -481,15 +395,15 @@ mod tests {
         assert!(!series.latency_as_histogram);
         assert_eq!(pfe.excluded_paths, ["/health", "/static/.*"]);
         assert_eq!(
-            pfe.path_label_mode(),
+            pfe.settings().expect("valid").stages.routes.path_label,
             PathLabelMode::Route,
             "url_rule needs routes"
         );
         let unordered = Config::try_parse_from(["x", "--buckets", "1,0.5"]).expect("parse");
-        assert!(unordered.series_options().is_err());
+        assert!(matches!(unordered.settings(), Err(ConfigError::Buckets(_))));
         assert!(Config::try_parse_from(["x", "--capture-bytes", "999999"]).is_err());
         assert!(Config::try_parse_from(["x", "--command", "("]).is_err());
-        assert_eq!(config.mode(), Ok(Mode::Local));
+        assert_eq!(settings.mode, Mode::Local);
 
         let config = Config::try_parse_from([
             "x",
@@ -507,23 +421,26 @@ mod tests {
             "1m 30s",
         ])
         .expect("kubernetes flags parse");
+        let settings = config.settings().expect("valid flags");
         assert_eq!(
-            config.mode(),
-            Ok(Mode::Kubernetes {
+            settings.mode,
+            Mode::Kubernetes {
                 kubeconfig: Some(PathBuf::from("/k")),
                 node_name: "node-a".to_owned()
-            })
+            }
         );
+        assert!(settings.pod_selection.opt_in);
+        assert_eq!(settings.stages.pod_wait, Duration::from_secs(3));
         assert_eq!(config.namespaces, ["shop", "billing"]);
         assert_eq!(config.pod_selection, PodSelection::OptIn);
         assert_eq!(config.pod_wait, Duration::from_secs(3));
         assert_eq!(config.deleted_pod_grace, Duration::from_secs(90));
         let no_node = Config::try_parse_from(["x", "--mode", "kubernetes", "--node-name", ""])
             .expect("parse");
-        assert!(
-            no_node
-                .mode()
-                .is_err_and(|error| error.contains("NODE_NAME"))
-        );
+        let refused = no_node.settings().expect_err("no node name");
+        assert!(matches!(refused, ConfigError::NodeName));
+        assert!(refused.to_string().contains("NODE_NAME"));
+        let bad_rule = Config::try_parse_from(["x", "--route", "no-slash"]).expect("parse");
+        assert!(matches!(bad_rule.settings(), Err(ConfigError::Rule(_))));
     }
 }
