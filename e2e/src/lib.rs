@@ -27,6 +27,12 @@ pub fn workspace() -> PathBuf {
 /// built in this test's own target directory and profile. It is not a
 /// dependency cargo can build for us, so a stale one is refused.
 pub fn agent_binary() -> PathBuf {
+    // Every agent a test starts asks; the source tree is walked once.
+    static AGENT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    AGENT.get_or_init(checked_agent_binary).clone()
+}
+
+fn checked_agent_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("FLASK_EBPF_EXPORTER_BIN") {
         return path.into();
     }
