@@ -85,6 +85,36 @@ fn send_traffic(port: u16) -> u64 {
     8
 }
 
+/// Sends traffic to a pod selected out until the kernel counts one of its
+/// connections ignored at accept `by` ("cgroup" or "listener"). Each worker
+/// has a listener of its own, and which one accepts is the kernel's choice:
+/// a fixed number of rounds would depend on luck.
+fn until_ignored_by(exporter: &Exporter, port: u16, by: &str) {
+    let ignored = |samples: &[Sample]| {
+        labelled(
+            samples,
+            "flask_ebpf_exporter_connections_ignored_total",
+            "by",
+            by,
+        )
+    };
+    let start = ignored(&exporter.metrics());
+    let warmed = eventually(
+        Duration::from_secs(20),
+        || {
+            send_traffic(port);
+            exporter.metrics()
+        },
+        |samples| ignored(samples) > start,
+    );
+    assert!(
+        ignored(&warmed) > start,
+        "no connection to port {port} was ignored by {by}"
+    );
+    // The kernel's counts reach /metrics once a second.
+    std::thread::sleep(Duration::from_millis(1100));
+}
+
 struct TestPod {
     // Declared before the cgroups, so the app exits before they are removed.
     app: App,
@@ -372,13 +402,9 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
             })
             .sum::<f64>()
     };
-    // Each worker's first connection shows whose it is; once judged (an
-    // idle agent looks every 100 ms), the next accept shows the kernel the
-    // container's cgroup.
-    send_traffic(serving.app.port);
-    std::thread::sleep(Duration::from_millis(300));
-    send_traffic(serving.app.port);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Each worker's first connection shows whose it is; once judged, the
+    // listener's next accept shows the kernel the container's cgroup.
+    until_ignored_by(&exporter, serving.app.port, "cgroup");
     let before = exporter.metrics();
     let sent = send_traffic(serving.app.port) as f64;
     let samples = eventually(
@@ -405,8 +431,16 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     // upkeep, its listeners are followed again, so every request of the
     // next 8 connections counts (were they left to the one-in-64 recheck,
     // none would).
+    let listeners_ignored =
+        |samples: &[Sample]| value(samples, "flask_ebpf_exporter_listeners_ignored");
+    assert!(listeners_ignored(&samples) > 0.0, "judged before");
     put_web_pod(&api, 13, "quiet", &[]);
-    std::thread::sleep(Duration::from_millis(2500));
+    let followed = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| listeners_ignored(samples) == 0.0,
+    );
+    assert_eq!(listeners_ignored(&followed), 0.0, "followed again");
     let name = "shop/quiet/web/quiet/Pod".to_owned();
     let sent = send_traffic(serving.app.port);
     let samples = until_counted(&exporter, &name, sent, Duration::from_secs(5));
@@ -448,13 +482,15 @@ fn a_selected_out_container_is_ignored_by_its_cgroup_where_the_layout_allows() {
             &[("flask-ebpf-exporter.io/monitor", "false")],
         );
         let pod = start_pod(&venv, Server::GunicornSync, driver, n);
-        // Shows whose the listener is; the next accept on it, once judged,
-        // shows the kernel its container's cgroup.
-        send_traffic(pod.app.port);
-        std::thread::sleep(Duration::from_millis(500));
-        send_traffic(pod.app.port);
-        // The kernel's counts reach /metrics once a second.
-        std::thread::sleep(Duration::from_millis(1500));
+        // The first connections show whose the listener is; a judged
+        // listener's next accept shows the kernel the container's cgroup
+        // where the layout allows, and is ignored by listener where not.
+        let by = if driver == Driver::Systemd {
+            "cgroup"
+        } else {
+            "listener"
+        };
+        until_ignored_by(&exporter, pod.app.port, by);
         let before = exporter.metrics();
         // A process the agent never saw, in the same container.
         let newcomer = App::start_in(&venv, Server::Werkzeug, false, &pod._cgroups.procs_files());
