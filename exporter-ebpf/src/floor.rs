@@ -13,13 +13,13 @@ mod programs {
 
     /// On the agent's syscall tracepoints.
     #[tracepoint]
-    pub fn empty_tracepoint(_ctx: TracePointContext) -> u32 {
+    pub(crate) fn empty_tracepoint(_ctx: TracePointContext) -> u32 {
         0
     }
 
     /// On raw `sys_enter`/`sys_exit`, which run for every syscall.
     #[raw_tracepoint]
-    pub fn empty_raw_tracepoint(_ctx: RawTracePointContext) -> i32 {
+    pub(crate) fn empty_raw_tracepoint(_ctx: RawTracePointContext) -> i32 {
         0
     }
 }

@@ -639,7 +639,7 @@ fn waiting_requests_targets_stay_within_their_budget() {
 }
 
 /// The kernel programs' bookkeeping for one connection, as
-/// `exporter-ebpf/src/programs.rs` keeps it: per-direction offsets and
+/// `exporter-ebpf/src/programs/io.rs` keeps it: per-direction offsets and
 /// body bytes to skip, sequence numbers, a copy of at most `capture` bytes.
 /// (The real programs are exercised by the end-to-end tests.)
 struct KernelModel {
