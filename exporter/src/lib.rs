@@ -6,11 +6,13 @@
 //! ordering) → [`http`] (heads, framing, pairing) → [`identity`] (who served
 //! it) → [`routes`] (path label) → [`metrics`] → [`server`] (endpoints).
 //! From the HTTP exchange on, stages hand each other the plain data of
-//! [`exchange`]. [`pipeline`] is the loop that drives them; [`preflight`]
+//! [`exchange`]. [`pipeline`] is the loop that drives them, and [`agent`] builds it
+//! from the validated settings; [`preflight`]
 //! checks what loading the kernel programs takes; [`config`] the command
 //! line; [`health`] health; [`procfs`] what is read of other processes;
 //! [`debug`] the `/debug/*` views of routes, identities and connections.
 
+pub mod agent;
 pub mod capture;
 pub mod config;
 pub mod debug;

@@ -50,7 +50,19 @@ fn undocumented_unsafe_blocks(text: &str) -> Vec<usize> {
         if !code.contains("unsafe {") {
             continue;
         }
-        let documented = lines[..at]
+        // The statement may begin lines above (a method chain).
+        let mut start = at;
+        while start > 0 {
+            let previous = lines[start - 1].trim();
+            if previous.is_empty()
+                || previous.starts_with("//")
+                || previous.ends_with([';', '{', '}'])
+            {
+                break;
+            }
+            start -= 1;
+        }
+        let documented = lines[..start]
             .iter()
             .rev()
             .map(|line| line.trim())
@@ -94,8 +106,13 @@ fn the_rule_finds_an_undocumented_block() {
     let documented =
         "fn a() {\n    // SAFETY: a helper without arguments.\n    let x = unsafe { f() };\n}\n";
     let undocumented = "fn a() {\n    // Reads the clock.\n    let x = unsafe { f() };\n}\n";
+    let chained = "fn a() {\n    // SAFETY: a map value.\n    MAP\n        .get(0)\n        .map(|v| unsafe { &*v })\n}\n";
+    let after_another =
+        "fn a() {\n    // SAFETY: a map value.\n    let y = g();\n    let x = unsafe { f() };\n}\n";
     assert!(undocumented_unsafe_blocks(documented).is_empty());
+    assert!(undocumented_unsafe_blocks(chained).is_empty());
     assert_eq!(undocumented_unsafe_blocks(undocumented), [3]);
+    assert_eq!(undocumented_unsafe_blocks(after_another), [4]);
 }
 
 #[test]

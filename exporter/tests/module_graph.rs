@@ -352,6 +352,22 @@ const MAY_USE: &[(&str, &[&str])] = &[
             "telemetry",
         ],
     ),
+    (
+        "agent",
+        &[
+            "capture",
+            "config",
+            "debug",
+            "health",
+            "identity",
+            "pipeline",
+            "preflight",
+            "procfs",
+            "rules",
+            "server",
+            "telemetry",
+        ],
+    ),
 ];
 
 #[test]
