@@ -741,3 +741,21 @@ pub fn eventually<T>(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Saves Chromium's rendering of `url` as a PNG at `file`, at the size the
+/// manual's screenshots have.
+pub fn screenshot(url: &str, file: &std::path::Path) {
+    let status = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1500,900",
+        ])
+        .arg(format!("--screenshot={}", file.display()))
+        .arg(url)
+        .status()
+        .expect("chromium (Debian package chromium; cargo xtask setup installs it)");
+    assert!(status.success(), "chromium --screenshot {url}");
+}

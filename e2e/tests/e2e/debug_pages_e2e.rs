@@ -4,8 +4,8 @@
 //! read there. The pages carry no script at all, so they work the same
 //! with JavaScript off (Chromium's `--dump-dom` itself needs scripts on).
 //!
-//! With `DEBUG_PAGE_SCREENSHOT=FILE` it also saves a screenshot of
-//! /debug/routes (README's).
+//! The manual's screenshots come from kubernetes_e2e's app in a root of
+//! its own (`DEBUG_PAGE_SCREENSHOTS=DIR`).
 
 use flask_ebpf_exporter_e2e as support;
 
@@ -278,23 +278,4 @@ fn debug_pages_read_well_in_a_browser() {
         .find_map(|row| row.strip_prefix("opened in all")?.trim().parse().ok())
         .expect("opened in all");
     assert!(opened >= 105, "{opened}");
-
-    if let Ok(file) = std::env::var("DEBUG_PAGE_SCREENSHOT") {
-        let status = Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--hide-scrollbars",
-                "--window-size=1500,820",
-                &format!("--screenshot={file}"),
-                &debug_url(
-                    exporter.debug_address,
-                    "/debug/routes?format=html&refresh=0",
-                ),
-            ])
-            .status()
-            .expect("chromium");
-        assert!(status.success());
-    }
 }

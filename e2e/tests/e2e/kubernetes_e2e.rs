@@ -900,11 +900,14 @@ fn a_containers_source_is_read_inside_its_own_root() {
         ("/health", 200, "/health"),
         ("/nowhere", 404, "None"),
     ];
+    // The manual's screenshots want a page with some traffic.
+    let screenshots = std::env::var_os("DEBUG_PAGE_SCREENSHOTS").map(std::path::PathBuf::from);
+    let rounds = if screenshots.is_some() { 15 } else { 1 };
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
-    for (target, status, rule) in requests {
+    for (target, status, rule) in requests.iter().cycle().take(requests.len() * rounds) {
         let response = http_get(port, target).expect("request");
-        assert_eq!(response.status, status, "{target}");
-        *expected.entry(rule.to_owned()).or_default() += 1;
+        assert_eq!(response.status, *status, "{target}");
+        *expected.entry((*rule).to_owned()).or_default() += 1;
     }
     let by_path = |samples: &[Sample]| -> BTreeMap<String, u64> {
         let mut counts = BTreeMap::new();
@@ -956,5 +959,49 @@ fn a_containers_source_is_read_inside_its_own_root() {
         places.len() >= 10 && places.iter().all(|at| at.starts_with("/srv/shop/")),
         "{places:?}"
     );
+    if let Some(dir) = screenshots {
+        take_screenshots(&dir, exporter, port, &requests);
+    }
     drop(server);
+}
+
+/// docs/'s screenshots of `port`'s app in a root of its own: /debug/routes
+/// and /debug/pods in Kubernetes mode from `exporter`, then /debug/routes in
+/// local mode, from an agent that watches only the app's port.
+fn take_screenshots(
+    dir: &std::path::Path,
+    exporter: Exporter,
+    port: u16,
+    requests: &[(&str, u16, &str)],
+) {
+    let page = "/debug/routes?format=html&refresh=0";
+    let url = |exporter: &Exporter| format!("http://{}{page}", exporter.debug_address);
+    screenshot(&url(&exporter), &dir.join("debug-routes-kubernetes.png"));
+    let pods = format!(
+        "http://{}/debug/pods?format=html&refresh=0",
+        exporter.debug_address
+    );
+    screenshot(&pods, &dir.join("debug-pods-kubernetes.png"));
+    drop(exporter);
+    let local = Exporter::start(&["--port", &port.to_string()]);
+    let sent = (requests.len() * 15) as u64;
+    for (target, _, _) in requests.iter().cycle().take(sent as usize) {
+        http_get(port, target).expect("request");
+    }
+    let counted = |samples: &[Sample]| -> u64 {
+        samples
+            .iter()
+            .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+            .map(|s| s.value as u64)
+            .sum()
+    };
+    let samples = eventually(
+        Duration::from_secs(20),
+        || local.metrics(),
+        |samples| counted(samples) >= sent,
+    );
+    assert_eq!(counted(&samples), sent, "local mode counted");
+    // The page is a snapshot the pipeline refreshes once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    screenshot(&url(&local), &dir.join("debug-routes-local.png"));
 }
