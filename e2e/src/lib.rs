@@ -607,6 +607,19 @@ pub fn http_get_within(
     read_response(&mut stream, &mut Vec::new(), "GET")
 }
 
+/// One request of `method` without a body, on a connection of its own.
+pub fn http_request(port: u16, method: &str, target: &str) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(
+        format!(
+            "{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    read_response(&mut stream, &mut Vec::new(), method)
+}
+
 /// One sample of the text exposition format.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {

@@ -123,9 +123,11 @@ fn main() -> anyhow::Result<()> {
         "bench" => {
             setup(&root)?;
             // e2e/benches/overhead.rs (arguments go to it), then the
-            // userspace replay, exporter/benches/replay.rs, and route
-            // discovery's harvest, e2e/benches/route_discovery.rs. The
-            // e2e benchmarks start the release binary built here.
+            // userspace replay, exporter/benches/replay.rs, route
+            // discovery's harvest, e2e/benches/route_discovery.rs, and the
+            // series per route against prometheus-flask-exporter's,
+            // e2e/benches/series.rs. The e2e benchmarks start the release
+            // binary built here.
             run(Command::new("cargo")
                 .args(["build", "--release", "-p", "flask-ebpf-exporter"])
                 .current_dir(&root))?;
@@ -143,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             for (package, bench) in [
                 ("flask-ebpf-exporter", "replay"),
                 ("flask-ebpf-exporter-e2e", "route_discovery"),
+                ("flask-ebpf-exporter-e2e", "series"),
             ] {
                 run(Command::new("cargo")
                     .args(["bench", "-p", package, "--bench", bench])
@@ -152,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay and route discovery's harvest\n  docs    rewrite the manual's generated tables (docs/configuration.md's flags) from the code\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay, route discovery's harvest and the series per route against prometheus-flask-exporter's\n  docs    rewrite the manual's generated tables (docs/configuration.md's flags) from the code\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
             );
             if task == "help" {
                 Ok(())

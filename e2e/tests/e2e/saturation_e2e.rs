@@ -103,7 +103,8 @@ fn queue_time_grows_with_busy_workers_and_stays_near_zero_with_enough() {
     const WORK: f64 = 0.2;
     for workers in [1, 8] {
         let (server, port) = gunicorn_sync(&venv, workers);
-        let exporter = Exporter::start(&["--port", &port.to_string()]);
+        // With buckets: the test reads how the waits spread.
+        let exporter = Exporter::start(&["--port", &port.to_string(), "--queue-time-buckets"]);
         // Bursts of quick requests until every worker has booted and
         // imported the app (a worker still importing makes others wait).
         for _ in 0..3 {
@@ -205,7 +206,13 @@ fn forgotten_handshakes_are_counted_and_every_connection_accounted_for() {
     let venv = require_prerequisites();
     const CLIENTS: usize = 40;
     let (_server, port) = gunicorn_sync(&venv, 1);
-    let exporter = Exporter::start(&["--port", &port.to_string(), "--kernel-handshakes", "16"]);
+    let exporter = Exporter::start(&[
+        "--port",
+        &port.to_string(),
+        "--kernel-handshakes",
+        "16",
+        "--queue-time-buckets",
+    ]);
     let forgotten =
         |samples: &[Sample]| value(samples, "flask_ebpf_exporter_handshakes_forgotten_total");
     let requests = |samples: &[Sample]| sum_for_port(samples, "flask_http_request_total", port);
@@ -259,7 +266,7 @@ fn size_sum(samples: &[Sample], family: &str, method: &str, path: &str, port: u1
 fn body_sizes_equal_what_the_client_sent_and_received() {
     let venv = require_prerequisites();
     let (server, port) = gunicorn_sync(&venv, 2);
-    let exporter = Exporter::start(&["--port", &port.to_string()]);
+    let exporter = Exporter::start(&["--port", &port.to_string(), "--body-sizes", "summary"]);
     let upload = "u".repeat(3000);
     let cases: [(&str, &str, &str, Option<&str>); 4] = [
         ("GET", "/big", "/big", None),

@@ -10,7 +10,7 @@ mod settings;
 
 pub use self::settings::{ConfigError, Mode, RouteSettings, Settings, StageSettings};
 use crate::{
-    metrics::{GroupBy, MetricNames},
+    metrics::{BodySizes, GroupBy, MetricNames},
     routes::{PathLabelMode, discovery::RouteDiscovery},
 };
 
@@ -60,6 +60,19 @@ pub struct Config {
     #[arg(long, env = "FLASK_EBPF_EXPORTER_DEFAULT_LATENCY_AS_HISTOGRAM",
           default_value_t = true, action = clap::ArgAction::Set)]
     pub default_latency_as_histogram: bool,
+
+    /// Request and response body sizes per route (flask_http_request_size_bytes,
+    /// flask_http_response_size_bytes): `off` (prometheus-flask-exporter has none),
+    /// `summary` (a count and a sum: mean sizes) or `histogram` (buckets too).
+    #[arg(long, value_name = "SHAPE", env = "FLASK_EBPF_EXPORTER_BODY_SIZES", value_enum,
+          default_value_t = BodySizes::Off)]
+    pub body_sizes: BodySizes,
+
+    /// Export queue time (flask_http_request_queue_seconds) as a histogram with
+    /// buckets, for quantiles in PromQL, rather than as a summary of a count and a
+    /// sum (the mean), which costs a tenth of the series.
+    #[arg(long, env = "FLASK_EBPF_EXPORTER_QUEUE_TIME_BUCKETS")]
+    pub queue_time_buckets: bool,
 
     /// Names of the request series: `flask` (prometheus-flask-exporter's), `otel`
     /// (OpenTelemetry's HTTP server conventions, as its Prometheus exporters name them:

@@ -159,6 +159,8 @@ impl Config {
             group_by: self.group_by,
             buckets,
             latency_as_histogram: self.default_latency_as_histogram,
+            body_sizes: self.body_sizes,
+            queue_buckets: self.queue_time_buckets,
             max_series_per_workload: self.max_series_per_workload,
         })
     }

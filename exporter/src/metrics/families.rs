@@ -6,56 +6,69 @@ use prometheus::{
 };
 
 use super::{
-    options::{MetricNames, QUEUE_BUCKETS, SIZE_BUCKETS, SeriesOptions},
+    options::{BodySizes, MetricNames, QUEUE_BUCKETS, SIZE_BUCKETS, SeriesOptions},
     otel::OtelFamilies,
     summary::{Summary, SummaryVec, summary_vec},
 };
 
-/// One duration series.
+/// One series of observed values: a histogram's, or a summary's count and
+/// sum.
 #[derive(Clone, Debug)]
-pub(super) enum Latency {
+pub(super) enum Observed {
     Histogram(Histogram),
     Summary(Summary),
 }
 
-impl Latency {
-    pub(super) fn observe(&self, seconds: f64) {
+impl Observed {
+    pub(super) fn observe(&self, value: f64) {
         match self {
-            Latency::Histogram(histogram) => histogram.observe(seconds),
-            Latency::Summary(summary) => summary.observe(seconds),
+            Observed::Histogram(histogram) => histogram.observe(value),
+            Observed::Summary(summary) => summary.observe(value),
         }
     }
 }
 
-/// The duration family, as [`SeriesOptions::latency_as_histogram`] has it.
+/// A family of observed values, with buckets (a histogram) or without (a
+/// summary of a count and a sum).
 #[derive(Clone, Debug)]
-pub(super) enum LatencyFamily {
+pub(super) enum ObservedFamily {
     Histogram(HistogramVec),
     Summary(SummaryVec),
 }
 
-impl LatencyFamily {
-    pub(super) fn with_label_values(&self, values: &[&str]) -> Latency {
+impl ObservedFamily {
+    /// A histogram with `buckets`, or a summary when `None`.
+    fn new(opts: Opts, labels: &[&str], buckets: Option<&[f64]>) -> prometheus::Result<Self> {
+        Ok(match buckets {
+            Some(buckets) => ObservedFamily::Histogram(HistogramVec::new(
+                HistogramOpts::from(opts).buckets(buckets.to_vec()),
+                labels,
+            )?),
+            None => ObservedFamily::Summary(summary_vec(opts, labels)?),
+        })
+    }
+
+    pub(super) fn with_label_values(&self, values: &[&str]) -> Observed {
         match self {
-            LatencyFamily::Histogram(family) => {
-                Latency::Histogram(family.with_label_values(values))
+            ObservedFamily::Histogram(family) => {
+                Observed::Histogram(family.with_label_values(values))
             }
-            LatencyFamily::Summary(family) => Latency::Summary(family.with_label_values(values)),
+            ObservedFamily::Summary(family) => Observed::Summary(family.with_label_values(values)),
         }
     }
 
     pub(super) fn remove_label_values(&self, values: &[&str]) {
         // Only an identity with the same labels could have removed it.
         let _ = match self {
-            LatencyFamily::Histogram(family) => family.remove_label_values(values),
-            LatencyFamily::Summary(family) => family.remove_label_values(values),
+            ObservedFamily::Histogram(family) => family.remove_label_values(values),
+            ObservedFamily::Summary(family) => family.remove_label_values(values),
         };
     }
 
     pub(super) fn collector(&self) -> Box<dyn prometheus::core::Collector> {
         match self {
-            LatencyFamily::Histogram(family) => Box::new(family.clone()),
-            LatencyFamily::Summary(family) => Box::new(family.clone()),
+            ObservedFamily::Histogram(family) => Box::new(family.clone()),
+            ObservedFamily::Summary(family) => Box::new(family.clone()),
         }
     }
 }
@@ -66,12 +79,13 @@ pub(super) struct Families {
     pub(super) names: MetricNames,
     /// `http_server_*`, with OpenTelemetry's names.
     pub(super) otel: Option<OtelFamilies>,
-    pub(super) duration: LatencyFamily,
+    pub(super) duration: ObservedFamily,
     pub(super) requests: IntCounterVec,
     pub(super) exceptions: IntCounterVec,
-    pub(super) queue: HistogramVec,
-    pub(super) request_size: HistogramVec,
-    pub(super) response_size: HistogramVec,
+    pub(super) queue: ObservedFamily,
+    /// `flask_http_request_size_bytes` and `flask_http_response_size_bytes`,
+    /// unless `--body-sizes off`.
+    pub(super) sizes: Option<[ObservedFamily; 2]>,
     pub(super) in_flight: IntGaugeVec,
     pub(super) workers: IntGaugeVec,
     pub(super) seen: IntCounterVec,
@@ -94,14 +108,14 @@ impl Families {
             "Flask HTTP request duration in seconds",
         );
         let duration_labels = with_identity(&["method", route_label, "status"]);
-        let duration = if options.latency_as_histogram {
-            LatencyFamily::Histogram(HistogramVec::new(
-                HistogramOpts::from(duration_opts).buckets(options.buckets.clone()),
-                &duration_labels,
-            )?)
-        } else {
-            LatencyFamily::Summary(summary_vec(duration_opts, &duration_labels)?)
-        };
+        let duration = ObservedFamily::new(
+            duration_opts,
+            &duration_labels,
+            options
+                .latency_as_histogram
+                .then_some(options.buckets.as_slice()),
+        )?;
+
         let requests = IntCounterVec::new(
             Opts::new("flask_http_request_total", "Total number of HTTP requests"),
             &with_identity(&["method", "status"]),
@@ -114,34 +128,48 @@ impl Families {
             ),
             &with_identity(&["method", "status"]),
         )?;
-        let queue = HistogramVec::new(
-            HistogramOpts::new(
+        let queue = ObservedFamily::new(
+            Opts::new(
                 "flask_http_request_queue_seconds",
                 "Time a connection waited before the server had its first request: \
                  phase=\"accept_queue\" from the kernel's end of the TCP handshake to the \
                  server's accept (the listen backlog, where requests wait while every worker \
                  is busy), phase=\"first_read\" from the accept to the first byte of the \
                  request the server read. Once per connection whose accept was seen",
-            )
-            .buckets(QUEUE_BUCKETS.to_vec()),
+            ),
             &with_identity(&["phase"]),
+            // Buckets only when asked: they would be most of its series.
+            options.queue_buckets.then_some(&QUEUE_BUCKETS),
         )?;
-        let size = |name: &str, help: &str| {
-            HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(SIZE_BUCKETS.to_vec()),
+        let size = |name: &str, help: &str, buckets: Option<&[f64]>| {
+            ObservedFamily::new(
+                Opts::new(name, help),
                 &with_identity(&["method", route_label]),
+                buckets,
             )
         };
-        let request_size = size(
-            "flask_http_request_size_bytes",
-            "Bytes of request bodies the server read: the payload, without chunked \
-             framing (requests whose head was read whole)",
-        )?;
-        let response_size = size(
-            "flask_http_response_size_bytes",
-            "Bytes of response bodies the server wrote: the payload, without chunked \
-             framing (responses whose head was read whole)",
-        )?;
+        let size_buckets = match options.body_sizes {
+            BodySizes::Off => None,
+            BodySizes::Summary => Some(None),
+            BodySizes::Histogram => Some(Some(SIZE_BUCKETS.as_slice())),
+        };
+        let sizes = match size_buckets {
+            Some(buckets) => Some([
+                size(
+                    "flask_http_request_size_bytes",
+                    "Bytes of request bodies the server read: the payload, without chunked \
+                     framing (requests whose head was read whole)",
+                    buckets,
+                )?,
+                size(
+                    "flask_http_response_size_bytes",
+                    "Bytes of response bodies the server wrote: the payload, without chunked \
+                     framing (responses whose head was read whole)",
+                    buckets,
+                )?,
+            ]),
+            None => None,
+        };
         let in_flight = IntGaugeVec::new(
             Opts::new(
                 "flask_http_requests_in_flight",
@@ -196,16 +224,15 @@ impl Families {
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // The families OpenTelemetry has names for go under one name or
         // both; the others have only theirs.
-        let flask_named: [Box<dyn prometheus::core::Collector>; 6] = [
+        let mut flask_named: Vec<Box<dyn prometheus::core::Collector>> = vec![
             duration.collector(),
             Box::new(requests.clone()),
             Box::new(exceptions.clone()),
-            Box::new(request_size.clone()),
-            Box::new(response_size.clone()),
             Box::new(in_flight.clone()),
         ];
+        flask_named.extend(sizes.iter().flatten().map(ObservedFamily::collector));
         let kernel_only: [Box<dyn prometheus::core::Collector>; 6] = [
-            Box::new(queue.clone()),
+            queue.collector(),
             Box::new(workers.clone()),
             Box::new(seen.clone()),
             Box::new(lost.clone()),
@@ -232,8 +259,7 @@ impl Families {
             requests,
             exceptions,
             queue,
-            request_size,
-            response_size,
+            sizes,
             in_flight,
             workers,
             seen,

@@ -19,7 +19,7 @@ pub mod status;
 pub mod summary;
 
 pub use self::options::{
-    DURATION_BUCKETS, GroupBy, MetricNames, QUEUE_BUCKETS, SIZE_BUCKETS, SeriesOptions,
+    BodySizes, DURATION_BUCKETS, GroupBy, MetricNames, QUEUE_BUCKETS, SIZE_BUCKETS, SeriesOptions,
 };
 pub use self::saturation::{NetworkCounts, QUEUE_PHASES, ServerLoad};
 
@@ -162,9 +162,10 @@ impl RequestMetrics {
         // Sizes go under the path the duration went under (within the same
         // budget), when the heads were read whole.
         if self.options.names.flask()
+            && let Some(size_families) = &self.families.sizes
             && (exchange.request_body_bytes.is_some() || exchange.response_body_bytes.is_some())
         {
-            let [request_size, response_size] = series.sizes(&self.families, method, &path);
+            let [request_size, response_size] = series.sizes(size_families, method, &path);
             if let Some(bytes) = exchange.request_body_bytes {
                 request_size.observe(bytes as f64);
             }
@@ -194,8 +195,9 @@ impl RequestMetrics {
         if let (Some(queued), Some(first_read)) =
             (exchange.queued, exchange.accept_to_read_seconds())
         {
-            let [accept_queue, read] = series.queue(&self.families);
+            let ([accept_queue, read], detail) = series.queue(&self.families);
             accept_queue.observe(queued.accept_queue_seconds());
+            detail.observe(queued.accept_queue_seconds());
             read.observe(first_read);
         }
     }
@@ -214,7 +216,7 @@ impl RequestMetrics {
                     .saturation
                     .as_ref()
                     .map_or([0, 0], |gauges| gauges.each_ref().map(IntGauge::get));
-                let queue = series.queue.as_ref().map(|[accept_queue, _]| accept_queue);
+                let queue = series.queue_detail.as_ref();
                 ServerLoad {
                     identity: identity
                         .labels
@@ -504,6 +506,7 @@ mod tests {
             SeriesOptions {
                 group_by: GroupBy::UrlRule,
                 buckets: vec![0.1, 1.0],
+                body_sizes: BodySizes::Summary,
                 ..SeriesOptions::default()
             },
         );
@@ -520,6 +523,42 @@ mod tests {
         // Our own per-route families take the same label.
         assert!(text.contains("flask_http_response_size_bytes_count{method=\"GET\",port=\"8000\",process=\"gunicorn\",url_rule=\"/\"} 1"), "{text}");
         assert!(!text.contains("path=\""), "{text}");
+    }
+
+    #[test]
+    fn body_sizes_are_off_by_default_and_a_count_and_a_sum_or_buckets_when_asked() {
+        let identity = server("8000");
+        let mut sized = exchange(&identity, "POST", 201, 0.01);
+        sized.exchange.request_body_bytes = Some(300);
+        sized.exchange.response_body_bytes = Some(20);
+        let size_lines = |options: SeriesOptions| {
+            let registry = Registry::new();
+            let mut metrics = request_metrics(&registry, options);
+            metrics.observe(&sized, &route("/orders"));
+            let text = encode(&registry).expect("encode");
+            text.lines()
+                .filter(|line| line.contains("_size_bytes") && !line.starts_with('#'))
+                .map(str::to_owned)
+                .collect::<Vec<String>>()
+        };
+        assert_eq!(size_lines(SeriesOptions::default()), Vec::<String>::new());
+        let summaries = size_lines(SeriesOptions {
+            body_sizes: BodySizes::Summary,
+            ..SeriesOptions::default()
+        });
+        assert_eq!(summaries.len(), 4, "a count and a sum each: {summaries:?}");
+        assert!(summaries.contains(&"flask_http_request_size_bytes_sum{method=\"POST\",path=\"/orders\",port=\"8000\",process=\"gunicorn\"} 300".to_owned()), "{summaries:?}");
+        assert!(summaries.contains(&"flask_http_response_size_bytes_count{method=\"POST\",path=\"/orders\",port=\"8000\",process=\"gunicorn\"} 1".to_owned()), "{summaries:?}");
+        let histograms = size_lines(SeriesOptions {
+            body_sizes: BodySizes::Histogram,
+            ..SeriesOptions::default()
+        });
+        assert_eq!(
+            histograms.len(),
+            2 * (SIZE_BUCKETS.len() + 3),
+            "buckets, +Inf, count and sum each: {histograms:?}"
+        );
+        assert!(histograms.contains(&"flask_http_request_size_bytes_bucket{method=\"POST\",path=\"/orders\",port=\"8000\",process=\"gunicorn\",le=\"256\"} 0".to_owned()), "{histograms:?}");
     }
 
     #[test]

@@ -63,6 +63,20 @@ impl MetricNames {
     }
 }
 
+/// Whether and how request and response body sizes are exported
+/// (`--body-sizes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BodySizes {
+    /// Not exported: prometheus-flask-exporter has no such families, and
+    /// they would be the agent's largest per route.
+    #[default]
+    Off,
+    /// A count and a sum per (method, route): mean body sizes.
+    Summary,
+    /// Buckets as well, for quantiles.
+    Histogram,
+}
+
 /// How the request series are made: prometheus-flask-exporter's options,
 /// and the bound on what one workload may make.
 #[derive(Clone, Debug)]
@@ -74,6 +88,12 @@ pub struct SeriesOptions {
     /// `false`: durations as a summary (a count and a sum), as
     /// `default_latency_as_histogram=False` has them.
     pub latency_as_histogram: bool,
+    /// Whether and how body sizes are exported.
+    pub body_sizes: BodySizes,
+    /// `true`: queue time as a histogram with buckets; `false` (the
+    /// default): as a summary, a count and a sum, which keeps its mean at a
+    /// fraction of the series.
+    pub queue_buckets: bool,
     /// Duration series per workload; further ones go under
     /// [`OVERFLOW_PATH`].
     pub max_series_per_workload: usize,
@@ -86,6 +106,8 @@ impl Default for SeriesOptions {
             group_by: GroupBy::Path,
             buckets: DURATION_BUCKETS.to_vec(),
             latency_as_histogram: true,
+            body_sizes: BodySizes::Off,
+            queue_buckets: false,
             max_series_per_workload: 2000,
         }
     }

@@ -7,10 +7,11 @@ use std::{
     sync::Arc,
 };
 
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 
 use super::{
-    families::{Families, Latency},
+    families::{Families, Observed, ObservedFamily},
+    options::QUEUE_BUCKETS,
     otel::{RouteHandles, Variant},
     saturation::QUEUE_PHASES,
     status::StatusLabel,
@@ -31,7 +32,7 @@ pub(super) fn with_labels<'a>(own: &[&'a str], identity: &'a [String]) -> Vec<&'
 pub(super) struct RouteSeries {
     /// `flask_http_request_duration_seconds` (prometheus-flask-exporter's
     /// names).
-    pub(super) latency: Option<Latency>,
+    pub(super) latency: Option<Observed>,
     /// OpenTelemetry's families, by what else labels them (one, mostly:
     /// the HTTP version and the listening port rarely vary, and under
     /// `--group-by endpoint` one endpoint may have several rules).
@@ -57,10 +58,13 @@ pub(super) struct IdentitySeries {
     pub(super) counted: usize,
     /// `flask_http_request_queue_seconds`, by phase, once a connection's
     /// accept was seen.
-    pub(super) queue: Option<[Histogram; 2]>,
+    pub(super) queue: Option<[Observed; 2]>,
+    /// The accept queue's time with buckets, whichever the exported
+    /// family's shape, for `/debug/pods`' quantiles (never exported).
+    pub(super) queue_detail: Option<Histogram>,
     /// `flask_http_request_size_bytes` and `flask_http_response_size_bytes`,
     /// by path, then method.
-    pub(super) sizes: HashMap<Arc<str>, HashMap<&'static str, [Histogram; 2]>>,
+    pub(super) sizes: HashMap<Arc<str>, HashMap<&'static str, [Observed; 2]>>,
     /// `flask_http_requests_in_flight` and `flask_http_workers`, made at
     /// the first exchange.
     pub(super) saturation: Option<[IntGauge; 2]>,
@@ -95,6 +99,7 @@ impl IdentitySeries {
             totals: HashMap::new(),
             counted: 0,
             queue: None,
+            queue_detail: None,
             sizes: HashMap::new(),
             saturation: None,
             workers: HashSet::new(),
@@ -136,10 +141,10 @@ impl IdentitySeries {
     /// The body-size series of (method, path), made on first use.
     pub(super) fn sizes(
         &mut self,
-        families: &Families,
+        families: &[ObservedFamily; 2],
         method: &'static str,
         path: &Arc<str>,
-    ) -> &[Histogram; 2] {
+    ) -> &[Observed; 2] {
         let labels = &self.label_values;
         self.sizes
             .entry(path.clone())
@@ -147,23 +152,29 @@ impl IdentitySeries {
             .entry(method)
             .or_insert_with(|| {
                 let values = with_labels(&[method, path], labels);
-                [
-                    families.request_size.with_label_values(&values),
-                    families.response_size.with_label_values(&values),
-                ]
+                families
+                    .each_ref()
+                    .map(|family| family.with_label_values(&values))
             })
     }
 
-    /// The queue-time series, by phase, made on first use.
-    pub(super) fn queue(&mut self, families: &Families) -> &[Histogram; 2] {
+    /// The queue-time series, by phase, made on first use, and the accept
+    /// queue's detail for the debug page.
+    pub(super) fn queue(&mut self, families: &Families) -> (&[Observed; 2], &Histogram) {
         let labels = &self.label_values;
-        self.queue.get_or_insert_with(|| {
+        let exported = self.queue.get_or_insert_with(|| {
             QUEUE_PHASES.map(|phase| {
                 families
                     .queue
                     .with_label_values(&with_labels(&[phase], labels))
             })
-        })
+        });
+        let detail = self.queue_detail.get_or_insert_with(|| {
+            let opts = HistogramOpts::new("accept_queue_seconds", "For /debug/pods")
+                .buckets(QUEUE_BUCKETS.to_vec());
+            Histogram::with_opts(opts).expect("a valid name and increasing buckets")
+        });
+        (exported, detail)
     }
 
     /// Whether the series of (method, path, status) are made.
@@ -239,8 +250,9 @@ impl IdentitySeries {
             .flat_map(HashMap::into_keys)
         {
             let values = self.values(&[method, path]);
-            let _ = families.request_size.remove_label_values(&values);
-            let _ = families.response_size.remove_label_values(&values);
+            for family in families.sizes.iter().flatten() {
+                family.remove_label_values(&values);
+            }
         }
         let Some(by_method_status) = self.durations.remove(path) else {
             return 0;
@@ -280,9 +292,10 @@ impl IdentitySeries {
                 removed += 1;
             }
         }
+        self.queue_detail = None;
         if self.queue.take().is_some() {
             for phase in QUEUE_PHASES {
-                let _ = families.queue.remove_label_values(&self.values(&[phase]));
+                families.queue.remove_label_values(&self.values(&[phase]));
                 removed += 1;
             }
         }
