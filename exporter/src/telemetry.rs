@@ -37,6 +37,8 @@ pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
 pub enum Budget {
     /// Series per workload whose labels captured responses set.
     Series,
+    /// The same series, node-wide.
+    NodeSeries,
     /// Nodes of one workload's route learner.
     LearnedRouteNodes,
     /// Bytes of one `path` label.
@@ -70,8 +72,9 @@ pub enum Budget {
 }
 
 impl Budget {
-    pub const ALL: [Budget; 16] = [
+    pub const ALL: [Budget; 17] = [
         Budget::Series,
+        Budget::NodeSeries,
         Budget::LearnedRouteNodes,
         Budget::PathLabelBytes,
         Budget::WorkloadRuleRegexBytes,
@@ -93,6 +96,7 @@ impl Budget {
     pub fn label(self) -> &'static str {
         match self {
             Budget::Series => "series",
+            Budget::NodeSeries => "node_series",
             Budget::LearnedRouteNodes => "learned_route_nodes",
             Budget::PathLabelBytes => "path_label_bytes",
             Budget::WorkloadRuleRegexBytes => "workload_rule_regex_bytes",
@@ -115,6 +119,7 @@ impl Budget {
     pub fn flag(self) -> Option<&'static str> {
         match self {
             Budget::Series => Some("--max-series-per-workload"),
+            Budget::NodeSeries => Some("--max-series"),
             Budget::HeldRequestBytes => Some("--pod-wait"),
             Budget::RouteDiscoveryParse
             | Budget::RouteDiscoveryCache

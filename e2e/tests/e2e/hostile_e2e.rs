@@ -414,6 +414,114 @@ fn statuses_a_client_chooses_stay_few() {
     }
 }
 
+/// Two servers whose clients choose their statuses, flooding both: past
+/// the node's bound (`--max-series`) neither makes a new series, whichever
+/// asks, and the series made before the flood keep counting exactly.
+#[test]
+fn the_node_bound_holds_across_servers_under_a_flood() {
+    const NODE_BUDGET: usize = 6;
+    let venv = require_prerequisites();
+    let apps =
+        [0, 1].map(|_| App::start_fixture(&venv, "statuses", Server::GunicornGthread, false, &[]));
+    let ports = apps.each_ref().map(|app| app.port.to_string());
+    let exporter = Exporter::start(&["--max-series", &NODE_BUDGET.to_string()]);
+    // The legitimate series fill the node's bound: a duration and a request
+    // total for 200 on both servers, and for 201 on the first.
+    let legitimate = [(0, 200), (1, 200), (0, 201)];
+    let send_legitimate = || {
+        for (app, code) in legitimate {
+            let target = format!("/status/{code}");
+            assert_eq!(
+                http_get(apps[app].port, &target).expect("request").status,
+                code
+            );
+        }
+    };
+    let exact = |samples: &[Sample], app: usize, code: u16| -> f64 {
+        samples
+            .iter()
+            .filter(|s| s.name == "flask_http_request_duration_seconds_count")
+            .filter(|s| s.labels.get("port") == Some(&ports[app]))
+            .filter(|s| s.labels.get("status") == Some(&code.to_string()))
+            .map(|s| s.value)
+            .sum()
+    };
+    let counted = |samples: &Vec<Sample>| legitimate.map(|(app, code)| exact(samples, app, code));
+    send_legitimate();
+    let before = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| counted(samples) == [1.0; 3],
+    );
+    assert_eq!(counted(&before), [1.0; 3]);
+
+    // The flood: every status a client may choose, on both servers, from
+    // four clients at once.
+    let flood: Vec<std::thread::JoinHandle<u64>> = (0..4)
+        .map(|client| {
+            let ports = apps.each_ref().map(|app| app.port);
+            std::thread::spawn(move || {
+                let mut sent = 0;
+                for code in (202..300).chain(500..600).filter(|code| code % 4 == client) {
+                    for port in ports {
+                        http_get(port, &format!("/status/{code}")).expect("request");
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let flooded: u64 = flood.into_iter().map(|c| c.join().expect("client")).sum();
+    send_legitimate();
+    let after = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| counted(samples) == [2.0; 3],
+    );
+    assert_eq!(counted(&after), [2.0; 3], "the legitimate series, exact");
+    let of_servers: Vec<&Sample> = after
+        .iter()
+        .filter(|s| {
+            s.name == "flask_http_request_duration_seconds_count"
+                || s.name == "flask_http_request_total"
+        })
+        .filter(|s| ports.iter().any(|port| s.labels.get("port") == Some(port)))
+        .collect();
+    let exact_series = of_servers
+        .iter()
+        .filter(|s| s.labels["status"].parse::<u16>().is_ok())
+        .count();
+    let everything: f64 = of_servers
+        .iter()
+        .filter(|s| s.name == "flask_http_request_total")
+        .map(|s| s.value)
+        .sum();
+    eprintln!(
+        "{flooded} flooding requests on two servers: {exact_series} series of exact statuses, {} in all",
+        of_servers.len()
+    );
+    assert_eq!(exact_series, NODE_BUDGET, "the node's bound, and no more");
+    assert_eq!(everything, flooded as f64 + 6.0, "every request counted");
+    assert!(
+        labelled(
+            &after,
+            "flask_ebpf_exporter_budget_exhausted_total",
+            "budget",
+            "node_series"
+        ) > 0.0
+    );
+    assert_eq!(
+        labelled(
+            &after,
+            "flask_ebpf_exporter_budget_exhausted_total",
+            "budget",
+            "series"
+        ),
+        0.0
+    );
+}
+
 /// Whether the agent closed `stream` within `within` (EOF or reset).
 fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     stream.set_read_timeout(Some(within)).expect("read timeout");

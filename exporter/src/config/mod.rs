@@ -129,6 +129,18 @@ pub struct Config {
     )]
     pub max_series_per_workload: usize,
 
+    /// Most of the same series across all the node's workloads: a bound on what
+    /// the agent's /metrics holds however many pods the node runs. Past it, new
+    /// ones are exported as past --max-series-per-workload; series already made
+    /// stay.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FLASK_EBPF_EXPORTER_MAX_SERIES",
+        default_value_t = 20_000
+    )]
+    pub max_series: usize,
+
     /// A Flask rule, `[METHODS ]RULE` (e.g. `GET,PUT /items/<int:item_id>`):
     /// requests it matches get the rule as `path`. Repeatable; the
     /// environment variable takes one rule a line.

@@ -162,6 +162,7 @@ impl Config {
             body_sizes: self.body_sizes,
             queue_buckets: self.queue_time_buckets,
             max_series_per_workload: self.max_series_per_workload,
+            max_series: self.max_series,
         })
     }
 

@@ -65,8 +65,11 @@ pub struct RequestMetrics {
     identities_removed: IntCounter,
     /// Duration series made per workload, against the budget.
     series_per_workload: HashMap<WorkloadKey, usize>,
+    /// The same, node-wide, against the node's budget.
+    node_series: usize,
     options: SeriesOptions,
     series_budget: IntCounter,
+    node_series_budget: IntCounter,
 }
 
 impl RequestMetrics {
@@ -82,8 +85,10 @@ impl RequestMetrics {
             families: Families::register(registry, identity_labels, &options)?,
             series: HashMap::new(),
             series_per_workload: HashMap::new(),
+            node_series: 0,
             options,
             series_budget: budgets.counter(Budget::Series),
+            node_series_budget: budgets.counter(Budget::NodeSeries),
             identities_removed: counter(
                 registry,
                 "flask_ebpf_exporter_identities_removed_total",
@@ -106,13 +111,17 @@ impl RequestMetrics {
             return;
         };
         let grouped = self.options.group_by.value(route);
-        // A new series is made within the workload's budget; past it the
-        // request counts under the overflow path and its status's class,
-        // series bounded by methods and classes and not counted.
+        // A new series is made within the workload's budget and the
+        // node's; past either the request counts under the overflow path
+        // and its status's class, series bounded by methods and classes and
+        // not counted. Series already made are never taken back for room.
         let mut room = Room {
             per_workload: &mut self.series_per_workload,
             max: self.options.max_series_per_workload,
             refused: &self.series_budget,
+            node_made: &mut self.node_series,
+            node_max: self.options.max_series,
+            node_refused: &self.node_series_budget,
         };
         let (path, status, counted) =
             if series.has_route(method, grouped, exact) || room.take(series) {
@@ -352,6 +361,7 @@ impl RequestMetrics {
     }
 
     fn forget_durations(&mut self, workload: &WorkloadKey, removed: usize) {
+        self.node_series = self.node_series.saturating_sub(removed);
         if let Some(count) = self.series_per_workload.get_mut(workload) {
             *count = count.saturating_sub(removed);
             if *count == 0 {
@@ -523,6 +533,61 @@ mod tests {
         // Our own per-route families take the same label.
         assert!(text.contains("flask_http_response_size_bytes_count{method=\"GET\",port=\"8000\",process=\"gunicorn\",url_rule=\"/\"} 1"), "{text}");
         assert!(!text.contains("path=\""), "{text}");
+    }
+
+    #[test]
+    fn the_node_bound_refuses_new_series_and_keeps_the_ones_made() {
+        let registry = Registry::new();
+        let mut metrics = request_metrics(
+            &registry,
+            SeriesOptions {
+                max_series: 4,
+                ..SeriesOptions::default()
+            },
+        );
+        let (a, b) = (server("8000"), server("9000"));
+        // Two workloads, a duration and a request total each: the node's 4.
+        metrics.observe(&exchange(&a, "GET", 200, 0.01), &route("/a"));
+        metrics.observe(&exchange(&b, "GET", 200, 0.01), &route("/a"));
+        // A new route of either is refused, and counted under the overflow
+        // path and its status's class; what was made keeps counting.
+        metrics.observe(&exchange(&b, "GET", 200, 0.01), &route("/b"));
+        metrics.observe(&exchange(&a, "GET", 200, 0.01), &route("/a"));
+        let text = encode(&registry).expect("encode");
+        let duration = |port: &str, path: &str, status: &str| {
+            format!(
+                "flask_http_request_duration_seconds_count{{method=\"GET\",path=\"{path}\",port=\"{port}\",process=\"gunicorn\",status=\"{status}\"}}"
+            )
+        };
+        assert!(
+            text.contains(&format!("{} 2", duration("8000", "/a", "200"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1", duration("9000", "/a", "200"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1", duration("9000", OVERFLOW_PATH, "2xx"))),
+            "{text}"
+        );
+        assert!(!text.contains("path=\"/b\""), "{text}");
+        assert!(
+            text.contains("flask_ebpf_exporter_budget_exhausted_total{budget=\"node_series\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flask_ebpf_exporter_budget_exhausted_total{budget=\"series\"} 0"),
+            "{text}"
+        );
+        // A released workload gives its room back.
+        metrics.release(&a);
+        metrics.observe(&exchange(&b, "GET", 200, 0.01), &route("/b"));
+        let text = encode(&registry).expect("encode");
+        assert!(
+            text.contains(&format!("{} 1", duration("9000", "/b", "200"))),
+            "{text}"
+        );
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub struct SeriesOptions {
     /// Duration series per workload; further ones go under
     /// [`OVERFLOW_PATH`].
     pub max_series_per_workload: usize,
+    /// The same series across the node's workloads; further ones go under
+    /// [`OVERFLOW_PATH`] too.
+    pub max_series: usize,
 }
 
 impl Default for SeriesOptions {
@@ -109,6 +112,7 @@ impl Default for SeriesOptions {
             body_sizes: BodySizes::Off,
             queue_buckets: false,
             max_series_per_workload: 2000,
+            max_series: 20_000,
         }
     }
 }

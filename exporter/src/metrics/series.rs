@@ -331,11 +331,16 @@ pub(super) struct Room<'a> {
     pub(super) per_workload: &'a mut HashMap<WorkloadKey, usize>,
     pub(super) max: usize,
     pub(super) refused: &'a IntCounter,
+    /// Made across the node's workloads, and the node's bound.
+    pub(super) node_made: &'a mut usize,
+    pub(super) node_max: usize,
+    pub(super) node_refused: &'a IntCounter,
 }
 
 impl Room<'_> {
-    /// Takes room for one new series of `series`'s workload; a refusal is
-    /// counted.
+    /// Takes room for one new series of `series`'s workload, within its
+    /// workload's bound and the node's; a refusal is counted under the
+    /// bound that refused.
     pub(super) fn take(&mut self, series: &mut IdentitySeries) -> bool {
         let made = self
             .per_workload
@@ -345,7 +350,12 @@ impl Room<'_> {
             self.refused.inc();
             return false;
         }
+        if *self.node_made >= self.node_max {
+            self.node_refused.inc();
+            return false;
+        }
         *made += 1;
+        *self.node_made += 1;
         series.counted += 1;
         true
     }
