@@ -166,12 +166,21 @@ pub fn start_prometheus(
     config_file: &std::path::Path,
     data_dir: &std::path::Path,
 ) -> (Running, u16) {
+    start_prometheus_with(
+        config_file,
+        &[format!("--storage.tsdb.path={}", data_dir.display())],
+    )
+}
+
+/// A real Prometheus with `config_file` and these other flags (its storage,
+/// features), once ready; and its port.
+pub fn start_prometheus_with(config_file: &std::path::Path, flags: &[String]) -> (Running, u16) {
     let port = free_port();
     let prometheus = spawn_process(
         "prometheus",
         Command::new("prometheus")
             .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!("--storage.tsdb.path={}", data_dir.display()))
+            .args(flags)
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null()),

@@ -23,6 +23,7 @@ mod metric_names_e2e;
 mod pfe_options_e2e;
 mod pid_reuse_e2e;
 mod prometheus_e2e;
+mod prometheus_sharding_e2e;
 mod route_discovery;
 mod routes_e2e;
 mod saturation_e2e;
