@@ -10,6 +10,9 @@ pub mod daemonset;
 pub mod kube_api;
 pub mod routes_traffic;
 
+mod prometheus;
+pub use prometheus::*;
+
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -158,43 +161,6 @@ pub fn flask_oracle(venv: &std::path::Path, spec: &str, args: &[&str], input: &s
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("UTF-8")
-}
-
-/// A real Prometheus (Debian's package) with `config_file`, its storage in
-/// `data_dir`, once ready; and its port.
-pub fn start_prometheus(
-    config_file: &std::path::Path,
-    data_dir: &std::path::Path,
-) -> (Running, u16) {
-    start_prometheus_with(
-        config_file,
-        &[format!("--storage.tsdb.path={}", data_dir.display())],
-    )
-}
-
-/// A real Prometheus with `config_file` and these other flags (its storage,
-/// features), once ready; and its port.
-pub fn start_prometheus_with(config_file: &std::path::Path, flags: &[String]) -> (Running, u16) {
-    let port = free_port();
-    let prometheus = spawn_process(
-        "prometheus",
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config_file.display()))
-            .args(flags)
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_for_port(port, Duration::from_secs(20));
-    // It listens before its storage is open, answering "Service
-    // Unavailable" as text until then.
-    let ready = eventually(
-        Duration::from_secs(20),
-        || http_get(port, "/-/ready").map_or(0, |r| r.status),
-        |&status| status == 200,
-    );
-    assert_eq!(ready, 200, "Prometheus never became ready");
-    (prometheus, port)
 }
 
 /// Resident memory of a process, in KiB (0 once it is gone).
@@ -608,25 +574,35 @@ pub fn http_get_within(
     target: &str,
     timeout: Duration,
 ) -> std::io::Result<Response> {
+    let head = format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    one_exchange(address, &head, "GET", timeout)
+}
+
+/// Sends `head` on a connection of its own and reads the response to
+/// `method`, waiting up to `timeout`.
+fn one_exchange(
+    address: SocketAddr,
+    head: &str,
+    method: &str,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect(address)?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(
-        format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
-    read_response(&mut stream, &mut Vec::new(), "GET")
+    stream.write_all(head.as_bytes())?;
+    read_response(&mut stream, &mut Vec::new(), method)
 }
 
 /// One request of `method` without a body, on a connection of its own.
 pub fn http_request(port: u16, method: &str, target: &str) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(
-        format!(
-            "{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )?;
-    read_response(&mut stream, &mut Vec::new(), method)
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    one_exchange(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &head,
+        method,
+        Duration::from_secs(10),
+    )
 }
 
 /// One sample of the text exposition format.

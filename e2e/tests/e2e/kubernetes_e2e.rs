@@ -85,19 +85,23 @@ fn send_traffic(port: u16) -> u64 {
     8
 }
 
+/// Connections the kernel stopped following at accept, `by` "cgroup" or
+/// "listener".
+fn ignored_by(samples: &[Sample], by: &str) -> f64 {
+    labelled(
+        samples,
+        "flask_ebpf_exporter_connections_ignored_total",
+        "by",
+        by,
+    )
+}
+
 /// Sends traffic to a pod selected out until the kernel counts one of its
 /// connections ignored at accept `by` ("cgroup" or "listener"). Each worker
 /// has a listener of its own, and which one accepts is the kernel's choice:
 /// a fixed number of rounds would depend on luck.
 fn until_ignored_by(exporter: &Exporter, port: u16, by: &str) {
-    let ignored = |samples: &[Sample]| {
-        labelled(
-            samples,
-            "flask_ebpf_exporter_connections_ignored_total",
-            "by",
-            by,
-        )
-    };
+    let ignored = |samples: &[Sample]| ignored_by(samples, by);
     let start = ignored(&exporter.metrics());
     let warmed = eventually(
         Duration::from_secs(20),
@@ -392,14 +396,7 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     let ignored_at_accept = |samples: &[Sample]| {
         ["listener", "cgroup"]
             .iter()
-            .map(|by| {
-                labelled(
-                    samples,
-                    "flask_ebpf_exporter_connections_ignored_total",
-                    "by",
-                    by,
-                )
-            })
+            .map(|by| ignored_by(samples, by))
             .sum::<f64>()
     };
     // Each worker's first connection shows whose it is; once judged, the
@@ -466,14 +463,6 @@ fn a_selected_out_container_is_ignored_by_its_cgroup_where_the_layout_allows() {
     let venv = require_prerequisites();
     let api = KubeApi::start();
     let exporter = Exporter::start(&api.exporter_args(NODE, &[]));
-    let ignored_by = |samples: &[Sample], by: &str| {
-        labelled(
-            samples,
-            "flask_ebpf_exporter_connections_ignored_total",
-            "by",
-            by,
-        )
-    };
     for (n, driver) in [(15, Driver::Systemd), (16, Driver::Cgroupfs)] {
         put_web_pod(
             &api,
@@ -902,7 +891,11 @@ fn a_containers_source_is_read_inside_its_own_root() {
     ];
     // The manual's screenshots want a page with some traffic.
     let screenshots = std::env::var_os("DEBUG_PAGE_SCREENSHOTS").map(std::path::PathBuf::from);
-    let rounds = if screenshots.is_some() { 15 } else { 1 };
+    let rounds = if screenshots.is_some() {
+        SCREENSHOT_ROUNDS
+    } else {
+        1
+    };
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
     for (target, status, rule) in requests.iter().cycle().take(requests.len() * rounds) {
         let response = http_get(port, target).expect("request");
@@ -965,6 +958,9 @@ fn a_containers_source_is_read_inside_its_own_root() {
     drop(server);
 }
 
+/// Rounds of the requests behind the manual's screenshots.
+const SCREENSHOT_ROUNDS: usize = 15;
+
 /// docs/'s screenshots of `port`'s app in a root of its own: /debug/routes
 /// and /debug/pods in Kubernetes mode from `exporter`, then /debug/routes in
 /// local mode, from an agent that watches only the app's port.
@@ -984,7 +980,7 @@ fn take_screenshots(
     screenshot(&pods, &dir.join("debug-pods-kubernetes.png"));
     drop(exporter);
     let local = Exporter::start(&["--port", &port.to_string()]);
-    let sent = (requests.len() * 15) as u64;
+    let sent = (requests.len() * SCREENSHOT_ROUNDS) as u64;
     for (target, _, _) in requests.iter().cycle().take(sent as usize) {
         http_get(port, target).expect("request");
     }

@@ -45,22 +45,6 @@ fn rules_pass_promtool_unit_tests() {
     assert!(report.contains("SUCCESS"), "{report}");
 }
 
-/// GET against Prometheus' HTTP API, returning `data`.
-fn prometheus_api(port: u16, path_and_query: &str) -> Value {
-    let response = http_get(port, path_and_query).expect("Prometheus API");
-    let body: Value = serde_json::from_slice(&response.body).expect("JSON");
-    assert_eq!(body["status"], "success", "{body}");
-    body["data"].clone()
-}
-
-fn query(port: u16, promql: &str) -> Vec<Value> {
-    let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
-    prometheus_api(port, &format!("/api/v1/query?query={encoded}"))["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 #[test]
 fn node_role_scrape_config_collects_per_pod_series() {
     let venv = require_prerequisites();
@@ -104,21 +88,10 @@ fn node_role_scrape_config_collects_per_pod_series() {
 
     // The shipped job, with kubernetes_sd swapped for file_sd and nothing
     // else changed.
-    let shipped: Value = serde_yaml_ng::from_str(
-        &fs::read_to_string(prometheus_dir().join("scrape-config.yaml")).expect("scrape config"),
-    )
-    .expect("YAML");
-    let mut job = shipped["scrape_configs"][0].clone();
-    assert_eq!(job["kubernetes_sd_configs"][0]["role"], "node");
-    let relabel_configs = job["relabel_configs"].clone();
-    let job_object = job.as_object_mut().expect("job");
-    job_object.remove("kubernetes_sd_configs");
     let targets = dir.path().join("nodes.json");
-    job_object.insert(
-        "file_sd_configs".to_owned(),
-        json!([{"files": [targets.to_str().expect("path")], "refresh_interval": "1s"}]),
-    );
-    job_object.insert("scrape_interval".to_owned(), json!("1s"));
+    let shipped = shipped_prometheus_config("scrape-config.yaml");
+    let job = file_sd_node_job(&shipped, &targets);
+    let relabel_configs = job["relabel_configs"].clone();
     // What `role: node` gives a node target (kubelet port, node metadata).
     let node_target = json!([{
         "targets": [format!("{node_ip}:10250")],
@@ -193,7 +166,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     let promql = r#"sum by (namespace, pod, container, workload, workload_kind, node, path) (flask_http_request_total{job="flask-ebpf-exporter"})"#;
     let deadline = Instant::now() + Duration::from_secs(30);
     let result = loop {
-        let result = query(prometheus_port, promql);
+        let result = prometheus_query(prometheus_port, promql);
         let total: f64 = result
             .iter()
             .filter_map(|sample| sample["value"][1].as_str()?.parse::<f64>().ok())
@@ -216,7 +189,8 @@ fn node_role_scrape_config_collects_per_pod_series() {
     // The shipped recording rules run on the real series.
     let deadline = Instant::now() + Duration::from_secs(30);
     let recorded = loop {
-        let recorded = query(prometheus_port, "workload_path:flask_http_requests:rate5m");
+        let recorded =
+            prometheus_query(prometheus_port, "workload_path:flask_http_requests:rate5m");
         if !recorded.is_empty() || Instant::now() > deadline {
             break recorded;
         }
@@ -246,7 +220,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
     let until_scraped = |promql: &str| {
         eventually(
             Duration::from_secs(30),
-            || query(prometheus_port, promql),
+            || prometheus_query(prometheus_port, promql),
             |result| !result.is_empty(),
         )
     };
@@ -343,7 +317,7 @@ fn dashboard_panels_return_data(port: u16) {
         for target in targets {
             let promql = substitute(target["expr"].as_str().expect("expr"), &chosen);
             assert!(!promql.contains('$'), "{title}: {promql}");
-            let result = query(port, &promql);
+            let result = prometheus_query(port, &promql);
             assert!(
                 has_a_number(&result),
                 "{title}: {promql} returned {result:?}"
@@ -370,7 +344,7 @@ fn prometheus_flask_exporters_example_queries_return_data(port: u16) {
         r#"histogram_quantile(0.9, rate(flask_http_request_duration_seconds_bucket{status="200"}[30s]))"#,
         r#"increase(flask_http_request_duration_seconds_bucket{status="200",le="0.25"}[30s]) / ignoring (le) increase(flask_http_request_duration_seconds_count{status="200"}[30s])"#,
     ] {
-        let result = query(port, promql);
+        let result = prometheus_query(port, promql);
         assert!(has_a_number(&result), "{promql} returned {result:?}");
     }
 }

@@ -8,30 +8,10 @@
 
 use flask_ebpf_exporter_e2e as support;
 
-use std::{collections::BTreeSet, fs, path::Path, time::Duration};
+use std::{collections::BTreeSet, fs, time::Duration};
 
 use serde_json::{Value, json};
 use support::*;
-
-fn shipped(file: &str) -> Value {
-    let path = workspace().join("manifests/prometheus").join(file);
-    serde_yaml_ng::from_str(&fs::read_to_string(&path).expect("shipped config")).expect("YAML")
-}
-
-/// The shipped config's node job, with `kubernetes_sd_configs` swapped
-/// for `file_sd_configs` reading `targets`, scraped every second.
-fn node_job(config: &Value, targets: &Path) -> Value {
-    let mut job = config["scrape_configs"][0].clone();
-    assert_eq!(job["kubernetes_sd_configs"][0]["role"], "node");
-    let object = job.as_object_mut().expect("job");
-    object.remove("kubernetes_sd_configs");
-    object.insert(
-        "file_sd_configs".to_owned(),
-        json!([{"files": [targets.to_str().expect("path")], "refresh_interval": "1s"}]),
-    );
-    object.insert("scrape_interval".to_owned(), json!("1s"));
-    job
-}
 
 /// Node targets as `role: node` gives them: the kubelet's address and the
 /// node's metadata.
@@ -64,20 +44,9 @@ fn node_ip(third: u32, fourth: u32) -> String {
     )
 }
 
-fn query(port: u16, promql: &str) -> Vec<Value> {
-    let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
-    let response =
-        http_get(port, &format!("/api/v1/query?query={encoded}")).expect("Prometheus API");
-    let body: Value = serde_json::from_slice(&response.body).expect("JSON");
-    body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// The `node` label of every `up` series a shard has.
 fn nodes_scraped(port: u16) -> BTreeSet<String> {
-    query(port, "up")
+    prometheus_query(port, "up")
         .iter()
         .filter_map(|sample| sample["metric"]["node"].as_str().map(str::to_owned))
         .collect()
@@ -99,11 +68,11 @@ fn two_shards_scrape_every_node_exactly_once() {
     let targets = dir.path().join("nodes.json");
     fs::write(&targets, node_targets(&nodes).to_string()).expect("targets");
 
-    let sharded = shipped("scrape-config-sharded.yaml");
+    let sharded = shipped_prometheus_config("scrape-config-sharded.yaml");
     let shards = 2;
     let mut prometheus = Vec::new();
     for shard in 0..shards {
-        let mut job = node_job(&sharded, &targets);
+        let mut job = file_sd_node_job(&sharded, &targets);
         // What each shard's copy of the file sets: the number of shards and
         // its own index.
         let relabel = job["relabel_configs"]
@@ -156,7 +125,7 @@ fn two_shards_scrape_every_node_exactly_once() {
     let up_in: Vec<f64> = prometheus
         .iter()
         .map(|(_, port)| {
-            query(*port, r#"up{node="node-1"}"#)
+            prometheus_query(*port, r#"up{node="node-1"}"#)
                 .iter()
                 .filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok())
                 .sum()
@@ -197,7 +166,7 @@ fn agent_mode_remote_writes_the_agents_series() {
     fs::write(&targets, node_targets(&[node]).to_string()).expect("targets");
 
     // The shipped agent-mode file, its remote write pointed at the store.
-    let shipped = shipped("agent-remote-write.yaml");
+    let shipped = shipped_prometheus_config("agent-remote-write.yaml");
     let mut remote_write = shipped["remote_write"].clone();
     remote_write[0]["url"] = json!(format!("http://127.0.0.1:{store_port}/api/v1/write"));
     let mut global = shipped["global"].clone();
@@ -205,7 +174,7 @@ fn agent_mode_remote_writes_the_agents_series() {
     let config = json!({
         "global": global,
         "remote_write": remote_write,
-        "scrape_configs": [node_job(&shipped, &targets)],
+        "scrape_configs": [file_sd_node_job(&shipped, &targets)],
     });
     let config_file = dir.path().join("agent.yml");
     fs::write(&config_file, config.to_string()).expect("config");
@@ -236,7 +205,7 @@ fn agent_mode_remote_writes_the_agents_series() {
     };
     let result = eventually(
         Duration::from_secs(40),
-        || query(store_port, promql),
+        || prometheus_query(store_port, promql),
         |result| total(result) >= f64::from(sent),
     );
     assert_eq!(total(&result), f64::from(sent), "{result:?}");

@@ -404,19 +404,6 @@ fn sum_for_port(samples: &[Sample], family: &str, port: u16) -> f64 {
         .sum()
 }
 
-/// Real Prometheus' answer to an instant query.
-fn prometheus_query(port: u16, promql: &str) -> Vec<serde_json::Value> {
-    let encoded = percent_encoding::utf8_percent_encode(promql, percent_encoding::NON_ALPHANUMERIC);
-    let Ok(response) = http_get(port, &format!("/api/v1/query?query={encoded}")) else {
-        return Vec::new();
-    };
-    let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
-    body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// A one-page ring buffer cannot hold /cookie's 5 KiB response, so the
 /// kernel drops it: those requests are read but never answered as far as
 /// the agent knows, and count as lost. Completeness falls to about half,
