@@ -148,27 +148,25 @@ impl Families {
                 buckets,
             )
         };
-        let size_buckets = match options.body_sizes {
+        let sizes = match options.body_sizes {
             BodySizes::Off => None,
-            BodySizes::Summary => Some(None),
-            BodySizes::Histogram => Some(Some(SIZE_BUCKETS.as_slice())),
-        };
-        let sizes = match size_buckets {
-            Some(buckets) => Some([
-                size(
-                    "flask_http_request_size_bytes",
-                    "Bytes of request bodies the server read: the payload, without chunked \
-                     framing (requests whose head was read whole)",
-                    buckets,
-                )?,
-                size(
-                    "flask_http_response_size_bytes",
-                    "Bytes of response bodies the server wrote: the payload, without chunked \
-                     framing (responses whose head was read whole)",
-                    buckets,
-                )?,
-            ]),
-            None => None,
+            shape => {
+                let buckets = (shape == BodySizes::Histogram).then_some(SIZE_BUCKETS.as_slice());
+                Some([
+                    size(
+                        "flask_http_request_size_bytes",
+                        "Bytes of request bodies the server read: the payload, without chunked \
+                         framing (requests whose head was read whole)",
+                        buckets,
+                    )?,
+                    size(
+                        "flask_http_response_size_bytes",
+                        "Bytes of response bodies the server wrote: the payload, without chunked \
+                         framing (responses whose head was read whole)",
+                        buckets,
+                    )?,
+                ])
+            }
         };
         let in_flight = IntGaugeVec::new(
             Opts::new(
