@@ -706,6 +706,22 @@ pub fn labelled(samples: &[Sample], name: &str, label: &str, wanted: &str) -> f6
         .sum()
 }
 
+/// Connections the kernel side stopped following, `by` how ("listener",
+/// "cgroup" or "connection").
+pub fn ignored_by(samples: &[Sample], by: &str) -> f64 {
+    labelled(
+        samples,
+        "flask_ebpf_exporter_connections_ignored_total",
+        "by",
+        by,
+    )
+}
+
+/// Listening sockets the kernel side ignores the connections of.
+pub fn listeners_ignored(samples: &[Sample]) -> f64 {
+    value(samples, "flask_ebpf_exporter_listeners_ignored")
+}
+
 /// `TcpExt: ListenOverflows` of `pid`'s network namespace, as the kernel
 /// counts it.
 pub fn kernel_listen_overflows(pid: u32) -> f64 {

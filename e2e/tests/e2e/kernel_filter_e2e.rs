@@ -20,19 +20,6 @@ use support::*;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn ignored_by(samples: &[Sample], by: &str) -> f64 {
-    labelled(
-        samples,
-        "flask_ebpf_exporter_connections_ignored_total",
-        "by",
-        by,
-    )
-}
-
-fn listeners_ignored(samples: &[Sample]) -> f64 {
-    value(samples, "flask_ebpf_exporter_listeners_ignored")
-}
-
 fn redis_benchmark(port: u16, clients: u32, operations: u32) {
     let status = Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-t", "get,set", "-q"])

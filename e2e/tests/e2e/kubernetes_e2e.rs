@@ -85,17 +85,6 @@ fn send_traffic(port: u16) -> u64 {
     8
 }
 
-/// Connections the kernel stopped following at accept, `by` "cgroup" or
-/// "listener".
-fn ignored_by(samples: &[Sample], by: &str) -> f64 {
-    labelled(
-        samples,
-        "flask_ebpf_exporter_connections_ignored_total",
-        "by",
-        by,
-    )
-}
-
 /// Sends traffic to a pod selected out until the kernel counts one of its
 /// connections ignored at accept `by` ("cgroup" or "listener"). Each worker
 /// has a listener of its own, and which one accepts is the kernel's choice:
@@ -428,8 +417,6 @@ fn a_pod_selected_out_costs_no_events_until_selected() {
     // upkeep, its listeners are followed again, so every request of the
     // next 8 connections counts (were they left to the one-in-64 recheck,
     // none would).
-    let listeners_ignored =
-        |samples: &[Sample]| value(samples, "flask_ebpf_exporter_listeners_ignored");
     assert!(listeners_ignored(&samples) > 0.0, "judged before");
     put_web_pod(&api, 13, "quiet", &[]);
     let followed = eventually(
