@@ -9,7 +9,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -28,7 +28,7 @@ use crate::{
         containers::PodIdentity,
         kubernetes::{self, KubeError, PodWatch, WatchMetrics},
         local::{LocalIdentity, ProcessFilter},
-        pods::{Selection, SharedPodIndex},
+        pods::{PodIndex, Selection, SharedPodIndex},
     },
     pipeline::{Pipeline, Stages},
     preflight::Granted,
@@ -201,7 +201,7 @@ async fn identity_stage(
     budgets: &Budgets,
     health: &Arc<Health>,
 ) -> Result<IdentityStage, AgentError> {
-    let (kubeconfig, node_name) = match mode {
+    let (kubeconfig, node_name, grain) = match mode {
         Mode::Local => {
             let mut local = LocalIdentity::new(local_filter).map_err(AgentError::LocalServers)?;
             local.count_refusals_in(budgets.counter(Budget::LocalServerLookups));
@@ -210,10 +210,11 @@ async fn identity_stage(
         Mode::Kubernetes {
             kubeconfig,
             node_name,
-        } => (kubeconfig, node_name),
+            grain,
+        } => (kubeconfig, node_name, *grain),
     };
     let client = kubernetes::client(kubeconfig.as_deref()).await?;
-    let index = SharedPodIndex::default();
+    let index: SharedPodIndex = Arc::new(Mutex::new(PodIndex::new(grain)));
     health.require_sync();
     let watch_metrics = WatchMetrics::register(registry)?;
     let pods_known = watch_metrics.pods.clone();

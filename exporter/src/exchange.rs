@@ -253,6 +253,74 @@ pub const UNKNOWN: &str = "<unknown>";
 pub const SERVER_LABELS: [&str; 2] = ["process", "port"];
 /// Label names of Kubernetes mode's identity, in exposition order.
 pub const POD_LABELS: [&str; 5] = ["namespace", "pod", "container", "workload", "workload_kind"];
+/// The same under `--aggregate-by workload`: pod and container dropped.
+pub const WORKLOAD_LABELS: [&str; 3] = ["namespace", "workload", "workload_kind"];
+
+/// Which of a pod's labels its series keep (`--aggregate-by`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodGrain {
+    /// A series set per container of each pod.
+    #[default]
+    Container,
+    /// One per workload on the node: the sum over its pods and containers.
+    Workload,
+}
+
+impl PodGrain {
+    /// The identity label names, in exposition order.
+    pub fn label_names(self) -> &'static [&'static str] {
+        match self {
+            PodGrain::Container => &POD_LABELS,
+            PodGrain::Workload => &WORKLOAD_LABELS,
+        }
+    }
+
+    /// The identity labels of a pod's container at this grain.
+    pub fn labels(self, pod: PodLabels<'_>) -> IdentityLabels {
+        let PodLabels {
+            namespace,
+            pod,
+            container,
+            workload,
+            workload_kind,
+        } = pod;
+        match self {
+            PodGrain::Container => IdentityLabels::Pod {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                container: container.to_owned(),
+                workload: workload.to_owned(),
+                workload_kind: workload_kind.to_owned(),
+            },
+            PodGrain::Workload => IdentityLabels::Workload(WorkloadKey::Pod {
+                namespace: namespace.to_owned(),
+                workload: workload.to_owned(),
+                workload_kind: workload_kind.to_owned(),
+            }),
+        }
+    }
+
+    /// A pod's container the node's watch does not know.
+    pub fn unknown(self) -> IdentityLabels {
+        self.labels(PodLabels {
+            namespace: UNKNOWN,
+            pod: UNKNOWN,
+            container: UNKNOWN,
+            workload: UNKNOWN,
+            workload_kind: UNKNOWN,
+        })
+    }
+}
+
+/// What a pod's container is called, before [`PodGrain`] picks labels.
+#[derive(Clone, Copy, Debug)]
+pub struct PodLabels<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub container: &'a str,
+    pub workload: &'a str,
+    pub workload_kind: &'a str,
+}
 
 /// The labels every `flask_*` series of one identity carries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -267,6 +335,9 @@ pub enum IdentityLabels {
         workload: String,
         workload_kind: String,
     },
+    /// Kubernetes mode under `--aggregate-by workload`: every pod and
+    /// container of a workload on the node.
+    Workload(WorkloadKey),
 }
 
 impl IdentityLabels {
@@ -275,17 +346,6 @@ impl IdentityLabels {
         IdentityLabels::Server {
             process: UNKNOWN.to_owned(),
             port: UNKNOWN.to_owned(),
-        }
-    }
-
-    /// A pod's container the node's watch does not know.
-    pub fn unknown_pod() -> Self {
-        IdentityLabels::Pod {
-            namespace: UNKNOWN.to_owned(),
-            pod: UNKNOWN.to_owned(),
-            container: UNKNOWN.to_owned(),
-            workload: UNKNOWN.to_owned(),
-            workload_kind: UNKNOWN.to_owned(),
         }
     }
 
@@ -303,6 +363,7 @@ impl IdentityLabels {
                 POD_LABELS,
                 [namespace, pod, container, workload, workload_kind],
             ),
+            IdentityLabels::Workload(workload) => workload.pairs(),
         }
     }
 
@@ -324,6 +385,7 @@ impl IdentityLabels {
                 workload: workload.clone(),
                 workload_kind: workload_kind.clone(),
             },
+            IdentityLabels::Workload(workload) => workload.clone(),
         }
     }
 }
@@ -359,10 +421,7 @@ impl WorkloadKey {
                 namespace,
                 workload,
                 workload_kind,
-            } => named(
-                ["namespace", "workload", "workload_kind"],
-                [namespace, workload, workload_kind],
-            ),
+            } => named(WORKLOAD_LABELS, [namespace, workload, workload_kind]),
         }
     }
 }
@@ -518,7 +577,7 @@ mod tests {
         };
         let identity = Identity::new(labels.clone());
         assert_eq!(identity, Identity::new(labels.clone()));
-        assert_ne!(identity, Identity::new(IdentityLabels::unknown_pod()));
+        assert_ne!(identity, Identity::new(PodGrain::Container.unknown()));
         assert_eq!(
             identity.workload.pairs(),
             [
@@ -534,6 +593,31 @@ mod tests {
                 .map(|(name, _)| name)
                 .collect::<Vec<_>>(),
             POD_LABELS
+        );
+        // Aggregated: the same workload, pod and container gone.
+        let pod = PodLabels {
+            namespace: "shop",
+            pod: "web-1",
+            container: "app",
+            workload: "web",
+            workload_kind: "Deployment",
+        };
+        assert_eq!(PodGrain::Container.labels(pod), labels);
+        let aggregated = Identity::new(PodGrain::Workload.labels(pod));
+        let other_pod = PodLabels {
+            pod: "web-2",
+            container: "sidecar",
+            ..pod
+        };
+        assert_eq!(
+            aggregated,
+            Identity::new(PodGrain::Workload.labels(other_pod))
+        );
+        assert_eq!(aggregated.workload, identity.workload);
+        assert_eq!(
+            aggregated.labels.pairs(),
+            identity.workload.pairs(),
+            "namespace, workload and its kind only"
         );
         let server = IdentityLabels::Server {
             process: "gunicorn".to_owned(),

@@ -340,6 +340,7 @@ impl Stages {
             deleted_pod_grace,
         } = settings;
         let server_port_label = series.names.otel();
+        let unknown = identity.unknown();
         let discovery = match routes.discovery {
             RouteDiscovery::Source => match DiscoveryWorker::start(
                 HelperProgram::default(),
@@ -365,6 +366,7 @@ impl Stages {
                     max_held: MAX_HELD_REQUESTS,
                     max_held_bytes: MAX_HELD_REQUEST_BYTES,
                 },
+                unknown,
                 AttributionCounters::register(registry, budgets)?,
             ),
             deleted_pod_grace,

@@ -332,7 +332,7 @@ const MAY_USE: &[(&str, &[&str])] = &[
     (
         "config",
         &[
-            "capture", "identity", "metrics", "routes", "rules", "server",
+            "capture", "exchange", "identity", "metrics", "routes", "rules", "server",
         ],
     ),
     (

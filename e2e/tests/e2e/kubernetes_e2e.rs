@@ -988,3 +988,179 @@ fn take_screenshots(
     std::thread::sleep(Duration::from_millis(1500));
     screenshot(&url(&local), &dir.join("debug-routes-local.png"));
 }
+
+/// A sample's name and labels.
+type SeriesKey = (String, Vec<(String, String)>);
+
+/// Each `flask_http_*` sample keyed by its name and labels without `pod`
+/// and `container`, summed: what aggregation by workload should export.
+fn summed_over_pods(samples: &[Sample]) -> BTreeMap<SeriesKey, f64> {
+    let mut sums = BTreeMap::new();
+    for sample in samples.iter().filter(|s| s.name.starts_with("flask_http_")) {
+        let labels: Vec<(String, String)> = sample
+            .labels
+            .iter()
+            .filter(|(name, _)| *name != "pod" && *name != "container")
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        *sums.entry((sample.name.clone(), labels)).or_insert(0.0) += sample.value;
+    }
+    sums
+}
+
+#[test]
+fn aggregation_by_workload_exports_the_sums_of_its_pods() {
+    let _turn = one_at_a_time();
+    let venv = require_prerequisites();
+    let api = KubeApi::start();
+    api.put_object(owned_by(
+        "ReplicaSet",
+        "shop",
+        "cart-6c7d8e9f0",
+        ("Deployment", "cart"),
+    ));
+    let put_cart = |n: usize, name: &str| {
+        let (uid, id) = (PODS.uid(n), container_id(n));
+        let containers = [("web", Some(id.as_str()))];
+        api.put_pod(pod(&spec(
+            name,
+            &uid,
+            Some(("ReplicaSet", "cart-6c7d8e9f0")),
+            &containers,
+        )));
+    };
+    put_cart(31, "cart-6c7d8e9f0-aaaaa");
+    put_cart(32, "cart-6c7d8e9f0-bbbbb");
+    let pod_a = start_pod(&venv, Server::GunicornSync, Driver::Systemd, 31);
+    let pod_b = start_pod(&venv, Server::GunicornGthread, Driver::Cgroupfs, 32);
+    // Two agents side by side see the same requests: one per pod, one per
+    // workload.
+    let grace = ["--deleted-pod-grace", "3s"];
+    let per_pod = Exporter::start(&api.exporter_args(NODE, &grace));
+    let aggregated = Exporter::start(
+        &api.exporter_args(NODE, &[grace[0], grace[1], "--aggregate-by", "workload"]),
+    );
+
+    let mut sent = send_traffic(pod_a.app.port) + send_traffic(pod_b.app.port);
+    for target in ["/boom", "/status/503", "/items/7"] {
+        http_get(pod_b.app.port, target).expect("request");
+        sent += 1;
+    }
+    let workload = "shop/cart-6c7d8e9f0-aaaaa/web/cart/Deployment";
+    let counted = |samples: &[Sample]| -> u64 {
+        samples
+            .iter()
+            .filter(|s| s.name == "flask_http_request_total")
+            .filter(|s| s.labels.get("workload").is_some_and(|w| w == "cart"))
+            .map(|s| s.value as u64)
+            .sum()
+    };
+    // Gauges are set once a second: both agents must have set them since
+    // the last request.
+    let workers = |samples: &[Sample]| value(samples, "flask_http_workers");
+    let (fine, coarse) = eventually(
+        Duration::from_secs(20),
+        || (per_pod.metrics(), aggregated.metrics()),
+        |(fine, coarse)| {
+            counted(fine) == sent
+                && counted(coarse) == sent
+                && workers(fine) > 0.0
+                && workers(fine) == workers(coarse)
+        },
+    );
+    assert!(
+        requests_by_pod(&fine).contains_key(workload),
+        "{:#?}",
+        requests_by_pod(&fine)
+    );
+    assert_eq!(counted(&coarse), sent);
+    // No series of the aggregated agent names a pod or a container.
+    for sample in coarse.iter().filter(|s| s.name.starts_with("flask_http_")) {
+        assert!(
+            !sample.labels.contains_key("pod") && !sample.labels.contains_key("container"),
+            "{sample:?}"
+        );
+        assert_eq!(
+            sample.labels.get("workload").map(String::as_str),
+            Some("cart")
+        );
+    }
+    // Each aggregated series is the sum of the per-pod ones, series by
+    // series. Counts are exact. Each agent times requests from its own
+    // programs' events, and one agent's program runs between the other's
+    // and the event, so times differ by about a program's run: sums within
+    // 10 µs a request (one pod's share is milliseconds), and bucket counts
+    // compared in the unit test that feeds both the same exchanges.
+    let (expected, got) = (summed_over_pods(&fine), summed_over_pods(&coarse));
+    let kinds = |sums: &BTreeMap<SeriesKey, f64>| sums.keys().cloned().collect::<BTreeSet<_>>();
+    assert_eq!(kinds(&got), kinds(&expected), "the same series");
+    let mut compared = 0;
+    for (key, want) in &expected {
+        let have = got[key];
+        let (name, _) = key;
+        if name.ends_with("_bucket") {
+            continue;
+        }
+        if name.ends_with("_sum") {
+            assert!(
+                (have - want).abs() <= 10e-6 * sent as f64,
+                "{key:?}: {have} against {want}"
+            );
+        } else {
+            assert_eq!(have, *want, "{key:?}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 10, "{compared} series compared");
+    let series_of = |samples: &[Sample]| {
+        samples
+            .iter()
+            .filter(|s| s.name.starts_with("flask_http_"))
+            .count()
+    };
+    eprintln!(
+        "{} series per pod for two pods, {} per workload",
+        series_of(&fine),
+        series_of(&coarse)
+    );
+    assert!(series_of(&coarse) < series_of(&fine));
+
+    // One pod deleted: per pod its series go after the grace period; the
+    // workload's stay, its counts with them, while the other pod serves.
+    drop(pod_a);
+    api.delete_pod("shop", "cart-6c7d8e9f0-aaaaa");
+    let fine = eventually(
+        Duration::from_secs(15),
+        || per_pod.metrics(),
+        |samples| !requests_by_pod(samples).contains_key(workload),
+    );
+    assert!(!requests_by_pod(&fine).contains_key(workload));
+    let more = send_traffic(pod_b.app.port);
+    let coarse = eventually(
+        Duration::from_secs(10),
+        || aggregated.metrics(),
+        |samples| counted(samples) == sent + more,
+    );
+    assert_eq!(
+        counted(&coarse),
+        sent + more,
+        "the deleted pod's requests stay in the sums"
+    );
+    assert_eq!(
+        value(&coarse, "flask_ebpf_exporter_identities_removed_total"),
+        0.0
+    );
+    // The last pod deleted: the workload's series go.
+    drop(pod_b);
+    api.delete_pod("shop", "cart-6c7d8e9f0-bbbbb");
+    let coarse = eventually(
+        Duration::from_secs(15),
+        || aggregated.metrics(),
+        |samples| counted(samples) == 0,
+    );
+    assert_eq!(counted(&coarse), 0, "released with its last pod");
+    assert_eq!(
+        value(&coarse, "flask_ebpf_exporter_identities_removed_total"),
+        1.0
+    );
+}

@@ -10,6 +10,7 @@ mod settings;
 
 pub use self::settings::{ConfigError, Mode, RouteSettings, Settings, StageSettings};
 use crate::{
+    exchange::PodGrain,
     metrics::{BodySizes, GroupBy, MetricNames},
     routes::{PathLabelMode, discovery::RouteDiscovery},
 };
@@ -140,6 +141,13 @@ pub struct Config {
         default_value_t = 20_000
     )]
     pub max_series: usize,
+
+    /// Kubernetes mode: `container` keeps a series set per container of each pod;
+    /// `workload` drops the pod and container labels, so each workload on the node
+    /// exports the sums over its pods (series grow with routes, not with replicas).
+    #[arg(long, value_name = "GRAIN", env = "FLASK_EBPF_EXPORTER_AGGREGATE_BY", value_enum,
+          default_value_t = PodGrain::Container)]
+    pub aggregate_by: PodGrain,
 
     /// A Flask rule, `[METHODS ]RULE` (e.g. `GET,PUT /items/<int:item_id>`):
     /// requests it matches get the rule as `path`. Repeatable; the
@@ -451,9 +459,31 @@ mod tests {
             settings.mode,
             Mode::Kubernetes {
                 kubeconfig: Some(PathBuf::from("/k")),
-                node_name: "node-a".to_owned()
+                node_name: "node-a".to_owned(),
+                grain: PodGrain::Container,
             }
         );
+        let aggregated = Config::try_parse_from([
+            "x",
+            "--mode",
+            "kubernetes",
+            "--node-name",
+            "node-a",
+            "--aggregate-by",
+            "workload",
+        ])
+        .expect("parse");
+        assert!(matches!(
+            aggregated.settings().expect("valid flags").mode,
+            Mode::Kubernetes {
+                grain: PodGrain::Workload,
+                ..
+            }
+        ));
+        let local = Config::try_parse_from(["x", "--mode", "local", "--aggregate-by", "workload"])
+            .expect("parse");
+        let refused = local.settings().expect_err("no pods to aggregate");
+        assert!(matches!(refused, ConfigError::AggregateLocal));
         assert!(settings.pod_selection.opt_in);
         assert_eq!(settings.stages.pod_wait, Duration::from_secs(3));
         assert_eq!(config.namespaces, ["shop", "billing"]);

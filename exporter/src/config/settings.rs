@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use super::{Config, ModeChoice, PodSelection};
 use crate::{
     capture::CaptureOptions,
+    exchange::PodGrain,
     identity::{local::ProcessFilter, pods::Selection},
     metrics::{DURATION_BUCKETS, GroupBy, SeriesOptions},
     routes::{ExcludedPaths, PathLabelMode, discovery::RouteDiscovery},
@@ -25,6 +26,8 @@ pub enum Mode {
         /// `None`: the pod's service account.
         kubeconfig: Option<PathBuf>,
         node_name: String,
+        /// Which of a pod's labels its series keep.
+        grain: PodGrain,
     },
 }
 
@@ -49,6 +52,11 @@ pub enum ConfigError {
          (spec.nodeName) or pass --node-name"
     )]
     NodeName,
+    #[error(
+        "--aggregate-by workload sums a workload's pods, and local mode has none: \
+         leave it at container outside Kubernetes"
+    )]
+    AggregateLocal,
 }
 
 /// How routes are named: the routes stage's settings.
@@ -203,7 +211,10 @@ impl Config {
             ModeChoice::Auto => self.kubeconfig.is_some() || in_cluster,
         };
         if !kubernetes {
-            return Ok(Mode::Local);
+            return match self.aggregate_by {
+                PodGrain::Container => Ok(Mode::Local),
+                PodGrain::Workload => Err(ConfigError::AggregateLocal),
+            };
         }
         let node_name = self
             .node_name
@@ -213,6 +224,7 @@ impl Config {
         Ok(Mode::Kubernetes {
             kubeconfig: self.kubeconfig.clone(),
             node_name,
+            grain: self.aggregate_by,
         })
     }
 }

@@ -84,21 +84,21 @@ pub struct Attribution {
     /// Held exchanges are tried again at the next turn: answers came in
     /// that are no pod index's.
     retry: bool,
+    /// Whom requests are exported as when their server is not known in
+    /// time (the mode's and grain's unknown labels).
     unknown: Arc<Identity>,
-    unknown_server: Arc<Identity>,
     counters: AttributionCounters,
 }
 
 impl Attribution {
-    pub fn new(limits: HoldLimits, counters: AttributionCounters) -> Self {
+    pub fn new(limits: HoldLimits, unknown: IdentityLabels, counters: AttributionCounters) -> Self {
         Attribution {
             limits,
             held: VecDeque::new(),
             held_bytes: 0,
             tried_generation: 0,
             retry: false,
-            unknown: Arc::new(Identity::new(IdentityLabels::unknown_pod())),
-            unknown_server: Arc::new(Identity::new(IdentityLabels::unknown_server())),
+            unknown: Arc::new(Identity::new(unknown)),
             counters,
         }
     }
@@ -107,14 +107,6 @@ impl Attribution {
     /// (local servers were found).
     pub fn retry_held(&mut self) {
         self.retry = true;
-    }
-
-    /// The identity of a connection whose server is not known in time.
-    fn unknown_for(&self, served_by: &ServedBy) -> Arc<Identity> {
-        match served_by {
-            ServedBy::Container(_) => self.unknown.clone(),
-            ServedBy::Server(_) | ServedBy::PendingServer(_) => self.unknown_server.clone(),
-        }
     }
 
     pub fn counters(&self) -> &AttributionCounters {
@@ -132,7 +124,7 @@ impl Attribution {
         let mut index = index.map(lock_index);
         match lookup_now(index.as_deref_mut(), served_by, true) {
             Some(Lookup::Known(identity)) => Some(identity),
-            Some(Lookup::Pending) | None => Some(self.unknown_for(served_by)),
+            Some(Lookup::Pending) | None => Some(self.unknown.clone()),
             Some(Lookup::Excluded) => None,
         }
     }
@@ -205,8 +197,7 @@ impl Attribution {
                     warn_unknown(&captured.served_by);
                 }
                 self.counters.unattributed.inc();
-                let unknown = self.unknown_for(&captured.served_by);
-                out.push(attributed(unknown, None, captured));
+                out.push(attributed(self.unknown.clone(), None, captured));
             }
             Lookup::Pending => {
                 self.held_bytes += size;
@@ -282,7 +273,7 @@ fn attributed(
 mod tests {
     use super::*;
     use crate::{
-        exchange::{ContainerRef, Exchange, PodUid, UNKNOWN, WorkloadKey},
+        exchange::{ContainerRef, Exchange, PodGrain, PodUid, UNKNOWN, WorkloadKey},
         identity::pods::{PodInfo, Workload, parse_routes_annotation},
     };
 
@@ -339,7 +330,7 @@ mod tests {
             max_held,
             max_held_bytes,
         };
-        Attribution::new(limits, counters)
+        Attribution::new(limits, PodGrain::Container.unknown(), counters)
     }
 
     /// Runs one attribution pass and returns (pod label, target) attributed.

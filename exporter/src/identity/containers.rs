@@ -12,7 +12,7 @@ use super::{
     pods::{SharedPodIndex, lock_index},
 };
 use crate::{
-    exchange::{ContainerRef, Identity},
+    exchange::{ContainerRef, Identity, PodGrain},
     procfs,
 };
 
@@ -39,6 +39,11 @@ impl PodIdentity {
             processes: HashMap::new(),
             pods_known,
         }
+    }
+
+    /// Which labels the pods' identities keep.
+    pub fn grain(&self) -> PodGrain {
+        lock_index(&self.index).grain()
     }
 
     pub fn index(&self) -> &SharedPodIndex {

@@ -24,7 +24,7 @@ use std::{
 };
 
 use self::{containers::PodIdentity, local::LocalIdentity, pods::SharedPodIndex};
-use crate::exchange::{Identity, Origin, POD_LABELS, SERVER_LABELS, ServedBy};
+use crate::exchange::{Identity, IdentityLabels, Origin, SERVER_LABELS, ServedBy};
 
 /// The identity stage of either mode.
 #[derive(Debug)]
@@ -75,7 +75,15 @@ impl IdentityStage {
     pub fn label_names(&self) -> &'static [&'static str] {
         match self {
             IdentityStage::Local(_) => &SERVER_LABELS,
-            IdentityStage::Pods(_) => &POD_LABELS,
+            IdentityStage::Pods(pods) => pods.grain().label_names(),
+        }
+    }
+
+    /// The identity of requests whose server is not known in time.
+    pub fn unknown(&self) -> IdentityLabels {
+        match self {
+            IdentityStage::Local(_) => IdentityLabels::unknown_server(),
+            IdentityStage::Pods(pods) => pods.grain().unknown(),
         }
     }
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use super::cgroup::bare_container_id;
 use crate::exchange::{ContainerRef, PodUid};
 use crate::{
-    exchange::{Identity, IdentityLabels, UNKNOWN, WorkloadKey},
+    exchange::{Identity, PodGrain, PodLabels, UNKNOWN, WorkloadKey},
     rules::{flask::RuleSet, regexes::SharedBudgets},
 };
 
@@ -197,14 +197,14 @@ impl PodInfo {
         }
     }
 
-    fn identity(&self, container: &str) -> Identity {
-        Identity::new(IdentityLabels::Pod {
-            namespace: self.namespace.clone(),
-            pod: self.name.clone(),
-            container: container.to_owned(),
-            workload: self.workload.name.clone(),
-            workload_kind: self.workload.kind.clone(),
-        })
+    fn identity(&self, container: &str, grain: PodGrain) -> Identity {
+        Identity::new(grain.labels(PodLabels {
+            namespace: &self.namespace,
+            pod: &self.name,
+            container,
+            workload: &self.workload.name,
+            workload_kind: &self.workload.kind,
+        }))
     }
 }
 
@@ -235,11 +235,11 @@ impl PodEntry {
         }
     }
 
-    fn identity(&mut self, container: &str) -> Arc<Identity> {
+    fn identity(&mut self, container: &str, grain: PodGrain) -> Arc<Identity> {
         if let Some(identity) = self.identities.get(container) {
             return identity.clone();
         }
-        let identity = Arc::new(self.info.identity(container));
+        let identity = Arc::new(self.info.identity(container, grain));
         self.identities
             .insert(container.to_owned(), identity.clone());
         identity
@@ -272,9 +272,23 @@ pub struct PodIndex {
     /// Bumped when a known pod that was selected out becomes selected: what
     /// was judged not monitored must be followed again.
     selections: u64,
+    /// Which labels identities keep: under `--aggregate-by workload` the
+    /// pods of a workload share one identity, kept while any pod has it.
+    grain: PodGrain,
 }
 
 impl PodIndex {
+    pub fn new(grain: PodGrain) -> Self {
+        PodIndex {
+            grain,
+            ..PodIndex::default()
+        }
+    }
+
+    pub fn grain(&self) -> PodGrain {
+        self.grain
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -489,8 +503,8 @@ impl PodIndex {
             _ => None,
         });
         match name {
-            Some(name) => Lookup::Known(entry.identity(&name)),
-            None if give_up => Lookup::Known(entry.identity(UNKNOWN)),
+            Some(name) => Lookup::Known(entry.identity(&name, self.grain)),
+            None if give_up => Lookup::Known(entry.identity(UNKNOWN, self.grain)),
             None => Lookup::Pending,
         }
     }
@@ -693,6 +707,56 @@ mod tests {
         assert!(index.is_empty());
         assert!(index.by_container_id.is_empty());
         assert_eq!(index.lookup(&reference(Some(ID_A)), false), Lookup::Pending);
+    }
+
+    /// Under `--aggregate-by workload` a workload's pods share one
+    /// identity without pod or container, released with the last of them.
+    #[test]
+    fn aggregated_pods_share_an_identity_released_with_the_last_one() {
+        let selection = Selection::default();
+        let replica = |n: usize| {
+            let uid = format!("{UID_A:.35}{n}");
+            let id = format!("{n}{}", &ID_A[1..]);
+            let mut pod = pod_json(
+                serde_json::json!({}),
+                serde_json::json!([status("web", &id)]),
+            );
+            pod.metadata.uid = Some(uid.clone());
+            pod.metadata.name = Some(format!("web-7d9c6b5f4-{n}"));
+            let info = PodInfo::from_pod(&pod, workload(), &selection).expect("info");
+            let reference = ContainerRef {
+                pod_uid: PodUid::parse(&uid).expect("uid"),
+                container_id: Some(id),
+            };
+            (info, reference)
+        };
+        let mut index = PodIndex::new(PodGrain::Workload);
+        let start = Instant::now();
+        let ((first, first_ref), (second, second_ref)) = (replica(1), replica(2));
+        let (first_uid, second_uid) = (first.uid.clone(), second.uid.clone());
+        index.apply(first, start);
+        index.apply(second, start);
+        let known =
+            |index: &mut PodIndex, reference: &ContainerRef| match index.lookup(reference, false) {
+                Lookup::Known(identity) => identity,
+                other => panic!("{other:?}"),
+            };
+        let of_first = known(&mut index, &first_ref);
+        assert_eq!(of_first, known(&mut index, &second_ref));
+        assert_eq!(values(&of_first), ["shop", "web", "Deployment"]);
+        let grace = Duration::from_secs(30);
+        index.delete(&first_uid, start);
+        assert!(
+            index.purge_deleted(start + grace, grace).is_empty(),
+            "the other pod still has it"
+        );
+        assert_eq!(index.len(), 1);
+        index.delete(&second_uid, start + grace);
+        assert_eq!(
+            index.purge_deleted(start + grace * 2, grace),
+            vec![of_first]
+        );
+        assert!(index.is_empty());
     }
 
     #[test]

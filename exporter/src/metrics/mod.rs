@@ -30,8 +30,8 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use self::{
     families::Families,
     otel::Variant,
-    saturation::histogram_quantile,
-    series::{IdentitySeries, Room},
+    saturation::{ListenOverflows, histogram_quantile},
+    series::{IdentitySeries, Room, with_labels},
     status::StatusLabel,
 };
 use crate::{
@@ -261,15 +261,15 @@ impl RequestMetrics {
     }
 
     /// Once a second: each identity's requests in flight (`in_flight`, by
-    /// identity; absent is none) and the workers that answered it and still
-    /// run (`running`).
+    /// identity; absent is none), the workers that answered it and still
+    /// run (`running`), and its network namespaces' accept-queue overflows.
     pub fn set_saturation(
         &mut self,
         in_flight: &HashMap<Arc<Identity>, i64>,
         running: &dyn Fn(u32) -> bool,
         network: &dyn NetworkCounts,
     ) {
-        let mut servers_per_namespace: HashMap<u64, usize> = HashMap::new();
+        let mut identities_per_namespace: HashMap<u64, usize> = HashMap::new();
         let mut namespaces = Vec::with_capacity(self.series.len());
         for (identity, series) in &mut self.series {
             series.workers.retain(|&tgid| running(tgid));
@@ -288,46 +288,37 @@ impl RequestMetrics {
                     .get_or_insert_with(|| otel.active(labels))
                     .set(requests_in_flight);
             }
-            let worker = series.last_worker;
-            let namespace = match series.namespace {
-                Some((read_for, namespace)) if read_for == worker => namespace,
-                _ => {
-                    let namespace = (worker != 0).then(|| network.namespace(worker)).flatten();
-                    series.namespace = Some((worker, namespace));
-                    namespace
-                }
-            };
-            if let Some(namespace) = namespace {
-                *servers_per_namespace.entry(namespace).or_default() += 1;
+            let theirs = series.network_namespaces(network);
+            for (namespace, _) in &theirs {
+                *identities_per_namespace.entry(*namespace).or_default() += 1;
             }
-            namespaces.push(namespace);
+            namespaces.push(theirs);
         }
         // Accept-queue overflows are counted per network namespace: they are
-        // a server's own only where it is alone, and never the node's.
+        // an identity's own only in namespaces where it is alone (a pod's,
+        // or each pod's of an aggregated workload), and never the node's.
         let own = network.own_namespace();
-        for ((_, series), namespace) in self.series.iter_mut().zip(namespaces) {
-            let Some(namespace) = namespace else {
-                continue;
-            };
-            if Some(namespace) == own || servers_per_namespace.get(&namespace) != Some(&1) {
+        for ((_, series), theirs) in self.series.iter_mut().zip(namespaces) {
+            let counts: Vec<(u64, u64)> = theirs
+                .into_iter()
+                .filter(|(namespace, _)| {
+                    Some(*namespace) != own && identities_per_namespace.get(namespace) == Some(&1)
+                })
+                .filter_map(|(namespace, worker)| {
+                    Some((namespace, network.listen_overflows(worker)?))
+                })
+                .collect();
+            if counts.is_empty() && series.overflows.is_none() {
                 continue;
             }
-            let Some(count) = network.listen_overflows(series.last_worker) else {
-                continue;
-            };
-            match &mut series.overflows {
-                Some((counter, last)) => {
-                    counter.inc_by(count.saturating_sub(*last));
-                    *last = count;
-                }
-                None => {
-                    let counter = self
-                        .families
+            let overflows = series.overflows.get_or_insert_with(|| {
+                ListenOverflows::new(
+                    self.families
                         .overflows
-                        .with_label_values(&series.values(&[]));
-                    series.overflows = Some((counter, count));
-                }
-            }
+                        .with_label_values(&with_labels(&[], &series.label_values)),
+                )
+            });
+            overflows.advance(counts);
         }
     }
 
@@ -372,456 +363,4 @@ impl RequestMetrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{
-        exchange::{Exchange, IdentityLabels, RouteSource},
-        telemetry::encode,
-    };
-
-    fn exchange(
-        identity: &Arc<Identity>,
-        method: &str,
-        status: u16,
-        seconds: f64,
-    ) -> AttributedExchange {
-        AttributedExchange {
-            identity: identity.clone(),
-            rules: None,
-            tgid: 1,
-            exchange: Exchange::sample(method, "/", status, seconds),
-        }
-    }
-
-    fn budgets(registry: &Registry) -> Budgets {
-        Budgets::register(registry).expect("budgets")
-    }
-
-    /// Request metrics of local mode's identity labels.
-    fn request_metrics(registry: &Registry, options: SeriesOptions) -> RequestMetrics {
-        RequestMetrics::register(registry, &["process", "port"], &budgets(registry), options)
-            .expect("metrics")
-    }
-
-    fn options(max_series_per_workload: usize) -> SeriesOptions {
-        SeriesOptions {
-            max_series_per_workload,
-            ..SeriesOptions::default()
-        }
-    }
-
-    fn route(path: &str) -> Route {
-        Route {
-            path: Arc::from(path),
-            endpoint: None,
-            source: RouteSource::Raw,
-        }
-    }
-
-    fn server(port: &str) -> Arc<Identity> {
-        Arc::new(Identity::new(IdentityLabels::Server {
-            process: "gunicorn".to_owned(),
-            port: port.to_owned(),
-        }))
-    }
-
-    #[test]
-    fn exposes_pfe_names_labels_and_buckets() {
-        let registry = Registry::new();
-        let mut metrics = request_metrics(&registry, options(100));
-        let identity = server("8000");
-        metrics.observe(&exchange(&identity, "GET", 200, 0.3), &route("/a"));
-        metrics.observe(&exchange(&identity, "GET", 500, 0.001), &route("/a"));
-        metrics.observe(&exchange(&identity, "BREW", 418, 0.001), &route("/pot"));
-        let text = encode(&registry).expect("encode");
-        assert!(text.contains(
-            "flask_http_request_duration_seconds_bucket{method=\"GET\",path=\"/a\",port=\"8000\",process=\"gunicorn\",status=\"200\",le=\"0.5\"} 1"
-        ), "{text}");
-        assert!(text.contains(
-            "flask_http_request_duration_seconds_bucket{method=\"GET\",path=\"/a\",port=\"8000\",process=\"gunicorn\",status=\"200\",le=\"0.25\"} 0"
-        ));
-        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"500\"} 1"));
-        assert!(text.contains("flask_http_request_exceptions_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"500\"} 1"));
-        assert!(!text.contains("flask_http_request_exceptions_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\""));
-        assert!(text.contains("flask_http_request_total{method=\"OTHER\",port=\"8000\",process=\"gunicorn\",status=\"418\"} 1"));
-        assert!(text.contains("flask_exporter_info{version="));
-
-        let other = server("9000");
-        metrics.observe(&exchange(&other, "GET", 200, 0.3), &route("/a"));
-        // Histogram series (3) + request totals (3) + one exception total +
-        // requests seen and lost by reason (4).
-        assert_eq!(metrics.release(&identity), 11);
-        let text = encode(&registry).expect("encode");
-        assert!(!text.contains("port=\"8000\""), "{text}");
-        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 1"));
-        assert_eq!(metrics.release(&identity), 0);
-
-        metrics.observe(&exchange(&other, "GET", 200, 0.3), &route("/b"));
-        let removed = metrics.retire_route(&other.workload, "/a");
-        assert_eq!(removed, 1, "the /a histogram series of port 9000 only");
-        let text = encode(&registry).expect("encode");
-        assert!(!text.contains("path=\"/a\""), "{text}");
-        assert!(text.contains("path=\"/b\""));
-        // Request totals carry no path and stay.
-        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"9000\",process=\"gunicorn\",status=\"200\"} 2"));
-    }
-
-    #[test]
-    fn group_by_names_the_route_label_and_a_summary_replaces_the_histogram() {
-        let registry = Registry::new();
-        let mut metrics = request_metrics(
-            &registry,
-            SeriesOptions {
-                group_by: GroupBy::Endpoint,
-                latency_as_histogram: false,
-                ..SeriesOptions::default()
-            },
-        );
-        let identity = server("8000");
-        let rule = |path: &str, endpoint: Option<&str>| Route {
-            path: Arc::from(path),
-            endpoint: endpoint.map(Arc::from),
-            source: RouteSource::SourceRule,
-        };
-        // Two rules of one view count as its endpoint; a route with no
-        // endpoint keeps its rule.
-        metrics.observe(
-            &exchange(&identity, "GET", 200, 0.25),
-            &rule("/", Some("index")),
-        );
-        metrics.observe(
-            &exchange(&identity, "GET", 200, 0.5),
-            &rule("/index", Some("index")),
-        );
-        metrics.observe(
-            &exchange(&identity, "GET", 200, 0.5),
-            &rule("/learned/<id>", None),
-        );
-        metrics.observe(&exchange(&identity, "GET", 404, 0.5), &rule("None", None));
-        let text = encode(&registry).expect("encode");
-        assert!(
-            text.contains("# TYPE flask_http_request_duration_seconds summary"),
-            "{text}"
-        );
-        assert!(text.contains("flask_http_request_duration_seconds_count{endpoint=\"index\",method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 2"), "{text}");
-        assert!(text.contains("flask_http_request_duration_seconds_sum{endpoint=\"index\",method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 0.75"));
-        assert!(text.contains("endpoint=\"/learned/<id>\""));
-        assert!(text.contains("endpoint=\"None\""));
-        assert!(!text.contains("path=\""), "no path label: {text}");
-        assert!(!text.contains("_bucket"), "{text}");
-
-        let registry = Registry::new();
-        let mut metrics = request_metrics(
-            &registry,
-            SeriesOptions {
-                group_by: GroupBy::UrlRule,
-                buckets: vec![0.1, 1.0],
-                body_sizes: BodySizes::Summary,
-                ..SeriesOptions::default()
-            },
-        );
-        let mut sized = exchange(&identity, "GET", 200, 0.25);
-        sized.exchange.response_body_bytes = Some(100);
-        metrics.observe(&sized, &rule("/", Some("index")));
-        let text = encode(&registry).expect("encode");
-        let buckets: Vec<&str> = text
-            .lines()
-            .filter(|line| line.starts_with("flask_http_request_duration_seconds_bucket"))
-            .collect();
-        assert_eq!(buckets.len(), 3, "0.1, 1 and +Inf: {buckets:?}");
-        assert!(text.contains("flask_http_request_duration_seconds_bucket{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\",url_rule=\"/\",le=\"1\"} 1"), "{text}");
-        // Our own per-route families take the same label.
-        assert!(text.contains("flask_http_response_size_bytes_count{method=\"GET\",port=\"8000\",process=\"gunicorn\",url_rule=\"/\"} 1"), "{text}");
-        assert!(!text.contains("path=\""), "{text}");
-    }
-
-    #[test]
-    fn the_node_bound_refuses_new_series_and_keeps_the_ones_made() {
-        let registry = Registry::new();
-        let mut metrics = request_metrics(
-            &registry,
-            SeriesOptions {
-                max_series: 4,
-                ..SeriesOptions::default()
-            },
-        );
-        let (a, b) = (server("8000"), server("9000"));
-        // Two workloads, a duration and a request total each: the node's 4.
-        metrics.observe(&exchange(&a, "GET", 200, 0.01), &route("/a"));
-        metrics.observe(&exchange(&b, "GET", 200, 0.01), &route("/a"));
-        // A new route of either is refused, and counted under the overflow
-        // path and its status's class; what was made keeps counting.
-        metrics.observe(&exchange(&b, "GET", 200, 0.01), &route("/b"));
-        metrics.observe(&exchange(&a, "GET", 200, 0.01), &route("/a"));
-        let text = encode(&registry).expect("encode");
-        let duration = |port: &str, path: &str, status: &str| {
-            format!(
-                "flask_http_request_duration_seconds_count{{method=\"GET\",path=\"{path}\",port=\"{port}\",process=\"gunicorn\",status=\"{status}\"}}"
-            )
-        };
-        assert!(
-            text.contains(&format!("{} 2", duration("8000", "/a", "200"))),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("{} 1", duration("9000", "/a", "200"))),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("{} 1", duration("9000", OVERFLOW_PATH, "2xx"))),
-            "{text}"
-        );
-        assert!(!text.contains("path=\"/b\""), "{text}");
-        assert!(
-            text.contains("flask_ebpf_exporter_budget_exhausted_total{budget=\"node_series\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("flask_ebpf_exporter_budget_exhausted_total{budget=\"series\"} 0"),
-            "{text}"
-        );
-        // A released workload gives its room back.
-        metrics.release(&a);
-        metrics.observe(&exchange(&b, "GET", 200, 0.01), &route("/b"));
-        let text = encode(&registry).expect("encode");
-        assert!(
-            text.contains(&format!("{} 1", duration("9000", "/b", "200"))),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn body_sizes_are_off_by_default_and_a_count_and_a_sum_or_buckets_when_asked() {
-        let identity = server("8000");
-        let mut sized = exchange(&identity, "POST", 201, 0.01);
-        sized.exchange.request_body_bytes = Some(300);
-        sized.exchange.response_body_bytes = Some(20);
-        let size_lines = |options: SeriesOptions| {
-            let registry = Registry::new();
-            let mut metrics = request_metrics(&registry, options);
-            metrics.observe(&sized, &route("/orders"));
-            let text = encode(&registry).expect("encode");
-            text.lines()
-                .filter(|line| line.contains("_size_bytes") && !line.starts_with('#'))
-                .map(str::to_owned)
-                .collect::<Vec<String>>()
-        };
-        assert_eq!(size_lines(SeriesOptions::default()), Vec::<String>::new());
-        let summaries = size_lines(SeriesOptions {
-            body_sizes: BodySizes::Summary,
-            ..SeriesOptions::default()
-        });
-        assert_eq!(summaries.len(), 4, "a count and a sum each: {summaries:?}");
-        assert!(summaries.contains(&"flask_http_request_size_bytes_sum{method=\"POST\",path=\"/orders\",port=\"8000\",process=\"gunicorn\"} 300".to_owned()), "{summaries:?}");
-        assert!(summaries.contains(&"flask_http_response_size_bytes_count{method=\"POST\",path=\"/orders\",port=\"8000\",process=\"gunicorn\"} 1".to_owned()), "{summaries:?}");
-        let histograms = size_lines(SeriesOptions {
-            body_sizes: BodySizes::Histogram,
-            ..SeriesOptions::default()
-        });
-        assert_eq!(
-            histograms.len(),
-            2 * (SIZE_BUCKETS.len() + 3),
-            "buckets, +Inf, count and sum each: {histograms:?}"
-        );
-        assert!(histograms.contains(&"flask_http_request_size_bytes_bucket{method=\"POST\",path=\"/orders\",port=\"8000\",process=\"gunicorn\",le=\"256\"} 0".to_owned()), "{histograms:?}");
-    }
-
-    #[test]
-    fn opentelemetry_names_label_as_the_conventions_translate() {
-        let registry = Registry::new();
-        let mut metrics = request_metrics(
-            &registry,
-            SeriesOptions {
-                names: MetricNames::Otel,
-                ..SeriesOptions::default()
-            },
-        );
-        let identity = server("8000");
-        let rule = |path: &str, source| Route {
-            path: Arc::from(path),
-            endpoint: None,
-            source,
-        };
-        let mut served = exchange(&identity, "GET", 200, 0.25);
-        served.exchange.server_port = Some(8000);
-        served.exchange.response_body_bytes = Some(100);
-        metrics.observe(&served, &rule("/items/<int:id>", RouteSource::SourceRule));
-        let mut failed = exchange(&identity, "BREW", 500, 0.25);
-        failed.exchange.version = http::Version::HTTP_10;
-        metrics.observe(&failed, &rule("/items/<int:id>", RouteSource::SourceRule));
-        metrics.observe(
-            &exchange(&identity, "GET", 404, 0.25),
-            &rule("None", RouteSource::Unmatched),
-        );
-        metrics.set_saturation(&HashMap::new(), &|_| true, &NoNetwork);
-        let text = encode(&registry).expect("encode");
-        assert!(text.contains("http_server_request_duration_seconds_count{error_type=\"\",http_request_method=\"GET\",http_response_status_code=\"200\",http_route=\"/items/<int:id>\",network_protocol_version=\"1.1\",port=\"8000\",process=\"gunicorn\",server_port=\"8000\",url_scheme=\"http\"} 1"), "{text}");
-        assert!(text.contains("http_server_request_duration_seconds_count{error_type=\"500\",http_request_method=\"_OTHER\",http_response_status_code=\"500\",http_route=\"/items/<int:id>\",network_protocol_version=\"1.0\",port=\"8000\",process=\"gunicorn\",server_port=\"\",url_scheme=\"http\"} 1"), "{text}");
-        assert!(
-            text.contains("http_route=\"\""),
-            "no route for the router's 404: {text}"
-        );
-        assert!(text.contains("http_server_response_body_size_bytes_sum{error_type=\"\",http_request_method=\"GET\",http_response_status_code=\"200\",http_route=\"/items/<int:id>\",network_protocol_version=\"1.1\",port=\"8000\",process=\"gunicorn\",server_port=\"8000\",url_scheme=\"http\"} 100"), "{text}");
-        assert!(text.contains("http_server_active_requests{port=\"8000\",process=\"gunicorn\",url_scheme=\"http\"} 0"), "{text}");
-        // What the conventions name goes by their names only; what they do
-        // not keeps prometheus-flask-exporter's style.
-        for gone in [
-            "flask_http_request_duration_seconds",
-            "flask_http_request_total",
-            "flask_http_requests_in_flight",
-            "flask_http_response_size_bytes",
-        ] {
-            assert!(!text.contains(&format!("# TYPE {gone} ")), "{gone}: {text}");
-        }
-        assert!(
-            text.contains("flask_http_requests_seen_total{port=\"8000\",process=\"gunicorn\"} 3")
-        );
-        // Released with their identity.
-        assert!(metrics.release(&identity) > 0);
-        let text = encode(&registry).expect("encode");
-        assert!(!text.contains("port=\"8000\""), "{text}");
-    }
-
-    /// No network namespace is known.
-    struct NoNetwork;
-
-    impl NetworkCounts for NoNetwork {
-        fn namespace(&self, _: u32) -> Option<u64> {
-            None
-        }
-        fn own_namespace(&self) -> Option<u64> {
-            None
-        }
-        fn listen_overflows(&self, _: u32) -> Option<u64> {
-            None
-        }
-    }
-
-    #[test]
-    fn identities_with_the_same_labels_share_their_series() {
-        let registry = Registry::new();
-        let mut metrics = request_metrics(&registry, options(100));
-        let (first, again) = (server("8000"), server("8000"));
-        metrics.observe(&exchange(&first, "GET", 200, 0.01), &route("/a"));
-        metrics.observe(&exchange(&again, "GET", 200, 0.01), &route("/a"));
-        let text = encode(&registry).expect("encode");
-        assert!(text.contains("flask_http_request_total{method=\"GET\",port=\"8000\",process=\"gunicorn\",status=\"200\"} 2"), "{text}");
-        // One histogram and one total, requests seen and lost by reason.
-        assert_eq!(metrics.release(&again), 6);
-        assert!(
-            !encode(&registry)
-                .expect("encode")
-                .contains("flask_http_request_total{")
-        );
-    }
-
-    /// The `label` values of the lines of `family` (by prefix), sorted.
-    fn label_values(registry: &Registry, family: &str, label: &str) -> Vec<String> {
-        let text = encode(registry).expect("encode");
-        let mut values: Vec<String> = text
-            .lines()
-            .filter(|line| line.starts_with(family))
-            .filter_map(|line| {
-                line.split(&format!("{label}=\""))
-                    .nth(1)?
-                    .split('"')
-                    .next()
-                    .map(str::to_owned)
-            })
-            .collect();
-        values.sort();
-        values
-    }
-
-    #[test]
-    fn a_workload_past_its_series_budget_counts_under_other() {
-        let registry = Registry::new();
-        let budgets = budgets(&registry);
-        // Room for the request total of (GET, 200) and three durations.
-        let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"], &budgets, options(4))
-                .expect("metrics");
-        let identity = server("8000");
-        for n in 0..10 {
-            metrics.observe(
-                &exchange(&identity, "GET", 200, 0.01),
-                &route(&format!("/p{n}")),
-            );
-        }
-        let paths = |registry: &Registry| -> Vec<String> {
-            let text = encode(registry).expect("encode");
-            let mut paths: Vec<String> = text
-                .lines()
-                .filter(|line| line.starts_with("flask_http_request_duration_seconds_count"))
-                .filter_map(|line| {
-                    line.split("path=\"")
-                        .nth(1)?
-                        .split('"')
-                        .next()
-                        .map(str::to_owned)
-                })
-                .collect();
-            paths.sort();
-            paths
-        };
-        assert_eq!(paths(&registry), ["/p0", "/p1", "/p2", OVERFLOW_PATH]);
-        assert_eq!(budgets.counter(Budget::Series).get(), 7);
-        assert_eq!(
-            label_values(
-                &registry,
-                "flask_http_request_duration_seconds_count",
-                "status"
-            ),
-            ["200", "200", "200", "2xx"]
-        );
-        // A retired route frees its room.
-        assert_eq!(metrics.retire_route(&identity.workload, "/p0"), 1);
-        metrics.observe(&exchange(&identity, "GET", 200, 0.01), &route("/p9"));
-        assert_eq!(paths(&registry), ["/p1", "/p2", "/p9", OVERFLOW_PATH]);
-    }
-
-    /// Statuses are written by the app: any three digits parse. Those
-    /// outside HTTP's share one value, and no family grows past the
-    /// budget by statuses, the request total included.
-    #[test]
-    fn statuses_share_one_value_outside_http_and_stay_within_the_budget() {
-        let registry = Registry::new();
-        let budgets = budgets(&registry);
-        let mut metrics =
-            RequestMetrics::register(&registry, &["process", "port"], &budgets, options(20))
-                .expect("metrics");
-        let identity = server("8000");
-        for status in [600, 999, 0, 700] {
-            metrics.observe(&exchange(&identity, "GET", status, 0.01), &route("/"));
-        }
-        assert_eq!(
-            label_values(&registry, "flask_http_request_total", "status"),
-            ["<other>"]
-        );
-        for status in 100..600 {
-            metrics.observe(&exchange(&identity, "GET", status, 0.01), &route("/"));
-        }
-        let totals = label_values(&registry, "flask_http_request_total", "status");
-        let durations = label_values(
-            &registry,
-            "flask_http_request_duration_seconds_count",
-            "status",
-        );
-        // 20 series of room: the <other> duration and total, then nine of
-        // each; past it, the classes.
-        assert_eq!(
-            totals.len() + durations.len(),
-            20 + 2 * 5,
-            "{totals:?} {durations:?}"
-        );
-        for classes in [&totals, &durations] {
-            for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-                assert!(
-                    classes.iter().any(|value| value == class),
-                    "{class} in {classes:?}"
-                );
-            }
-        }
-        assert_eq!(budgets.counter(Budget::Series).get(), 2 * (500 - 9));
-    }
-}
+mod tests;

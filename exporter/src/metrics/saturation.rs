@@ -2,11 +2,11 @@
 //! reads, requests in flight against workers, and the quantiles read from
 //! the queue-time histograms.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use prometheus::Histogram;
+use prometheus::{Histogram, IntCounter};
 
 /// What the kernel counts per network namespace, read through a process
 /// in it (procfs in the agent; fixed values in tests).
@@ -17,6 +17,39 @@ pub trait NetworkCounts {
     fn own_namespace(&self) -> Option<u64>;
     /// Accept-queue overflows in the network namespace of `tgid`.
     fn listen_overflows(&self, tgid: u32) -> Option<u64>;
+}
+
+/// `flask_http_listen_overflows_total` of one identity: the sum, over the
+/// network namespaces it has to itself, of what each counted since first
+/// read.
+#[derive(Debug)]
+pub(super) struct ListenOverflows {
+    counter: IntCounter,
+    /// Each namespace's count when last read.
+    last: HashMap<u64, u64>,
+}
+
+impl ListenOverflows {
+    pub(super) fn new(counter: IntCounter) -> Self {
+        ListenOverflows {
+            counter,
+            last: HashMap::new(),
+        }
+    }
+
+    /// Adds what each namespace counted since its last reading (a namespace
+    /// read for the first time, or again after it was shared, only sets its
+    /// baseline: what it counted before may be another server's).
+    pub(super) fn advance(&mut self, counts: Vec<(u64, u64)>) {
+        let mut read = HashMap::with_capacity(counts.len());
+        for (namespace, count) in counts {
+            if let Some(before) = self.last.get(&namespace) {
+                self.counter.inc_by(count.saturating_sub(*before));
+            }
+            read.insert(namespace, count);
+        }
+        self.last = read;
+    }
 }
 
 /// One server's load, as `/debug/pods` shows it.

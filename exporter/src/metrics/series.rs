@@ -13,7 +13,7 @@ use super::{
     families::{Families, Observed, ObservedFamily},
     options::QUEUE_BUCKETS,
     otel::{RouteHandles, Variant},
-    saturation::QUEUE_PHASES,
+    saturation::{ListenOverflows, NetworkCounts, QUEUE_PHASES},
     status::StatusLabel,
 };
 use crate::exchange::{Identity, LostRequests, WorkloadKey};
@@ -75,14 +75,13 @@ pub(super) struct IdentitySeries {
     /// `flask_http_requests_seen_total` and `flask_http_requests_lost_total`
     /// by reason, made on first use.
     pub(super) completeness: Option<(IntCounter, [IntCounter; 3])>,
-    /// `flask_http_listen_overflows_total` and the namespace's count when
-    /// last read, while the server is alone in its network namespace.
-    pub(super) overflows: Option<(IntCounter, u64)>,
+    /// `flask_http_listen_overflows_total`, made once a network namespace
+    /// of the identity's own was read.
+    pub(super) overflows: Option<ListenOverflows>,
     /// `http_server_active_requests`, made at the first exchange.
     pub(super) active: Option<IntGauge>,
-    /// The network namespace of `last_worker` when last read, and that
-    /// worker (read again only when the worker changes).
-    pub(super) namespace: Option<(u32, Option<u64>)>,
+    /// Each worker's network namespace, read once while it runs.
+    pub(super) namespaces: HashMap<u32, Option<u64>>,
 }
 
 impl IdentitySeries {
@@ -107,7 +106,7 @@ impl IdentitySeries {
             completeness: None,
             overflows: None,
             active: None,
-            namespace: None,
+            namespaces: HashMap::new(),
         }
     }
 
@@ -124,6 +123,26 @@ impl IdentitySeries {
                 }),
             )
         })
+    }
+
+    /// The network namespaces its running workers are in, each with one
+    /// of those workers; read once per worker.
+    pub(super) fn network_namespaces(&mut self, network: &dyn NetworkCounts) -> Vec<(u64, u32)> {
+        let workers = &self.workers;
+        self.namespaces.retain(|worker, _| workers.contains(worker));
+        let mut found: Vec<(u64, u32)> = Vec::new();
+        for &worker in workers {
+            let namespace = *self
+                .namespaces
+                .entry(worker)
+                .or_insert_with(|| network.namespace(worker));
+            if let Some(namespace) = namespace
+                && !found.iter().any(|(seen, _)| *seen == namespace)
+            {
+                found.push((namespace, worker));
+            }
+        }
+        found
     }
 
     /// The in-flight and workers gauges, made on first use.
