@@ -2,8 +2,11 @@
 //! come and go. Each cycle creates a kubelet-style cgroup, a Pod object in
 //! the in-test API server and a real HTTP server process in the cgroup,
 //! sends it three requests, then deletes pod, process and cgroup (a few
-//! pods overlap). Prints the exporter's resident memory after warm-up and
-//! at the end, and checks that nothing of the deleted pods stays behind.
+//! pods overlap). The pods belong to a Deployment rolled out every
+//! [`PODS_PER_ROLLOUT`] pods (a new ReplicaSet each time). Prints the
+//! exporter's resident memory after warm-up and at the end, and the
+//! requests it made of the API server, per new pod and per second; checks
+//! that nothing of the deleted pods stays behind.
 //!
 //! `cargo bench -p flask-ebpf-exporter-e2e --bench pod_churn` runs 1,000 cycles
 //! (`POD_CHURN_CYCLES` sets another number); under `cargo test` the same
@@ -19,7 +22,7 @@ use std::{
 
 use support::{
     cgroups::{Driver, PodCgroups},
-    kube_api::{KubeApi, PodSpec, PodUids, container_id, pod},
+    kube_api::{KubeApi, PodSpec, PodUids, container_id, owned_by, pod},
     *,
 };
 
@@ -29,6 +32,13 @@ const PODS: PodUids = PodUids(0xc4c4);
 const NAMESPACE: &str = "churn";
 /// Pods alive at once.
 const OVERLAP: usize = 4;
+/// Pods created per ReplicaSet of the churned Deployment.
+const PODS_PER_ROLLOUT: usize = 10;
+
+/// The ReplicaSet pod `n` belongs to.
+fn replica_set(n: usize) -> String {
+    format!("web-{:08x}", n / PODS_PER_ROLLOUT)
+}
 
 struct ChurnPod {
     n: usize,
@@ -41,12 +51,21 @@ fn start_pod(venv: &std::path::Path, api: &KubeApi, n: usize) -> ChurnPod {
     let cgroups = PodCgroups::create(Driver::Systemd, &PODS.uid(n), &container_id(n));
     let id = container_id(n);
     let name = format!("churn-{n}");
+    let replica_set = replica_set(n);
+    if n.is_multiple_of(PODS_PER_ROLLOUT) {
+        api.put_object(owned_by(
+            "ReplicaSet",
+            NAMESPACE,
+            &replica_set,
+            ("Deployment", "web"),
+        ));
+    }
     api.put_pod(pod(&PodSpec {
         namespace: NAMESPACE,
         name: &name,
         uid: &PODS.uid(n),
         node: NODE,
-        owner: None,
+        owner: Some(("ReplicaSet", &replica_set)),
         containers: &[("web", Some(&id))],
         annotations: &[],
     }));
@@ -155,6 +174,7 @@ fn main() {
         value(&samples, "flask_ebpf_exporter_identities_removed_total"),
         value(&samples, "flask_ebpf_exporter_unattributed_requests_total"),
     );
+    api_load(&api.requests(), cycles, churn_time);
     assert!(
         settled(&samples),
         "deleted pods still known to the exporter"
@@ -163,5 +183,46 @@ fn main() {
     assert_eq!(
         value(&samples, "flask_ebpf_exporter_unattributed_requests_total"),
         0.0
+    );
+}
+
+/// The requests the exporter made of the API server, by kind: the pod
+/// list and watch of its node, and owner lookups.
+fn api_load(requests: &[String], pods: usize, took: Duration) {
+    let count = |kind: &dyn Fn(&str) -> bool| requests.iter().filter(|r| kind(r)).count();
+    let pod_lists = count(&|r| r.contains("/api/v1/pods") && !r.contains("watch=true"));
+    let pod_watches = count(&|r| r.contains("/api/v1/pods") && r.contains("watch=true"));
+    let replica_sets = count(&|r| r.contains("/replicasets/"));
+    let other = requests.len() - pod_lists - pod_watches - replica_sets;
+    let seconds = took.as_secs_f64();
+    println!(
+        "API requests over {pods} new pods in {seconds:.0} s ({:.2} pods/s), {} ReplicaSets:",
+        pods as f64 / seconds,
+        pods.div_ceil(PODS_PER_ROLLOUT)
+    );
+    println!("| request | count | per new pod | per second |");
+    println!("|---|---|---|---|");
+    for (kind, n) in [
+        ("list pods (fieldSelector spec.nodeName)", pod_lists),
+        ("watch pods (fieldSelector spec.nodeName)", pod_watches),
+        ("get ReplicaSet (owner lookup, cached)", replica_sets),
+        ("other", other),
+    ] {
+        println!(
+            "| {kind} | {n} | {:.3} | {:.3} |",
+            n as f64 / pods as f64,
+            n as f64 / seconds
+        );
+    }
+    assert!(
+        replica_sets <= pods.div_ceil(PODS_PER_ROLLOUT),
+        "one lookup per ReplicaSet at most: {replica_sets}"
+    );
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.contains("/api/v1/pods"))
+            .all(|r| r.contains("fieldSelector=spec.nodeName")),
+        "only this node's pods"
     );
 }

@@ -283,18 +283,7 @@ impl Pipeline {
     /// metrics and routes; the kernel's loss count; the debug snapshot.
     fn upkeep(&mut self) {
         let stages = &mut self.stages;
-        let released = stages
-            .identity
-            .purge(Instant::now(), stages.deleted_pod_grace);
-        // Exchanges of theirs still waiting for source rules are counted
-        // now: afterwards they would make series no one removes.
-        for held in stages.held_for_source_rules.take_of(&released) {
-            stages.label_and_observe(held);
-        }
-        for identity in released {
-            stages.metrics.release(&identity);
-            stages.labeler.forget(&identity);
-        }
+        stages.release_gone(Instant::now());
         // A pod became selected: listeners judged not monitored are
         // followed again, to be judged anew.
         let selections = stages.identity.selections();
@@ -477,6 +466,21 @@ impl Stages {
             } else if let Some(not_held) = self.held_for_source_rules.hold(attributed) {
                 self.label_and_observe(not_held);
             }
+        }
+    }
+
+    /// Identities gone past their grace period (deleted or relabelled
+    /// pods) leave the metrics and the routes.
+    pub fn release_gone(&mut self, now: Instant) {
+        let released = self.identity.purge(now, self.deleted_pod_grace);
+        // Exchanges of theirs still waiting for source rules are counted
+        // now: afterwards they would make series no one removes.
+        for held in self.held_for_source_rules.take_of(&released) {
+            self.label_and_observe(held);
+        }
+        for identity in released {
+            self.metrics.release(&identity);
+            self.labeler.forget(&identity);
         }
     }
 

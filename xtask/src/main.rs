@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | run | image | test | bench`.
+//! Developer and CI tasks: `cargo xtask setup | run | image | test | bench | scale`.
 //!
 //! `setup` is idempotent: it installs only what is missing (Debian packages,
 //! bpf-linker built against Debian's LLVM, tracefs, the Python venv the tests
@@ -153,9 +153,25 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        "scale" => {
+            setup(&root)?;
+            // The scale model (e2e/benches/scale.rs): a node's series,
+            // /metrics and memory, Prometheus' memory per series, and
+            // clusters of such nodes; then the API server's load under pod
+            // churn, from the real exporter (e2e/benches/pod_churn.rs).
+            run(Command::new("cargo")
+                .args(["build", "--release", "-p", "flask-ebpf-exporter"])
+                .current_dir(&root))?;
+            for bench in ["scale", "pod_churn"] {
+                run(Command::new("cargo")
+                    .args(["bench", "-p", "flask-ebpf-exporter-e2e", "--bench", bench])
+                    .current_dir(&root))?;
+            }
+            Ok(())
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay, route discovery's harvest and the series per route against prometheus-flask-exporter's\n  docs    rewrite the manual's generated tables (docs/configuration.md's flags) from the code\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
+                "usage: cargo xtask <task>\n  setup   install what this machine lacks (idempotent); --toolchain-only: just what building needs\n  run     setup, build, and run the exporter (arguments go to it)\n  image   setup, then the agent's image from the Dockerfile, with podman and local stand-ins for its base images (--tag NAME; --test-app: the container tests' app image)\n  demo    setup, then a Flask app, the agent watching it and a little traffic; prints what to open (--seconds N: stop after N)\n  test    setup, then formatting, clippy and every test, eBPF ones included, Debian 13's kernel in a VM, and a short run of every fuzz target\n  fuzz    setup, then every fuzz target for --seconds N (60) each; --dev builds without optimization\n  bench   setup, then the overhead benchmark, the userspace replay, route discovery's harvest and the series per route against prometheus-flask-exporter's\n  scale   setup, then the scale model (a node's series, /metrics and memory; Prometheus' memory per series; clusters of 100 to 5,000 nodes) and the API server's load under pod churn\n  docs    rewrite the manual's generated tables (docs/configuration.md's flags) from the code\n  kernels setup, then the agent on Debian's kernels in virtual machines (--kernel NAME, repeatable; default all; --agent-image TAG: run that image's binary instead of a release build)"
             );
             if task == "help" {
                 Ok(())

@@ -348,3 +348,51 @@ fn prometheus_flask_exporters_example_queries_return_data(port: u16) {
         assert!(has_a_number(&result), "{promql} returned {result:?}");
     }
 }
+
+/// Prometheus asks for gzip (`Accept-Encoding: gzip`) and gets it; a
+/// client that does not ask gets the text as is.
+#[test]
+fn metrics_are_gzipped_for_clients_that_ask() {
+    let venv = require_prerequisites();
+    let app = App::start(&venv, Server::GunicornSync, false);
+    let exporter = Exporter::start(&["--port", &app.port.to_string()]);
+    for n in 0..5 {
+        assert_eq!(
+            http_get(app.port, &format!("/items/{n}"))
+                .expect("request")
+                .status,
+            200
+        );
+    }
+    let counted = eventually(
+        Duration::from_secs(10),
+        || exporter.metrics(),
+        |samples| value(samples, "flask_http_request_total") >= 5.0,
+    );
+    assert_eq!(value(&counted, "flask_http_request_total"), 5.0);
+    let get = |accept: &str| {
+        let head = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n");
+        let mut stream = std::net::TcpStream::connect(exporter.address).expect("connect");
+        std::io::Write::write_all(&mut stream, head.as_bytes()).expect("send");
+        read_response(&mut stream, &mut Vec::new(), "GET").expect("response")
+    };
+    let plain = get("");
+    assert!(plain.body.starts_with(b"# "), "text as is");
+    let zipped = get("Accept-Encoding: gzip\r\n");
+    assert_eq!(zipped.status, 200);
+    assert!(zipped.body.starts_with(&[0x1f, 0x8b]), "gzip");
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&zipped.body[..]),
+        &mut text,
+    )
+    .expect("gunzip");
+    let samples = parse_exposition(&text);
+    assert_eq!(value(&samples, "flask_http_request_total"), 5.0);
+    assert!(
+        zipped.body.len() * 4 < plain.body.len(),
+        "{} bytes gzipped against {}",
+        zipped.body.len(),
+        plain.body.len()
+    );
+}

@@ -15,6 +15,7 @@ use axum::{
 };
 
 use prometheus::Registry;
+use tower_http::compression::CompressionLayer;
 
 use crate::{
     debug::{self, DebugSnapshot, DebugState, PageOptions},
@@ -40,7 +41,12 @@ pub struct ServerState {
 /// What Prometheus and the kubelet reach, on the node's address.
 pub fn router(state: ServerState) -> Router {
     Router::new()
-        .route(METRICS_PATH, get(metrics_text))
+        // Prometheus asks for gzip; a node's exposition is mostly repeated
+        // label text, and compresses to a small part of its size.
+        .route(
+            METRICS_PATH,
+            get(metrics_text).layer(CompressionLayer::new().gzip(true)),
+        )
         .route(HEALTHZ_PATH, get(healthz))
         .route(READYZ_PATH, get(readyz))
         .with_state(state)
