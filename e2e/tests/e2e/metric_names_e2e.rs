@@ -53,6 +53,8 @@ fn opentelemetry_names_count_what_prometheus_flask_exporters_count() {
         "both",
         "--group-by",
         "url_rule",
+        "--body-sizes",
+        "histogram",
     ]);
     let mut traffic = Traffic::new(5);
     for _ in 0..200 {
@@ -176,6 +178,9 @@ fn opentelemetry_names_alone_replace_the_ones_they_name() {
         "flask_http_request_total",
         "flask_http_response_size_bytes_count",
         "flask_http_requests_in_flight",
+        // Optional in the conventions, and off by default (--body-sizes).
+        "http_server_request_body_size_bytes_count",
+        "http_server_response_body_size_bytes_count",
     ] {
         assert!(!samples.iter().any(|s| s.name == gone), "{gone}");
     }

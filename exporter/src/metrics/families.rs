@@ -246,7 +246,7 @@ impl Families {
                 registry,
                 identity_labels,
                 &options.buckets,
-                &SIZE_BUCKETS,
+                (options.body_sizes != BodySizes::Off).then_some(&SIZE_BUCKETS[..]),
             )?),
             false => None,
         };

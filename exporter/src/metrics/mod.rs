@@ -161,11 +161,13 @@ impl RequestMetrics {
             };
             let handles = &route_series.otel[at].1;
             handles.duration.observe(seconds);
-            if let Some(bytes) = exchange.request_body_bytes {
-                handles.request_size.observe(bytes as f64);
-            }
-            if let Some(bytes) = exchange.response_body_bytes {
-                handles.response_size.observe(bytes as f64);
+            if let Some([request_size, response_size]) = &handles.sizes {
+                if let Some(bytes) = exchange.request_body_bytes {
+                    request_size.observe(bytes as f64);
+                }
+                if let Some(bytes) = exchange.response_body_bytes {
+                    response_size.observe(bytes as f64);
+                }
             }
         }
         // Sizes go under the path the duration went under (within the same

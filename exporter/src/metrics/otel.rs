@@ -47,16 +47,17 @@ pub struct Variant {
 #[derive(Clone, Debug)]
 pub struct RouteHandles {
     pub duration: Histogram,
-    pub request_size: Histogram,
-    pub response_size: Histogram,
+    /// Request and response body sizes, when `--body-sizes` asks for them.
+    pub sizes: Option<[Histogram; 2]>,
 }
 
 /// The OpenTelemetry-named families.
 #[derive(Clone, Debug)]
 pub struct OtelFamilies {
     duration: HistogramVec,
-    request_size: HistogramVec,
-    response_size: HistogramVec,
+    /// Request and response body sizes: the conventions' optional
+    /// metrics, registered only when `--body-sizes` is not `off`.
+    sizes: Option<[HistogramVec; 2]>,
     active: IntGaugeVec,
 }
 
@@ -81,12 +82,12 @@ fn version_value(version: http::Version) -> &'static str {
 impl OtelFamilies {
     /// Registers the families; `identity_labels` follow the conventions'
     /// labels; `buckets` are the duration histogram's bounds and
-    /// `size_buckets` the body sizes'.
+    /// `size_buckets` the body sizes' (none: no body-size families).
     pub fn register(
         registry: &Registry,
         identity_labels: &[&str],
         buckets: &[f64],
-        size_buckets: &[f64],
+        size_buckets: Option<&[f64]>,
     ) -> Result<Self, prometheus::Error> {
         let route_labels: Vec<&str> = ROUTE_LABELS
             .iter()
@@ -106,18 +107,23 @@ impl OtelFamilies {
                  from the first request byte the server read to the last response byte it wrote",
                 buckets.to_vec(),
             )?,
-            request_size: histogram(
-                "http_server_request_body_size_bytes",
-                "Size of HTTP server request bodies (OpenTelemetry's \
-                 http.server.request.body.size): payload bytes, chunked framing left out",
-                size_buckets.to_vec(),
-            )?,
-            response_size: histogram(
-                "http_server_response_body_size_bytes",
-                "Size of HTTP server response bodies (OpenTelemetry's \
-                 http.server.response.body.size): payload bytes, chunked framing left out",
-                size_buckets.to_vec(),
-            )?,
+            sizes: match size_buckets {
+                Some(size_buckets) => Some([
+                    histogram(
+                        "http_server_request_body_size_bytes",
+                        "Size of HTTP server request bodies (OpenTelemetry's \
+                         http.server.request.body.size): payload bytes, chunked framing left out",
+                        size_buckets.to_vec(),
+                    )?,
+                    histogram(
+                        "http_server_response_body_size_bytes",
+                        "Size of HTTP server response bodies (OpenTelemetry's \
+                         http.server.response.body.size): payload bytes, chunked framing left out",
+                        size_buckets.to_vec(),
+                    )?,
+                ]),
+                None => None,
+            },
             active: IntGaugeVec::new(
                 Opts::new(
                     "http_server_active_requests",
@@ -132,14 +138,11 @@ impl OtelFamilies {
                     .collect::<Vec<_>>(),
             )?,
         };
-        for collector in [
-            Box::new(families.duration.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(families.request_size.clone()),
-            Box::new(families.response_size.clone()),
-            Box::new(families.active.clone()),
-        ] {
-            registry.register(collector)?;
+        let sizes = families.sizes.iter().flatten();
+        for collector in [&families.duration].into_iter().chain(sizes) {
+            registry.register(Box::new(collector.clone()))?;
         }
+        registry.register(Box::new(families.active.clone()))?;
         Ok(families)
     }
 
@@ -193,8 +196,11 @@ impl OtelFamilies {
     ) -> RouteHandles {
         Self::with_values(variant, method, status, identity, |values| RouteHandles {
             duration: self.duration.with_label_values(values),
-            request_size: self.request_size.with_label_values(values),
-            response_size: self.response_size.with_label_values(values),
+            sizes: self.sizes.as_ref().map(|sizes| {
+                sizes
+                    .each_ref()
+                    .map(|family| family.with_label_values(values))
+            }),
         })
     }
 
@@ -208,9 +214,9 @@ impl OtelFamilies {
     ) {
         Self::with_values(variant, method, status, identity, |values| {
             // Only an identity with the same labels could have removed them.
-            let _ = self.duration.remove_label_values(values);
-            let _ = self.request_size.remove_label_values(values);
-            let _ = self.response_size.remove_label_values(values);
+            for family in std::iter::once(&self.duration).chain(self.sizes.iter().flatten()) {
+                let _ = family.remove_label_values(values);
+            }
         });
     }
 

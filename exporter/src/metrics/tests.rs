@@ -255,11 +255,32 @@ fn body_sizes_are_off_by_default_and_a_count_and_a_sum_or_buckets_when_asked() {
 
 #[test]
 fn opentelemetry_names_label_as_the_conventions_translate() {
+    // Body sizes, optional in the conventions, follow --body-sizes: none
+    // by default.
     let registry = Registry::new();
     let mut metrics = request_metrics(
         &registry,
         SeriesOptions {
             names: MetricNames::Otel,
+            ..SeriesOptions::default()
+        },
+    );
+    let mut sized = exchange(&server("8000"), "GET", 200, 0.25);
+    sized.exchange.response_body_bytes = Some(100);
+    metrics.observe(&sized, &route("/"));
+    let text = encode(&registry).expect("encode");
+    assert!(
+        text.contains("http_server_request_duration_seconds_count{"),
+        "{text}"
+    );
+    assert!(!text.contains("body_size"), "{text}");
+
+    let registry = Registry::new();
+    let mut metrics = request_metrics(
+        &registry,
+        SeriesOptions {
+            names: MetricNames::Otel,
+            body_sizes: BodySizes::Histogram,
             ..SeriesOptions::default()
         },
     );
