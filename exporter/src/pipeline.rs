@@ -399,6 +399,7 @@ impl Stages {
     pub fn record(&mut self, hand_offs: &mut HandOffs) {
         if self.identity.settle() {
             self.attribution.retry_held();
+            self.table.settle_forgotten_handshakes();
         }
         // Requests read that will make no exchange count against their
         // server's completeness at once.

@@ -61,7 +61,9 @@ impl AttributionCounters {
             excluded: counter(
                 registry,
                 "flask_ebpf_exporter_excluded_requests_total",
-                "Requests of pods selected out by annotation or namespace filter",
+                "Requests captured before their server was found to be left out: a pod selected \
+                 out by annotation or namespace filter, or in local mode a server --pid or \
+                 --command leaves out, on its first connection while it is looked up",
             )?,
             held: gauge(
                 registry,

@@ -13,14 +13,17 @@ pub use self::held_bytes::{HeldBytes, MAX_PARTIAL_HEAD_BYTES, MAX_PENDING_TARGET
 use self::held_bytes::{PartialHeads, PendingTargets};
 use self::kernel_side::{decide_kernel_side, direction_of};
 
-use std::collections::{BTreeMap, HashMap, hash_map::Entry};
+use std::{
+    collections::{BTreeMap, HashMap, hash_map::Entry},
+    sync::Arc,
+};
 
 use exporter_common::{EventKind, HANDSHAKE_FORGOTTEN};
 use tracing::debug;
 
 use crate::{
     capture::{KernelFilter, RawEvent},
-    exchange::{CapturedExchange, Exchange, LostRequests, Origin, Queued, ServedBy},
+    exchange::{CapturedExchange, Exchange, LostRequests, Origin, Queued, ServedBy, ServerSlot},
     http::{HttpConnection, Segment},
 };
 
@@ -38,6 +41,9 @@ const EVICTION_CHECK_IDLE_NS: u64 = 5 * 1_000_000_000;
 const MAX_EVICTION_CHECKS: usize = 4_096;
 /// A response whose framing was lost ends after this long without writes.
 const UNFRAMED_RESPONSE_IDLE_NS: u64 = 5 * 1_000_000_000;
+/// Forgotten handshakes waiting for their server's lookup, at most; past
+/// it one counts at once, monitored or not.
+const MAX_FORGOTTEN_AWAITING_LOOKUP: usize = 1024;
 
 #[derive(Debug)]
 struct Connection {
@@ -98,6 +104,10 @@ pub struct ConnectionTable {
     /// Requests lost on monitored connections, for the caller to count by
     /// identity ([`Self::take_losses`]).
     losses: Vec<(ServedBy, LostRequests)>,
+    /// Servers being looked up (local mode) that had a connection whose
+    /// handshake the kernel forgot: it counts once the answer says the
+    /// server is monitored ([`Self::settle_forgotten_handshakes`]).
+    forgotten_awaiting_lookup: Vec<Arc<ServerSlot>>,
 }
 
 impl ConnectionTable {
@@ -117,6 +127,7 @@ impl ConnectionTable {
             finished: Vec::new(),
             losses: Vec::new(),
             spare: Vec::new(),
+            forgotten_awaiting_lookup: Vec::new(),
         }
     }
 
@@ -255,6 +266,38 @@ impl ConnectionTable {
         })
     }
 
+    /// Counts a connection whose handshake the kernel forgot, if its server
+    /// is monitored: at once when that is known, else when its lookup
+    /// answers.
+    fn forgotten_handshake(&mut self, served_by: Option<&ServedBy>) {
+        match served_by {
+            None => {}
+            Some(ServedBy::PendingServer(slot))
+                if self.forgotten_awaiting_lookup.len() < MAX_FORGOTTEN_AWAITING_LOOKUP =>
+            {
+                self.forgotten_awaiting_lookup.push(slot.clone());
+            }
+            Some(_) => self.counters.handshakes_forgotten.inc(),
+        }
+    }
+
+    /// Counts the forgotten handshakes of servers whose lookups answered
+    /// that they are monitored; drops those of servers left out, and of
+    /// lookups no one can answer any more (refused, and their connections
+    /// gone).
+    pub fn settle_forgotten_handshakes(&mut self) {
+        let counter = &self.counters.handshakes_forgotten;
+        self.forgotten_awaiting_lookup
+            .retain(|slot| match slot.get() {
+                Some(Some(_)) => {
+                    counter.inc();
+                    false
+                }
+                Some(None) => false,
+                None => Arc::strong_count(slot) > 1,
+            });
+    }
+
     /// Starts following the connection `event` opens (see [`Self::handle`])
     /// and feeds it the event. `served_by`: `None` when it is not monitored;
     /// `server_port`: the port it was accepted on, when read.
@@ -268,11 +311,8 @@ impl ConnectionTable {
         let header = &event.header;
         self.counters.connections_opened.inc();
         let accepted_on = event.accepted_on();
-        if served_by.is_some()
-            && accepted_on.is_some()
-            && header.handshake_ns == HANDSHAKE_FORGOTTEN
-        {
-            self.counters.handshakes_forgotten.inc();
+        if accepted_on.is_some() && header.handshake_ns == HANDSHAKE_FORGOTTEN {
+            self.forgotten_handshake(served_by.as_ref());
         }
         let mut connection = Connection {
             conn_id: header.conn_id,

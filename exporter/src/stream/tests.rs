@@ -282,6 +282,44 @@ fn unmonitored_connections_and_their_listener_are_ignored_at_once() {
     );
 }
 
+/// A forgotten handshake counts for a monitored server only: at once when
+/// its server is known, when the lookup answers for one being looked up,
+/// and never for one the answer leaves out.
+#[test]
+fn forgotten_handshakes_count_for_monitored_servers_once_known() {
+    let mut table = table();
+    let mut out = Vec::new();
+    let slots: Vec<Arc<ServerSlot>> = (0..3).map(|_| Arc::default()).collect();
+    let served: [Option<ServedBy>; 5] = [
+        Some(server("8000")),
+        None,
+        Some(ServedBy::PendingServer(slots[0].clone())),
+        Some(ServedBy::PendingServer(slots[1].clone())),
+        Some(ServedBy::PendingServer(slots[2].clone())),
+    ];
+    for (conn_id, served_by) in (1..).zip(served) {
+        let mut event = event_at(EventKind::Read, conn_id, 1, 0, 4, b"GET ");
+        event.header.handshake_ns = HANDSHAKE_FORGOTTEN;
+        if let Handled::NewConnection(_) = table.handle(&event, &mut out) {
+            table.open(&event, served_by, None, &mut out);
+        }
+    }
+    let counter = table.counters.handshakes_forgotten.clone();
+    let forgotten = || counter.get();
+    assert_eq!(forgotten(), 1, "the known server's");
+    slots[0].fill(Some(Arc::new(Identity::new(
+        IdentityLabels::unknown_server(),
+    ))));
+    slots[1].fill(None);
+    table.settle_forgotten_handshakes();
+    assert_eq!(forgotten(), 2, "and the one the lookup found monitored");
+    assert_eq!(table.forgotten_awaiting_lookup.len(), 1, "one still asked");
+    slots[2].fill(None);
+    table.settle_forgotten_handshakes();
+    assert_eq!(forgotten(), 2);
+    assert!(table.forgotten_awaiting_lookup.is_empty());
+}
+
 #[test]
 fn connections_of_exited_processes_are_reaped() {
     let mut table = table();
