@@ -42,7 +42,7 @@ use flask_ebpf_exporter::{
         containers::PodIdentity,
         pods::{PodIndex, PodInfo, Selection, SharedPodIndex, Workload, lock_index},
     },
-    metrics::NetworkCounts,
+    metrics::NoNetwork,
     pipeline::{HandOffs, Stages},
     telemetry::{Budgets, encode},
 };
@@ -111,21 +111,6 @@ impl Size {
                 scrape_every: Duration::from_secs(1),
             },
         }
-    }
-}
-
-/// No network namespaces: listen overflows are not modelled.
-struct NoNetwork;
-
-impl NetworkCounts for NoNetwork {
-    fn namespace(&self, _: u32) -> Option<u64> {
-        None
-    }
-    fn own_namespace(&self) -> Option<u64> {
-        None
-    }
-    fn listen_overflows(&self, _: u32) -> Option<u64> {
-        None
     }
 }
 

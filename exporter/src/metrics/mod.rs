@@ -21,7 +21,7 @@ pub mod summary;
 pub use self::options::{
     BodySizes, DURATION_BUCKETS, GroupBy, MetricNames, QUEUE_BUCKETS, SIZE_BUCKETS, SeriesOptions,
 };
-pub use self::saturation::{NetworkCounts, QUEUE_PHASES, ServerLoad};
+pub use self::saturation::{NetworkCounts, NoNetwork, QUEUE_PHASES, ServerLoad};
 
 use std::{collections::HashMap, sync::Arc};
 

@@ -19,6 +19,22 @@ pub trait NetworkCounts {
     fn listen_overflows(&self, tgid: u32) -> Option<u64>;
 }
 
+/// Knows no network namespace, so no listen overflows are counted: for
+/// what drives the metrics stage without a kernel (tests, benchmarks).
+pub struct NoNetwork;
+
+impl NetworkCounts for NoNetwork {
+    fn namespace(&self, _: u32) -> Option<u64> {
+        None
+    }
+    fn own_namespace(&self) -> Option<u64> {
+        None
+    }
+    fn listen_overflows(&self, _: u32) -> Option<u64> {
+        None
+    }
+}
+
 /// `flask_http_listen_overflows_total` of one identity: the sum, over the
 /// network namespaces it has to itself, of what each counted since first
 /// read.

@@ -333,21 +333,6 @@ fn opentelemetry_names_label_as_the_conventions_translate() {
     assert!(!text.contains("port=\"8000\""), "{text}");
 }
 
-/// No network namespace is known.
-struct NoNetwork;
-
-impl NetworkCounts for NoNetwork {
-    fn namespace(&self, _: u32) -> Option<u64> {
-        None
-    }
-    fn own_namespace(&self) -> Option<u64> {
-        None
-    }
-    fn listen_overflows(&self, _: u32) -> Option<u64> {
-        None
-    }
-}
-
 #[test]
 fn identities_with_the_same_labels_share_their_series() {
     let registry = Registry::new();
