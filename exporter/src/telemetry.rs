@@ -69,10 +69,12 @@ pub enum Budget {
     IgnoredListeners,
     /// Server processes the agent remembers, to clear their kernel bits.
     ServerProcesses,
+    /// Forgotten handshakes waiting for their server's lookup.
+    ForgottenHandshakes,
 }
 
 impl Budget {
-    pub const ALL: [Budget; 17] = [
+    pub const ALL: [Budget; 18] = [
         Budget::Series,
         Budget::NodeSeries,
         Budget::LearnedRouteNodes,
@@ -90,6 +92,7 @@ impl Budget {
         Budget::LocalServerLookups,
         Budget::IgnoredListeners,
         Budget::ServerProcesses,
+        Budget::ForgottenHandshakes,
     ];
 
     /// Its `budget` label value.
@@ -112,6 +115,7 @@ impl Budget {
             Budget::LocalServerLookups => "local_server_lookups",
             Budget::IgnoredListeners => "ignored_listeners",
             Budget::ServerProcesses => "server_processes",
+            Budget::ForgottenHandshakes => "forgotten_handshakes",
         }
     }
 

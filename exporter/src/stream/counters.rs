@@ -26,6 +26,10 @@ pub struct StreamCounters {
     /// Accepted connections whose handshake the kernel's map no longer
     /// held: no queue time for them.
     pub handshakes_forgotten: IntCounter,
+    /// Forgotten handshakes counted at once, past
+    /// [`super::MAX_FORGOTTEN_AWAITING_LOOKUP`], before their server's
+    /// lookup answered.
+    pub forgotten_handshakes_budget: IntCounter,
     pub http: HttpCounters,
 }
 
@@ -34,6 +38,7 @@ impl StreamCounters {
         Ok(StreamCounters {
             partial_head_budget: budgets.counter(Budget::PartialHeadBytes),
             pending_target_budget: budgets.counter(Budget::PendingTargetBytes),
+            forgotten_handshakes_budget: budgets.counter(Budget::ForgottenHandshakes),
             handshakes_forgotten: counter(
                 registry,
                 "flask_ebpf_exporter_handshakes_forgotten_total",

@@ -272,10 +272,13 @@ impl ConnectionTable {
     fn forgotten_handshake(&mut self, served_by: Option<&ServedBy>) {
         match served_by {
             None => {}
-            Some(ServedBy::PendingServer(slot))
-                if self.forgotten_awaiting_lookup.len() < MAX_FORGOTTEN_AWAITING_LOOKUP =>
-            {
-                self.forgotten_awaiting_lookup.push(slot.clone());
+            Some(ServedBy::PendingServer(slot)) => {
+                if self.forgotten_awaiting_lookup.len() < MAX_FORGOTTEN_AWAITING_LOOKUP {
+                    self.forgotten_awaiting_lookup.push(slot.clone());
+                } else {
+                    self.counters.forgotten_handshakes_budget.inc();
+                    self.counters.handshakes_forgotten.inc();
+                }
             }
             Some(_) => self.counters.handshakes_forgotten.inc(),
         }

@@ -318,6 +318,13 @@ fn forgotten_handshakes_count_for_monitored_servers_once_known() {
     table.settle_forgotten_handshakes();
     assert_eq!(forgotten(), 2);
     assert!(table.forgotten_awaiting_lookup.is_empty());
+    // Past the bound one counts at once, and the budget says so.
+    let pending = ServedBy::PendingServer(Arc::default());
+    for _ in 0..MAX_FORGOTTEN_AWAITING_LOOKUP + 1 {
+        table.forgotten_handshake(Some(&pending));
+    }
+    assert_eq!(forgotten(), 3);
+    assert_eq!(table.counters.forgotten_handshakes_budget.get(), 1);
 }
 
 #[test]
