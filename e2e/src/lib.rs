@@ -562,6 +562,16 @@ pub fn http_get(port: u16, target: &str) -> std::io::Result<Response> {
     http_get_at(SocketAddr::from(([127, 0, 0, 1], port)), target)
 }
 
+/// `GET /items/0` to `/items/{count - 1}` of the fixture app, each
+/// answered 200; returns how many were sent.
+pub fn get_items(port: u16, count: u32) -> u32 {
+    for n in 0..count {
+        let response = http_get(port, &format!("/items/{n}")).expect("GET /items/<n>");
+        assert_eq!(response.status, 200, "/items/{n}");
+    }
+    count
+}
+
 pub fn http_get_at(address: SocketAddr, target: &str) -> std::io::Result<Response> {
     http_get_within(address, target, Duration::from_secs(10))
 }

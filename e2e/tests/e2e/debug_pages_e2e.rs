@@ -116,14 +116,7 @@ fn debug_pages_read_well_in_a_browser() {
     let exporter = Exporter::start(&["--port", &port]);
     // A fast route, a route four times slower (both inside
     // prometheus-flask-exporter's first bucket), errors and misses.
-    for n in 0..60 {
-        assert_eq!(
-            http_get(app.port, &format!("/items/{n}"))
-                .expect("get")
-                .status,
-            200
-        );
-    }
+    get_items(app.port, 60);
     for _ in 0..30 {
         let response = http_get(app.port, "/slow?seconds=0.004").expect("slow");
         assert_eq!(response.status, 200);

@@ -125,16 +125,7 @@ fn node_role_scrape_config_collects_per_pod_series() {
 
     let (_prometheus, prometheus_port) = start_prometheus(&config_file, &dir.path().join("data"));
 
-    let mut sent = 0;
-    for n in 0..5 {
-        assert_eq!(
-            http_get(app.port, &format!("/items/{n}"))
-                .expect("request")
-                .status,
-            200
-        );
-        sent += 1;
-    }
+    let sent = get_items(app.port, 5);
 
     // The target: relabelled to the agent's port, with node and zone labels.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -356,14 +347,7 @@ fn metrics_are_gzipped_for_clients_that_ask() {
     let venv = require_prerequisites();
     let app = App::start(&venv, Server::GunicornSync, false);
     let exporter = Exporter::start(&["--port", &app.port.to_string()]);
-    for n in 0..5 {
-        assert_eq!(
-            http_get(app.port, &format!("/items/{n}"))
-                .expect("request")
-                .status,
-            200
-        );
-    }
+    get_items(app.port, 5);
     let counted = eventually(
         Duration::from_secs(10),
         || exporter.metrics(),

@@ -186,15 +186,7 @@ fn agent_mode_remote_writes_the_agents_series() {
         ],
     );
 
-    let sent = 7;
-    for n in 0..sent {
-        assert_eq!(
-            http_get(app.port, &format!("/items/{n}"))
-                .expect("request")
-                .status,
-            200
-        );
-    }
+    let sent = get_items(app.port, 7);
     // In the store, with the node's label and the agent's external label.
     let promql = r#"sum(flask_http_request_total{job="flask-ebpf-exporter", node="node-1", cluster="my-cluster"})"#;
     let total = |result: &Vec<Value>| -> f64 {
