@@ -971,13 +971,8 @@ fn take_screenshots(
     for (target, _, _) in requests.iter().cycle().take(sent as usize) {
         http_get(port, target).expect("request");
     }
-    let counted = |samples: &[Sample]| -> u64 {
-        samples
-            .iter()
-            .filter(|s| s.name == "flask_http_request_duration_seconds_count")
-            .map(|s| s.value as u64)
-            .sum()
-    };
+    let counted =
+        |samples: &[Sample]| value(samples, "flask_http_request_duration_seconds_count") as u64;
     let samples = eventually(
         Duration::from_secs(20),
         || local.metrics(),
@@ -1047,13 +1042,8 @@ fn aggregation_by_workload_exports_the_sums_of_its_pods() {
         sent += 1;
     }
     let workload = "shop/cart-6c7d8e9f0-aaaaa/web/cart/Deployment";
-    let counted = |samples: &[Sample]| -> u64 {
-        samples
-            .iter()
-            .filter(|s| s.name == "flask_http_request_total")
-            .filter(|s| s.labels.get("workload").is_some_and(|w| w == "cart"))
-            .map(|s| s.value as u64)
-            .sum()
+    let counted = |samples: &[Sample]| {
+        labelled(samples, "flask_http_request_total", "workload", "cart") as u64
     };
     // Gauges are set once a second: both agents must have set them since
     // the last request.
